@@ -1,0 +1,1 @@
+"""mmserve decoder: prompt ids + placed soft-token embeddings -> generated tokens (LM only)."""

@@ -1,0 +1,28 @@
+"""``mmserve-decoder`` / ``python -m decoder_service``."""
+
+from __future__ import annotations
+
+import asyncio
+import os
+
+from mmserve_common.logs import configure_logging
+
+
+def main(argv: list[str] | None = None) -> None:
+    from decoder_service.config import parse_args
+
+    cfg = parse_args(argv)
+    configure_logging("decoder")
+    from mmserve_common.service_main import serve
+
+    from decoder_service.engine import DecoderEngine
+    from decoder_service.server import SERVICE_NAME, start_decoder_server
+
+    asyncio.run(
+        serve("decoder", DecoderEngine(cfg), start_decoder_server, [SERVICE_NAME],
+              f"{cfg.host}:{cfg.port}", port_file=os.environ.get("MMSERVE_PORT_FILE"))
+    )
+
+
+if __name__ == "__main__":
+    main()

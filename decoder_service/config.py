@@ -1,0 +1,42 @@
+"""Decoder settings: command-line flags with ``MMSERVE_DECODER_*`` env defaults."""
+
+from __future__ import annotations
+
+import argparse
+import os
+from dataclasses import dataclass
+
+
+@dataclass(frozen=True)
+class DecoderConfig:
+    checkpoint: str
+    host: str = "127.0.0.1"
+    port: int = 50052
+    model_id: str | None = None
+    max_queue: int = 64
+    context_length: int | None = None
+
+
+def _env(name: str, default):
+    return os.environ.get(f"MMSERVE_DECODER_{name}", default)
+
+
+def parse_args(argv: list[str] | None = None) -> DecoderConfig:
+    p = argparse.ArgumentParser(prog="mmserve-decoder", description="mmserve decoder service")
+    p.add_argument("--checkpoint", default=_env("CHECKPOINT", None), required=_env("CHECKPOINT", None) is None,
+                   help="checkpoint directory (config.json, safetensors, tokenizer files)")
+    p.add_argument("--host", default=_env("HOST", "127.0.0.1"))
+    p.add_argument("--port", type=int, default=int(_env("PORT", 50052)), help="0 = pick a free port")
+    p.add_argument("--model-id", default=_env("MODEL_ID", None))
+    p.add_argument("--max-queue", type=int, default=int(_env("MAX_QUEUE", 64)))
+    p.add_argument("--context-length", type=int, default=_env("CONTEXT_LENGTH", None),
+                   help="cap the context below the checkpoint's max_position_embeddings")
+    a = p.parse_args(argv)
+    return DecoderConfig(
+        checkpoint=a.checkpoint,
+        host=a.host,
+        port=a.port,
+        model_id=a.model_id,
+        max_queue=a.max_queue,
+        context_length=int(a.context_length) if a.context_length else None,
+    )

@@ -1,0 +1,170 @@
+"""The Gemma 4 language model alone, driven by mlx-vlm's own generation loop (MLX only).
+
+Why: the decoder must hold only the language model, yet produce exactly what
+``mlx_vlm.generate`` produces on the whole checkpoint.  So:
+
+* loading goes through mlx-vlm's ``load_model(lazy=True)`` (the real config,
+  sanitize and quantization path); only ``language_model`` is kept and
+  evaluated, so tower weights are never read from disk;
+* prompt embeddings are built the way ``gemma4.Model.get_input_embeddings``
+  builds them — token embeddings × ``embed_scale``, encoder rows written at the
+  span positions, per-layer inputs computed from the ids with media positions
+  zeroed (E2B/E4B), and ``mm_token_type_ids`` for checkpoints that attend
+  bidirectionally over image blocks (26B-A4B, 31B);
+* the loop itself is ``mlx_vlm.generate.generate_step`` (prefill chunking,
+  sampling, penalties, logit bias), handed a small adapter in place of the
+  full model.  We call it rather than fork it.
+
+Thread ownership: construct and call only on the decoder's MLX thread.
+"""
+
+from __future__ import annotations
+
+import gc
+from collections.abc import Iterator
+from dataclasses import dataclass
+from pathlib import Path
+
+import mlx.core as mx
+import numpy as np
+
+_MX_DTYPE = {"bfloat16": mx.bfloat16, "float16": mx.float16, "float32": mx.float32}
+_HOLDER = {"bfloat16": mx.uint16, "float16": mx.float16, "float32": mx.float32}
+
+
+@dataclass(frozen=True)
+class SpanRows:
+    """Soft-token rows for ``ids[offset:offset+rows]``; ``data`` holds wire bytes."""
+
+    offset: int
+    array: np.ndarray  # [rows, hidden]; bfloat16 as uint16 bit patterns
+    dtype: str
+
+
+@dataclass(frozen=True)
+class ResolvedSampling:
+    temperature: float
+    top_p: float
+    top_k: int
+    min_p: float
+    max_tokens: int
+    seed: int | None
+    logit_bias: dict[int, float]
+    repetition_penalty: float | None
+    presence_penalty: float | None
+    frequency_penalty: float | None
+
+
+class _EmbeddingFeatures:
+    """What ``generate_step`` expects back from ``get_input_embeddings``."""
+
+    def __init__(self, inputs_embeds, per_layer_inputs):
+        self.inputs_embeds = inputs_embeds
+        self.per_layer_inputs = per_layer_inputs
+
+    def to_dict(self):
+        return {"inputs_embeds": self.inputs_embeds, "per_layer_inputs": self.per_layer_inputs}
+
+
+class _LanguageOnly:
+    """Stands in for ``gemma4.Model`` inside ``generate_step`` without the towers."""
+
+    def __init__(self, language_model, config):
+        self.language_model = language_model
+        self.config = config
+        self._pending: _EmbeddingFeatures | None = None
+
+    def get_input_embeddings(self, input_ids=None, pixel_values=None, mask=None, **kwargs):
+        feats, self._pending = self._pending, None
+        if feats is None:
+            raise RuntimeError("prompt embeddings were not prepared before generate_step")
+        return feats
+
+
+class LanguageModelRunner:
+    """Loads the LM of a Gemma 4 checkpoint and generates from prepared prompts."""
+
+    def __init__(self, checkpoint: Path) -> None:
+        import mlx_vlm.models.gemma4  # noqa: F401 - registers Gemma 4 classes
+        from mlx.utils import tree_flatten
+        from mlx_vlm.utils import load_model
+
+        full = load_model(Path(checkpoint), lazy=True)
+        self.config = full.config
+        self.lm = full.language_model
+        del full  # towers' lazy arrays are dropped unevaluated: never read from disk
+        gc.collect()
+        mx.eval(self.lm.parameters())
+        self.param_bytes = sum(v.nbytes for _, v in tree_flatten(self.lm.parameters()))
+        self.inner = self.lm.model
+        self.dtype = next(
+            (k for k, v in _MX_DTYPE.items() if v == self.inner.embed_tokens.weight.dtype), "float32"
+        )
+        if self.dtype == "float32" and hasattr(self.inner.embed_tokens, "scales"):
+            self.dtype = {mx.bfloat16: "bfloat16", mx.float16: "float16"}.get(
+                self.inner.embed_tokens.scales.dtype, "float32"
+            )
+        self.hidden_size = int(self.config.text_config.hidden_size)
+        self.media_ids = [
+            int(x)
+            for x in (self.config.image_token_id, self.config.audio_token_id,
+                      getattr(self.config, "video_token_id", None))
+            if x is not None
+        ]
+        self.uses_ple = bool(self.inner.hidden_size_per_layer_input)
+        self.bidirectional_vision = (
+            getattr(self.config.text_config, "use_bidirectional_attention", None) == "vision"
+        )
+        self._adapter = _LanguageOnly(self.lm, self.config)
+
+    # -- prompt ---------------------------------------------------------------
+    def _prompt_features(self, ids: list[int], spans: list[SpanRows]):
+        input_ids = mx.array(ids, dtype=mx.int32)[None]
+        h = self.inner.embed_tokens(input_ids) * self.inner.embed_scale
+        for s in spans:
+            rows = mx.array(s.array).view(_MX_DTYPE[s.dtype]) if s.dtype == "bfloat16" else mx.array(s.array)
+            h[:, s.offset : s.offset + rows.shape[0], :] = rows.astype(h.dtype)[None]
+        ids_np = np.asarray(ids)
+        per_layer = None
+        if self.uses_ple:
+            mm = np.isin(ids_np, self.media_ids)
+            ple_ids = mx.array(np.where(mm, 0, ids_np).astype(np.int32))[None]
+            per_layer = self.inner.get_per_layer_inputs(ple_ids)
+        # Same convention as Gemma4Processor: image 1, video 2, audio 3.
+        types = np.zeros_like(ids_np)
+        cfg = self.config
+        types[ids_np == cfg.image_token_id] = 1
+        if getattr(cfg, "video_token_id", None) is not None:
+            types[ids_np == cfg.video_token_id] = 2
+        if cfg.audio_token_id is not None:
+            types[ids_np == cfg.audio_token_id] = 3
+        return input_ids, _EmbeddingFeatures(h, per_layer), mx.array(types.astype(np.int32))[None]
+
+    # -- generation -----------------------------------------------------------
+    def generate(self, ids: list[int], spans: list[SpanRows], s: ResolvedSampling) -> Iterator[int]:
+        """Yield sampled token ids until the caller stops iterating or max_tokens."""
+        from mlx_vlm.generate import generate_step
+
+        input_ids, feats, token_types = self._prompt_features(ids, spans)
+        self._adapter._pending = feats
+        kwargs = {}
+        if s.seed is not None:
+            kwargs["seed"] = int(s.seed)
+        for token, _logprobs in generate_step(
+            input_ids,
+            self._adapter,
+            None,
+            None,
+            max_tokens=s.max_tokens,
+            temperature=s.temperature,
+            top_p=s.top_p,
+            top_k=s.top_k,
+            min_p=s.min_p,
+            logit_bias=s.logit_bias or None,
+            repetition_penalty=s.repetition_penalty,
+            presence_penalty=s.presence_penalty,
+            frequency_penalty=s.frequency_penalty,
+            mm_token_type_ids=token_types,
+            **kwargs,
+        ):
+            yield int(token)

@@ -1,0 +1,93 @@
+"""Checks that a prompt's placement spans and embeddings fit together exactly.
+
+Why: ``masked_scatter`` in mlx-vlm wraps around silently when rows and
+placeholders disagree, and a misplaced block silently degrades answers.  So
+every span is checked before any MLX work, with messages that say precisely
+what was wrong: ids in the span must all be the modality's placeholder id,
+the span length must equal the embedding rows, spans must be in order and not
+overlap, and no placeholder may be left without embeddings.  Pure Python /
+numpy, any thread.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Sequence
+
+import numpy as np
+
+from mmserve_common import types as T
+from mmserve_common.errors import FailedPrecondition, InvalidArgument
+
+
+def validate_prompt(
+    ids: Sequence[int],
+    spans: Sequence[tuple[T.Span, str, tuple[int, ...]]],
+    *,
+    placeholder_ids: dict[str, int],
+    vocab_size: int,
+    hidden_size: int,
+    context_length: int,
+) -> None:
+    """Raise ``InvalidArgument`` unless ``ids`` and ``spans`` are consistent.
+
+    ``spans`` holds ``(span, dtype, tensor_shape)`` as declared by the caller.
+    """
+    n = len(ids)
+    if n == 0:
+        raise InvalidArgument("prompt_token_ids is empty")
+    if n >= context_length:
+        raise InvalidArgument(
+            f"prompt has {n} tokens; the context length is {context_length}, leaving no room to generate"
+        )
+    arr = np.asarray(ids, dtype=np.int64)
+    bad = np.nonzero((arr < 0) | (arr >= vocab_size))[0]
+    if bad.size:
+        i = int(bad[0])
+        raise InvalidArgument(
+            f"prompt_token_ids[{i}] = {int(arr[i])} is outside the vocabulary [0, {vocab_size})"
+        )
+    covered = np.zeros(n, dtype=bool)
+    prev_end = 0
+    for i, (span, dtype, shape) in enumerate(spans):
+        what = f"spans[{i}]"
+        if span.modality not in placeholder_ids:
+            raise FailedPrecondition(f"{what}: this model has no {span.modality} placeholder token")
+        if span.length == 0:
+            raise InvalidArgument(f"{what}: length is 0")
+        end = span.offset + span.length
+        if end > n:
+            raise InvalidArgument(
+                f"{what}: [{span.offset}, {end}) runs past the end of the {n}-token prompt"
+            )
+        if span.offset < prev_end:
+            raise InvalidArgument(
+                f"{what}: starts at {span.offset}, overlapping or before the previous span ending at {prev_end}"
+            )
+        prev_end = end
+        want = placeholder_ids[span.modality]
+        window = arr[span.offset:end]
+        wrong = np.nonzero(window != want)[0]
+        if wrong.size:
+            j = span.offset + int(wrong[0])
+            raise InvalidArgument(
+                f"{what}: prompt_token_ids[{j}] = {int(arr[j])}, expected the {span.modality} "
+                f"placeholder id {want} throughout [{span.offset}, {end})"
+            )
+        if len(shape) != 2:
+            raise InvalidArgument(f"{what}: embedding shape {list(shape)} must be [rows, hidden]")
+        if shape[0] != span.length:
+            raise InvalidArgument(
+                f"{what}: span length {span.length} != embedding rows {shape[0]}"
+            )
+        if shape[1] != hidden_size:
+            raise InvalidArgument(
+                f"{what}: embedding width {shape[1]} != the model's hidden size {hidden_size}"
+            )
+        covered[span.offset:end] = True
+    for modality, pid in placeholder_ids.items():
+        loose = np.nonzero((arr == pid) & ~covered)[0]
+        if loose.size:
+            raise InvalidArgument(
+                f"prompt has {loose.size} {modality} placeholder token(s) (id {pid}) outside any span, "
+                f"first at position {int(loose[0])}"
+            )

@@ -1,0 +1,88 @@
+"""Turn a request's ``SamplingParams`` into the concrete values the loop uses.
+
+Why: proto3 has no "unset" for scalars, so unset fields arrive as ``None``
+and take the checkpoint's ``generation_config.json`` defaults (as mlx-vlm
+does); out-of-range values are rejected with a message naming the field, and
+prompt + max_tokens beyond the context is rejected with both numbers.
+Placeholder and media-boundary ids get a -inf bias so they can never be
+sampled.  Pure Python, any thread.
+"""
+
+from __future__ import annotations
+
+import math
+
+from mmserve_common.errors import InvalidArgument
+from mmserve_common.types import SamplingParams
+
+from decoder_service.model import ResolvedSampling
+
+
+def resolve_sampling(
+    s: SamplingParams,
+    *,
+    prompt_len: int,
+    context_length: int,
+    vocab_size: int,
+    generation_config: dict,
+    suppressed_ids: list[int],
+) -> ResolvedSampling:
+    if s.temperature is not None:
+        temperature = float(s.temperature)
+    elif generation_config.get("do_sample") is False:
+        temperature = 0.0
+    else:
+        temperature = float(generation_config.get("temperature", 1.0) or 0.0)
+    if not math.isfinite(temperature) or temperature < 0:
+        raise InvalidArgument(f"temperature must be >= 0, got {s.temperature}")
+    top_p = float(s.top_p if s.top_p is not None else generation_config.get("top_p", 1.0) or 1.0)
+    if not (0.0 < top_p <= 1.0):
+        raise InvalidArgument(f"top_p must be in (0, 1], got {top_p}")
+    top_k = int(s.top_k if s.top_k is not None else generation_config.get("top_k", 0) or 0)
+    if top_k < 0:
+        raise InvalidArgument(f"top_k must be >= 0, got {top_k}")
+    min_p = float(s.min_p or 0.0)
+    if not (0.0 <= min_p <= 1.0):
+        raise InvalidArgument(f"min_p must be in [0, 1], got {min_p}")
+    room = context_length - prompt_len
+    if s.max_tokens is not None:
+        if s.max_tokens < 1:
+            raise InvalidArgument(f"max_tokens must be >= 1, got {s.max_tokens}")
+        if s.max_tokens > room:
+            raise InvalidArgument(
+                f"prompt ({prompt_len} tokens) + max_tokens ({s.max_tokens}) = "
+                f"{prompt_len + s.max_tokens} exceeds the context length of {context_length}"
+            )
+        max_tokens = int(s.max_tokens)
+    else:
+        max_tokens = room
+    bias: dict[int, float] = {}
+    for tok, val in s.logit_bias.items():
+        if not (0 <= tok < vocab_size):
+            raise InvalidArgument(f"logit_bias: token id {tok} is outside the vocabulary [0, {vocab_size})")
+        if not math.isfinite(val):
+            raise InvalidArgument(f"logit_bias[{tok}] must be finite, got {val}")
+        bias[int(tok)] = float(val)
+    for tok in suppressed_ids:
+        bias[int(tok)] = -math.inf
+    for name in ("repetition_penalty", "presence_penalty", "frequency_penalty"):
+        v = getattr(s, name)
+        if v is not None and not math.isfinite(v):
+            raise InvalidArgument(f"{name} must be finite, got {v}")
+    if s.repetition_penalty is not None and s.repetition_penalty <= 0:
+        raise InvalidArgument(f"repetition_penalty must be > 0, got {s.repetition_penalty}")
+    for tok in s.stop_token_ids:
+        if not (0 <= tok < vocab_size):
+            raise InvalidArgument(f"stop_token_ids: {tok} is outside the vocabulary [0, {vocab_size})")
+    return ResolvedSampling(
+        temperature=temperature,
+        top_p=top_p,
+        top_k=top_k,
+        min_p=min_p,
+        max_tokens=max_tokens,
+        seed=s.seed,
+        logit_bias=bias,
+        repetition_penalty=s.repetition_penalty,
+        presence_penalty=s.presence_penalty or None,
+        frequency_penalty=s.frequency_penalty or None,
+    )

@@ -1,0 +1,28 @@
+"""``mmserve-encoder`` / ``python -m encoder_service``."""
+
+from __future__ import annotations
+
+import asyncio
+import os
+
+from mmserve_common.logs import configure_logging
+
+
+def main(argv: list[str] | None = None) -> None:
+    from encoder_service.config import parse_args
+
+    cfg = parse_args(argv)
+    configure_logging("encoder")
+    from mmserve_common.service_main import serve
+
+    from encoder_service.engine import EncoderEngine
+    from encoder_service.server import SERVICE_NAME, start_encoder_server
+
+    asyncio.run(
+        serve("encoder", EncoderEngine(cfg), start_encoder_server, [SERVICE_NAME],
+              f"{cfg.host}:{cfg.port}", port_file=os.environ.get("MMSERVE_PORT_FILE"))
+    )
+
+
+if __name__ == "__main__":
+    main()

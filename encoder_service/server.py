@@ -1,0 +1,67 @@
+"""gRPC transport for the encoder: converts wire messages, awaits the engine.
+
+Why: transport only — no MLX here.  Each handler binds the request id, hands
+the request to ``EncoderEngine`` and streams the result as header + chunks per
+item, so no message ever approaches gRPC's size limit.  Runs on the asyncio
+event-loop thread.
+"""
+
+from __future__ import annotations
+
+import grpc
+
+from mmserve_common import codec
+from mmserve_common.grpc_runtime import create_server, rpc_scope, set_serving
+from mmserve_common.stubs import encoder_pb2, encoder_pb2_grpc
+from mmserve_common.tensors import iter_chunks
+
+from encoder_service.engine import EncoderEngine
+
+SERVICE_NAME = encoder_pb2.DESCRIPTOR.services_by_name["EncoderService"].full_name
+
+
+class EncoderServicer(encoder_pb2_grpc.EncoderServiceServicer):
+    def __init__(self, engine: EncoderEngine) -> None:
+        self.engine = engine
+
+    async def Encode(self, request: encoder_pb2.EncodeRequest, context: grpc.aio.ServicerContext):
+        async with rpc_scope(context, "Encode"):
+            items = codec.media_from_pb(request)
+            dtype = codec.dtype_from_pb(request.output_dtype, "output_dtype", allow_unspecified=True)
+            chunk = request.max_chunk_bytes or self.engine.cfg.chunk_bytes
+            results = await self.engine.encode(items, dtype)
+            for i, item in enumerate(results):
+                yield codec.embedding_header_to_pb(i, item)
+                for off, data in iter_chunks(item.tensor.data, chunk):
+                    yield encoder_pb2.EncodeResponse(
+                        chunk=encoder_pb2.EmbeddingChunk(item_index=i, byte_offset=off, data=data)
+                    )
+
+    async def GetEncoderInfo(self, request, context):
+        async with rpc_scope(context, "GetEncoderInfo"):
+            towers = self.engine.towers
+            return encoder_pb2.GetEncoderInfoResponse(
+                model_id=self.engine.info.model_id,
+                hidden_size=self.engine.info.hidden_size,
+                dtype=codec.DTYPE_TO_PB[towers.dtype] if towers else 0,
+                modalities=[codec.MODALITY_TO_PB[m] for m in self.engine.modalities],
+                audio_sample_rate=towers.sample_rate if towers else 0,
+                max_audio_seconds=self.engine.cfg.max_audio_seconds,
+            )
+
+
+async def start_encoder_server(engine: EncoderEngine, address: str):
+    """Bind, register, start; health turns SERVING once the towers are warm.
+
+    Returns ``(server, port, health)``. The caller awaits ``engine.wait_ready()``
+    via :func:`mark_ready`.
+    """
+    server, port, health = create_server(address, [SERVICE_NAME])
+    encoder_pb2_grpc.add_EncoderServiceServicer_to_server(EncoderServicer(engine), server)
+    await server.start()
+    return server, port, health
+
+
+async def mark_ready(engine: EncoderEngine, health) -> None:
+    await engine.wait_ready()
+    await set_serving(health, [SERVICE_NAME], True)

@@ -1,0 +1,1 @@
+"""mmserve gateway: an OpenAI-compatible HTTP front over the encoder and decoder RPCs (no MLX)."""

@@ -1,0 +1,33 @@
+"""``mmserve-gateway`` / ``python -m gateway``."""
+
+from __future__ import annotations
+
+import asyncio
+import os
+import socket
+
+from mmserve_common.logs import configure_logging
+
+
+def main(argv: list[str] | None = None) -> None:
+    import uvicorn
+
+    from gateway.app import create_app
+    from gateway.config import parse_args
+
+    cfg = parse_args(argv)
+    configure_logging("gateway")
+    app = create_app(cfg)
+    sock = socket.socket(socket.AF_INET6 if ":" in cfg.host else socket.AF_INET, socket.SOCK_STREAM)
+    sock.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
+    sock.bind((cfg.host, cfg.port))
+    port_file = os.environ.get("MMSERVE_PORT_FILE")
+    if port_file:
+        with open(port_file, "w") as f:
+            f.write(str(sock.getsockname()[1]))
+    server = uvicorn.Server(uvicorn.Config(app, log_level="warning", access_log=False))
+    asyncio.run(server.serve(sockets=[sock]))
+
+
+if __name__ == "__main__":
+    main()

@@ -1,0 +1,299 @@
+"""The OpenAI-compatible HTTP app: ``/v1/chat/completions``, ``/v1/models``, ``/health``.
+
+Why: OpenAI clients should just work.  A request is parsed and validated,
+its media sent to the encoder in one ``Encode`` call, the prompt rendered
+with the checkpoint's own template and expanded with the row counts the
+encoder returned, and the ids + embeddings streamed to the decoder.  For
+``stream: true`` the first decoder message is awaited *before* the SSE
+response starts, so an invalid request still gets a proper 4xx, not an error
+buried in a 200 stream.  No MLX in this process; everything runs on the
+ASGI event loop.
+"""
+
+from __future__ import annotations
+
+import json
+import time
+import uuid
+from contextlib import asynccontextmanager
+from typing import Any
+
+import grpc
+from fastapi import FastAPI, Request
+from fastapi.responses import JSONResponse, StreamingResponse
+
+from mmserve_common import codec
+from mmserve_common import types as T
+from mmserve_common.logs import REQUEST_ID_HEADER, get_logger, new_request_id, request_id_var
+from mmserve_common.stubs import decoder_pb2
+
+from gateway.clients import DecoderClient, EncoderClient, ModelInfo
+from gateway.config import GatewayConfig
+from gateway.errors import HTTPError, to_http
+from gateway.openai_schema import ChatRequest, parse_chat_request
+from gateway.prompt import MediaTokens, PromptBuilder
+
+log = get_logger(__name__)
+
+
+class Pipeline:
+    """Request pipeline shared by every front: validate, encode, render, decode."""
+
+    def __init__(self, cfg: GatewayConfig) -> None:
+        from transformers import AutoTokenizer
+
+        self.cfg = cfg
+        self.tokenizer = AutoTokenizer.from_pretrained(cfg.checkpoint)
+        # grpc.aio channels bind to the running loop: created in ``open()``.
+        self.encoder: EncoderClient = None  # type: ignore[assignment]
+        self.decoder: DecoderClient = None  # type: ignore[assignment]
+        self._info: ModelInfo | None = None
+        self._builder: PromptBuilder | None = None
+        self._encoder_modalities: set[str] | None = None
+
+    async def open(self) -> None:
+        self.encoder = EncoderClient(self.cfg.encoder, self.cfg.rpc_timeout_s)
+        self.decoder = DecoderClient(self.cfg.decoder, self.cfg.rpc_timeout_s)
+
+    async def close(self) -> None:
+        await self.encoder.close()
+        await self.decoder.close()
+
+    async def model_info(self, rid: str) -> tuple[ModelInfo, PromptBuilder]:
+        if self._info is None or self._builder is None:
+            try:
+                info = await self.decoder.model_info(rid)
+            except grpc.aio.AioRpcError as e:
+                raise to_http(e, upstream="decoder") from None
+            tokens = {m: MediaTokens(*t) for m, t in info.media_tokens.items()}
+            self._builder = PromptBuilder(self.tokenizer, tokens)
+            self._info = info
+        return self._info, self._builder
+
+    @property
+    def model_id(self) -> str:
+        if self.cfg.model_id:
+            return self.cfg.model_id
+        return self._info.model_id if self._info else self.cfg.checkpoint.rstrip("/").rsplit("/", 1)[-1]
+
+    async def encoder_modalities(self, rid: str) -> set[str]:
+        if self._encoder_modalities is None:
+            try:
+                r = await self.encoder.info(rid)
+            except grpc.aio.AioRpcError as e:
+                raise to_http(e, upstream="encoder") from None
+            self._encoder_modalities = {codec.MODALITY_FROM_PB[m] for m in r.modalities}
+        return self._encoder_modalities
+
+    async def prepare(self, req: ChatRequest, rid: str):
+        """Encode media and build ``(ids, span embeddings)`` for the decoder."""
+        info, builder = await self.model_info(rid)
+        rendered = builder.render(req.messages)
+        media_parts = req.media
+        encoded: list[T.EncodedItem] = []
+        t0 = time.perf_counter()
+        if media_parts:
+            mods = await self.encoder_modalities(rid)
+            for p in media_parts:
+                if p.media.modality not in mods:
+                    tower = "audio" if p.media.modality == T.AUDIO else "vision"
+                    raise HTTPError(400, f"{p.param}: the model's encoder has no {tower} tower, so "
+                                    f"{p.media.modality} input cannot be used", type_="invalid_request_error",
+                                    param=p.param, code="unsupported_modality")
+            try:
+                encoded = await self.encoder.encode([p.media for p in media_parts], info.dtype, rid)
+            except grpc.aio.AioRpcError as e:
+                err = to_http(e, upstream="encoder")
+                param = _param_from_items(err.message, media_parts)
+                if param:
+                    err.param = param
+                    err.message = param + err.message[err.message.find("]") + 1 :]
+                raise err from None
+        encode_ms = (time.perf_counter() - t0) * 1000.0
+        built = builder.build(
+            rendered,
+            [(e.modality, p.param, e.soft_token_count, e.content_hash) for e, p in zip(encoded, media_parts)],
+        )
+        spans = [T.SpanEmbedding(s, e.tensor) for s, e in zip(built.spans, encoded)]
+        return built.ids, spans, encode_ms
+
+
+def _param_from_items(message: str, parts) -> str | None:
+    """Rewrite the encoder's ``items[i]`` into the request's part path."""
+    if message.startswith("items["):
+        idx = message[6 : message.find("]")]
+        if idx.isdigit() and int(idx) < len(parts):
+            return parts[int(idx)].param
+    return None
+
+
+def _error_response(err: HTTPError) -> JSONResponse:
+    if err.status >= 500:
+        log.error("request failed", status=err.status, error=err.message)
+    else:
+        log.info("request rejected", status=err.status, error=err.message, param=err.param)
+    return JSONResponse(err.body(), status_code=err.status, headers=err.headers)
+
+
+def _usage(c: T.Completion) -> dict[str, Any]:
+    return {
+        "prompt_tokens": c.prompt_tokens,
+        "completion_tokens": c.completion_tokens,
+        "total_tokens": c.prompt_tokens + c.completion_tokens,
+        "prompt_tokens_details": {"soft_tokens": c.soft_tokens},
+    }
+
+
+def _timings(c: T.Completion, encode_ms: float) -> dict[str, float]:
+    return {
+        "encode_ms": round(encode_ms, 3),
+        "queued_ms": round(c.queued_ms, 3),
+        "prefill_ms": round(c.prefill_ms, 3),
+        "decode_ms": round(c.decode_ms, 3),
+    }
+
+
+def create_app(cfg: GatewayConfig) -> FastAPI:
+    pipeline = Pipeline(cfg)
+
+    @asynccontextmanager
+    async def lifespan(app: FastAPI):
+        await pipeline.open()
+        yield
+        await pipeline.close()
+
+    app = FastAPI(title="mmserve gateway", version="0.1.0", lifespan=lifespan)
+    app.state.pipeline = pipeline
+
+    @app.middleware("http")
+    async def request_id_mw(request: Request, call_next):
+        rid = request.headers.get(REQUEST_ID_HEADER) or new_request_id()
+        token = request_id_var.set(rid[:128])
+        try:
+            response = await call_next(request)
+        finally:
+            request_id_var.reset(token)
+        response.headers[REQUEST_ID_HEADER] = rid[:128]
+        return response
+
+    @app.get("/health")
+    async def health():
+        return {"status": "ok"}
+
+    @app.get("/v1/models")
+    async def models():
+        return {"object": "list", "data": [
+            {"id": pipeline.model_id, "object": "model", "created": 0, "owned_by": "mmserve"}
+        ]}
+
+    @app.post("/v1/chat/completions")
+    async def chat_completions(request: Request):
+        rid = request_id_var.get() or new_request_id()
+        try:
+            try:
+                body = json.loads(await request.body())
+            except (json.JSONDecodeError, UnicodeDecodeError) as e:
+                raise HTTPError(400, f"request body is not valid JSON: {e}", type_="invalid_request_error",
+                                code="invalid_json") from None
+            req = parse_chat_request(body)
+            ids, spans, encode_ms = await pipeline.prepare(req, rid)
+            call = pipeline.decoder.generate(ids, spans, req.sampling, rid)
+            try:
+                first = await call.read()
+            except grpc.aio.AioRpcError as e:
+                raise to_http(e, upstream="decoder") from None
+            if first is grpc.aio.EOF:
+                raise HTTPError(502, "decoder closed the stream without a response", type_="server_error")
+        except Exception as e:  # noqa: BLE001 - every failure becomes OpenAI error JSON
+            err = to_http(e)
+            if err.status >= 500 and not isinstance(e, (HTTPError, grpc.aio.AioRpcError)):
+                log.exception("chat completion failed")
+            return _error_response(err)
+        completion_id = f"chatcmpl-{uuid.uuid4().hex}"
+        created = int(time.time())
+        model = pipeline.model_id
+        if req.stream:
+            return StreamingResponse(
+                _sse(call, first, completion_id, created, model, req.include_usage, encode_ms),
+                media_type="text/event-stream",
+                headers={"Cache-Control": "no-cache", REQUEST_ID_HEADER: rid},
+            )
+        return await _complete(call, first, completion_id, created, model, encode_ms)
+
+    return app
+
+
+async def _responses(call, first):
+    yield first
+    while True:
+        msg = await call.read()
+        if msg is grpc.aio.EOF:
+            return
+        yield msg
+
+
+async def _complete(call, first, cid, created, model, encode_ms):
+    text: list[str] = []
+    completion = None
+    try:
+        async for msg in _responses(call, first):
+            if msg.WhichOneof("payload") == "token":
+                text.append(msg.token.text)
+            else:
+                completion = codec.completion_from_pb(msg.complete)
+    except grpc.aio.AioRpcError as e:
+        return _error_response(to_http(e, upstream="decoder"))
+    if completion is None:
+        return _error_response(HTTPError(502, "decoder stream ended without a completion", type_="server_error"))
+    return JSONResponse({
+        "id": cid,
+        "object": "chat.completion",
+        "created": created,
+        "model": model,
+        "choices": [{
+            "index": 0,
+            "message": {"role": "assistant", "content": "".join(text)},
+            "logprobs": None,
+            "finish_reason": completion.finish_reason,
+        }],
+        "usage": _usage(completion),
+        "timings": _timings(completion, encode_ms),
+    })
+
+
+def _chunk(cid, created, model, delta, finish_reason=None, **extra) -> str:
+    body = {
+        "id": cid,
+        "object": "chat.completion.chunk",
+        "created": created,
+        "model": model,
+        "choices": [{"index": 0, "delta": delta, "logprobs": None, "finish_reason": finish_reason}],
+        **extra,
+    }
+    return f"data: {json.dumps(body, separators=(',', ':'))}\n\n"
+
+
+async def _sse(call, first, cid, created, model, include_usage, encode_ms):
+    yield _chunk(cid, created, model, {"role": "assistant", "content": ""})
+    try:
+        async for msg in _responses(call, first):
+            if msg.WhichOneof("payload") == "token":
+                if msg.token.text:
+                    yield _chunk(cid, created, model, {"content": msg.token.text})
+                continue
+            c = codec.completion_from_pb(msg.complete)
+            yield _chunk(cid, created, model, {}, c.finish_reason, timings=_timings(c, encode_ms))
+            if include_usage:
+                body = {"id": cid, "object": "chat.completion.chunk", "created": created, "model": model,
+                        "choices": [], "usage": _usage(c)}
+                yield f"data: {json.dumps(body, separators=(',', ':'))}\n\n"
+    except grpc.aio.AioRpcError as e:
+        err = to_http(e, upstream="decoder")
+        log.error("stream failed", status=err.status, error=err.message)
+        yield f"data: {json.dumps(err.body())}\n\n"
+    finally:
+        call.cancel()
+    yield "data: [DONE]\n\n"
+
+
+__all__ = ["create_app", "decoder_pb2"]

@@ -1,0 +1,130 @@
+"""grpc.aio clients for the encoder and decoder, on the gateway's event loop.
+
+Why: the gateway streams media to the encoder and embeddings to the decoder
+without blocking its ASGI loop; the request id travels as ``x-request-id``
+metadata so both services log under it.  Embedding bytes are passed through
+untouched (the encoder is asked for the decoder's dtype), re-chunked under
+gRPC's default message size.  Event-loop thread.
+"""
+
+from __future__ import annotations
+
+from collections.abc import AsyncIterator
+from dataclasses import dataclass
+
+import grpc
+
+from mmserve_common import codec
+from mmserve_common import types as T
+from mmserve_common.grpc_runtime import DEFAULT_MAX_MESSAGE_BYTES
+from mmserve_common.logs import REQUEST_ID_HEADER
+from mmserve_common.stubs import decoder_pb2, decoder_pb2_grpc, encoder_pb2, encoder_pb2_grpc
+from mmserve_common.tensors import DEFAULT_CHUNK_BYTES, Assembler, iter_chunks
+
+CHANNEL_OPTIONS = [
+    ("grpc.max_receive_message_length", DEFAULT_MAX_MESSAGE_BYTES),
+    ("grpc.max_send_message_length", DEFAULT_MAX_MESSAGE_BYTES),
+]
+
+
+@dataclass(frozen=True)
+class ModelInfo:
+    model_id: str
+    dtype: str
+    hidden_size: int
+    context_length: int
+    eos_token_ids: list[int]
+    media_tokens: dict[str, tuple[int, int, int]]  # modality -> (placeholder, begin, end)
+
+
+def _md(request_id: str) -> tuple[tuple[str, str], ...]:
+    return ((REQUEST_ID_HEADER, request_id),)
+
+
+class EncoderClient:
+    def __init__(self, target: str, timeout_s: float) -> None:
+        self.channel = grpc.aio.insecure_channel(target, options=CHANNEL_OPTIONS)
+        self.stub = encoder_pb2_grpc.EncoderServiceStub(self.channel)
+        self.timeout_s = timeout_s
+
+    async def info(self, request_id: str) -> encoder_pb2.GetEncoderInfoResponse:
+        return await self.stub.GetEncoderInfo(
+            encoder_pb2.GetEncoderInfoRequest(), metadata=_md(request_id), timeout=self.timeout_s
+        )
+
+    async def encode(self, items: list[T.MediaInput], dtype: str, request_id: str) -> list[T.EncodedItem]:
+        req = encoder_pb2.EncodeRequest(items=codec.media_to_pb(items), output_dtype=codec.DTYPE_TO_PB[dtype])
+        headers: dict[int, encoder_pb2.EmbeddingHeader] = {}
+        parts: dict[int, Assembler] = {}
+        async for msg in self.stub.Encode(req, metadata=_md(request_id), timeout=self.timeout_s):
+            if msg.WhichOneof("payload") == "header":
+                h = msg.header
+                headers[h.item_index] = h
+                parts[h.item_index] = Assembler(
+                    f"encoder item {h.item_index}",
+                    codec.dtype_from_pb(h.tensor.dtype, "encoder header"),
+                    tuple(h.tensor.shape),
+                )
+            else:
+                parts[msg.chunk.item_index].add(msg.chunk.byte_offset, msg.chunk.data)
+        out = []
+        for i in range(len(items)):
+            if i not in headers:
+                raise RuntimeError(f"encoder returned no embeddings for item {i}")
+            h = headers[i]
+            out.append(T.EncodedItem(codec.MODALITY_FROM_PB[h.modality], h.content_hash, parts[i].finish()))
+        return out
+
+    async def close(self) -> None:
+        await self.channel.close()
+
+
+class DecoderClient:
+    def __init__(self, target: str, timeout_s: float) -> None:
+        self.channel = grpc.aio.insecure_channel(target, options=CHANNEL_OPTIONS)
+        self.stub = decoder_pb2_grpc.DecoderServiceStub(self.channel)
+        self.timeout_s = timeout_s
+
+    async def model_info(self, request_id: str) -> ModelInfo:
+        r = await self.stub.GetModelInfo(
+            decoder_pb2.GetModelInfoRequest(), metadata=_md(request_id), timeout=self.timeout_s
+        )
+        return ModelInfo(
+            model_id=r.model_id,
+            dtype=codec.DTYPE_FROM_PB.get(r.dtype, "float32"),
+            hidden_size=r.hidden_size,
+            context_length=r.context_length,
+            eos_token_ids=list(r.eos_token_ids),
+            media_tokens={
+                codec.MODALITY_FROM_PB[m.modality]: (m.placeholder_token_id, m.begin_token_id, m.end_token_id)
+                for m in r.modalities
+            },
+        )
+
+    def generate(
+        self,
+        ids: list[int],
+        spans: list[T.SpanEmbedding],
+        sampling: T.SamplingParams,
+        request_id: str,
+    ):
+        """Start a Generate call; returns the call (iterate it for responses, ``cancel()`` to stop)."""
+
+        async def requests() -> AsyncIterator[decoder_pb2.GenerateRequest]:
+            yield decoder_pb2.GenerateRequest(
+                setup=decoder_pb2.GenerateSetup(
+                    prompt_token_ids=ids,
+                    spans=[codec.span_to_pb(s.span, s.tensor) for s in spans],
+                    sampling=codec.sampling_to_pb(sampling),
+                )
+            )
+            for i, s in enumerate(spans):
+                for off, data in iter_chunks(s.tensor.data, DEFAULT_CHUNK_BYTES):
+                    yield decoder_pb2.GenerateRequest(
+                        chunk=decoder_pb2.EmbeddingChunk(span_index=i, byte_offset=off, data=data)
+                    )
+
+        return self.stub.Generate(requests(), metadata=_md(request_id), timeout=self.timeout_s)
+
+    async def close(self) -> None:
+        await self.channel.close()

@@ -1,0 +1,36 @@
+"""Gateway settings: command-line flags with ``MMSERVE_GATEWAY_*`` env defaults."""
+
+from __future__ import annotations
+
+import argparse
+import os
+from dataclasses import dataclass
+
+
+@dataclass(frozen=True)
+class GatewayConfig:
+    checkpoint: str  # only tokenizer + chat template + config.json are read
+    encoder: str = "127.0.0.1:50051"
+    decoder: str = "127.0.0.1:50052"
+    host: str = "127.0.0.1"
+    port: int = 8000
+    model_id: str | None = None
+    rpc_timeout_s: float = 600.0
+
+
+def _env(name: str, default):
+    return os.environ.get(f"MMSERVE_GATEWAY_{name}", default)
+
+
+def parse_args(argv: list[str] | None = None) -> GatewayConfig:
+    p = argparse.ArgumentParser(prog="mmserve-gateway", description="mmserve OpenAI-compatible gateway")
+    p.add_argument("--checkpoint", default=_env("CHECKPOINT", None), required=_env("CHECKPOINT", None) is None,
+                   help="checkpoint directory (tokenizer and chat template are read from it)")
+    p.add_argument("--encoder", default=_env("ENCODER", "127.0.0.1:50051"), help="encoder host:port")
+    p.add_argument("--decoder", default=_env("DECODER", "127.0.0.1:50052"), help="decoder host:port")
+    p.add_argument("--host", default=_env("HOST", "127.0.0.1"))
+    p.add_argument("--port", type=int, default=int(_env("PORT", 8000)), help="0 = pick a free port")
+    p.add_argument("--model-id", default=_env("MODEL_ID", None))
+    p.add_argument("--rpc-timeout-s", type=float, default=float(_env("RPC_TIMEOUT_S", 600.0)))
+    a = p.parse_args(argv)
+    return GatewayConfig(a.checkpoint, a.encoder, a.decoder, a.host, a.port, a.model_id, a.rpc_timeout_s)

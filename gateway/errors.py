@@ -1,0 +1,71 @@
+"""The one place errors become OpenAI-style HTTP responses.
+
+Why: clients of an OpenAI-compatible API parse ``{"error": {"message",
+"type", "param", "code"}}``; every failure — our own validation, a gRPC
+status from the encoder or decoder, or a bug — goes through ``to_http`` so
+codes are mapped the same way everywhere.  Event-loop thread.
+"""
+
+from __future__ import annotations
+
+import grpc
+
+from mmserve_common.errors import ServeError
+
+# gRPC status -> (HTTP status, OpenAI error type)
+GRPC_TO_HTTP: dict[grpc.StatusCode, tuple[int, str]] = {
+    grpc.StatusCode.INVALID_ARGUMENT: (400, "invalid_request_error"),
+    grpc.StatusCode.FAILED_PRECONDITION: (400, "invalid_request_error"),
+    grpc.StatusCode.OUT_OF_RANGE: (400, "invalid_request_error"),
+    grpc.StatusCode.UNAUTHENTICATED: (401, "authentication_error"),
+    grpc.StatusCode.PERMISSION_DENIED: (403, "permission_error"),
+    grpc.StatusCode.NOT_FOUND: (404, "not_found_error"),
+    grpc.StatusCode.RESOURCE_EXHAUSTED: (429, "rate_limit_error"),
+    grpc.StatusCode.CANCELLED: (499, "cancelled"),
+    grpc.StatusCode.UNAVAILABLE: (503, "service_unavailable"),
+    grpc.StatusCode.DEADLINE_EXCEEDED: (504, "timeout"),
+}
+STATUS_NAME_TO_GRPC = {c.name: c for c in grpc.StatusCode}
+
+
+class HTTPError(Exception):
+    """An error already in HTTP terms."""
+
+    def __init__(self, status: int, message: str, *, type_: str, param: str | None = None,
+                 code: str | None = None, headers: dict[str, str] | None = None) -> None:
+        super().__init__(message)
+        self.status = status
+        self.message = message
+        self.type = type_
+        self.param = param
+        self.code = code
+        self.headers = headers or {}
+
+    def body(self) -> dict:
+        return {"error": {"message": self.message, "type": self.type, "param": self.param, "code": self.code}}
+
+
+def from_grpc_code(code: grpc.StatusCode, message: str, *, upstream: str,
+                   param: str | None = None) -> HTTPError:
+    status, type_ = GRPC_TO_HTTP.get(code, (500, "server_error"))
+    headers = {"Retry-After": "1"} if status == 429 else {}
+    if status == 503 and not message:
+        message = f"the {upstream} service is unavailable"
+    return HTTPError(status, message or f"{upstream} failed ({code.name})", type_=type_, param=param,
+                     code=code.name.lower(), headers=headers)
+
+
+def to_http(exc: BaseException, *, upstream: str = "gateway") -> HTTPError:
+    """Map any exception to an ``HTTPError`` (bugs become 500)."""
+    if isinstance(exc, HTTPError):
+        return exc
+    if isinstance(exc, ServeError):
+        code = STATUS_NAME_TO_GRPC.get(exc.status, grpc.StatusCode.INTERNAL)
+        return from_grpc_code(code, exc.message, upstream=upstream, param=exc.param)
+    if isinstance(exc, grpc.aio.AioRpcError):
+        code = exc.code()
+        details = exc.details() or ""
+        if code == grpc.StatusCode.UNAVAILABLE:
+            details = f"the {upstream} service is unavailable: {details}"
+        return from_grpc_code(code, details, upstream=upstream)
+    return HTTPError(500, f"internal error: {type(exc).__name__}", type_="server_error", code="internal")

@@ -1,0 +1,105 @@
+"""Render the checkpoint's chat template and expand media placeholders into ids + spans.
+
+Why: soft-token blocks must land exactly where the chat template puts each
+media placeholder — inside the user turn that carried the media, in part
+order — never after BOS and never in the pending model turn.  We render the
+template with one placeholder per media part, check it rendered exactly the
+placeholders we expect in the expected order (a template that drops media is
+an error, not a silent skip), tokenize the text between placeholders, and
+replace each placeholder with ``begin + N × placeholder + end`` where N is the
+number of rows the encoder returned for that item.
+
+Pure Python (tokenizer only, no MLX); event-loop thread.
+"""
+
+from __future__ import annotations
+
+import re
+from dataclasses import dataclass
+
+from mmserve_common import types as T
+
+from gateway.errors import HTTPError
+from gateway.openai_schema import Message, bad
+
+
+@dataclass(frozen=True)
+class MediaTokens:
+    placeholder: int
+    begin: int
+    end: int
+
+
+@dataclass(frozen=True)
+class BuiltPrompt:
+    ids: list[int]
+    spans: list[T.Span]
+
+
+class PromptBuilder:
+    def __init__(self, tokenizer, media_tokens: dict[str, MediaTokens]) -> None:
+        self.tokenizer = tokenizer
+        self.media_tokens = media_tokens
+        self.placeholder_text = {
+            m: tokenizer.convert_ids_to_tokens(t.placeholder) for m, t in media_tokens.items()
+        }
+        self._split_re = re.compile(
+            "(" + "|".join(re.escape(s) for s in self.placeholder_text.values()) + ")"
+        ) if self.placeholder_text else None
+        self._modality_of = {s: m for m, s in self.placeholder_text.items()}
+
+    def template_messages(self, messages: list[Message]) -> list[dict]:
+        out = []
+        for m in messages:
+            if m.role in ("system", "developer", "assistant"):
+                text = "".join(p.text for p in m.parts if p.kind == "text")
+                out.append({"role": m.role, "content": text})
+                continue
+            content = []
+            for p in m.parts:
+                if p.kind == "text":
+                    content.append({"type": "text", "text": p.text})
+                else:
+                    content.append({"type": p.kind})
+            out.append({"role": m.role, "content": content})
+        return out
+
+    def render(self, messages: list[Message], **template_kwargs) -> str:
+        for m in messages:
+            for p in m.parts:
+                if p.media is not None and p.media.modality not in self.media_tokens:
+                    raise bad(f"{p.param}: this model does not accept {p.media.modality} input", p.param)
+        return self.tokenizer.apply_chat_template(
+            self.template_messages(messages), tokenize=False, add_generation_prompt=True,
+            **template_kwargs,
+        )
+
+    def build(self, rendered: str, media: list[tuple[str, str, int, str]]) -> BuiltPrompt:
+        """``media``: ``(modality, param, rows, content_hash)`` per media part, in part order."""
+        pieces = self._split_re.split(rendered) if self._split_re else [rendered]
+        ids: list[int] = []
+        spans: list[T.Span] = []
+        k = 0
+        for piece in pieces:
+            modality = self._modality_of.get(piece)
+            if modality is None:
+                if piece:
+                    ids.extend(self.tokenizer.encode(piece, add_special_tokens=False))
+                continue
+            if k >= len(media):
+                raise HTTPError(500, "the chat template rendered more media placeholders than media parts",
+                                type_="server_error", code="template_mismatch")
+            want, param, rows, content_hash = media[k]
+            if want != modality:
+                raise HTTPError(500, f"the chat template placed a {modality} placeholder where {param} "
+                                f"({want}) belongs", type_="server_error", code="template_mismatch")
+            tok = self.media_tokens[modality]
+            ids.append(tok.begin)
+            spans.append(T.Span(len(ids), rows, modality, content_hash))
+            ids.extend([tok.placeholder] * rows)
+            ids.append(tok.end)
+            k += 1
+        if k != len(media):
+            raise HTTPError(500, f"the chat template rendered {k} media placeholders for {len(media)} media "
+                            "parts; media would be dropped", type_="server_error", code="template_mismatch")
+        return BuiltPrompt(ids, spans)

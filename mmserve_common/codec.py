@@ -1,0 +1,174 @@
+"""The one place protobuf messages are converted to and from ``types``.
+
+Why: keeps protobuf out of model and engine code, and keeps every enum
+mapping in one table.  Pure functions, any thread.
+"""
+
+from __future__ import annotations
+
+from mmserve_common import types as T
+from mmserve_common.errors import InvalidArgument
+from mmserve_common.stubs import decoder_pb2, encoder_pb2, tensor_pb2
+from mmserve_common.tensors import RawTensor
+
+DTYPE_TO_PB = {
+    "bfloat16": tensor_pb2.DTYPE_BFLOAT16,
+    "float16": tensor_pb2.DTYPE_FLOAT16,
+    "float32": tensor_pb2.DTYPE_FLOAT32,
+}
+DTYPE_FROM_PB = {v: k for k, v in DTYPE_TO_PB.items()}
+MODALITY_TO_PB = {T.IMAGE: tensor_pb2.MODALITY_IMAGE, T.AUDIO: tensor_pb2.MODALITY_AUDIO}
+MODALITY_FROM_PB = {v: k for k, v in MODALITY_TO_PB.items()}
+FINISH_TO_PB = {"stop": decoder_pb2.FINISH_REASON_STOP, "length": decoder_pb2.FINISH_REASON_LENGTH}
+FINISH_FROM_PB = {v: k for k, v in FINISH_TO_PB.items()}
+
+
+def dtype_from_pb(value: int, what: str, *, allow_unspecified: bool = False) -> str | None:
+    if value == tensor_pb2.DTYPE_UNSPECIFIED and allow_unspecified:
+        return None
+    try:
+        return DTYPE_FROM_PB[value]
+    except KeyError:
+        raise InvalidArgument(f"{what}: dtype {value} is not one of BFLOAT16, FLOAT16, FLOAT32") from None
+
+
+def modality_from_pb(value: int, what: str) -> str:
+    try:
+        return MODALITY_FROM_PB[value]
+    except KeyError:
+        raise InvalidArgument(f"{what}: modality must be MODALITY_IMAGE or MODALITY_AUDIO") from None
+
+
+def tensor_spec_to_pb(t: RawTensor) -> tensor_pb2.TensorSpec:
+    return tensor_pb2.TensorSpec(dtype=DTYPE_TO_PB[t.dtype], shape=list(t.shape))
+
+
+# ---- encoder ----------------------------------------------------------------
+def media_from_pb(req: encoder_pb2.EncodeRequest) -> list[T.MediaInput]:
+    items = []
+    for i, it in enumerate(req.items):
+        items.append(
+            T.MediaInput(modality_from_pb(it.modality, f"items[{i}]"), bytes(it.data), it.mime_type)
+        )
+    return items
+
+
+def media_to_pb(items: list[T.MediaInput]) -> list[encoder_pb2.MediaItem]:
+    return [
+        encoder_pb2.MediaItem(modality=MODALITY_TO_PB[m.modality], data=m.data, mime_type=m.mime_type)
+        for m in items
+    ]
+
+
+def embedding_header_to_pb(index: int, item: T.EncodedItem) -> encoder_pb2.EncodeResponse:
+    return encoder_pb2.EncodeResponse(
+        header=encoder_pb2.EmbeddingHeader(
+            item_index=index,
+            modality=MODALITY_TO_PB[item.modality],
+            soft_token_count=item.soft_token_count,
+            content_hash=item.content_hash,
+            tensor=tensor_spec_to_pb(item.tensor),
+        )
+    )
+
+
+# ---- decoder ----------------------------------------------------------------
+def sampling_to_pb(s: T.SamplingParams) -> decoder_pb2.SamplingParams:
+    pb = decoder_pb2.SamplingParams(
+        logit_bias={int(k): float(v) for k, v in s.logit_bias.items()},
+        stop_token_ids=list(s.stop_token_ids),
+    )
+    for name in (
+        "temperature",
+        "top_p",
+        "top_k",
+        "min_p",
+        "max_tokens",
+        "seed",
+        "repetition_penalty",
+        "presence_penalty",
+        "frequency_penalty",
+    ):
+        v = getattr(s, name)
+        if v is not None:
+            setattr(pb, name, v)
+    return pb
+
+
+def sampling_from_pb(pb: decoder_pb2.SamplingParams) -> T.SamplingParams:
+    s = T.SamplingParams(
+        logit_bias={int(k): float(v) for k, v in pb.logit_bias.items()},
+        stop_token_ids=[int(x) for x in pb.stop_token_ids],
+    )
+    for name in (
+        "temperature",
+        "top_p",
+        "top_k",
+        "min_p",
+        "max_tokens",
+        "seed",
+        "repetition_penalty",
+        "presence_penalty",
+        "frequency_penalty",
+    ):
+        if pb.HasField(name):
+            setattr(s, name, getattr(pb, name))
+    return s
+
+
+def span_to_pb(span: T.Span, tensor: RawTensor) -> decoder_pb2.EmbeddingSpan:
+    return decoder_pb2.EmbeddingSpan(
+        placement=tensor_pb2.PlaceholderSpan(
+            offset=span.offset,
+            length=span.length,
+            modality=MODALITY_TO_PB[span.modality],
+            content_hash=span.content_hash,
+        ),
+        tensor=tensor_spec_to_pb(tensor),
+    )
+
+
+def span_from_pb(i: int, pb: decoder_pb2.EmbeddingSpan) -> tuple[T.Span, str, tuple[int, ...]]:
+    what = f"spans[{i}]"
+    span = T.Span(
+        offset=pb.placement.offset,
+        length=pb.placement.length,
+        modality=modality_from_pb(pb.placement.modality, what),
+        content_hash=pb.placement.content_hash,
+    )
+    dtype = dtype_from_pb(pb.tensor.dtype, what)
+    return span, dtype, tuple(int(d) for d in pb.tensor.shape)
+
+
+def token_event_to_pb(ev: T.TokenEvent) -> decoder_pb2.GenerateResponse:
+    return decoder_pb2.GenerateResponse(token=decoder_pb2.TokenChunk(token_ids=ev.token_ids, text=ev.text))
+
+
+def completion_to_pb(c: T.Completion) -> decoder_pb2.GenerateResponse:
+    return decoder_pb2.GenerateResponse(
+        complete=decoder_pb2.GenerateComplete(
+            finish_reason=FINISH_TO_PB[c.finish_reason],
+            usage=decoder_pb2.Usage(
+                prompt_tokens=c.prompt_tokens,
+                completion_tokens=c.completion_tokens,
+                soft_tokens=c.soft_tokens,
+            ),
+            timings=decoder_pb2.Timings(
+                queued_ms=c.queued_ms, prefill_ms=c.prefill_ms, decode_ms=c.decode_ms
+            ),
+            stop_token_id=c.stop_token_id if c.stop_token_id is not None else -1,
+        )
+    )
+
+
+def completion_from_pb(pb: decoder_pb2.GenerateComplete) -> T.Completion:
+    return T.Completion(
+        finish_reason=FINISH_FROM_PB.get(pb.finish_reason, "stop"),
+        prompt_tokens=pb.usage.prompt_tokens,
+        completion_tokens=pb.usage.completion_tokens,
+        soft_tokens=pb.usage.soft_tokens,
+        queued_ms=pb.timings.queued_ms,
+        prefill_ms=pb.timings.prefill_ms,
+        decode_ms=pb.timings.decode_ms,
+        stop_token_id=pb.stop_token_id if pb.stop_token_id >= 0 else None,
+    )

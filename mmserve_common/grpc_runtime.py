@@ -1,0 +1,104 @@
+"""gRPC plumbing shared by the encoder and decoder servers.
+
+Why: both services need the same things around their servicers — health
+(``grpc.health.v1``, SERVING only after warm-up), server reflection (so
+``grpcurl list/describe`` work), the request id from metadata bound on every
+log line, and one place that turns exceptions into status codes: a
+``ServeError`` keeps its code and message, anything else is a bug, logged
+with its traceback and answered ``INTERNAL``.
+
+Everything here runs on the asyncio event-loop thread.
+"""
+
+from __future__ import annotations
+
+import contextlib
+from collections.abc import AsyncIterator, Sequence
+
+import grpc
+from grpc_health.v1 import health_pb2, health_pb2_grpc
+from grpc_health.v1._async import HealthServicer
+from grpc_reflection.v1alpha import reflection
+
+from mmserve_common.errors import ServeError
+from mmserve_common.logs import REQUEST_ID_HEADER, get_logger, new_request_id, request_id_var
+
+log = get_logger(__name__)
+
+STATUS = {
+    "INVALID_ARGUMENT": grpc.StatusCode.INVALID_ARGUMENT,
+    "FAILED_PRECONDITION": grpc.StatusCode.FAILED_PRECONDITION,
+    "RESOURCE_EXHAUSTED": grpc.StatusCode.RESOURCE_EXHAUSTED,
+    "UNAVAILABLE": grpc.StatusCode.UNAVAILABLE,
+    "CANCELLED": grpc.StatusCode.CANCELLED,
+    "INTERNAL": grpc.StatusCode.INTERNAL,
+}
+
+# Large enough for a 1-megapixel PNG or a 30 s WAV in one Encode request;
+# embeddings themselves always travel in chunks well under 4 MiB.
+DEFAULT_MAX_MESSAGE_BYTES = 64 * 1024 * 1024
+
+
+def server_options(max_message_bytes: int = DEFAULT_MAX_MESSAGE_BYTES) -> list[tuple[str, int]]:
+    return [
+        ("grpc.max_receive_message_length", max_message_bytes),
+        ("grpc.max_send_message_length", max_message_bytes),
+        ("grpc.so_reuseport", 0),
+    ]
+
+
+def create_server(
+    address: str, service_names: Sequence[str], *, max_message_bytes: int = DEFAULT_MAX_MESSAGE_BYTES
+) -> tuple[grpc.aio.Server, int, HealthServicer]:
+    """Create an aio server bound to ``address`` (port 0 = ephemeral).
+
+    Returns ``(server, bound_port, health)``; every service in
+    ``service_names`` plus the overall ``""`` service start NOT_SERVING.
+    Register the servicers, then ``server.start()``, then flip health with
+    :func:`set_serving` once the model is warm.
+    """
+    server = grpc.aio.server(options=server_options(max_message_bytes))
+    health = HealthServicer()
+    health_pb2_grpc.add_HealthServicer_to_server(health, server)
+    names = [*service_names, health_pb2.DESCRIPTOR.services_by_name["Health"].full_name]
+    reflection.enable_server_reflection([*names, reflection.SERVICE_NAME], server)
+    port = server.add_insecure_port(address)
+    if port == 0:
+        raise RuntimeError(f"could not bind {address}")
+    return server, port, health
+
+
+async def set_serving(health: HealthServicer, service_names: Sequence[str], serving: bool) -> None:
+    status = (
+        health_pb2.HealthCheckResponse.SERVING
+        if serving
+        else health_pb2.HealthCheckResponse.NOT_SERVING
+    )
+    for name in ["", *service_names]:
+        await health.set(name, status)
+
+
+def request_id_from(context: grpc.aio.ServicerContext) -> str:
+    for key, value in context.invocation_metadata() or ():
+        if key == REQUEST_ID_HEADER and value:
+            return str(value)[:128]
+    return new_request_id()
+
+
+@contextlib.asynccontextmanager
+async def rpc_scope(context: grpc.aio.ServicerContext, method: str) -> AsyncIterator[str]:
+    """Bind the request id and map exceptions to status codes for one RPC."""
+    rid = request_id_from(context)
+    token = request_id_var.set(rid)
+    try:
+        yield rid
+    except ServeError as e:
+        log.info("rpc rejected", method=method, status=e.status, error=e.message)
+        await context.abort(STATUS.get(e.status, grpc.StatusCode.INTERNAL), e.message)
+    except grpc.aio.AbortError:
+        raise
+    except Exception as e:  # noqa: BLE001 - a bug: log with traceback, answer INTERNAL
+        log.exception("rpc failed", method=method)
+        await context.abort(grpc.StatusCode.INTERNAL, f"internal error in {method}: {type(e).__name__}: {e}")
+    finally:
+        request_id_var.reset(token)

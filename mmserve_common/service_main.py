@@ -1,0 +1,56 @@
+"""Shared ``main`` for the two gRPC services: start, warm up, serve, drain.
+
+Why: both services have the same life cycle — bind the port first (so
+health checks answer NOT_SERVING while the model loads), load and warm up
+on the MLX thread, flip health to SERVING, and on SIGTERM/SIGINT flip to
+NOT_SERVING and let in-flight RPCs finish within a grace period.
+Runs the asyncio loop on the main thread.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import signal
+import sys
+from collections.abc import Awaitable, Callable
+
+from mmserve_common.grpc_runtime import set_serving
+from mmserve_common.logs import get_logger
+
+log = get_logger(__name__)
+
+
+async def serve(
+    name: str,
+    engine,
+    start_server: Callable[..., Awaitable],
+    service_names: list[str],
+    address: str,
+    *,
+    grace_s: float = 10.0,
+    port_file: str | None = None,
+) -> None:
+    engine.start()
+    server, port, health = await start_server(engine, address)
+    log.info(f"{name} listening", address=address, port=port)
+    if port_file:
+        with open(port_file, "w") as f:
+            f.write(str(port))
+    stop = asyncio.Event()
+    loop = asyncio.get_running_loop()
+    for sig in (signal.SIGTERM, signal.SIGINT):
+        loop.add_signal_handler(sig, stop.set)
+    try:
+        await engine.wait_ready()
+    except Exception:
+        log.exception(f"{name} failed to load")
+        await server.stop(0)
+        sys.exit(1)
+    await set_serving(health, service_names, True)
+    log.info(f"{name} serving", port=port)
+    await stop.wait()
+    log.info(f"{name} draining", grace_s=grace_s)
+    await set_serving(health, service_names, False)
+    await server.stop(grace_s)
+    engine.stop()
+    log.info(f"{name} stopped")

@@ -1,0 +1,26 @@
+"""Import point for the generated gRPC stubs.
+
+Why: stubs are generated at install time (``setup.py``) into the gitignored
+``mmserve_common/pb``; in a bare source checkout they are generated here on
+first import so ``python -m encoder_service`` works without an install step.
+Import-time only; no threads involved.
+"""
+
+from __future__ import annotations
+
+from mmserve_common import protogen
+
+if not (protogen.PB_DIR / "mmserve" / "decoder" / "v1" / "decoder_pb2_grpc.py").exists():
+    protogen.generate()
+
+from mmserve_common.pb.mmserve.common.v1 import tensor_pb2  # noqa: E402
+from mmserve_common.pb.mmserve.decoder.v1 import decoder_pb2, decoder_pb2_grpc  # noqa: E402
+from mmserve_common.pb.mmserve.encoder.v1 import encoder_pb2, encoder_pb2_grpc  # noqa: E402
+
+__all__ = [
+    "decoder_pb2",
+    "decoder_pb2_grpc",
+    "encoder_pb2",
+    "encoder_pb2_grpc",
+    "tensor_pb2",
+]

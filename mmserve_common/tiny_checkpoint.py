@@ -1,0 +1,447 @@
+"""Write a tiny, seeded, random-weight Gemma 4 checkpoint on the real mlx-vlm schema.
+
+Why: real Gemma 4 weights cannot be downloaded in CI or on air-gapped machines,
+yet every loading, placement and stopping bug we care about lives in the code a
+real checkpoint goes through.  So the checkpoint written here is a *real*
+``mlx_vlm.models.gemma4`` checkpoint — ``config.json`` parsed by mlx-vlm's own
+``ModelConfig``, parameter names taken from an instantiated ``gemma4.Model``
+(``mlx_vlm.load(..., strict=True)`` accepts it), safetensors on disk, a
+tokenizer carrying the Gemma 4 special tokens and a chat template that renders
+media placeholders inside the user turn — only the sizes are tiny.
+
+It is deliberately faithful where bugs hide:
+
+* the tokenizer's own EOS is only ``<eos>`` (1); ``config.json`` declares
+  ``[1, 106, 50]`` and ``generation_config.json`` the subset ``[1, 106]``, so only
+  the union of all three stops on ``<|tool_response>`` (50);
+* multimodal ids are *not* the real Gemma 4 ids: they are whatever config.json
+  says, so code that hard-codes 258880 breaks here;
+* the audio projector's input width (48) differs from the text hidden size.
+
+Variants (``--variant``) exercise the decoder input shapes Gemma 4 ships in:
+
+* ``e2b``   — per-layer inputs (PLE), KV-shared layers, vision + audio towers;
+* ``moe``   — 26B-A4B-like: MoE block, bidirectional attention over image
+  tokens (``mm_token_type_ids``), no PLE, vision only (no audio tower);
+* ``dense`` — 31B-like: ``attention_k_eq_v``, bidirectional vision, no PLE,
+  vision only.
+
+Runs on whichever thread calls it (CLI helper; not used by the services).
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import shutil
+from pathlib import Path
+from typing import Any
+
+# ids 0..255: special / reserved block; 256..511: the 256 byte tokens.
+SPECIAL: dict[int, str] = {
+    0: "<pad>",
+    1: "<eos>",
+    2: "<bos>",
+    3: "<unk>",
+    4: "<mask>",
+    46: "<|tool>",
+    47: "<tool|>",
+    48: "<|tool_call>",
+    49: "<tool_call|>",
+    50: "<|tool_response>",  # real Gemma 4 id; in config.json's EOS list
+    51: "<tool_response|>",
+    98: "<|think|>",
+    100: "<|channel>",
+    101: "<channel|>",
+    105: "<|turn>",  # real Gemma 4 id
+    106: "<turn|>",  # real Gemma 4 id: end of turn, must stop generation
+    # Multimodal tokens, remapped into the small vocab (real ids are
+    # 255999/256000/258880..258883): always read them from config.json.
+    249: "<|video|>",
+    250: "<|image>",  # begin of image
+    251: "<|audio>",  # begin of audio
+    252: "<|image|>",  # image soft-token placeholder
+    253: "<|audio|>",  # audio soft-token placeholder
+    254: "<image|>",  # end of image
+    255: "<audio|>",  # end of audio
+}
+IDS = {v: k for k, v in SPECIAL.items()}
+BYTE_OFFSET = 256
+VOCAB_SIZE = 512
+
+CONFIG_EOS = [IDS["<eos>"], IDS["<turn|>"], IDS["<|tool_response>"]]
+GENERATION_CONFIG_EOS = [IDS["<eos>"], IDS["<turn|>"]]
+
+EXTRA_SPECIAL_TOKENS = {
+    "image_token": "<|image|>",
+    "boi_token": "<|image>",
+    "eoi_token": "<image|>",
+    "audio_token": "<|audio|>",
+    "boa_token": "<|audio>",
+    "eoa_token": "<audio|>",
+    "video_token": "<|video|>",
+    "sot_token": "<|turn>",
+    "eot_token": "<turn|>",
+    "soc_token": "<|channel>",
+    "eoc_token": "<channel|>",
+    "think_token": "<|think|>",
+}
+
+# Gemma-4-shaped chat template.  Media parts render as one bare placeholder at
+# the part's position *inside the user turn*; the gateway (and mlx-vlm's
+# processor) expand each placeholder to begin + N placeholders + end.
+CHAT_TEMPLATE = """{{- bos_token -}}
+{%- set loop_messages = messages -%}
+{%- if enable_thinking is defined and enable_thinking -%}
+{{- '<|turn>system\\n<|think|>' -}}
+{%- if messages and messages[0]['role'] in ['system', 'developer'] -%}
+{{- messages[0]['content'] | trim -}}
+{%- set loop_messages = messages[1:] -%}
+{%- endif -%}
+{{- '<turn|>\\n' -}}
+{%- elif messages and messages[0]['role'] in ['system', 'developer'] -%}
+{{- '<|turn>system\\n' + messages[0]['content'] | trim + '<turn|>\\n' -}}
+{%- set loop_messages = messages[1:] -%}
+{%- endif -%}
+{%- for message in loop_messages -%}
+{%- set role = 'model' if message['role'] == 'assistant' else message['role'] -%}
+{{- '<|turn>' + role + '\\n' -}}
+{%- if message['content'] is string -%}
+{{- message['content'] | trim -}}
+{%- else -%}
+{%- for item in message['content'] -%}
+{%- if item['type'] == 'text' -%}
+{{- item['text'] | trim -}}
+{%- elif item['type'] in ['image', 'image_url', 'input_image'] -%}
+{{- '\\n\\n<|image|>\\n\\n' -}}
+{%- elif item['type'] in ['audio', 'input_audio', 'audio_url'] -%}
+{{- '<|audio|>' -}}
+{%- elif item['type'] == 'video' -%}
+{{- '\\n\\n<|video|>\\n\\n' -}}
+{%- endif -%}
+{%- endfor -%}
+{%- endif -%}
+{{- '<turn|>\\n' -}}
+{%- endfor -%}
+{%- if add_generation_prompt -%}
+{{- '<|turn>model\\n' -}}
+{%- endif -%}
+"""
+
+VARIANTS = ("e2b", "moe", "dense")
+
+
+def _text_config(variant: str) -> dict[str, Any]:
+    cfg: dict[str, Any] = {
+        "model_type": "gemma4_text",
+        "hidden_size": 64,
+        "intermediate_size": 128,
+        "num_hidden_layers": 4,
+        "layer_types": [
+            "sliding_attention",
+            "full_attention",
+            "sliding_attention",
+            "full_attention",
+        ],
+        "num_attention_heads": 2,
+        "num_key_value_heads": 1,
+        "head_dim": 16,
+        "global_head_dim": 32,
+        "num_kv_shared_layers": 0,
+        "use_double_wide_mlp": False,
+        "hidden_size_per_layer_input": 0,
+        "vocab_size": VOCAB_SIZE,
+        "vocab_size_per_layer_input": VOCAB_SIZE,
+        "sliding_window": 64,
+        "max_position_embeddings": 4096,
+        "final_logit_softcapping": 30.0,
+        "rms_norm_eps": 1e-6,
+        "hidden_activation": "gelu_pytorch_tanh",
+        "attention_k_eq_v": False,
+        "use_bidirectional_attention": None,
+        "enable_moe_block": False,
+        "tie_word_embeddings": True,
+        "pad_token_id": 0,
+        "rope_parameters": {
+            "full_attention": {
+                "partial_rotary_factor": 0.25,
+                "rope_theta": 1000000.0,
+                "rope_type": "proportional",
+            },
+            "sliding_attention": {"rope_theta": 10000.0, "rope_type": "default"},
+        },
+    }
+    if variant == "e2b":
+        cfg.update(
+            num_kv_shared_layers=2,  # last layers reuse earlier layers' KV
+            use_double_wide_mlp=True,
+            hidden_size_per_layer_input=16,  # per-layer embeddings from ids
+        )
+    elif variant == "moe":
+        cfg.update(
+            enable_moe_block=True,
+            num_experts=4,
+            top_k_experts=2,
+            moe_intermediate_size=32,
+            use_bidirectional_attention="vision",
+        )
+    elif variant == "dense":
+        cfg.update(
+            attention_k_eq_v=True,
+            num_global_key_value_heads=1,
+            use_bidirectional_attention="vision",
+        )
+    else:  # pragma: no cover - argparse restricts choices
+        raise ValueError(f"unknown variant {variant!r}")
+    return cfg
+
+
+def tiny_config(variant: str = "e2b", image_soft_tokens: int = 280) -> dict[str, Any]:
+    """Return config.json for a tiny checkpoint of the given variant."""
+    vision_config = {
+        "model_type": "gemma4_vision",
+        "hidden_size": 32,
+        "intermediate_size": 64,
+        "num_hidden_layers": 1,
+        "num_attention_heads": 2,
+        "num_key_value_heads": 2,
+        "head_dim": 16,
+        "global_head_dim": 16,
+        "patch_size": 16,
+        "pooling_kernel_size": 3,
+        "default_output_length": image_soft_tokens,
+        "position_embedding_size": 256,
+        "use_clipped_linears": variant == "e2b",
+        "standardize": False,
+        "rms_norm_eps": 1e-6,
+        "hidden_activation": "gelu_pytorch_tanh",
+        "rope_parameters": {"rope_theta": 100.0, "rope_type": "default"},
+    }
+    audio_config = None
+    if variant == "e2b":
+        audio_config = {
+            "model_type": "gemma4_audio",
+            "hidden_size": 32,
+            "num_hidden_layers": 1,
+            "num_attention_heads": 2,
+            "hidden_act": "silu",
+            "subsampling_conv_channels": [8, 4],
+            "conv_kernel_size": 5,
+            "residual_weight": 0.5,
+            "attention_chunk_size": 12,
+            "attention_context_left": 13,
+            "attention_context_right": 0,
+            "attention_logit_cap": 50.0,
+            "attention_invalid_logits_value": -1e9,
+            "use_clipped_linears": True,
+            "rms_norm_eps": 1e-6,
+            "gradient_clipping": 10000000000.0,
+            "output_proj_dims": 48,  # != text hidden, so shape bugs surface
+        }
+    return {
+        "architectures": ["Gemma4ForConditionalGeneration"],
+        "model_type": "gemma4",
+        "text_config": _text_config(variant),
+        "vision_config": vision_config,
+        "audio_config": audio_config,
+        "vocab_size": VOCAB_SIZE,
+        "hidden_size": 64,
+        "image_token_id": IDS["<|image|>"],
+        "audio_token_id": IDS["<|audio|>"],
+        "video_token_id": IDS["<|video|>"],
+        "boi_token_id": IDS["<|image>"],
+        "eoi_token_id": IDS["<image|>"],
+        "boa_token_id": IDS["<|audio>"],
+        "eoa_token_id": IDS["<audio|>"],
+        "bos_token_id": IDS["<bos>"],
+        "pad_token_id": IDS["<pad>"],
+        "eos_token_id": list(CONFIG_EOS),
+        "vision_soft_tokens_per_image": image_soft_tokens,
+        "audio_ms_per_token": 40,
+        "tie_word_embeddings": True,
+        "initializer_range": 0.02,
+        "dtype": "bfloat16",
+    }
+
+
+def _bytes_to_unicode() -> dict[int, str]:
+    """GPT-2 byte-level alphabet (byte -> printable char)."""
+    bs = (
+        list(range(ord("!"), ord("~") + 1))
+        + list(range(ord("¡"), ord("¬") + 1))
+        + list(range(ord("®"), ord("ÿ") + 1))
+    )
+    cs = bs[:]
+    n = 0
+    for b in range(256):
+        if b not in bs:
+            bs.append(b)
+            cs.append(256 + n)
+            n += 1
+    return dict(zip(bs, (chr(c) for c in cs)))
+
+
+def _write_tokenizer(out: Path, variant: str) -> None:
+    from tokenizers import AddedToken, Tokenizer, decoders, models, pre_tokenizers
+
+    vocab = {SPECIAL.get(i, f"<unused{i}>"): i for i in range(BYTE_OFFSET)}
+    for byte, ch in _bytes_to_unicode().items():
+        vocab[ch] = BYTE_OFFSET + byte  # byte b has id 256 + b ("\n" -> 266)
+    assert len(vocab) == VOCAB_SIZE
+
+    tok = Tokenizer(models.BPE(vocab=vocab, merges=[], unk_token="<unk>"))
+    tok.pre_tokenizer = pre_tokenizers.ByteLevel(add_prefix_space=False, use_regex=True)
+    tok.decoder = decoders.ByteLevel()
+    tok.add_special_tokens(
+        [AddedToken(SPECIAL[i], special=True, normalized=False) for i in sorted(SPECIAL)]
+    )
+    # No BOS post-processor, like the real gemma-4-*-it tokenizers: the chat
+    # template emits <bos> itself.
+    tok.save(str(out / "tokenizer.json"))
+
+    tok_cfg = {
+        "tokenizer_class": "PreTrainedTokenizerFast",
+        "bos_token": "<bos>",
+        "eos_token": "<eos>",  # the tokenizer's own EOS is only <eos>
+        "pad_token": "<pad>",
+        "unk_token": "<unk>",
+        "mask_token": "<mask>",
+        "padding_side": "left",
+        "model_max_length": 4096,
+        "clean_up_tokenization_spaces": False,
+        "extra_special_tokens": EXTRA_SPECIAL_TOKENS,
+        "processor_class": "Gemma4Processor",
+    }
+    (out / "tokenizer_config.json").write_text(json.dumps(tok_cfg, indent=2))
+    special_map = {
+        k: tok_cfg[k] for k in ("bos_token", "eos_token", "pad_token", "unk_token", "mask_token")
+    }
+    (out / "special_tokens_map.json").write_text(json.dumps(special_map, indent=2))
+    (out / "chat_template.jinja").write_text(CHAT_TEMPLATE)
+
+
+def _write_processor_config(out: Path, image_soft_tokens: int) -> None:
+    proc = {
+        "processor_class": "Gemma4Processor",
+        "image_seq_length": image_soft_tokens,
+        "audio_seq_length": 750,
+        "audio_ms_per_token": 40,
+        "image_processor": {
+            "image_processor_type": "Gemma4ImageProcessor",
+            "do_resize": True,
+            "do_rescale": True,
+            "rescale_factor": 1 / 255,
+            "do_normalize": False,
+            "patch_size": 16,
+            "max_soft_tokens": image_soft_tokens,
+            "pooling_kernel_size": 3,
+        },
+        "feature_extractor": {
+            "feature_extractor_type": "Gemma4AudioFeatureExtractor",
+            "feature_size": 128,
+            "sampling_rate": 16000,
+            "frame_length_ms": 20.0,
+            "hop_length_ms": 10.0,
+            "min_frequency": 0.0,
+            "max_frequency": 8000.0,
+            "mel_floor": 0.001,
+            "padding_value": 0.0,
+        },
+        "video_processor": {"max_soft_tokens": 70, "patch_size": 16, "pooling_kernel_size": 3},
+    }
+    (out / "processor_config.json").write_text(json.dumps(proc, indent=2))
+
+
+def _write_weights(out: Path, config: dict[str, Any], seed: int, dtype: str) -> int:
+    import mlx.core as mx
+    from mlx.utils import tree_flatten
+    from mlx_vlm.models import gemma4
+
+    mx.random.seed(seed)
+    model_config = gemma4.ModelConfig.from_dict(config)
+    model_config.text_config = gemma4.TextConfig.from_dict(config["text_config"])
+    model_config.vision_config = gemma4.VisionConfig.from_dict(config["vision_config"])
+    if config.get("audio_config") is not None:
+        model_config.audio_config = gemma4.AudioConfig.from_dict(config["audio_config"])
+    model = gemma4.Model(model_config)
+
+    target = getattr(mx, dtype)
+    weights = {}
+    for name, p in tree_flatten(model.parameters()):
+        leaf = name.rsplit(".", 1)[-1]
+        if leaf in ("input_min", "output_min"):
+            w = mx.array(-8.0)  # finite clip bounds, as real checkpoints have
+        elif leaf in ("input_max", "output_max"):
+            w = mx.array(8.0)
+        elif p.ndim == 1 or leaf == "layer_scalar":
+            w = mx.ones(p.shape) + 0.02 * mx.random.normal(p.shape)
+            if leaf == "bias" or "per_dim_scale" in name:
+                w = 0.02 * mx.random.normal(p.shape)
+        else:
+            fan_in = p.shape[-1] if p.ndim >= 2 else 1
+            # A small embedding std keeps a tied-embedding random model from
+            # repeating the last prompt token forever.
+            std = 0.05 if "embed_tokens" in name else (1.0 / max(fan_in, 1)) ** 0.5
+            if "position_embedding_table" in name:
+                std = 0.02
+            w = std * mx.random.normal(p.shape)
+        weights[name] = w.astype(target)
+    mx.save_safetensors(str(out / "model.safetensors"), weights, metadata={"format": "mlx"})
+    return sum(int(v.size) for v in weights.values())
+
+
+def write_tiny_checkpoint(
+    out: str | Path,
+    *,
+    variant: str = "e2b",
+    seed: int = 0,
+    dtype: str = "bfloat16",
+    image_soft_tokens: int = 280,
+) -> Path:
+    """Write the checkpoint into ``out`` (replaced if present) and return its path."""
+    if variant not in VARIANTS:
+        raise ValueError(f"variant must be one of {VARIANTS}, got {variant!r}")
+    out = Path(out)
+    if out.exists():
+        shutil.rmtree(out)
+    out.mkdir(parents=True)
+    config = tiny_config(variant, image_soft_tokens)
+    config["dtype"] = dtype
+    (out / "config.json").write_text(json.dumps(config, indent=2))
+    gen_cfg = {
+        "bos_token_id": IDS["<bos>"],
+        "pad_token_id": IDS["<pad>"],
+        "eos_token_id": list(GENERATION_CONFIG_EOS),
+        "do_sample": True,
+        "temperature": 1.0,
+        "top_k": 64,
+        "top_p": 0.95,
+    }
+    (out / "generation_config.json").write_text(json.dumps(gen_cfg, indent=2))
+    _write_tokenizer(out, variant)
+    _write_processor_config(out, image_soft_tokens)
+    _write_weights(out, config, seed, dtype)
+    return out
+
+
+def main(argv: list[str] | None = None) -> None:
+    ap = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+    ap.add_argument("out", help="directory to write (replaced if it exists)")
+    ap.add_argument("--variant", default="e2b", choices=VARIANTS)
+    ap.add_argument("--seed", type=int, default=0)
+    ap.add_argument("--dtype", default="bfloat16", choices=["bfloat16", "float32", "float16"])
+    ap.add_argument("--image-soft-tokens", type=int, default=280)
+    args = ap.parse_args(argv)
+    out = write_tiny_checkpoint(
+        args.out,
+        variant=args.variant,
+        seed=args.seed,
+        dtype=args.dtype,
+        image_soft_tokens=args.image_soft_tokens,
+    )
+    total = sum(f.stat().st_size for f in out.iterdir())
+    print(f"wrote {out} ({args.variant}, {args.dtype}): {total} bytes on disk")
+
+
+if __name__ == "__main__":
+    main()

@@ -1,0 +1,98 @@
+"""Plain dataclasses the services work with; protobuf stays in ``codec``.
+
+Why: model and engine code must not import protobuf (TGI's ``to_pb()`` on
+model classes is the pattern we avoid).  The gRPC servers convert wire
+messages to these types at the edge.  Immutable values, any thread.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+
+from mmserve_common.tensors import RawTensor
+
+IMAGE = "image"
+AUDIO = "audio"
+MODALITIES = (IMAGE, AUDIO)
+
+
+@dataclass(frozen=True)
+class MediaInput:
+    """One media item as the client sent it (encoded file bytes)."""
+
+    modality: str
+    data: bytes
+    mime_type: str = ""
+
+
+@dataclass(frozen=True)
+class EncodedItem:
+    """Soft-token embeddings for one media item: ``tensor`` is [rows, hidden]."""
+
+    modality: str
+    content_hash: str
+    tensor: RawTensor
+
+    @property
+    def soft_token_count(self) -> int:
+        return int(self.tensor.shape[0])
+
+
+@dataclass(frozen=True)
+class Span:
+    """A placeholder block in a prompt: ``ids[offset:offset+length]``."""
+
+    offset: int
+    length: int
+    modality: str
+    content_hash: str = ""
+
+
+@dataclass(frozen=True)
+class SpanEmbedding:
+    span: Span
+    tensor: RawTensor
+
+
+@dataclass
+class SamplingParams:
+    """Sampling options; ``None`` means "the model's / server's default"."""
+
+    temperature: float | None = None
+    top_p: float | None = None
+    top_k: int | None = None
+    min_p: float | None = None
+    max_tokens: int | None = None
+    seed: int | None = None
+    logit_bias: dict[int, float] = field(default_factory=dict)
+    stop_token_ids: list[int] = field(default_factory=list)
+    repetition_penalty: float | None = None
+    presence_penalty: float | None = None
+    frequency_penalty: float | None = None
+
+
+@dataclass
+class GenerateInput:
+    prompt_ids: list[int]
+    spans: list[SpanEmbedding]
+    sampling: SamplingParams
+
+
+@dataclass(frozen=True)
+class TokenEvent:
+    """Tokens generated since the last event and the text they complete."""
+
+    token_ids: list[int]
+    text: str
+
+
+@dataclass(frozen=True)
+class Completion:
+    finish_reason: str  # "stop" | "length"
+    prompt_tokens: int
+    completion_tokens: int
+    soft_tokens: int
+    queued_ms: float
+    prefill_ms: float
+    decode_ms: float
+    stop_token_id: int | None = None
