@@ -1,6 +1,5 @@
 """Build hook: generate the gRPC stubs from protos/ so they are built, not committed."""
 
-import shutil
 import sys
 from pathlib import Path
 
@@ -16,9 +15,6 @@ class BuildWithStubs(build_py):
         from mmserve_common import protogen
 
         protogen.generate(ROOT / "protos")
-        shipped = ROOT / "mmserve_common" / "protos"
-        if shipped.exists():
-            shutil.rmtree(shipped)
         super().run()
 
 

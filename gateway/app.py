@@ -218,7 +218,8 @@ def create_app(cfg: GatewayConfig) -> FastAPI:
                 media_type="text/event-stream",
                 headers={"Cache-Control": "no-cache", REQUEST_ID_HEADER: rid},
             )
-        return await _complete(call, first, completion_id, created, model, encode_ms)
+        return await _complete(call, first, completion_id, created, model, encode_ms,
+                               ids if req.return_token_ids else None)
 
     return app
 
@@ -232,32 +233,42 @@ async def _responses(call, first):
         yield msg
 
 
-async def _complete(call, first, cid, created, model, encode_ms):
+async def _complete(call, first, cid, created, model, encode_ms, prompt_ids=None):
     text: list[str] = []
+    token_ids: list[int] = []
     completion = None
     try:
         async for msg in _responses(call, first):
             if msg.WhichOneof("payload") == "token":
                 text.append(msg.token.text)
+                token_ids.extend(msg.token.token_ids)
             else:
                 completion = codec.completion_from_pb(msg.complete)
     except grpc.aio.AioRpcError as e:
         return _error_response(to_http(e, upstream="decoder"))
     if completion is None:
         return _error_response(HTTPError(502, "decoder stream ended without a completion", type_="server_error"))
+    choice = {
+        "index": 0,
+        "message": {"role": "assistant", "content": "".join(text)},
+        "logprobs": None,
+        "finish_reason": completion.finish_reason,
+    }
+    extra = {}
+    if prompt_ids is not None:
+        choice["token_ids"] = token_ids
+        if completion.stop_token_id is not None:
+            choice["stop_token_id"] = completion.stop_token_id
+        extra["prompt_token_ids"] = prompt_ids
     return JSONResponse({
         "id": cid,
         "object": "chat.completion",
         "created": created,
         "model": model,
-        "choices": [{
-            "index": 0,
-            "message": {"role": "assistant", "content": "".join(text)},
-            "logprobs": None,
-            "finish_reason": completion.finish_reason,
-        }],
+        "choices": [choice],
         "usage": _usage(completion),
         "timings": _timings(completion, encode_ms),
+        **extra,
     })
 
 

@@ -45,6 +45,7 @@ class ChatRequest:
     messages: list[Message]
     stream: bool = False
     include_usage: bool = False
+    return_token_ids: bool = False  # vLLM-style extension: prompt and completion token ids
     sampling: T.SamplingParams = field(default_factory=T.SamplingParams)
 
     @property
@@ -215,4 +216,7 @@ def parse_chat_request(body: Any) -> ChatRequest:
     model = body.get("model")
     if model is not None and not isinstance(model, str):
         raise bad("model must be a string", "model")
-    return ChatRequest(model, messages, stream, bool(opts.get("include_usage", False)), sampling)
+    rti = body.get("return_token_ids", False)
+    if not isinstance(rti, bool):
+        raise bad("return_token_ids must be a boolean", "return_token_ids")
+    return ChatRequest(model, messages, stream, bool(opts.get("include_usage", False)), rti, sampling)

@@ -1,0 +1,52 @@
+"""Shared fixtures: tiny checkpoints of several Gemma 4 shapes, services, sample media."""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+import pytest
+
+from mmserve_common.launcher import start_services
+from mmserve_common.samples import shape_png, tone_wav
+from mmserve_common.tiny_checkpoint import write_tiny_checkpoint
+
+
+@pytest.fixture(scope="session")
+def ckpt_e2b(tmp_path_factory) -> Path:
+    """E2B-shaped: per-layer inputs, KV sharing, vision + audio towers, bf16."""
+    return write_tiny_checkpoint(tmp_path_factory.mktemp("ckpt") / "tiny-e2b", variant="e2b")
+
+
+@pytest.fixture(scope="session")
+def ckpt_moe(tmp_path_factory) -> Path:
+    """26B-A4B-shaped: MoE, bidirectional vision attention, no audio tower (f32: CPU gather_mm)."""
+    return write_tiny_checkpoint(tmp_path_factory.mktemp("ckpt") / "tiny-moe", variant="moe", dtype="float32")
+
+
+@pytest.fixture(scope="session")
+def ckpt_dense(tmp_path_factory) -> Path:
+    """31B-shaped: k_eq_v attention, bidirectional vision, no audio tower, bf16."""
+    return write_tiny_checkpoint(tmp_path_factory.mktemp("ckpt") / "tiny-dense", variant="dense")
+
+
+@pytest.fixture(scope="session")
+def services_e2b(ckpt_e2b):
+    with start_services(ckpt_e2b) as svc:
+        yield svc
+
+
+@pytest.fixture(scope="session")
+def services_moe(ckpt_moe):
+    with start_services(ckpt_moe) as svc:
+        yield svc
+
+
+@pytest.fixture(scope="session")
+def media_dir(tmp_path_factory) -> Path:
+    d = tmp_path_factory.mktemp("media")
+    (d / "red_circle.png").write_bytes(shape_png("red", "circle", (224, 224)))
+    (d / "blue_square.jpg").write_bytes(shape_png("blue", "square", (320, 200), fmt="JPEG"))
+    (d / "tone_2s.wav").write_bytes(tone_wav(2.0, 16000, 440.0))
+    (d / "tone_0p7s.wav").write_bytes(tone_wav(0.7, 16000, 660.0))
+    (d / "tone_1p3s.flac").write_bytes(tone_wav(1.3, 16000, 550.0, fmt="FLAC"))
+    return d

@@ -1,0 +1,68 @@
+"""Test helpers: OpenAI message builders and the in-process mlx-vlm reference."""
+
+from __future__ import annotations
+
+import base64
+import functools
+import math
+from pathlib import Path
+
+
+def image_part(path: Path) -> dict:
+    mime = "image/jpeg" if path.suffix == ".jpg" else "image/png"
+    b64 = base64.b64encode(path.read_bytes()).decode()
+    return {"type": "image_url", "image_url": {"url": f"data:{mime};base64,{b64}"}}
+
+
+def audio_part(path: Path) -> dict:
+    fmt = "flac" if path.suffix == ".flac" else "wav"
+    return {"type": "input_audio", "input_audio": {"data": base64.b64encode(path.read_bytes()).decode(),
+                                                   "format": fmt}}
+
+
+def text_part(text: str) -> dict:
+    return {"type": "text", "text": text}
+
+
+@functools.lru_cache(maxsize=4)
+def _load_reference(ckpt: str):
+    from mlx_vlm import load
+
+    return load(ckpt)
+
+
+def reference_generate(ckpt: Path, content: list[dict], media: list[Path], max_tokens: int) -> dict:
+    """Greedy ``mlx_vlm.generate`` on the whole checkpoint in this process.
+
+    The prompt is rendered by the checkpoint's own template from the same
+    parts; placeholder and boundary ids get the same -inf bias the decoder
+    applies, so both sides sample from the same distribution.
+    """
+    import json
+
+    from mlx_vlm import generate
+
+    model, processor = _load_reference(str(ckpt))
+    cfg = json.loads((Path(ckpt) / "config.json").read_text())
+    tmpl_content = []
+    for p in content:
+        if p["type"] == "text":
+            tmpl_content.append({"type": "text", "text": p["text"]})
+        elif p["type"] == "image_url":
+            tmpl_content.append({"type": "image"})
+        else:
+            tmpl_content.append({"type": "audio"})
+    prompt = processor.tokenizer.apply_chat_template(
+        [{"role": "user", "content": tmpl_content}], tokenize=False, add_generation_prompt=True
+    )
+    suppress = [cfg[k] for k in ("image_token_id", "audio_token_id", "video_token_id", "boi_token_id",
+                                 "eoi_token_id", "boa_token_id", "eoa_token_id")]
+    images = [str(m) for m in media if m.suffix in (".png", ".jpg")]
+    audios = [str(m) for m in media if m.suffix in (".wav", ".flac")]
+    r = generate(model, processor, prompt, image=images or None, audio=audios or None,
+                 max_tokens=max_tokens, temperature=0.0, logit_bias={i: -math.inf for i in suppress})
+    from mlx_vlm.utils import prepare_inputs
+
+    inputs = prepare_inputs(processor, images=images or None, audio=audios or None, prompts=prompt,
+                            add_special_tokens=False)
+    return {"token_ids": [int(t) for t in r.token_ids], "prompt_ids": [int(x) for x in inputs["input_ids"][0].tolist()]}
