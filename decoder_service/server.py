@@ -78,6 +78,9 @@ class DecoderServicer(decoder_pb2_grpc.DecoderServiceServicer):
                     if isinstance(ev, T.TokenEvent):
                         yield codec.token_event_to_pb(ev)
                     else:
+                        log.info("generated", finish_reason=ev.finish_reason, prompt_tokens=ev.prompt_tokens,
+                                 soft_tokens=ev.soft_tokens, completion_tokens=ev.completion_tokens,
+                                 prefill_ms=round(ev.prefill_ms, 2), decode_ms=round(ev.decode_ms, 2))
                         yield codec.completion_to_pb(ev)
             finally:
                 await events.aclose()

@@ -12,10 +12,13 @@ import grpc
 
 from mmserve_common import codec
 from mmserve_common.grpc_runtime import create_server, rpc_scope, set_serving
+from mmserve_common.logs import get_logger
 from mmserve_common.stubs import encoder_pb2, encoder_pb2_grpc
 from mmserve_common.tensors import iter_chunks
 
 from encoder_service.engine import EncoderEngine
+
+log = get_logger(__name__)
 
 SERVICE_NAME = encoder_pb2.DESCRIPTOR.services_by_name["EncoderService"].full_name
 
@@ -30,6 +33,7 @@ class EncoderServicer(encoder_pb2_grpc.EncoderServiceServicer):
             dtype = codec.dtype_from_pb(request.output_dtype, "output_dtype", allow_unspecified=True)
             chunk = request.max_chunk_bytes or self.engine.cfg.chunk_bytes
             results = await self.engine.encode(items, dtype)
+            log.info("encoded", items=len(results), soft_tokens=[r.soft_token_count for r in results])
             for i, item in enumerate(results):
                 yield codec.embedding_header_to_pb(i, item)
                 for off, data in iter_chunks(item.tensor.data, chunk):

@@ -246,6 +246,9 @@ async def _complete(call, first, cid, created, model, encode_ms, prompt_ids=None
                 completion = codec.completion_from_pb(msg.complete)
     except grpc.aio.AioRpcError as e:
         return _error_response(to_http(e, upstream="decoder"))
+    if completion is not None:
+        log.info("completed", stream=False, finish_reason=completion.finish_reason,
+                 prompt_tokens=completion.prompt_tokens, completion_tokens=completion.completion_tokens)
     if completion is None:
         return _error_response(HTTPError(502, "decoder stream ended without a completion", type_="server_error"))
     choice = {
@@ -293,6 +296,8 @@ async def _sse(call, first, cid, created, model, include_usage, encode_ms):
                     yield _chunk(cid, created, model, {"content": msg.token.text})
                 continue
             c = codec.completion_from_pb(msg.complete)
+            log.info("completed", stream=True, finish_reason=c.finish_reason, prompt_tokens=c.prompt_tokens,
+                     completion_tokens=c.completion_tokens)
             yield _chunk(cid, created, model, {}, c.finish_reason, timings=_timings(c, encode_ms))
             if include_usage:
                 body = {"id": cid, "object": "chat.completion.chunk", "created": created, "model": model,

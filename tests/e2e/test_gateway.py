@@ -1,0 +1,175 @@
+"""The OpenAI client against the gateway: streaming, usage, EOS, and clear errors."""
+
+from __future__ import annotations
+
+import base64
+
+import httpx
+import openai
+import pytest
+from openai import OpenAI
+
+from mmserve_common.samples import tone_wav
+from tests.helpers import audio_part, image_part, text_part
+
+pytestmark = pytest.mark.e2e
+
+
+def _client(svc) -> OpenAI:
+    return OpenAI(base_url=svc.base_url, api_key="x", max_retries=0)
+
+
+def _mm_message(media_dir):
+    return [{"role": "user", "content": [text_part("What is this?"), image_part(media_dir / "red_circle.png"),
+                                         audio_part(media_dir / "tone_2s.wav")]}]
+
+
+def test_non_streamed_image_audio_usage(services_e2b, media_dir):
+    r = _client(services_e2b).chat.completions.create(
+        model="m", messages=_mm_message(media_dir), max_tokens=6, temperature=0,
+        extra_body={"return_token_ids": True},
+    )
+    assert r.object == "chat.completion"
+    assert r.choices[0].finish_reason in ("stop", "length")
+    prompt_ids = r.model_extra["prompt_token_ids"]
+    assert r.usage.prompt_tokens == len(prompt_ids)  # soft tokens included
+    soft = r.usage.prompt_tokens_details.model_extra["soft_tokens"]
+    assert soft == prompt_ids.count(252) + prompt_ids.count(253)
+    assert soft > 50  # 2 s of audio = 50 tokens, plus the image
+    for placeholder in ("<|image|>", "<|audio|>", "<|image>", "<image|>", "<|audio>", "<audio|>"):
+        assert placeholder not in r.choices[0].message.content
+    assert set(r.model_extra["timings"]) == {"encode_ms", "queued_ms", "prefill_ms", "decode_ms"}
+
+
+def test_streamed_matches_non_streamed(services_e2b, media_dir):
+    c = _client(services_e2b)
+    full = c.chat.completions.create(model="m", messages=_mm_message(media_dir), max_tokens=8, temperature=0)
+    chunks = list(c.chat.completions.create(
+        model="m", messages=_mm_message(media_dir), max_tokens=8, temperature=0, stream=True,
+        stream_options={"include_usage": True},
+    ))
+    assert chunks[0].choices[0].delta.role == "assistant"
+    text = "".join(ch.choices[0].delta.content or "" for ch in chunks if ch.choices)
+    assert text == full.choices[0].message.content
+    finals = [ch for ch in chunks if ch.choices and ch.choices[0].finish_reason]
+    assert len(finals) == 1 and finals[0].choices[0].finish_reason == full.choices[0].finish_reason
+    assert chunks[-1].usage.prompt_tokens == full.usage.prompt_tokens
+    assert chunks[-1].usage.completion_tokens == full.usage.completion_tokens
+
+
+def test_sse_wire_format(services_e2b):
+    body = {"model": "m", "messages": [{"role": "user", "content": "hi"}], "max_tokens": 3, "stream": True}
+    with httpx.stream("POST", services_e2b.base_url + "/chat/completions", json=body, timeout=60) as r:
+        assert r.status_code == 200
+        assert r.headers["content-type"].startswith("text/event-stream")
+        lines = [line for line in r.iter_lines() if line]
+    assert all(line.startswith("data: ") for line in lines)
+    assert lines[-1] == "data: [DONE]"
+
+
+@pytest.mark.parametrize("stop_id,name", [(106, "<turn|>"), (50, "<|tool_response>"), (1, "<eos>")])
+def test_stops_on_every_eos_token(services_e2b, stop_id, name):
+    """<turn|> and <|tool_response> are not the tokenizer's EOS; the union must stop on them."""
+    r = _client(services_e2b).chat.completions.create(
+        model="m", messages=[{"role": "user", "content": "hi"}], max_tokens=20, temperature=0,
+        logit_bias={str(stop_id): 100}, extra_body={"return_token_ids": True},
+    )
+    assert r.choices[0].finish_reason == "stop"
+    assert name not in r.choices[0].message.content
+    assert r.choices[0].model_extra["stop_token_id"] == stop_id
+    assert r.usage.completion_tokens == 1
+
+
+def test_placeholder_tokens_are_never_sampled(services_e2b):
+    """Even when biased hard towards them, media tokens cannot be generated."""
+    bias = {str(i): 100 for i in (249, 250, 251, 252, 253, 254, 255)}
+    r = _client(services_e2b).chat.completions.create(
+        model="m", messages=[{"role": "user", "content": "hi"}], max_tokens=5, temperature=0,
+        logit_bias=bias, extra_body={"return_token_ids": True},
+    )
+    assert not set(r.choices[0].model_extra["token_ids"]) & {249, 250, 251, 252, 253, 254, 255}
+
+
+def test_length_finish_reason(services_e2b):
+    r = _client(services_e2b).chat.completions.create(
+        model="m", messages=[{"role": "user", "content": "hi"}], max_tokens=2, temperature=0,
+        logit_bias={"1": -100, "50": -100, "106": -100},
+    )
+    assert r.choices[0].finish_reason == "length"
+    assert r.usage.completion_tokens == 2
+
+
+def test_audio_without_audio_tower_is_400(services_moe, media_dir):
+    with pytest.raises(openai.BadRequestError) as ei:
+        _client(services_moe).chat.completions.create(
+            model="m", messages=[{"role": "user", "content": [text_part("hi"), audio_part(media_dir / "tone_2s.wav")]}],
+            max_tokens=3,
+        )
+    err = ei.value.body
+    assert "audio" in err["message"] and "tower" in err["message"]
+    assert err["param"] == "messages[0].content[1]"
+
+
+def test_corrupt_image_is_400(services_e2b):
+    bad = base64.b64encode(b"\x89PNG\r\n\x1a\n" + b"\x00" * 40).decode()
+    with pytest.raises(openai.BadRequestError) as ei:
+        _client(services_e2b).chat.completions.create(
+            model="m", max_tokens=3,
+            messages=[{"role": "user", "content": [
+                text_part("hi"), {"type": "image_url", "image_url": {"url": f"data:image/png;base64,{bad}"}}]}],
+        )
+    assert ei.value.body["param"] == "messages[0].content[1]"
+    assert "image" in ei.value.body["message"]
+
+
+def test_too_long_audio_is_400_not_truncated(services_e2b):
+    clip = base64.b64encode(tone_wav(31.0, 8000)).decode()
+    with pytest.raises(openai.BadRequestError) as ei:
+        _client(services_e2b).chat.completions.create(
+            model="m", max_tokens=3,
+            messages=[{"role": "user", "content": [
+                {"type": "input_audio", "input_audio": {"data": clip, "format": "wav"}}]}],
+        )
+    assert "31.00 s" in ei.value.body["message"] and "30 s" in ei.value.body["message"]
+
+
+def test_resampled_audio_gets_duration_based_count(services_e2b):
+    """A 44.1 kHz clip is resampled to 16 kHz first: 1.0 s -> 25 soft tokens."""
+    clip = base64.b64encode(tone_wav(1.0, 44100)).decode()
+    r = _client(services_e2b).chat.completions.create(
+        model="m", max_tokens=1, extra_body={"return_token_ids": True},
+        messages=[{"role": "user", "content": [{"type": "input_audio", "input_audio": {"data": clip, "format": "wav"}}]}],
+    )
+    assert r.model_extra["prompt_token_ids"].count(253) == 25
+
+
+def test_bad_json_and_wrong_types_are_400(services_e2b):
+    url = services_e2b.base_url + "/chat/completions"
+    r = httpx.post(url, content=b"{nope", headers={"content-type": "application/json"}, timeout=30)
+    assert r.status_code == 400 and r.json()["error"]["type"] == "invalid_request_error"
+    r = httpx.post(url, json={"messages": [{"role": "user", "content": "x"}], "temperature": "hot"}, timeout=30)
+    assert r.status_code == 400 and r.json()["error"]["param"] == "temperature"
+    r = httpx.post(url, json={"messages": [{"role": "user", "content": [{"type": "video_url"}]}]}, timeout=30)
+    assert r.status_code == 400 and r.json()["error"]["param"] == "messages[0].content[0]"
+
+
+def test_context_overflow_is_400_with_both_numbers(services_e2b):
+    r = httpx.post(services_e2b.base_url + "/chat/completions", timeout=30,
+                   json={"messages": [{"role": "user", "content": "hi"}], "max_tokens": 100000})
+    assert r.status_code == 400
+    assert "100000" in r.json()["error"]["message"] and "4096" in r.json()["error"]["message"]
+
+
+def test_models_endpoint(services_e2b):
+    models = _client(services_e2b).models.list()
+    assert [m.id for m in models.data] == ["tiny-e2b"]
+
+
+def test_request_id_reaches_both_services(services_e2b, media_dir):
+    rid = "test-rid-0123456789"
+    r = httpx.post(services_e2b.base_url + "/chat/completions", timeout=60, headers={"x-request-id": rid},
+                   json={"messages": _mm_message(media_dir), "max_tokens": 2})
+    assert r.status_code == 200 and r.headers["x-request-id"] == rid
+    assert rid in services_e2b.logs("encoder")
+    assert rid in services_e2b.logs("decoder")
+    assert rid in services_e2b.logs("gateway")

@@ -1,0 +1,91 @@
+"""Media blocks land inside the user turn that carried them, in part order."""
+
+from __future__ import annotations
+
+import pytest
+from transformers import AutoTokenizer
+
+from gateway.openai_schema import parse_chat_request
+from gateway.prompt import MediaTokens, PromptBuilder
+from mmserve_common.tiny_checkpoint import IDS
+from tests.helpers import text_part
+
+TURN_OPEN, TURN_CLOSE = IDS["<|turn>"], IDS["<turn|>"]
+IMG = MediaTokens(IDS["<|image|>"], IDS["<|image>"], IDS["<image|>"])
+AUD = MediaTokens(IDS["<|audio|>"], IDS["<|audio>"], IDS["<audio|>"])
+
+
+@pytest.fixture(scope="module")
+def builder(ckpt_e2b):
+    return PromptBuilder(AutoTokenizer.from_pretrained(ckpt_e2b), {"image": IMG, "audio": AUD})
+
+
+IMG_PART = {"type": "image_url", "image_url": {"url": "data:image/png;base64,AAAA"}}
+AUD_PART = {"type": "input_audio", "input_audio": {"data": "UklGRgAAAABXQVZF", "format": "wav"}}
+
+
+def _turns(ids):
+    """[(start, end)) of each turn's body, from <|turn> to its <turn|>."""
+    out, start = [], None
+    for i, t in enumerate(ids):
+        if t == TURN_OPEN:
+            start = i
+        elif t == TURN_CLOSE:
+            out.append((start, i))
+            start = None
+    return out, start
+
+
+def _build(builder, messages, rows):
+    req = parse_chat_request({"messages": messages})
+    media = [(p.media.modality, p.param, n, f"h{k}") for k, (p, n) in enumerate(zip(req.media, rows))]
+    return builder.build(builder.render(req.messages), media)
+
+
+def test_three_turn_conversation_image_turn1_audio_turn3(builder):
+    messages = [
+        {"role": "system", "content": "Be brief."},
+        {"role": "user", "content": [text_part("look"), IMG_PART]},
+        {"role": "assistant", "content": "A picture."},
+        {"role": "user", "content": [text_part("and listen"), AUD_PART, text_part("now")]},
+    ]
+    built = _build(builder, messages, [7, 5])
+    ids = built.ids
+    turns, pending = _turns(ids)
+    assert len(turns) == 4 and pending is not None  # system, user, model, user + open model turn
+    user1, user2 = turns[1], turns[3]
+    img, aud = built.spans
+    assert user1[0] < img.offset - 1 and img.offset + img.length < user1[1]
+    assert user2[0] < aud.offset - 1 and aud.offset + aud.length < user2[1]
+    assert ids[img.offset - 1] == IMG.begin and ids[img.offset + img.length] == IMG.end
+    assert ids[aud.offset - 1] == AUD.begin and ids[aud.offset + aud.length] == AUD.end
+    assert ids[img.offset : img.offset + 7] == [IMG.placeholder] * 7
+    assert ids[aud.offset : aud.offset + 5] == [AUD.placeholder] * 5
+    # nothing after BOS, nothing in the pending model turn
+    assert ids[0] == IDS["<bos>"] and ids[1] == TURN_OPEN
+    assert IMG.placeholder not in ids[pending:] and AUD.placeholder not in ids[pending:]
+    # text after the audio part stays after it
+    now = builder.tokenizer.encode("now", add_special_tokens=False)
+    assert ids[aud.offset + aud.length + 1 : aud.offset + aud.length + 1 + len(now)] == now
+
+
+def test_part_order_within_one_message(builder):
+    messages = [{"role": "user", "content": [AUD_PART, IMG_PART, AUD_PART, IMG_PART]}]
+    built = _build(builder, messages, [3, 4, 5, 6])
+    assert [(s.modality, s.length) for s in built.spans] == [("audio", 3), ("image", 4), ("audio", 5), ("image", 6)]
+    assert [s.content_hash for s in built.spans] == ["h0", "h1", "h2", "h3"]
+    offsets = [s.offset for s in built.spans]
+    assert offsets == sorted(offsets)
+
+
+def test_span_count_equals_rows(builder):
+    built = _build(builder, [{"role": "user", "content": [IMG_PART]}], [280])
+    assert built.ids.count(IMG.placeholder) == 280 == built.spans[0].length
+
+
+def test_unsupported_modality_is_400(ckpt_e2b):
+    b = PromptBuilder(AutoTokenizer.from_pretrained(ckpt_e2b), {"image": IMG})
+    req = parse_chat_request({"messages": [{"role": "user", "content": [AUD_PART]}]})
+    with pytest.raises(Exception) as ei:
+        b.render(req.messages)
+    assert ei.value.status == 400 and ei.value.param == "messages[0].content[0]"
