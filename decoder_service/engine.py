@@ -66,9 +66,7 @@ class DecoderEngine:
         self.placeholder_ids: dict[str, int] = {}
         if self.info.image is not None and self.info.has_vision_tower:
             self.placeholder_ids[T.IMAGE] = self.info.image.placeholder
-        if self.info.audio is not None:
-            # the decoder accepts audio rows whether or not the encoder has a
-            # tower: the encoder is where a missing tower is reported.
+        if self.info.audio is not None and self.info.has_audio_tower:
             self.placeholder_ids[T.AUDIO] = self.info.audio.placeholder
         self.worker = MLXWorker("decoder-mlx", max_queue=cfg.max_queue)
         self.runner = None

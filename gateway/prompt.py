@@ -68,7 +68,9 @@ class PromptBuilder:
         for m in messages:
             for p in m.parts:
                 if p.media is not None and p.media.modality not in self.media_tokens:
-                    raise bad(f"{p.param}: this model does not accept {p.media.modality} input", p.param)
+                    tower = "audio" if p.media.modality == T.AUDIO else "vision"
+                    raise bad(f"{p.param}: this model has no {tower} tower, so {p.media.modality} input "
+                              "cannot be used", p.param)
         return self.tokenizer.apply_chat_template(
             self.template_messages(messages), tokenize=False, add_generation_prompt=True,
             **template_kwargs,

@@ -1,0 +1,117 @@
+"""``mmserve-bench``: TTFT and decode tokens/s, split path vs in-process mlx-vlm.
+
+For each case (text / image / audio) it streams one greedy completion of
+``--max-tokens`` tokens (EOS biased off so every run decodes the same count)
+through the gateway → encoder → decoder processes, and the same prompt
+through ``mlx_vlm.stream_generate`` in this process, timing both the same
+way at the caller: TTFT = first token's arrival, decode tok/s = tokens after
+the first / time after the first.  Prints a table with the decode ratio
+(target ≥ 0.95).  Not part of the test suite: timings are not asserts.
+"""
+
+from __future__ import annotations
+
+import argparse
+import base64
+import math
+import statistics
+import tempfile
+import time
+from pathlib import Path
+
+
+def _cases(tmp: Path):
+    from mmserve_common.samples import shape_png, tone_wav
+
+    (tmp / "img.png").write_bytes(shape_png("red", "circle", (224, 224)))
+    (tmp / "clip.wav").write_bytes(tone_wav(2.0, 16000))
+    img = base64.b64encode((tmp / "img.png").read_bytes()).decode()
+    aud = base64.b64encode((tmp / "clip.wav").read_bytes()).decode()
+    return {
+        "text": ([{"type": "text", "text": "Write a long story about a fox."}], [], []),
+        "image": ([{"type": "text", "text": "Describe."},
+                   {"type": "image_url", "image_url": {"url": f"data:image/png;base64,{img}"}}],
+                  [str(tmp / "img.png")], []),
+        "audio": ([{"type": "text", "text": "Transcribe."},
+                   {"type": "input_audio", "input_audio": {"data": aud, "format": "wav"}}],
+                  [], [str(tmp / "clip.wav")]),
+    }
+
+
+def _split_run(client, content, max_tokens, bias):
+    t0 = time.perf_counter()
+    times = []
+    stream = client.chat.completions.create(
+        model="m", messages=[{"role": "user", "content": content}], max_tokens=max_tokens, temperature=0,
+        stream=True, logit_bias={str(k): -100 for k in bias},
+    )
+    for ch in stream:
+        if ch.choices and ch.choices[0].delta.content is not None and ch.choices[0].finish_reason is None:
+            if ch.choices[0].delta.role is None:
+                times.append(time.perf_counter())
+    return times[0] - t0, (len(times) - 1) / (times[-1] - times[0]) if len(times) > 1 else math.nan
+
+
+def _ref_run(model, processor, content, images, audios, max_tokens, bias):
+    from mlx_vlm import stream_generate
+
+    tmpl = [{"type": "text", "text": p["text"]} if p["type"] == "text" else
+            {"type": "image" if p["type"] == "image_url" else "audio"} for p in content]
+    prompt = processor.tokenizer.apply_chat_template([{"role": "user", "content": tmpl}], tokenize=False,
+                                                     add_generation_prompt=True)
+    t0 = time.perf_counter()
+    times = []
+    for _ in stream_generate(model, processor, prompt, image=images or None, audio=audios or None,
+                             max_tokens=max_tokens, temperature=0.0, logit_bias={k: -100.0 for k in bias}):
+        times.append(time.perf_counter())
+    return times[0] - t0, (len(times) - 1) / (times[-1] - times[0])
+
+
+def main(argv: list[str] | None = None) -> None:
+    ap = argparse.ArgumentParser(prog="mmserve-bench", description=__doc__.split("\n\n")[0])
+    ap.add_argument("--checkpoint", help="checkpoint dir (default: a generated tiny one)")
+    ap.add_argument("--max-tokens", type=int, default=64)
+    ap.add_argument("--repeats", type=int, default=3)
+    args = ap.parse_args(argv)
+
+    from mlx_vlm import load
+    from openai import OpenAI
+
+    from mmserve_common.checkpoint import read_checkpoint
+    from mmserve_common.launcher import start_services
+
+    tmp = Path(tempfile.mkdtemp(prefix="mmserve-bench-"))
+    ckpt = args.checkpoint
+    if ckpt is None:
+        from mmserve_common.tiny_checkpoint import write_tiny_checkpoint
+
+        ckpt = str(write_tiny_checkpoint(tmp / "tiny-gemma4", variant="e2b"))
+    info = read_checkpoint(ckpt)
+    bias = info.eos_token_ids()
+    cases = _cases(tmp)
+    if not info.has_audio_tower:
+        cases.pop("audio")
+    rows = []
+    model, processor = load(ckpt)
+    with start_services(ckpt) as svc:
+        client = OpenAI(base_url=svc.base_url, api_key="x")
+        for name, (content, images, audios) in cases.items():
+            _split_run(client, content, 4, bias)  # warm-up
+            _ref_run(model, processor, content, images, audios, 4, bias)
+            split = [_split_run(client, content, args.max_tokens, bias) for _ in range(args.repeats)]
+            ref = [_ref_run(model, processor, content, images, audios, args.max_tokens, bias)
+                   for _ in range(args.repeats)]
+            s_ttft = statistics.median(x[0] for x in split) * 1000
+            s_tps = statistics.median(x[1] for x in split)
+            r_ttft = statistics.median(x[0] for x in ref) * 1000
+            r_tps = statistics.median(x[1] for x in ref)
+            rows.append((name, s_ttft, r_ttft, s_tps, r_tps, s_tps / r_tps))
+    print(f"\ncheckpoint: {ckpt}  max_tokens={args.max_tokens}  repeats={args.repeats} (medians)")
+    print(f"{'case':<8} {'TTFT split ms':>14} {'TTFT mlx-vlm ms':>16} {'decode split tok/s':>19} "
+          f"{'decode mlx-vlm tok/s':>21} {'decode ratio':>13}")
+    for name, st, rt, sp, rp, ratio in rows:
+        print(f"{name:<8} {st:>14.1f} {rt:>16.1f} {sp:>19.1f} {rp:>21.1f} {ratio:>13.3f}")
+
+
+if __name__ == "__main__":
+    main()
