@@ -13,10 +13,9 @@ def main(argv: list[str] | None = None) -> None:
 
     cfg = parse_args(argv)
     configure_logging("decoder")
-    from mmserve_common.service_main import serve
-
     from decoder_service.engine import DecoderEngine
     from decoder_service.server import SERVICE_NAME, start_decoder_server
+    from mmserve_common.service_main import serve
 
     asyncio.run(
         serve("decoder", DecoderEngine(cfg), start_decoder_server, [SERVICE_NAME],

@@ -24,17 +24,16 @@ from collections.abc import AsyncIterator, Callable
 from dataclasses import dataclass, field
 from pathlib import Path
 
-from mmserve_common import types as T
-from mmserve_common.checkpoint import CheckpointInfo, read_checkpoint
-from mmserve_common.errors import Unavailable
-from mmserve_common.logs import get_logger
-from mmserve_common.mlx_thread import MLXWorker
-
 from decoder_service.config import DecoderConfig
 from decoder_service.detokenizer import IncrementalDetokenizer
 from decoder_service.model import ResolvedSampling, SpanRows
 from decoder_service.placement import validate_prompt
 from decoder_service.sampling import resolve_sampling
+from mmserve_common import types as T
+from mmserve_common.checkpoint import CheckpointInfo, read_checkpoint
+from mmserve_common.errors import Unavailable
+from mmserve_common.logs import get_logger
+from mmserve_common.mlx_thread import MLXWorker
 
 log = get_logger(__name__)
 

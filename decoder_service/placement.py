@@ -48,7 +48,7 @@ def validate_prompt(
         )
     covered = np.zeros(n, dtype=bool)
     prev_end = 0
-    for i, (span, dtype, shape) in enumerate(spans):
+    for i, (span, _dtype, shape) in enumerate(spans):
         what = f"spans[{i}]"
         if span.modality not in placeholder_ids:
             raise FailedPrecondition(f"{what}: this model has no {span.modality} placeholder token")

@@ -12,10 +12,9 @@ from __future__ import annotations
 
 import math
 
+from decoder_service.model import ResolvedSampling
 from mmserve_common.errors import InvalidArgument
 from mmserve_common.types import SamplingParams
-
-from decoder_service.model import ResolvedSampling
 
 
 def resolve_sampling(

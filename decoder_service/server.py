@@ -12,6 +12,7 @@ from __future__ import annotations
 
 import grpc
 
+from decoder_service.engine import DecoderEngine
 from mmserve_common import codec
 from mmserve_common import types as T
 from mmserve_common.errors import InvalidArgument
@@ -19,8 +20,6 @@ from mmserve_common.grpc_runtime import create_server, rpc_scope
 from mmserve_common.logs import get_logger
 from mmserve_common.stubs import decoder_pb2, decoder_pb2_grpc
 from mmserve_common.tensors import Assembler
-
-from decoder_service.engine import DecoderEngine
 
 log = get_logger(__name__)
 SERVICE_NAME = decoder_pb2.DESCRIPTOR.services_by_name["DecoderService"].full_name

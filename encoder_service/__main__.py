@@ -13,10 +13,9 @@ def main(argv: list[str] | None = None) -> None:
 
     cfg = parse_args(argv)
     configure_logging("encoder")
-    from mmserve_common.service_main import serve
-
     from encoder_service.engine import EncoderEngine
     from encoder_service.server import SERVICE_NAME, start_encoder_server
+    from mmserve_common.service_main import serve
 
     asyncio.run(
         serve("encoder", EncoderEngine(cfg), start_encoder_server, [SERVICE_NAME],

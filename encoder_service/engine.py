@@ -16,15 +16,14 @@ import time
 from dataclasses import dataclass
 from pathlib import Path
 
+from encoder_service import media
+from encoder_service.config import EncoderConfig
 from mmserve_common import types as T
 from mmserve_common.checkpoint import CheckpointInfo, read_checkpoint
 from mmserve_common.errors import FailedPrecondition, InvalidArgument
 from mmserve_common.logs import get_logger
 from mmserve_common.mlx_thread import MLXWorker
 from mmserve_common.tensors import RawTensor
-
-from encoder_service import media
-from encoder_service.config import EncoderConfig
 
 log = get_logger(__name__)
 

@@ -10,13 +10,12 @@ from __future__ import annotations
 
 import grpc
 
+from encoder_service.engine import EncoderEngine
 from mmserve_common import codec
 from mmserve_common.grpc_runtime import create_server, rpc_scope, set_serving
 from mmserve_common.logs import get_logger
 from mmserve_common.stubs import encoder_pb2, encoder_pb2_grpc
 from mmserve_common.tensors import iter_chunks
-
-from encoder_service.engine import EncoderEngine
 
 log = get_logger(__name__)
 

@@ -22,16 +22,15 @@ import grpc
 from fastapi import FastAPI, Request
 from fastapi.responses import JSONResponse, StreamingResponse
 
-from mmserve_common import codec
-from mmserve_common import types as T
-from mmserve_common.logs import REQUEST_ID_HEADER, get_logger, new_request_id, request_id_var
-from mmserve_common.stubs import decoder_pb2
-
 from gateway.clients import DecoderClient, EncoderClient, ModelInfo
 from gateway.config import GatewayConfig
 from gateway.errors import HTTPError, to_http
 from gateway.openai_schema import ChatRequest, parse_chat_request
 from gateway.prompt import MediaTokens, PromptBuilder
+from mmserve_common import codec
+from mmserve_common import types as T
+from mmserve_common.logs import REQUEST_ID_HEADER, get_logger, new_request_id, request_id_var
+from mmserve_common.stubs import decoder_pb2
 
 log = get_logger(__name__)
 

@@ -15,9 +15,8 @@ import math
 from dataclasses import dataclass, field
 from typing import Any
 
-from mmserve_common import types as T
-
 from gateway.errors import HTTPError
+from mmserve_common import types as T
 
 
 def bad(message: str, param: str | None) -> HTTPError:

@@ -17,10 +17,9 @@ from __future__ import annotations
 import re
 from dataclasses import dataclass
 
-from mmserve_common import types as T
-
 from gateway.errors import HTTPError
 from gateway.openai_schema import Message, bad
+from mmserve_common import types as T
 
 
 @dataclass(frozen=True)

@@ -11,10 +11,12 @@ from grpc_reflection.v1alpha import reflection_pb2, reflection_pb2_grpc
 
 from decoder_service.config import DecoderConfig
 from decoder_service.engine import DecoderEngine
-from decoder_service.server import SERVICE_NAME as DECODER, start_decoder_server
+from decoder_service.server import SERVICE_NAME as DECODER
+from decoder_service.server import start_decoder_server
 from encoder_service.config import EncoderConfig
 from encoder_service.engine import EncoderEngine
-from encoder_service.server import SERVICE_NAME as ENCODER, mark_ready, start_encoder_server
+from encoder_service.server import SERVICE_NAME as ENCODER
+from encoder_service.server import mark_ready, start_encoder_server
 from mmserve_common.grpc_runtime import set_serving
 from mmserve_common.samples import shape_png, tone_wav
 from mmserve_common.stubs import decoder_pb2, decoder_pb2_grpc, encoder_pb2, encoder_pb2_grpc, tensor_pb2
