@@ -73,22 +73,25 @@ def embedding_header_to_pb(index: int, item: T.EncodedItem) -> encoder_pb2.Encod
 
 
 # ---- decoder ----------------------------------------------------------------
+# proto3 ``optional`` fields: unset means "the model's default", not zero.
+_OPTIONAL_SAMPLING_FIELDS = (
+    "temperature",
+    "top_p",
+    "top_k",
+    "min_p",
+    "max_tokens",
+    "seed",
+    "repetition_penalty",
+    "presence_penalty",
+    "frequency_penalty",
+)
+
 def sampling_to_pb(s: T.SamplingParams) -> decoder_pb2.SamplingParams:
     pb = decoder_pb2.SamplingParams(
         logit_bias={int(k): float(v) for k, v in s.logit_bias.items()},
         stop_token_ids=list(s.stop_token_ids),
     )
-    for name in (
-        "temperature",
-        "top_p",
-        "top_k",
-        "min_p",
-        "max_tokens",
-        "seed",
-        "repetition_penalty",
-        "presence_penalty",
-        "frequency_penalty",
-    ):
+    for name in _OPTIONAL_SAMPLING_FIELDS:
         v = getattr(s, name)
         if v is not None:
             setattr(pb, name, v)
@@ -100,17 +103,7 @@ def sampling_from_pb(pb: decoder_pb2.SamplingParams) -> T.SamplingParams:
         logit_bias={int(k): float(v) for k, v in pb.logit_bias.items()},
         stop_token_ids=[int(x) for x in pb.stop_token_ids],
     )
-    for name in (
-        "temperature",
-        "top_p",
-        "top_k",
-        "min_p",
-        "max_tokens",
-        "seed",
-        "repetition_penalty",
-        "presence_penalty",
-        "frequency_penalty",
-    ):
+    for name in _OPTIONAL_SAMPLING_FIELDS:
         if pb.HasField(name):
             setattr(s, name, getattr(pb, name))
     return s
