@@ -19,7 +19,7 @@ def main(argv: list[str] | None = None) -> None:
 
     asyncio.run(
         serve("encoder", EncoderEngine(cfg), start_encoder_server, [SERVICE_NAME],
-              f"{cfg.host}:{cfg.port}", port_file=os.environ.get("MMSERVE_PORT_FILE"))
+              f"[{cfg.host}]:{cfg.port}" if ":" in cfg.host else f"{cfg.host}:{cfg.port}", port_file=os.environ.get("MMSERVE_PORT_FILE"))
     )
 
 
