@@ -20,7 +20,7 @@ from encoder_service import media
 from encoder_service.config import EncoderConfig
 from mmserve_common import types as T
 from mmserve_common.checkpoint import CheckpointInfo, read_checkpoint
-from mmserve_common.errors import FailedPrecondition, InvalidArgument
+from mmserve_common.errors import FailedPrecondition, InvalidArgument, Unavailable
 from mmserve_common.logs import get_logger
 from mmserve_common.mlx_thread import MLXWorker
 from mmserve_common.tensors import RawTensor
@@ -92,8 +92,6 @@ class EncoderEngine:
             raise InvalidArgument(f"items: {len(items)} media items, over the limit of {self.cfg.max_items}")
         towers = self.towers
         if towers is None:
-            from mmserve_common.errors import Unavailable
-
             raise Unavailable("encoder is still loading")
         dtype = dtype or towers.dtype
         for i, it in enumerate(items):

@@ -12,7 +12,7 @@ import grpc
 
 from encoder_service.engine import EncoderEngine
 from mmserve_common import codec
-from mmserve_common.grpc_runtime import create_server, rpc_scope, set_serving
+from mmserve_common.grpc_runtime import create_server, rpc_scope
 from mmserve_common.logs import get_logger
 from mmserve_common.stubs import encoder_pb2, encoder_pb2_grpc
 from mmserve_common.tensors import iter_chunks
@@ -54,17 +54,13 @@ class EncoderServicer(encoder_pb2_grpc.EncoderServiceServicer):
 
 
 async def start_encoder_server(engine: EncoderEngine, address: str):
-    """Bind, register, start; health turns SERVING once the towers are warm.
+    """Bind, register, start; returns ``(server, port, health)``.
 
-    Returns ``(server, port, health)``. The caller awaits ``engine.wait_ready()``
-    via :func:`mark_ready`.
+    Health stays NOT_SERVING until the caller has awaited ``engine.wait_ready()``
+    and flipped it with ``set_serving`` (``service_main.serve`` does both).
     """
     server, port, health = create_server(address, [SERVICE_NAME])
     encoder_pb2_grpc.add_EncoderServiceServicer_to_server(EncoderServicer(engine), server)
     await server.start()
     return server, port, health
 
-
-async def mark_ready(engine: EncoderEngine, health) -> None:
-    await engine.wait_ready()
-    await set_serving(health, [SERVICE_NAME], True)

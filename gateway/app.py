@@ -30,7 +30,6 @@ from gateway.prompt import MediaTokens, PromptBuilder
 from mmserve_common import codec
 from mmserve_common import types as T
 from mmserve_common.logs import REQUEST_ID_HEADER, get_logger, new_request_id, request_id_var
-from mmserve_common.stubs import decoder_pb2
 
 log = get_logger(__name__)
 
@@ -310,5 +309,3 @@ async def _sse(call, first, cid, created, model, include_usage, encode_ms):
         call.cancel()
     yield "data: [DONE]\n\n"
 
-
-__all__ = ["create_app", "decoder_pb2"]

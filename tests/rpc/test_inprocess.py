@@ -16,7 +16,7 @@ from decoder_service.server import start_decoder_server
 from encoder_service.config import EncoderConfig
 from encoder_service.engine import EncoderEngine
 from encoder_service.server import SERVICE_NAME as ENCODER
-from encoder_service.server import mark_ready, start_encoder_server
+from encoder_service.server import start_encoder_server
 from mmserve_common.grpc_runtime import set_serving
 from mmserve_common.samples import shape_png, tone_wav
 from mmserve_common.stubs import decoder_pb2, decoder_pb2_grpc, encoder_pb2, encoder_pb2_grpc, tensor_pb2
@@ -32,7 +32,8 @@ async def servers(ckpt_dense):
     dec.start()
     es, eport, ehealth = await start_encoder_server(enc, "127.0.0.1:0")
     ds, dport, dhealth = await start_decoder_server(dec, "127.0.0.1:0")
-    await mark_ready(enc, ehealth)
+    await enc.wait_ready()
+    await set_serving(ehealth, [ENCODER], True)
     await dec.wait_ready()
     await set_serving(dhealth, [DECODER], True)
     ech = grpc.aio.insecure_channel(f"127.0.0.1:{eport}")
