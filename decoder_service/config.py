@@ -15,6 +15,7 @@ class DecoderConfig:
     model_id: str | None = None
     max_queue: int = 64
     context_length: int | None = None
+    stream_interval_ms: float = 10.0
 
 
 def _env(name: str, default):
@@ -31,6 +32,9 @@ def parse_args(argv: list[str] | None = None) -> DecoderConfig:
     p.add_argument("--max-queue", type=int, default=int(_env("MAX_QUEUE", 64)))
     p.add_argument("--context-length", type=int, default=_env("CONTEXT_LENGTH", None),
                    help="cap the context below the checkpoint's max_position_embeddings")
+    p.add_argument("--stream-interval-ms", type=float, default=float(_env("STREAM_INTERVAL_MS", 10.0)),
+                   help="least time between two token messages of one stream; tokens generated "
+                        "in between travel together (0 = one message per token)")
     a = p.parse_args(argv)
     return DecoderConfig(
         checkpoint=a.checkpoint,
@@ -39,4 +43,5 @@ def parse_args(argv: list[str] | None = None) -> DecoderConfig:
         model_id=a.model_id,
         max_queue=a.max_queue,
         context_length=int(a.context_length) if a.context_length else None,
+        stream_interval_ms=a.stream_interval_ms,
     )

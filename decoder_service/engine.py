@@ -3,7 +3,8 @@
 Why: the asyncio handler must never run MLX (MLX streams are thread-local),
 so a request is validated and resolved on the event loop, then queued to the
 ``MLXWorker`` thread, which owns the ``LanguageModelRunner``.  Generated tokens
-flow back through an ``asyncio.Queue`` fed with ``call_soon_threadsafe``; a
+flow back through a ``TokenChannel`` (one wake-up per batch, tokens the
+caller has not yet taken are merged into one event); a
 cancelled caller sets a ``threading.Event`` the MLX thread checks after every
 token, so an abandoned sequence stops at the next step.
 
@@ -24,6 +25,7 @@ from collections.abc import AsyncIterator, Callable
 from dataclasses import dataclass, field
 from pathlib import Path
 
+from decoder_service.channel import TokenChannel
 from decoder_service.config import DecoderConfig
 from decoder_service.detokenizer import IncrementalDetokenizer
 from decoder_service.model import ResolvedSampling, SpanRows
@@ -133,32 +135,27 @@ class DecoderEngine:
         """Queue a generation and yield its events; cancelling the iterator stops it."""
         if self.runner is None:
             raise Unavailable("decoder is still loading")
-        loop = asyncio.get_running_loop()
-        events: asyncio.Queue = asyncio.Queue()
+        channel = TokenChannel(asyncio.get_running_loop(), self.cfg.stream_interval_ms / 1000.0)
         job = GenerationJob(
             ids=ids,
             spans=[SpanRows(s.span.offset, s.tensor.to_numpy(), s.tensor.dtype) for s in spans],
             sampling=resolved,
             stop_ids=frozenset(self.eos_ids) | frozenset(extra_stop_ids),
             soft_tokens=sum(s.span.length for s in spans),
-            emit=lambda ev: loop.call_soon_threadsafe(events.put_nowait, ev),
+            emit=channel.put,
         )
         fut = self.worker.submit(_run_generation, job, self.tokenizer)
+        fut.add_done_callback(channel.wake)
         try:
             while True:
-                get = asyncio.ensure_future(events.get())
-                done, _ = await asyncio.wait({get, fut}, return_when=asyncio.FIRST_COMPLETED)
-                if get in done:
-                    ev = get.result()
+                batch = channel.drain() if fut.done() else await channel.get_batch()
+                for ev in batch:
                     yield ev
                     if isinstance(ev, T.Completion):
                         return
-                    continue
-                get.cancel()
-                if not events.empty():
-                    continue
-                fut.result()  # raises the MLX thread's error, if any
-                raise RuntimeError("generation ended without a completion event")
+                if not batch and fut.done():
+                    fut.result()  # raises the MLX thread's error, if any
+                    raise RuntimeError("generation ended without a completion event")
         finally:
             job.cancel.set()  # caller gone or done: the MLX thread stops at the next token
 

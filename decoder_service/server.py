@@ -112,7 +112,7 @@ class DecoderServicer(decoder_pb2_grpc.DecoderServiceServicer):
 
 
 async def start_decoder_server(engine: DecoderEngine, address: str):
-    server, port, health = create_server(address, [SERVICE_NAME])
+    server, port, health = await create_server(address, [SERVICE_NAME])
     decoder_pb2_grpc.add_DecoderServiceServicer_to_server(DecoderServicer(engine), server)
     await server.start()
     return server, port, health

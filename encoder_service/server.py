@@ -59,7 +59,7 @@ async def start_encoder_server(engine: EncoderEngine, address: str):
     Health stays NOT_SERVING until the caller has awaited ``engine.wait_ready()``
     and flipped it with ``set_serving`` (``service_main.serve`` does both).
     """
-    server, port, health = create_server(address, [SERVICE_NAME])
+    server, port, health = await create_server(address, [SERVICE_NAME])
     encoder_pb2_grpc.add_EncoderServiceServicer_to_server(EncoderServicer(engine), server)
     await server.start()
     return server, port, health

@@ -151,6 +151,38 @@ def _timings(c: T.Completion, encode_ms: float) -> dict[str, float]:
     }
 
 
+class RequestIdMiddleware:
+    """Pure ASGI middleware: take or make ``x-request-id``, bind it for logs, echo it.
+
+    Why not ``@app.middleware("http")``: Starlette's ``BaseHTTPMiddleware`` pipes
+    every response body chunk through an extra in-memory stream and task, which
+    for SSE costs more per event than the event itself.
+    """
+
+    def __init__(self, app) -> None:
+        self.app = app
+
+    async def __call__(self, scope, receive, send) -> None:
+        if scope["type"] != "http":
+            await self.app(scope, receive, send)
+            return
+        header = REQUEST_ID_HEADER.encode()
+        rid = next((v.decode("latin-1") for k, v in scope["headers"] if k == header), "") or new_request_id()
+        rid = rid[:128]
+        token = request_id_var.set(rid)
+
+        async def send_with_id(message) -> None:
+            if message["type"] == "http.response.start":
+                headers = [(k, v) for k, v in message.get("headers", []) if k.lower() != header]
+                message = {**message, "headers": [*headers, (header, rid.encode("latin-1"))]}
+            await send(message)
+
+        try:
+            await self.app(scope, receive, send_with_id)
+        finally:
+            request_id_var.reset(token)
+
+
 def create_app(cfg: GatewayConfig) -> FastAPI:
     pipeline = Pipeline(cfg)
 
@@ -163,16 +195,7 @@ def create_app(cfg: GatewayConfig) -> FastAPI:
     app = FastAPI(title="mmserve gateway", version="0.1.0", lifespan=lifespan)
     app.state.pipeline = pipeline
 
-    @app.middleware("http")
-    async def request_id_mw(request: Request, call_next):
-        rid = request.headers.get(REQUEST_ID_HEADER) or new_request_id()
-        token = request_id_var.set(rid[:128])
-        try:
-            response = await call_next(request)
-        finally:
-            request_id_var.reset(token)
-        response.headers[REQUEST_ID_HEADER] = rid[:128]
-        return response
+    app.add_middleware(RequestIdMiddleware)
 
     @app.get("/health")
     async def health():
@@ -212,7 +235,8 @@ def create_app(cfg: GatewayConfig) -> FastAPI:
         model = pipeline.model_id
         if req.stream:
             return StreamingResponse(
-                _sse(call, first, completion_id, created, model, req.include_usage, encode_ms),
+                _sse(call, first, completion_id, created, model, req.include_usage, encode_ms,
+                     req.return_token_ids),
                 media_type="text/event-stream",
                 headers={"Cache-Control": "no-cache", REQUEST_ID_HEADER: rid},
             )
@@ -273,24 +297,34 @@ async def _complete(call, first, cid, created, model, encode_ms, prompt_ids=None
     })
 
 
-def _chunk(cid, created, model, delta, finish_reason=None, **extra) -> str:
+def _chunk(cid, created, model, delta, finish_reason=None, token_ids=None, **extra) -> str:
+    choice = {"index": 0, "delta": delta, "logprobs": None, "finish_reason": finish_reason}
+    if token_ids is not None:
+        choice["token_ids"] = token_ids
     body = {
         "id": cid,
         "object": "chat.completion.chunk",
         "created": created,
         "model": model,
-        "choices": [{"index": 0, "delta": delta, "logprobs": None, "finish_reason": finish_reason}],
+        "choices": [choice],
         **extra,
     }
     return f"data: {json.dumps(body, separators=(',', ':'))}\n\n"
 
 
-async def _sse(call, first, cid, created, model, include_usage, encode_ms):
+async def _sse(call, first, cid, created, model, include_usage, encode_ms, token_ids=False):
+    """One SSE event per decoder message.  A message may carry several tokens (the
+    decoder merges what this stream has not read yet), so one ``delta`` may hold
+    several tokens' text, as OpenAI's own streams do; with ``return_token_ids`` the
+    chunk lists them."""
     yield _chunk(cid, created, model, {"role": "assistant", "content": ""})
     try:
         async for msg in _responses(call, first):
             if msg.WhichOneof("payload") == "token":
-                if msg.token.text:
+                if token_ids:
+                    yield _chunk(cid, created, model, {"content": msg.token.text},
+                                 token_ids=list(msg.token.token_ids))
+                elif msg.token.text:
                     yield _chunk(cid, created, model, {"content": msg.token.text})
                 continue
             c = codec.completion_from_pb(msg.complete)

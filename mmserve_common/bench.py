@@ -39,17 +39,28 @@ def _cases(tmp: Path):
 
 
 def _split_run(client, content, max_tokens, bias):
+    """Stream one completion; count tokens from the chunks' ``token_ids`` (a chunk may
+    carry several tokens, and a token may complete no text)."""
     t0 = time.perf_counter()
-    times = []
+    first_at = last_at = None
+    first_n = total = 0
     stream = client.chat.completions.create(
         model="m", messages=[{"role": "user", "content": content}], max_tokens=max_tokens, temperature=0,
-        stream=True, logit_bias={str(k): -100 for k in bias},
+        stream=True, logit_bias={str(k): -100 for k in bias}, extra_body={"return_token_ids": True},
     )
     for ch in stream:
-        if ch.choices and ch.choices[0].delta.content is not None and ch.choices[0].finish_reason is None:
-            if ch.choices[0].delta.role is None:
-                times.append(time.perf_counter())
-    return times[0] - t0, (len(times) - 1) / (times[-1] - times[0]) if len(times) > 1 else math.nan
+        ids = (ch.choices[0].model_extra or {}).get("token_ids") if ch.choices else None
+        if not ids:
+            continue
+        now = time.perf_counter()
+        if first_at is None:
+            first_at, first_n = now, len(ids)
+        last_at = now
+        total += len(ids)
+    if total != max_tokens:
+        raise RuntimeError(f"split path returned {total} tokens, expected {max_tokens}")
+    rate = (total - first_n) / (last_at - first_at) if total > first_n else math.nan
+    return first_at - t0, rate
 
 
 def _ref_run(model, processor, content, images, audios, max_tokens, bias):
@@ -61,9 +72,12 @@ def _ref_run(model, processor, content, images, audios, max_tokens, bias):
                                                      add_generation_prompt=True)
     t0 = time.perf_counter()
     times = []
-    for _ in stream_generate(model, processor, prompt, image=images or None, audio=audios or None,
+    for r in stream_generate(model, processor, prompt, image=images or None, audio=audios or None,
                              max_tokens=max_tokens, temperature=0.0, logit_bias={k: -100.0 for k in bias}):
-        times.append(time.perf_counter())
+        if r.finish_reason is None:  # the closing result repeats the last token
+            times.append(time.perf_counter())
+    if len(times) != max_tokens:
+        raise RuntimeError(f"mlx-vlm returned {len(times)} tokens, expected {max_tokens}")
     return times[0] - t0, (len(times) - 1) / (times[-1] - times[0])
 
 
@@ -71,7 +85,7 @@ def main(argv: list[str] | None = None) -> None:
     ap = argparse.ArgumentParser(prog="mmserve-bench", description=__doc__.split("\n\n")[0])
     ap.add_argument("--checkpoint", help="checkpoint dir (default: a generated tiny one)")
     ap.add_argument("--max-tokens", type=int, default=64)
-    ap.add_argument("--repeats", type=int, default=3)
+    ap.add_argument("--repeats", type=int, default=5)
     args = ap.parse_args(argv)
 
     from mlx_vlm import load
@@ -98,9 +112,10 @@ def main(argv: list[str] | None = None) -> None:
         for name, (content, images, audios) in cases.items():
             _split_run(client, content, 4, bias)  # warm-up
             _ref_run(model, processor, content, images, audios, 4, bias)
-            split = [_split_run(client, content, args.max_tokens, bias) for _ in range(args.repeats)]
-            ref = [_ref_run(model, processor, content, images, audios, args.max_tokens, bias)
-                   for _ in range(args.repeats)]
+            split, ref = [], []
+            for _ in range(args.repeats):  # interleaved, so drift in machine load hits both alike
+                split.append(_split_run(client, content, args.max_tokens, bias))
+                ref.append(_ref_run(model, processor, content, images, audios, args.max_tokens, bias))
             s_ttft = statistics.median(x[0] for x in split) * 1000
             s_tps = statistics.median(x[1] for x in split)
             r_ttft = statistics.median(x[0] for x in ref) * 1000

@@ -47,7 +47,7 @@ def server_options(max_message_bytes: int = DEFAULT_MAX_MESSAGE_BYTES) -> list[t
     ]
 
 
-def create_server(
+async def create_server(
     address: str, service_names: Sequence[str], *, max_message_bytes: int = DEFAULT_MAX_MESSAGE_BYTES
 ) -> tuple[grpc.aio.Server, int, HealthServicer]:
     """Create an aio server bound to ``address`` (port 0 = ephemeral).
@@ -65,6 +65,9 @@ def create_server(
     port = server.add_insecure_port(address)
     if port == 0:
         raise RuntimeError(f"could not bind {address}")
+    # grpc's HealthServicer answers SERVING for "" until told otherwise: a load
+    # balancer (or our own launcher) would route to a process still loading.
+    await set_serving(health, service_names, False)
     return server, port, health
 
 

@@ -57,6 +57,20 @@ def test_streamed_matches_non_streamed(services_e2b, media_dir):
     assert chunks[-1].usage.completion_tokens == full.usage.completion_tokens
 
 
+def test_streamed_token_ids_are_the_non_streamed_ones(services_e2b, media_dir):
+    """A chunk may carry several tokens (the decoder merges what the reader has not taken);
+    with ``return_token_ids`` every token is listed exactly once, in order."""
+    c = _client(services_e2b)
+    bias = {"1": -100, "106": -100, "50": -100}
+    kw = dict(model="m", messages=_mm_message(media_dir), max_tokens=40, temperature=0, logit_bias=bias,
+              extra_body={"return_token_ids": True})
+    full = c.chat.completions.create(**kw)
+    chunks = list(c.chat.completions.create(**kw, stream=True))
+    ids = [t for ch in chunks if ch.choices for t in (ch.choices[0].model_extra or {}).get("token_ids") or []]
+    assert ids == full.choices[0].model_extra["token_ids"] and len(ids) == 40
+    assert "".join(ch.choices[0].delta.content or "" for ch in chunks if ch.choices) == full.choices[0].message.content
+
+
 def test_sse_wire_format(services_e2b):
     body = {"model": "m", "messages": [{"role": "user", "content": "hi"}], "max_tokens": 3, "stream": True}
     with httpx.stream("POST", services_e2b.base_url + "/chat/completions", json=body, timeout=60) as r:

@@ -17,7 +17,7 @@ from encoder_service.config import EncoderConfig
 from encoder_service.engine import EncoderEngine
 from encoder_service.server import SERVICE_NAME as ENCODER
 from encoder_service.server import start_encoder_server
-from mmserve_common.grpc_runtime import set_serving
+from mmserve_common.grpc_runtime import create_server, set_serving
 from mmserve_common.samples import shape_png, tone_wav
 from mmserve_common.stubs import decoder_pb2, decoder_pb2_grpc, encoder_pb2, encoder_pb2_grpc, tensor_pb2
 
@@ -146,8 +146,26 @@ async def test_model_info(servers):
 
 async def test_health_serving(servers):
     for ch, name in ((servers["enc"], ENCODER), (servers["dec"], DECODER)):
-        r = await health_pb2_grpc.HealthStub(ch).Check(health_pb2.HealthCheckRequest(service=name))
-        assert r.status == health_pb2.HealthCheckResponse.SERVING
+        for svc in (name, ""):
+            r = await health_pb2_grpc.HealthStub(ch).Check(health_pb2.HealthCheckRequest(service=svc))
+            assert r.status == health_pb2.HealthCheckResponse.SERVING
+
+
+async def test_health_not_serving_until_flipped():
+    """grpc's HealthServicer says SERVING for "" by default; ours must not while loading."""
+    server, port, health = await create_server("127.0.0.1:0", [DECODER])
+    await server.start()
+    try:
+        async with grpc.aio.insecure_channel(f"127.0.0.1:{port}") as ch:
+            stub = health_pb2_grpc.HealthStub(ch)
+            for svc in ("", DECODER):
+                r = await stub.Check(health_pb2.HealthCheckRequest(service=svc))
+                assert r.status == health_pb2.HealthCheckResponse.NOT_SERVING, svc
+            await set_serving(health, [DECODER], True)
+            r = await stub.Check(health_pb2.HealthCheckRequest(service=""))
+            assert r.status == health_pb2.HealthCheckResponse.SERVING
+    finally:
+        await server.stop(0)
 
 
 async def _reflect(ch, **req):
