@@ -1,23 +1,45 @@
-"""Encoder engine: media decoding off-thread, tower work on the one MLX thread.
+"""Encoder engine: decode off-thread, cache by content, batch tower work on the MLX thread.
 
-Why: decoding PNGs and resampling audio is CPU work that can run in parallel
-in the default executor and fails fast on bad input; only the tower forward
-passes need the MLX thread (``MLXWorker``), which owns ``Towers``.
+Why: decoding and resampling are CPU work that runs in parallel in the
+default executor and fails fast on bad input; only tower passes need the MLX
+thread, where ``TowerBatcher`` groups them across items and requests.  A
+request goes through:
 
-Thread ownership: ``encode`` is awaited on the event loop; ``_decode_*`` run in
-the default executor; ``_run_towers`` runs on the MLX thread.
+1. checks that need no decoding (item count, missing tower, image budget);
+2. the raw-bytes alias: a byte-identical resend of cached media is served
+   without decoding;
+3. decoding + validation of every other item, in parallel — any bad item
+   fails the whole request *before* tower work starts;
+4. the content key (hash of decoded media + preprocessing parameters +
+   checkpoint weights, + output dtype): a hit costs no tower work, a key
+   already being computed by another request is awaited, not recomputed;
+5. tower tasks for the rest (an image, or one task per 30 s audio block),
+   submitted all at once (all-or-nothing against the queue bound).
+
+``encode`` returns one future per item, in request order, so the transport
+streams item 0 while item 1 is still in the tower.
+
+Thread ownership: ``encode`` on the event loop (which also owns the cache and
+the in-flight table); ``_decode`` in the default executor; ``_run_group`` on
+the MLX thread.
 """
 
 from __future__ import annotations
 
 import asyncio
 import hashlib
+import json
 import time
 from dataclasses import dataclass
 from pathlib import Path
 
+import numpy as np
+
 from encoder_service import media
+from encoder_service.batcher import TowerBatcher, TowerTask
+from encoder_service.cache import EmbeddingCache
 from encoder_service.config import EncoderConfig
+from encoder_service.metrics import EncoderMetrics
 from mmserve_common import types as T
 from mmserve_common.checkpoint import CheckpointInfo, read_checkpoint
 from mmserve_common.errors import FailedPrecondition, InvalidArgument, Unavailable
@@ -27,15 +49,17 @@ from mmserve_common.tensors import RawTensor
 
 log = get_logger(__name__)
 
+AUDIO_BUCKET_TOKENS = 125  # audio blocks batch with others of the same 5 s length bucket
+
 
 @dataclass
-class _Prepared:
-    """A decoded, preprocessed item ready for the towers."""
+class _Decoded:
+    """One item after decoding: what the towers need and what identifies it."""
 
     modality: str
-    array: object  # pixel_values or waveform (numpy)
-    soft_tokens: int
     content_hash: str
+    blocks: list[tuple[np.ndarray, int]]  # (tower input, rows) per block; images have one
+    raw_key: str
 
 
 class EncoderEngine:
@@ -43,7 +67,16 @@ class EncoderEngine:
         self.cfg = cfg
         self.info: CheckpointInfo = read_checkpoint(cfg.checkpoint, cfg.model_id)
         self.worker = MLXWorker("encoder-mlx", max_queue=cfg.max_queue)
+        self.metrics = EncoderMetrics()
+        self.cache = EmbeddingCache(cfg.cache_bytes)
+        self.batcher = TowerBatcher(
+            self.worker, _run_group, max_batch=cfg.max_batch, max_pending=cfg.max_pending,
+            on_batch=lambda kind, n: self.metrics.batch_size.labels(kind).observe(n),
+        )
+        self.metrics.bind(lambda: self.batcher.depth, self.cache)
+        self._inflight: dict[str, asyncio.Future] = {}
         self.towers = None  # set on the MLX thread; read-only facts used elsewhere
+        self.identity = ""
 
     # -- lifecycle ------------------------------------------------------------
     def start(self) -> None:
@@ -56,36 +89,49 @@ class EncoderEngine:
         self.worker.stop()
 
     def _load_and_warm(self):
-        """MLX thread: load towers only, then run one tiny forward per tower."""
-        import numpy as np
+        """MLX thread: load towers only, fingerprint them, run one tiny forward per tower."""
         from PIL import Image
 
         from encoder_service.model import Towers
 
         t0 = time.perf_counter()
         towers = Towers(Path(self.cfg.checkpoint))
-        self.towers = towers
-        pv, n = towers.preprocess_image(Image.new("RGB", (64, 64), (127, 127, 127)))
-        towers.encode_image(pv, n, towers.dtype)
+        proc = Path(self.cfg.checkpoint) / "processor_config.json"
+        h = hashlib.blake2b(digest_size=16)
+        h.update(towers.identity.encode())
+        if proc.exists():
+            h.update(json.dumps(json.loads(proc.read_text()), sort_keys=True).encode())
+        self.identity = h.hexdigest()
+        if towers.has_vision:
+            pv, n = towers.preprocess_image(Image.new("RGB", (64, 64), (127, 127, 127)), min(towers.image_budgets))
+            towers.encode_images([pv], n, towers.dtype)
         if towers.has_audio:
             wav = np.zeros(towers.sample_rate // 10, dtype=np.float32)
-            towers.encode_audio(wav, media.audio_soft_tokens(wav.size, towers.sample_rate,
-                                                              towers.audio_ms_per_token), towers.dtype)
-        log.info("encoder ready", checkpoint=self.cfg.checkpoint, audio=towers.has_audio,
-                 tower_param_bytes=towers.param_bytes, load_s=round(time.perf_counter() - t0, 3))
+            towers.encode_audio([wav], [media.audio_soft_tokens(wav.size, towers.sample_rate,
+                                                                towers.audio_ms_per_token)], towers.dtype)
+        self.towers = towers
+        log.info("encoder ready", checkpoint=self.cfg.checkpoint, vision=towers.has_vision, audio=towers.has_audio,
+                 tower_param_bytes=towers.param_bytes, identity=self.identity,
+                 load_s=round(time.perf_counter() - t0, 3))
         return towers
 
     # -- facts ------------------------------------------------------------------
     @property
     def modalities(self) -> list[str]:
-        mods = [T.IMAGE]
-        if self.towers is not None and self.towers.has_audio:
-            mods.append(T.AUDIO)
-        return mods
+        t = self.towers
+        if t is None:
+            return []
+        return [m for m, ok in ((T.IMAGE, t.has_vision), (T.AUDIO, t.has_audio)) if ok]
+
+    @property
+    def audio_block_seconds(self) -> float:
+        t = self.towers
+        return t.audio_max_tokens * t.audio_ms_per_token / 1000.0 if t else 0.0
 
     # -- request path -----------------------------------------------------------
-    async def encode(self, items: list[T.MediaInput], dtype: str | None) -> list[T.EncodedItem]:
-        """Decode, validate and encode ``items``; results in request order."""
+    async def encode(self, items: list[T.MediaInput], dtype: str | None) -> list[asyncio.Future]:
+        """Validate and schedule ``items``; one future of ``T.EncodedItem`` per item, in order."""
+        t0 = time.perf_counter()
         if not items:
             raise InvalidArgument("items: at least one media item is required")
         if len(items) > self.cfg.max_items:
@@ -95,50 +141,148 @@ class EncoderEngine:
             raise Unavailable("encoder is still loading")
         dtype = dtype or towers.dtype
         for i, it in enumerate(items):
-            if it.modality == T.AUDIO and not towers.has_audio:
-                raise FailedPrecondition(
-                    f"items[{i}]: this checkpoint has no audio tower, so audio cannot be encoded"
-                )
-        loop = asyncio.get_running_loop()
-        prepared = await asyncio.gather(
-            *(loop.run_in_executor(None, self._prepare, i, it) for i, it in enumerate(items))
-        )
-        return await self.worker.submit(_run_towers, prepared, dtype)
+            self._check_servable(i, it, towers)
 
-    def _prepare(self, index: int, item: T.MediaInput) -> _Prepared:
-        """Executor thread: decode + preprocess one item (numpy only)."""
+        loop = asyncio.get_running_loop()
+        out: list[asyncio.Future | None] = [None] * len(items)
+        raw_keys = [self._raw_key(it) for it in items]
+        to_decode = []
+        for i, rk in enumerate(raw_keys):
+            key = self.cache.resolve_alias(rk + dtype) if self.cache.enabled else None
+            hit = self.cache.get(key) if key else None
+            if hit is not None:
+                out[i] = self._done(loop, hit, True, t0)
+            else:
+                to_decode.append(i)
+        decoded = await asyncio.gather(
+            *(loop.run_in_executor(None, self._decode, i, items[i], raw_keys[i]) for i in to_decode)
+        )
+        tasks: list[TowerTask] = []
+        pending: list[tuple[int, _Decoded, str, list[asyncio.Future]]] = []
+        for i, d in zip(to_decode, decoded):
+            key = f"{d.content_hash}|{dtype}"
+            hit = self.cache.get(key)
+            if hit is not None:
+                self.cache.put(key, hit, d.raw_key + dtype)
+                out[i] = self._done(loop, hit, True, t0)
+                continue
+            if key in self._inflight:  # the same media is in the towers for another request/item
+                out[i] = self._follow(self._inflight[key], t0)
+                continue
+            futs = []
+            for arr, rows in d.blocks:
+                f = loop.create_future()
+                group = (d.modality, arr.shape, dtype) if d.modality == T.IMAGE else (
+                    d.modality, -(-rows // AUDIO_BUCKET_TOKENS), dtype)
+                tasks.append(TowerTask(d.modality, group, arr, rows, dtype, f))
+                futs.append(f)
+            item_fut = loop.create_future()
+            self._inflight[key] = item_fut
+            pending.append((i, d, key, futs))
+            out[i] = item_fut
+        try:
+            if tasks:
+                self.batcher.submit(tasks)
+        except BaseException as e:
+            for _, _, key, _ in pending:
+                fut = self._inflight.pop(key)
+                fut.set_exception(e)
+                fut.exception()  # retrieved: followers (if any) see it, no "never retrieved" noise
+            raise
+        for i, d, key, futs in pending:
+            asyncio.ensure_future(self._assemble(d, key, futs, out[i], t0))
+        return out  # type: ignore[return-value]
+
+    def _check_servable(self, i: int, it: T.MediaInput, towers) -> None:
+        if it.modality == T.AUDIO and not towers.has_audio:
+            raise FailedPrecondition(f"items[{i}]: this checkpoint has no audio tower, so audio cannot be encoded")
+        if it.modality == T.IMAGE and not towers.has_vision:
+            raise FailedPrecondition(f"items[{i}]: this checkpoint has no vision tower, so images cannot be encoded")
+        if it.image_soft_tokens:
+            if it.modality != T.IMAGE:
+                raise InvalidArgument(f"items[{i}]: image_soft_tokens applies to images only")
+            if it.image_soft_tokens not in towers.image_budgets:
+                raise InvalidArgument(
+                    f"items[{i}]: image_soft_tokens {it.image_soft_tokens} is not one of "
+                    f"{list(towers.image_budgets)}"
+                )
+
+    def _raw_key(self, it: T.MediaInput) -> str:
+        h = hashlib.sha256()
+        h.update(f"raw|{self.identity}|{it.modality}|{it.image_soft_tokens}|".encode())
+        h.update(it.data)
+        return h.hexdigest()
+
+    def _done(self, loop, item: T.EncodedItem, hit: bool, t0: float) -> asyncio.Future:
+        f = loop.create_future()
+        f.set_result(T.EncodedItem(item.modality, item.content_hash, item.tensor, item.blocks, cache_hit=hit))
+        self._observe(item.modality, "cache" if hit else "tower", t0)
+        if hit:
+            self.metrics.cache_hits.inc()
+        return f
+
+    def _observe(self, modality: str, source: str, t0: float) -> None:
+        self.metrics.items.labels(modality, source).inc()
+        self.metrics.item_latency.labels(modality).observe(time.perf_counter() - t0)
+
+    def _follow(self, fut: asyncio.Future, t0: float) -> asyncio.Future:
+        async def follow():
+            item = await asyncio.shield(fut)
+            self._observe(item.modality, "shared", t0)
+            return item
+
+        return asyncio.ensure_future(follow())
+
+    async def _assemble(self, d: _Decoded, key: str, futs: list[asyncio.Future], out: asyncio.Future,
+                        t0: float) -> None:
+        """Event loop: join an item's blocks, cache it, resolve its future."""
+        try:
+            parts = await asyncio.gather(*futs)
+            self.metrics.cache_misses.inc()
+            rows = tuple(int(p.array.shape[0]) for p in parts)
+            data = parts[0].array.tobytes() if len(parts) == 1 else b"".join(p.array.tobytes() for p in parts)
+            tensor = RawTensor(data, parts[0].dtype, (sum(rows), int(parts[0].array.shape[1])))
+            item = T.EncodedItem(d.modality, d.content_hash, tensor, rows if len(rows) > 1 else ())
+            self.cache.put(key, item, d.raw_key + parts[0].dtype)
+            self._observe(d.modality, "tower", t0)
+            if not out.done():
+                out.set_result(item)
+        except BaseException as e:  # noqa: BLE001 - travels to the RPC through the future
+            if not out.done():
+                out.set_exception(e)
+        finally:
+            self._inflight.pop(key, None)
+
+    # -- executor threads -----------------------------------------------------------
+    def _decode(self, index: int, item: T.MediaInput, raw_key: str) -> _Decoded:
+        """Decode, validate, hash and preprocess one item (numpy / PIL / soxr only)."""
         towers = self.towers
         what = f"items[{index}]"
         h = hashlib.sha256()
-        h.update(f"{self.info.model_id}|{item.modality}|".encode())
         if item.modality == T.IMAGE:
+            budget = item.image_soft_tokens or towers.default_image_soft_tokens
             img = media.decode_image(item.data, what=what, max_pixels=self.cfg.max_image_pixels)
-            pixel_values, n = towers.preprocess_image(img)
-            h.update(str(pixel_values.shape).encode())
-            h.update(pixel_values.tobytes())
-            return _Prepared(T.IMAGE, pixel_values, n, h.hexdigest())
-        limit = min(self.cfg.max_audio_seconds,
-                    towers.audio_max_tokens * towers.audio_ms_per_token / 1000.0)
-        audio = media.decode_audio(item.data, what=what, target_rate=towers.sample_rate, max_seconds=limit)
-        n = media.audio_soft_tokens(audio.waveform.size, towers.sample_rate, towers.audio_ms_per_token)
-        if n > towers.audio_max_tokens:  # resampling rounding at the limit
-            raise InvalidArgument(
-                f"{what}: audio is {audio.duration_s:.2f} s long, over the limit of {limit:g} s"
-            )
-        h.update(audio.waveform.tobytes())
-        return _Prepared(T.AUDIO, audio.waveform, n, h.hexdigest())
+            h.update(f"{self.identity}|image|{budget}|{img.size}|".encode())
+            h.update(img.tobytes())
+            try:
+                pixel_values, n = towers.preprocess_image(img, budget)
+            except ValueError as e:
+                raise InvalidArgument(f"{what}: image of size {img.size} cannot be preprocessed ({e})") from None
+            return _Decoded(T.IMAGE, h.hexdigest(), [(pixel_values, n)], raw_key)
+        audio = media.decode_audio(item.data, what=what, target_rate=towers.sample_rate,
+                                   max_seconds=self.cfg.max_audio_seconds)
+        wav = audio.waveform
+        h.update(f"{self.identity}|audio|{towers.sample_rate}|{towers.audio_block_samples}|".encode())
+        h.update(wav.tobytes())
+        blocks = []
+        for s, e in media.split_blocks(wav.size, towers.audio_block_samples):
+            rows = media.audio_soft_tokens(e - s, towers.sample_rate, towers.audio_ms_per_token)
+            blocks.append((wav[s:e], rows))
+        return _Decoded(T.AUDIO, h.hexdigest(), blocks, raw_key)
 
 
-def _run_towers(towers, prepared: list[_Prepared], dtype: str) -> list[T.EncodedItem]:
-    """MLX thread: run each item through its tower."""
-    out = []
-    for p in prepared:
-        if p.modality == T.IMAGE:
-            emb = towers.encode_image(p.array, p.soft_tokens, dtype)
-        else:
-            emb = towers.encode_audio(p.array, p.soft_tokens, dtype)
-        out.append(
-            T.EncodedItem(p.modality, p.content_hash,
-                          RawTensor(emb.array.tobytes(), emb.dtype, tuple(emb.array.shape)))
-        )
-    return out
+def _run_group(towers, kind: str, arrays: list, rows: list[int], dtype: str):
+    """MLX thread: one forward pass for a group of same-key tower inputs."""
+    if kind == T.IMAGE:
+        return towers.encode_images(arrays, rows[0], dtype)
+    return towers.encode_audio(arrays, rows, dtype)

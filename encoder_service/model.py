@@ -13,6 +13,7 @@ Thread ownership: construct and call only on the encoder's MLX thread.
 from __future__ import annotations
 
 import gc
+import hashlib
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -51,56 +52,113 @@ class Towers:
 
         full = load_model(Path(checkpoint), lazy=True)
         self.config = full.config
-        self.vision_tower = full.vision_tower
-        self.embed_vision = full.embed_vision
+        self.vision_tower = getattr(full, "vision_tower", None)
+        self.embed_vision = getattr(full, "embed_vision", None)
         self.audio_tower = getattr(full, "audio_tower", None)
         self.embed_audio = getattr(full, "embed_audio", None)
         del full  # the language model's lazy arrays go unevaluated, never read from disk
         gc.collect()
-        params = [self.vision_tower.parameters(), self.embed_vision.parameters()]
-        if self.audio_tower is not None:
-            params += [self.audio_tower.parameters(), self.embed_audio.parameters()]
-        mx.eval(params)
-        self.param_bytes = sum(v.nbytes for p in params for _, v in tree_flatten(p))
-        self.dtype = {mx.bfloat16: "bfloat16", mx.float16: "float16", mx.float32: "float32"}.get(
-            self.embed_vision.embedding_projection.weight.dtype, "float32"
-        )
+        self.modules = {
+            name: m for name, m in (("vision_tower", self.vision_tower), ("embed_vision", self.embed_vision),
+                                    ("audio_tower", self.audio_tower), ("embed_audio", self.embed_audio))
+            if m is not None
+        }
+        if not self.modules:
+            raise FailedPrecondition("this checkpoint has neither a vision nor an audio tower")
+        mx.eval([m.parameters() for m in self.modules.values()])
+        self.param_bytes = sum(v.nbytes for m in self.modules.values() for _, v in tree_flatten(m.parameters()))
+        self.identity = _weights_identity(self.modules)
+        proj = self.embed_vision or self.embed_audio
+        w = proj.embedding_projection
+        wdtype = w.scales.dtype if hasattr(w, "scales") else w.weight.dtype  # quantized: packed uint32
+        self.dtype = {mx.bfloat16: "bfloat16", mx.float16: "float16", mx.float32: "float32"}.get(wdtype, "float32")
         processor = load_processor(Path(checkpoint))
-        self.image_processor = processor.image_processor
+        self.image_processor = getattr(processor, "image_processor", None)
         self.feature_extractor = getattr(processor, "feature_extractor", None)
         self.audio_ms_per_token = float(getattr(processor, "audio_ms_per_token", 40))
         self.audio_max_tokens = int(getattr(processor, "audio_seq_length", 750))
         self.sample_rate = int(getattr(self.feature_extractor, "sampling_rate", 16000))
+        self.default_image_soft_tokens = int(getattr(self.image_processor, "max_soft_tokens", 280) or 280)
+
+    # -- facts ----------------------------------------------------------------
+    @property
+    def has_vision(self) -> bool:
+        return self.vision_tower is not None and self.image_processor is not None
 
     @property
     def has_audio(self) -> bool:
         return self.audio_tower is not None and self.feature_extractor is not None
 
-    def preprocess_image(self, image) -> tuple[np.ndarray, int]:
-        """PIL RGB image -> (pixel_values [1,3,H,W], soft-token count). CPU only."""
-        data, n_soft = self.image_processor([image])
+    @property
+    def audio_block_samples(self) -> int:
+        """Samples in one full audio block (Gemma 4: 750 tokens x 40 ms = 30 s)."""
+        return int(round(self.audio_max_tokens * self.audio_ms_per_token / 1000.0 * self.sample_rate))
+
+    @property
+    def image_budgets(self) -> tuple[int, ...]:
+        from mlx_vlm.models.gemma4.processing_gemma4 import _SUPPORTED_SOFT_TOKENS
+
+        return tuple(sorted(set(_SUPPORTED_SOFT_TOKENS) | {self.default_image_soft_tokens}))
+
+    def parameter_names(self) -> list[str]:
+        """Dotted names of every parameter this process holds (for the towers-only check)."""
+        return [f"{name}.{k}" for name, m in self.modules.items() for k, _ in tree_flatten(m.parameters())]
+
+    # -- CPU preprocessing (any thread) -------------------------------------------
+    def preprocess_image(self, image, soft_tokens: int | None = None) -> tuple[np.ndarray, int]:
+        """PIL RGB image -> (pixel_values [1,3,H,W], soft-token count).  numpy only."""
+        kw = {"max_soft_tokens": soft_tokens} if soft_tokens else {}
+        data, n_soft = self.image_processor([image], **kw)
         return np.asarray(data["pixel_values"]), int(n_soft[0])
 
-    def encode_image(self, pixel_values: np.ndarray, n_soft: int, dtype: str) -> Embedding:
-        feats = self.embed_vision(self.vision_tower(mx.array(pixel_values)))
-        if feats.shape[1] != n_soft:
-            raise RuntimeError(f"vision tower gave {feats.shape[1]} rows, processor expected {n_soft}")
-        return _to_wire(feats[0], dtype)
+    # -- tower passes (MLX thread) --------------------------------------------------
+    def encode_images(self, pixel_values: list[np.ndarray], n_soft: int, dtype: str) -> list[Embedding]:
+        """One forward pass for same-shape images ([1,3,H,W] each) -> ``n_soft`` rows each."""
+        if not self.has_vision:
+            raise FailedPrecondition("this checkpoint has no vision tower (vision_config is null)")
+        batch = mx.array(np.concatenate(pixel_values, axis=0))
+        feats = self.embed_vision(self.vision_tower(batch))  # [1, B*n_soft, hidden]
+        if feats.shape[1] != n_soft * len(pixel_values):
+            raise RuntimeError(
+                f"vision tower gave {feats.shape[1]} rows for {len(pixel_values)} images of {n_soft} tokens"
+            )
+        return [_to_wire(feats[0, i * n_soft : (i + 1) * n_soft], dtype) for i in range(len(pixel_values))]
 
-    def encode_audio(self, waveform: np.ndarray, n_tokens: int, dtype: str) -> Embedding:
-        """Mono float32 waveform at ``sample_rate`` -> exactly ``n_tokens`` rows."""
+    def encode_audio(self, waveforms: list[np.ndarray], n_tokens: list[int], dtype: str) -> list[Embedding]:
+        """Mono float32 clips at ``sample_rate`` (each ≤ one block), batched with padding
+        and masks -> exactly ``n_tokens[i]`` rows each."""
         if not self.has_audio:
             raise FailedPrecondition("this checkpoint has no audio tower (audio_config is null)")
         fe = self.feature_extractor(
-            [waveform], sampling_rate=self.sample_rate, return_attention_mask=True
+            list(waveforms), sampling_rate=self.sample_rate, return_attention_mask=True,
+            max_length=self.audio_block_samples,
         )
         feats = mx.array(np.stack(fe["input_features"]))
         valid = mx.array(np.stack(fe["input_features_mask"]))
         enc, pad_mask = self.audio_tower(feats, ~valid.astype(mx.bool_))
         emb = self.embed_audio(enc)
-        n_valid = int((~pad_mask).sum().item())
-        if n_valid < n_tokens:
-            raise RuntimeError(
-                f"audio tower produced {n_valid} valid rows for a clip needing {n_tokens} tokens"
-            )
-        return _to_wire(emb[0, :n_tokens], dtype)
+        n_valid = (~pad_mask).sum(axis=1).tolist()
+        out = []
+        for i, n in enumerate(n_tokens):
+            if n_valid[i] < n:
+                raise RuntimeError(f"audio tower produced {n_valid[i]} valid rows for a clip needing {n} tokens")
+            out.append(_to_wire(emb[i, :n], dtype))
+        return out
+
+
+def _weights_identity(modules: dict) -> str:
+    """A digest of the tower weights themselves (names, dtypes, shapes, bytes).
+
+    Why content, not paths: encoders on different machines serving the same
+    checkpoint must hand out the same media hashes, or the decoder's prefix
+    cache would miss whenever a request lands on another encoder replica.
+    Costs one pass over the tower bytes at start-up (towers are small).
+    """
+    h = hashlib.blake2b(digest_size=16)
+    for name, m in sorted(modules.items()):
+        for k, v in sorted(tree_flatten(m.parameters()), key=lambda kv: kv[0]):
+            h.update(f"{name}.{k}|{v.dtype}|{v.shape}|".encode())
+            if v.dtype == mx.bfloat16:
+                v = v.view(mx.uint16)
+            h.update(np.asarray(v).tobytes())
+    return h.hexdigest()

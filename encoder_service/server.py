@@ -8,6 +8,9 @@ event-loop thread.
 
 from __future__ import annotations
 
+import asyncio
+import time
+
 import grpc
 
 from encoder_service.engine import EncoderEngine
@@ -27,29 +30,43 @@ class EncoderServicer(encoder_pb2_grpc.EncoderServiceServicer):
         self.engine = engine
 
     async def Encode(self, request: encoder_pb2.EncodeRequest, context: grpc.aio.ServicerContext):
-        async with rpc_scope(context, "Encode"):
+        m = self.engine.metrics
+        t0 = time.perf_counter()
+        async with rpc_scope(context, "Encode", on_outcome=lambda o: m.requests.labels(o).inc()):
             items = codec.media_from_pb(request)
             dtype = codec.dtype_from_pb(request.output_dtype, "output_dtype", allow_unspecified=True)
             chunk = request.max_chunk_bytes or self.engine.cfg.chunk_bytes
-            results = await self.engine.encode(items, dtype)
-            log.info("encoded", items=len(results), soft_tokens=[r.soft_token_count for r in results])
-            for i, item in enumerate(results):
+            futures = await self.engine.encode(items, dtype)
+            counts, hits = [], 0
+            for i, fut in enumerate(futures):
+                # shield: a caller that goes away must not cancel work other requests share
+                item = await asyncio.shield(fut)
+                counts.append(item.soft_token_count)
+                hits += item.cache_hit
                 yield codec.embedding_header_to_pb(i, item)
                 for off, data in iter_chunks(item.tensor.data, chunk):
                     yield encoder_pb2.EncodeResponse(
                         chunk=encoder_pb2.EmbeddingChunk(item_index=i, byte_offset=off, data=data)
                     )
+                m.embedding_bytes.inc(item.tensor.nbytes)
+            m.request_latency.observe(time.perf_counter() - t0)
+            log.info("encoded", items=len(futures), soft_tokens=counts, cache_hits=hits,
+                     ms=round((time.perf_counter() - t0) * 1000, 2))
 
     async def GetEncoderInfo(self, request, context):
         async with rpc_scope(context, "GetEncoderInfo"):
-            towers = self.engine.towers
+            e = self.engine
+            towers = e.towers
             return encoder_pb2.GetEncoderInfoResponse(
-                model_id=self.engine.info.model_id,
-                hidden_size=self.engine.info.hidden_size,
+                model_id=e.info.model_id,
+                hidden_size=e.info.hidden_size,
                 dtype=codec.DTYPE_TO_PB[towers.dtype] if towers else 0,
-                modalities=[codec.MODALITY_TO_PB[m] for m in self.engine.modalities],
-                audio_sample_rate=towers.sample_rate if towers else 0,
-                max_audio_seconds=self.engine.cfg.max_audio_seconds,
+                modalities=[codec.MODALITY_TO_PB[m] for m in e.modalities],
+                audio_sample_rate=towers.sample_rate if towers and towers.has_audio else 0,
+                max_audio_seconds=e.cfg.max_audio_seconds if towers and towers.has_audio else 0,
+                audio_block_seconds=e.audio_block_seconds if towers and towers.has_audio else 0,
+                image_soft_token_budgets=list(towers.image_budgets) if towers and towers.has_vision else [],
+                default_image_soft_tokens=towers.default_image_soft_tokens if towers and towers.has_vision else 0,
             )
 
 

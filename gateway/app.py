@@ -30,6 +30,7 @@ from gateway.prompt import MediaTokens, PromptBuilder
 from mmserve_common import codec
 from mmserve_common import types as T
 from mmserve_common.logs import REQUEST_ID_HEADER, get_logger, new_request_id, request_id_var
+from mmserve_common.tensors import split_rows
 
 log = get_logger(__name__)
 
@@ -110,9 +111,10 @@ class Pipeline:
         encode_ms = (time.perf_counter() - t0) * 1000.0
         built = builder.build(
             rendered,
-            [(e.modality, p.param, e.soft_token_count, e.content_hash) for e, p in zip(encoded, media_parts)],
+            [(e.modality, p.param, e.block_rows, e.content_hash) for e, p in zip(encoded, media_parts)],
         )
-        spans = [T.SpanEmbedding(s, e.tensor) for s, e in zip(built.spans, encoded)]
+        block_tensors = [t for e in encoded for t in split_rows(e.tensor, e.block_rows)]
+        spans = [T.SpanEmbedding(s, t) for s, t in zip(built.spans, block_tensors, strict=True)]
         return built.ids, spans, encode_ms
 
 

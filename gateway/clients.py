@@ -72,7 +72,7 @@ class EncoderClient:
             if i not in headers:
                 raise RuntimeError(f"encoder returned no embeddings for item {i}")
             h = headers[i]
-            out.append(T.EncodedItem(codec.MODALITY_FROM_PB[h.modality], h.content_hash, parts[i].finish()))
+            out.append(codec.encoded_item_from_pb(h, parts[i].finish()))
         return out
 
     async def close(self) -> None:

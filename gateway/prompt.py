@@ -75,8 +75,12 @@ class PromptBuilder:
             **template_kwargs,
         )
 
-    def build(self, rendered: str, media: list[tuple[str, str, int, str]]) -> BuiltPrompt:
-        """``media``: ``(modality, param, rows, content_hash)`` per media part, in part order."""
+    def build(self, rendered: str, media: list[tuple[str, str, tuple[int, ...], str]]) -> BuiltPrompt:
+        """``media``: ``(modality, param, block_rows, content_hash)`` per media part, in part order.
+
+        A part whose rows come in several blocks (audio longer than one block)
+        becomes that many ``begin + rows × placeholder + end`` blocks back to
+        back, one span each, where its one placeholder was."""
         pieces = self._split_re.split(rendered) if self._split_re else [rendered]
         ids: list[int] = []
         spans: list[T.Span] = []
@@ -90,15 +94,17 @@ class PromptBuilder:
             if k >= len(media):
                 raise HTTPError(500, "the chat template rendered more media placeholders than media parts",
                                 type_="server_error", code="template_mismatch")
-            want, param, rows, content_hash = media[k]
+            want, param, blocks, content_hash = media[k]
             if want != modality:
                 raise HTTPError(500, f"the chat template placed a {modality} placeholder where {param} "
                                 f"({want}) belongs", type_="server_error", code="template_mismatch")
             tok = self.media_tokens[modality]
-            ids.append(tok.begin)
-            spans.append(T.Span(len(ids), rows, modality, content_hash))
-            ids.extend([tok.placeholder] * rows)
-            ids.append(tok.end)
+            for b, rows in enumerate(blocks):
+                ids.append(tok.begin)
+                span_hash = content_hash if len(blocks) == 1 else f"{content_hash}#{b}"
+                spans.append(T.Span(len(ids), rows, modality, span_hash))
+                ids.extend([tok.placeholder] * rows)
+                ids.append(tok.end)
             k += 1
         if k != len(media):
             raise HTTPError(500, f"the chat template rendered {k} media placeholders for {len(media)} media "

@@ -48,14 +48,16 @@ def media_from_pb(req: encoder_pb2.EncodeRequest) -> list[T.MediaInput]:
     items = []
     for i, it in enumerate(req.items):
         items.append(
-            T.MediaInput(modality_from_pb(it.modality, f"items[{i}]"), bytes(it.data), it.mime_type)
+            T.MediaInput(modality_from_pb(it.modality, f"items[{i}]"), bytes(it.data), it.mime_type,
+                         int(it.image_soft_tokens))
         )
     return items
 
 
 def media_to_pb(items: list[T.MediaInput]) -> list[encoder_pb2.MediaItem]:
     return [
-        encoder_pb2.MediaItem(modality=MODALITY_TO_PB[m.modality], data=m.data, mime_type=m.mime_type)
+        encoder_pb2.MediaItem(modality=MODALITY_TO_PB[m.modality], data=m.data, mime_type=m.mime_type,
+                              image_soft_tokens=m.image_soft_tokens)
         for m in items
     ]
 
@@ -68,8 +70,19 @@ def embedding_header_to_pb(index: int, item: T.EncodedItem) -> encoder_pb2.Encod
             soft_token_count=item.soft_token_count,
             content_hash=item.content_hash,
             tensor=tensor_spec_to_pb(item.tensor),
+            block_soft_tokens=list(item.block_rows),
+            cache_hit=item.cache_hit,
         )
     )
+
+
+def encoded_item_from_pb(h: encoder_pb2.EmbeddingHeader, tensor: RawTensor) -> T.EncodedItem:
+    """Header + reassembled tensor -> item; the block split must account for every row."""
+    blocks = tuple(int(b) for b in h.block_soft_tokens)
+    rows = int(tensor.shape[0]) if tensor.shape else 0
+    if blocks and (sum(blocks) != rows or any(b == 0 for b in blocks)):
+        raise ValueError(f"encoder item {h.item_index}: blocks {list(blocks)} do not split its {rows} rows")
+    return T.EncodedItem(MODALITY_FROM_PB[h.modality], h.content_hash, tensor, blocks, bool(h.cache_hit))
 
 
 # ---- decoder ----------------------------------------------------------------

@@ -12,8 +12,9 @@ Everything here runs on the asyncio event-loop thread.
 
 from __future__ import annotations
 
+import asyncio
 import contextlib
-from collections.abc import AsyncIterator, Sequence
+from collections.abc import AsyncIterator, Callable, Sequence
 
 import grpc
 from grpc_health.v1 import health_pb2, health_pb2_grpc
@@ -89,19 +90,32 @@ def request_id_from(context: grpc.aio.ServicerContext) -> str:
 
 
 @contextlib.asynccontextmanager
-async def rpc_scope(context: grpc.aio.ServicerContext, method: str) -> AsyncIterator[str]:
-    """Bind the request id and map exceptions to status codes for one RPC."""
+async def rpc_scope(
+    context: grpc.aio.ServicerContext, method: str, on_outcome: Callable[[str], None] | None = None
+) -> AsyncIterator[str]:
+    """Bind the request id and map exceptions to status codes for one RPC.
+
+    ``on_outcome`` (metrics) gets ``"OK"`` or the status name the caller saw.
+    """
     rid = request_id_from(context)
     token = request_id_var.set(rid)
+    outcome = "OK"
     try:
         yield rid
     except ServeError as e:
+        outcome = e.status
         log.info("rpc rejected", method=method, status=e.status, error=e.message)
         await context.abort(STATUS.get(e.status, grpc.StatusCode.INTERNAL), e.message)
     except grpc.aio.AbortError:
         raise
+    except asyncio.CancelledError:
+        outcome = "CANCELLED"
+        raise
     except Exception as e:  # noqa: BLE001 - a bug: log with traceback, answer INTERNAL
+        outcome = "INTERNAL"
         log.exception("rpc failed", method=method)
         await context.abort(grpc.StatusCode.INTERNAL, f"internal error in {method}: {type(e).__name__}: {e}")
     finally:
+        if on_outcome is not None:
+            on_outcome(outcome)
         request_id_var.reset(token)

@@ -102,14 +102,23 @@ def wait_serving(addr: str, name: str, svc: Services, timeout: float = 180.0) ->
     raise TimeoutError(f"{name} at {addr} never became SERVING:\n{svc.logs(name)[-4000:]}")
 
 
-def start_services(checkpoint: str | Path, *, gateway: bool = True) -> Services:
-    """Start encoder + decoder (+ gateway) on ephemeral loopback ports; return when all are ready."""
+def start_services(
+    checkpoint: str | Path,
+    *,
+    gateway: bool = True,
+    encoder_args: list[str] | None = None,
+    decoder_args: list[str] | None = None,
+) -> Services:
+    """Start encoder + decoder (+ gateway) on ephemeral loopback ports; return when all are ready.
+
+    ``encoder_args`` / ``decoder_args`` are extra command-line flags for that service.
+    """
     svc = Services(str(checkpoint))
     try:
         svc.encoder_port = _spawn(svc, "encoder", "encoder_service",
-                                  ["--checkpoint", svc.checkpoint, "--port", "0"])
+                                  ["--checkpoint", svc.checkpoint, "--port", "0", *(encoder_args or [])])
         svc.decoder_port = _spawn(svc, "decoder", "decoder_service",
-                                  ["--checkpoint", svc.checkpoint, "--port", "0"])
+                                  ["--checkpoint", svc.checkpoint, "--port", "0", *(decoder_args or [])])
         wait_serving(svc.encoder_addr, "encoder", svc)
         wait_serving(svc.decoder_addr, "decoder", svc)
         if gateway:

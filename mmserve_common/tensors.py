@@ -43,6 +43,20 @@ class RawTensor:
         return np.frombuffer(self.data, dtype=NUMPY_HOLDER[self.dtype]).reshape(self.shape)
 
 
+def split_rows(t: RawTensor, rows: tuple[int, ...]) -> list[RawTensor]:
+    """Split a ``[N, ...]`` tensor into consecutive row blocks (no copy when one block)."""
+    if len(rows) == 1:
+        return [t]
+    row_bytes = len(t.data) // t.shape[0]
+    out, off = [], 0
+    for r in rows:
+        out.append(RawTensor(t.data[off : off + r * row_bytes], t.dtype, (r, *t.shape[1:])))
+        off += r * row_bytes
+    if off != len(t.data):
+        raise ValueError(f"row blocks {list(rows)} do not cover the tensor's {t.shape[0]} rows")
+    return out
+
+
 def expected_nbytes(dtype: str, shape: tuple[int, ...]) -> int:
     if dtype not in ITEMSIZE:
         raise InvalidArgument(f"unsupported tensor dtype {dtype!r}")

@@ -23,6 +23,7 @@ class MediaInput:
     modality: str
     data: bytes
     mime_type: str = ""
+    image_soft_tokens: int = 0  # images: soft-token budget; 0 = the model's default
 
 
 @dataclass(frozen=True)
@@ -32,10 +33,16 @@ class EncodedItem:
     modality: str
     content_hash: str
     tensor: RawTensor
+    blocks: tuple[int, ...] = ()  # rows per prompt block, in order; () = one block
+    cache_hit: bool = False
 
     @property
     def soft_token_count(self) -> int:
         return int(self.tensor.shape[0])
+
+    @property
+    def block_rows(self) -> tuple[int, ...]:
+        return self.blocks or (self.soft_token_count,)
 
 
 @dataclass(frozen=True)

@@ -31,7 +31,8 @@ def ckpt_dense(tmp_path_factory) -> Path:
 
 @pytest.fixture(scope="session")
 def services_e2b(ckpt_e2b):
-    with start_services(ckpt_e2b) as svc:
+    # a short total-audio limit so the over-limit test needs only a small upload
+    with start_services(ckpt_e2b, encoder_args=["--max-audio-seconds", "75"]) as svc:
         yield svc
 
 

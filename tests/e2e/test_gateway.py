@@ -136,15 +136,38 @@ def test_corrupt_image_is_400(services_e2b):
     assert "image" in ei.value.body["message"]
 
 
-def test_too_long_audio_is_400_not_truncated(services_e2b):
-    clip = base64.b64encode(tone_wav(31.0, 8000)).decode()
+def test_audio_over_the_total_limit_is_400_with_both_durations(services_e2b):
+    clip = base64.b64encode(tone_wav(76.0, 4000)).decode()
     with pytest.raises(openai.BadRequestError) as ei:
         _client(services_e2b).chat.completions.create(
             model="m", max_tokens=3,
             messages=[{"role": "user", "content": [
                 {"type": "input_audio", "input_audio": {"data": clip, "format": "wav"}}]}],
         )
-    assert "31.00 s" in ei.value.body["message"] and "30 s" in ei.value.body["message"]
+    msg = ei.value.body["message"]
+    assert "76.00 s" in msg and "75 s" in msg and ei.value.body["param"] == "messages[0].content[0]"
+
+
+def test_70s_clip_becomes_three_consecutive_blocks(services_e2b):
+    """Never cut: 30 s + 30 s + 10 s -> 750 + 750 + 250 placeholders in three back-to-back blocks."""
+    clip = base64.b64encode(tone_wav(70.0, 8000)).decode()
+    r = _client(services_e2b).chat.completions.create(
+        model="m", max_tokens=2, extra_body={"return_token_ids": True},
+        messages=[{"role": "user", "content": [
+            {"type": "text", "text": "Summarise."},
+            {"type": "input_audio", "input_audio": {"data": clip, "format": "wav"}}]}],
+    )
+    ids = r.model_extra["prompt_token_ids"]
+    assert ids.count(253) == 1750 == r.usage.prompt_tokens_details.soft_tokens
+    assert ids.count(251) == 3 and ids.count(255) == 3  # <|audio> ... <audio|> per block
+    first = ids.index(251)
+    blocks, pos = [], first
+    for _ in range(3):
+        assert ids[pos] == 251
+        end = ids.index(255, pos)
+        blocks.append(end - pos - 1)
+        pos = end + 1
+    assert blocks == [750, 750, 250]
 
 
 def test_resampled_audio_gets_duration_based_count(services_e2b):

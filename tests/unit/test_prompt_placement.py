@@ -38,7 +38,8 @@ def _turns(ids):
 
 def _build(builder, messages, rows):
     req = parse_chat_request({"messages": messages})
-    media = [(p.media.modality, p.param, n, f"h{k}") for k, (p, n) in enumerate(zip(req.media, rows))]
+    media = [(p.media.modality, p.param, n if isinstance(n, tuple) else (n,), f"h{k}")
+             for k, (p, n) in enumerate(zip(req.media, rows))]
     return builder.build(builder.render(req.messages), media)
 
 
@@ -89,3 +90,24 @@ def test_unsupported_modality_is_400(ckpt_e2b):
     with pytest.raises(Exception) as ei:
         b.render(req.messages)
     assert ei.value.status == 400 and ei.value.param == "messages[0].content[0]"
+
+
+def test_long_audio_blocks_stay_together_in_order(builder):
+    """A 70 s clip comes back as 750 + 750 + 250 rows: three back-to-back audio blocks
+    where its one placeholder was, between the text around it, inside its user turn."""
+    messages = [{"role": "user", "content": [text_part("before"), AUD_PART, text_part("after"), IMG_PART]}]
+    built = _build(builder, messages, [(750, 750, 250), 4])
+    a1, a2, a3, img = built.spans
+    assert [s.length for s in (a1, a2, a3)] == [750, 750, 250]
+    assert [s.content_hash for s in built.spans] == ["h0#0", "h0#1", "h0#2", "h1"]
+    ids = built.ids
+    # back to back: <|audio> rows <audio|><|audio> rows <audio|> ...
+    assert a2.offset == a1.offset + a1.length + 2 and a3.offset == a2.offset + a2.length + 2
+    for s in (a1, a2, a3):
+        assert ids[s.offset - 1] == AUD.begin and ids[s.offset + s.length] == AUD.end
+    before = builder.tokenizer.encode("before", add_special_tokens=False)
+    after = builder.tokenizer.encode("after", add_special_tokens=False)
+    assert ids[a1.offset - 1 - len(before) : a1.offset - 1] == before
+    assert ids[a3.offset + a3.length + 1 : a3.offset + a3.length + 1 + len(after)] == after
+    (user,), pending = _turns(ids)
+    assert user[0] < a1.offset and img.offset + img.length < user[1] < pending
