@@ -126,11 +126,44 @@ class Towers:
 
     def encode_audio(self, waveforms: list[np.ndarray], n_tokens: list[int], dtype: str) -> list[Embedding]:
         """Mono float32 clips at ``sample_rate`` (each ≤ one block), batched with padding
-        and masks -> exactly ``n_tokens[i]`` rows each."""
+        and masks -> exactly ``n_tokens[i]`` rows each.
+
+        Rows are the first ``n_tokens`` encoder rows, as ``mlx_vlm`` scatters them
+        (its placeholder count is ceil(ms / 40); the tower's stride rounding may
+        mark the last, partly filled row as padding, but that is still the row
+        the token gets).  For some lengths the tower's rounding yields one row
+        *fewer* than ceil(ms / 40) (mlx-vlm then scatters too few rows); those
+        clips are encoded again padded with silence to a whole number of
+        tokens, which always yields enough rows.
+        """
         if not self.has_audio:
             raise FailedPrecondition("this checkpoint has no audio tower (audio_config is null)")
+        token_samples = self.audio_ms_per_token / 1000.0 * self.sample_rate
+        min_len = int(np.ceil(token_samples))
+        waves = [w if w.size >= min_len else np.pad(w, (0, min_len - w.size)) for w in waveforms]
+        emb, n_rows = self._audio_pass(waves)
+        short = [i for i, n in enumerate(n_tokens) if n_rows[i] < n]
+        retry = {}
+        if short:
+            padded = [np.pad(waves[i], (0, max(0, int(np.ceil(n_tokens[i] * token_samples)) - waves[i].size)))
+                      for i in short]
+            emb2, rows2 = self._audio_pass(padded)
+            retry = {i: (emb2[k], rows2[k]) for k, i in enumerate(short)}
+        out = []
+        for i, n in enumerate(n_tokens):
+            e, rows = retry.get(i, (emb[i], n_rows[i]))
+            if rows < n:
+                raise RuntimeError(f"audio tower produced {rows} rows for a clip needing {n} tokens")
+            out.append(_to_wire(e[:n], dtype))
+        return out
+
+    def _audio_pass(self, waves: list[np.ndarray]) -> tuple[mx.array, list[int]]:
+        """One batched tower pass -> (embeddings [B, T, hidden], usable rows per clip).
+
+        Usable = valid rows, plus the one partly filled row after them if the
+        tower produced it (see ``encode_audio``)."""
         fe = self.feature_extractor(
-            list(waveforms), sampling_rate=self.sample_rate, return_attention_mask=True,
+            waves, sampling_rate=self.sample_rate, return_attention_mask=True,
             max_length=self.audio_block_samples,
         )
         feats = mx.array(np.stack(fe["input_features"]))
@@ -138,12 +171,7 @@ class Towers:
         enc, pad_mask = self.audio_tower(feats, ~valid.astype(mx.bool_))
         emb = self.embed_audio(enc)
         n_valid = (~pad_mask).sum(axis=1).tolist()
-        out = []
-        for i, n in enumerate(n_tokens):
-            if n_valid[i] < n:
-                raise RuntimeError(f"audio tower produced {n_valid[i]} valid rows for a clip needing {n} tokens")
-            out.append(_to_wire(emb[i, :n], dtype))
-        return out
+        return emb, [min(int(v) + 1, int(emb.shape[1])) for v in n_valid]
 
 
 def _weights_identity(modules: dict) -> str:

@@ -53,7 +53,9 @@ class ChatRequest:
 
 
 ROLES = {"system", "developer", "user", "assistant"}
-AUDIO_FORMATS = {"wav": ("audio/wav",), "flac": ("audio/flac",)}
+AUDIO_FORMATS = {"wav": ("audio/wav",), "flac": ("audio/flac",), "mp3": ("audio/mpeg",), "ogg": ("audio/ogg",)}
+# OpenAI's image ``detail`` mapped onto Gemma 4's soft-token budgets (0 = the checkpoint's default).
+IMAGE_DETAIL_TOKENS = {"auto": 0, "low": 70, "high": 1120}
 
 
 def _b64(data: str, param: str) -> bytes:
@@ -68,6 +70,10 @@ def _image_part(part: dict, param: str) -> Part:
     url = spec.get("url") if isinstance(spec, dict) else spec
     if not isinstance(url, str) or not url:
         raise bad(f"{param}.image_url.url must be a non-empty string", f"{param}.image_url.url")
+    detail = spec.get("detail", "auto") if isinstance(spec, dict) else "auto"
+    if detail not in IMAGE_DETAIL_TOKENS:
+        raise bad(f"{param}.image_url.detail must be one of 'auto', 'low', 'high', got {detail!r}",
+                  f"{param}.image_url.detail")
     if url.startswith("data:"):
         header, _, payload = url.partition(",")
         if ";base64" not in header:
@@ -75,7 +81,8 @@ def _image_part(part: dict, param: str) -> Part:
         mime = header[5:].split(";")[0]
         if mime and not mime.startswith("image/"):
             raise bad(f"data: URI has media type {mime!r}, expected image/*", f"{param}.image_url.url")
-        return Part("image", param, media=T.MediaInput(T.IMAGE, _b64(payload, f"{param}.image_url.url"), mime))
+        return Part("image", param, media=T.MediaInput(T.IMAGE, _b64(payload, f"{param}.image_url.url"), mime,
+                                                       IMAGE_DETAIL_TOKENS[detail]))
     if url.startswith(("http://", "https://")):
         raise bad("fetching image URLs is disabled on this server; send the image as a data: URI",
                   f"{param}.image_url.url")
@@ -87,6 +94,10 @@ def _sniff_audio(data: bytes) -> str | None:
         return "wav"
     if data[:4] == b"fLaC":
         return "flac"
+    if data[:4] == b"OggS":
+        return "ogg"
+    if data[:3] == b"ID3" or (len(data) > 1 and data[0] == 0xFF and data[1] & 0xE0 == 0xE0):
+        return "mp3"
     return None
 
 
@@ -105,10 +116,10 @@ def _audio_part(part: dict, param: str) -> Part:
     if fmt is None:
         fmt = sniffed
     if fmt not in AUDIO_FORMATS:
-        raise bad(f"{param}.input_audio.format {fmt!r} is not supported; use 'wav' or 'flac'",
+        raise bad(f"{param}.input_audio.format {fmt!r} is not supported; use 'wav', 'mp3', 'flac' or 'ogg'",
                   f"{param}.input_audio.format")
     if sniffed is None:
-        raise bad(f"{param}.input_audio.data is not a WAV or FLAC file", f"{param}.input_audio.data")
+        raise bad(f"{param}.input_audio.data is not a WAV, MP3, FLAC or OGG file", f"{param}.input_audio.data")
     if sniffed != fmt:
         raise bad(f"{param}.input_audio.format is {fmt!r} but the data is {sniffed}",
                   f"{param}.input_audio.format")

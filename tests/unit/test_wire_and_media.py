@@ -82,7 +82,7 @@ def test_audio_errors():
     ({"messages": [{"role": "user", "content": [{"type": "image_url", "image_url": {"url": "http://x/y.png"}}]}]},
      "messages[0].content[0].image_url.url"),
     ({"messages": [{"role": "user", "content": [{"type": "input_audio",
-                                                 "input_audio": {"data": "AAAA", "format": "mp3"}}]}]},
+                                                 "input_audio": {"data": "AAAA", "format": "aac"}}]}]},
      "messages[0].content[0].input_audio.format"),
     ({"messages": [{"role": "assistant", "content": [{"type": "image_url", "image_url": {"url": "data:,"}}]}]},
      "messages[0].content[0]"),
