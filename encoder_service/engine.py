@@ -58,7 +58,7 @@ class _Decoded:
 
     modality: str
     content_hash: str
-    blocks: list[tuple[np.ndarray, int]]  # (tower input, rows) per block; images have one
+    blocks: list[tuple[object, int]]  # (tower input, rows) per block: pixel_values or AudioFeatures
     raw_key: str
 
 
@@ -107,8 +107,8 @@ class EncoderEngine:
             towers.encode_images([pv], n, towers.dtype)
         if towers.has_audio:
             wav = np.zeros(towers.sample_rate // 10, dtype=np.float32)
-            towers.encode_audio([wav], [media.audio_soft_tokens(wav.size, towers.sample_rate,
-                                                                towers.audio_ms_per_token)], towers.dtype)
+            towers.encode_audio([towers.audio_features(wav)], [media.audio_soft_tokens(
+                wav.size, towers.sample_rate, towers.audio_ms_per_token)], towers.dtype)
         self.towers = towers
         log.info("encoder ready", checkpoint=self.cfg.checkpoint, vision=towers.has_vision, audio=towers.has_audio,
                  tower_param_bytes=towers.param_bytes, identity=self.identity,
@@ -277,7 +277,7 @@ class EncoderEngine:
         blocks = []
         for s, e in media.split_blocks(wav.size, towers.audio_block_samples):
             rows = media.audio_soft_tokens(e - s, towers.sample_rate, towers.audio_ms_per_token)
-            blocks.append((wav[s:e], rows))
+            blocks.append((towers.audio_features(wav[s:e]), rows))
         return _Decoded(T.AUDIO, h.hexdigest(), blocks, raw_key)
 
 

@@ -34,6 +34,15 @@ class Embedding:
     dtype: str
 
 
+@dataclass(frozen=True)
+class AudioFeatures:
+    """One clip's log-mel frames, their validity mask, and the samples they came from."""
+
+    features: np.ndarray  # [frames, mel bins] float32
+    mask: np.ndarray  # [frames] bool, True = real audio
+    waveform: np.ndarray  # kept for the rare re-encode (see ``Towers.encode_audio``)
+
+
 def _to_wire(x: mx.array, dtype: str) -> Embedding:
     target = {"bfloat16": mx.bfloat16, "float16": mx.float16, "float32": mx.float32}[dtype]
     x = x.astype(target)
@@ -124,9 +133,24 @@ class Towers:
             )
         return [_to_wire(feats[0, i * n_soft : (i + 1) * n_soft], dtype) for i in range(len(pixel_values))]
 
-    def encode_audio(self, waveforms: list[np.ndarray], n_tokens: list[int], dtype: str) -> list[Embedding]:
-        """Mono float32 clips at ``sample_rate`` (each ≤ one block), batched with padding
-        and masks -> exactly ``n_tokens[i]`` rows each.
+    def audio_features(self, waveform: np.ndarray) -> AudioFeatures:
+        """Mono float32 clip (≤ one block) -> log-mel features.  numpy only, any thread.
+
+        Runs in the executor so the MLX thread only pads and runs the tower:
+        feature extraction is ~40 % of a short clip's CPU time.  Clips shorter
+        than one token are padded with silence to one token's length (the tower
+        has no frame to give for less).
+        """
+        min_len = int(np.ceil(self.audio_ms_per_token / 1000.0 * self.sample_rate))
+        if waveform.size < min_len:
+            waveform = np.pad(waveform, (0, min_len - waveform.size))
+        fe = self.feature_extractor([waveform], sampling_rate=self.sample_rate, return_attention_mask=True,
+                                    max_length=self.audio_block_samples)
+        return AudioFeatures(np.asarray(fe["input_features"][0], np.float32),
+                             np.asarray(fe["input_features_mask"][0], bool), waveform)
+
+    def encode_audio(self, clips: list[AudioFeatures], n_tokens: list[int], dtype: str) -> list[Embedding]:
+        """Clips' features, batched with zero padding and masks -> exactly ``n_tokens[i]`` rows each.
 
         Rows are the first ``n_tokens`` encoder rows, as ``mlx_vlm`` scatters them
         (its placeholder count is ceil(ms / 40); the tower's stride rounding may
@@ -138,15 +162,16 @@ class Towers:
         """
         if not self.has_audio:
             raise FailedPrecondition("this checkpoint has no audio tower (audio_config is null)")
-        token_samples = self.audio_ms_per_token / 1000.0 * self.sample_rate
-        min_len = int(np.ceil(token_samples))
-        waves = [w if w.size >= min_len else np.pad(w, (0, min_len - w.size)) for w in waveforms]
-        emb, n_rows = self._audio_pass(waves)
+        emb, n_rows = self._audio_pass(clips)
         short = [i for i, n in enumerate(n_tokens) if n_rows[i] < n]
         retry = {}
         if short:
-            padded = [np.pad(waves[i], (0, max(0, int(np.ceil(n_tokens[i] * token_samples)) - waves[i].size)))
-                      for i in short]
+            token_samples = self.audio_ms_per_token / 1000.0 * self.sample_rate
+            padded = []
+            for i in short:
+                w = clips[i].waveform
+                padded.append(self.audio_features(
+                    np.pad(w, (0, max(0, int(np.ceil(n_tokens[i] * token_samples)) - w.size)))))
             emb2, rows2 = self._audio_pass(padded)
             retry = {i: (emb2[k], rows2[k]) for k, i in enumerate(short)}
         out = []
@@ -157,18 +182,19 @@ class Towers:
             out.append(_to_wire(e[:n], dtype))
         return out
 
-    def _audio_pass(self, waves: list[np.ndarray]) -> tuple[mx.array, list[int]]:
+    def _audio_pass(self, clips: list[AudioFeatures]) -> tuple[mx.array, list[int]]:
         """One batched tower pass -> (embeddings [B, T, hidden], usable rows per clip).
 
         Usable = valid rows, plus the one partly filled row after them if the
-        tower produced it (see ``encode_audio``)."""
-        fe = self.feature_extractor(
-            waves, sampling_rate=self.sample_rate, return_attention_mask=True,
-            max_length=self.audio_block_samples,
-        )
-        feats = mx.array(np.stack(fe["input_features"]))
-        valid = mx.array(np.stack(fe["input_features_mask"]))
-        enc, pad_mask = self.audio_tower(feats, ~valid.astype(mx.bool_))
+        tower produced it (see ``encode_audio``).  Padding frames are zeros and
+        masked, exactly as the feature extractor pads a batch itself."""
+        frames = max(c.features.shape[0] for c in clips)
+        feats = np.zeros((len(clips), frames, clips[0].features.shape[1]), np.float32)
+        valid = np.zeros((len(clips), frames), bool)
+        for i, c in enumerate(clips):
+            feats[i, : c.features.shape[0]] = c.features
+            valid[i, : c.mask.shape[0]] = c.mask
+        enc, pad_mask = self.audio_tower(mx.array(feats), mx.array(~valid))
         emb = self.embed_audio(enc)
         n_valid = (~pad_mask).sum(axis=1).tolist()
         return emb, [min(int(v) + 1, int(emb.shape[1])) for v in n_valid]

@@ -16,15 +16,10 @@ import grpc
 
 from mmserve_common import codec
 from mmserve_common import types as T
-from mmserve_common.grpc_runtime import DEFAULT_MAX_MESSAGE_BYTES
+from mmserve_common.grpc_runtime import CHANNEL_OPTIONS
 from mmserve_common.logs import REQUEST_ID_HEADER
 from mmserve_common.stubs import decoder_pb2, decoder_pb2_grpc, encoder_pb2, encoder_pb2_grpc
 from mmserve_common.tensors import DEFAULT_CHUNK_BYTES, Assembler, iter_chunks
-
-CHANNEL_OPTIONS = [
-    ("grpc.max_receive_message_length", DEFAULT_MAX_MESSAGE_BYTES),
-    ("grpc.max_send_message_length", DEFAULT_MAX_MESSAGE_BYTES),
-]
 
 
 @dataclass(frozen=True)

@@ -40,6 +40,13 @@ STATUS = {
 DEFAULT_MAX_MESSAGE_BYTES = 64 * 1024 * 1024
 
 
+# Client channels: same message ceiling as the servers (chunks stay far below it).
+CHANNEL_OPTIONS = [
+    ("grpc.max_receive_message_length", DEFAULT_MAX_MESSAGE_BYTES),
+    ("grpc.max_send_message_length", DEFAULT_MAX_MESSAGE_BYTES),
+]
+
+
 def server_options(max_message_bytes: int = DEFAULT_MAX_MESSAGE_BYTES) -> list[tuple[str, int]]:
     return [
         ("grpc.max_receive_message_length", max_message_bytes),

@@ -102,6 +102,19 @@ def wait_serving(addr: str, name: str, svc: Services, timeout: float = 180.0) ->
     raise TimeoutError(f"{name} at {addr} never became SERVING:\n{svc.logs(name)[-4000:]}")
 
 
+def start_encoder(checkpoint: str | Path, args: list[str] | None = None) -> Services:
+    """Start only an encoder on an ephemeral loopback port (benchmarks, scale-out tests)."""
+    svc = Services(str(checkpoint))
+    try:
+        svc.encoder_port = _spawn(svc, "encoder", "encoder_service",
+                                  ["--checkpoint", svc.checkpoint, "--port", "0", *(args or [])])
+        wait_serving(svc.encoder_addr, "encoder", svc)
+    except BaseException:
+        svc.stop()
+        raise
+    return svc
+
+
 def start_services(
     checkpoint: str | Path,
     *,

@@ -397,8 +397,13 @@ def write_tiny_checkpoint(
     seed: int = 0,
     dtype: str = "bfloat16",
     image_soft_tokens: int = 280,
+    lm_intermediate_size: int | None = None,
 ) -> Path:
-    """Write the checkpoint into ``out`` (replaced if present) and return its path."""
+    """Write the checkpoint into ``out`` (replaced if present) and return its path.
+
+    ``lm_intermediate_size`` widens the language model's MLPs only (towers
+    unchanged): a checkpoint whose LM dwarfs its towers, for memory checks.
+    """
     if variant not in VARIANTS:
         raise ValueError(f"variant must be one of {VARIANTS}, got {variant!r}")
     out = Path(out)
@@ -406,6 +411,8 @@ def write_tiny_checkpoint(
         shutil.rmtree(out)
     out.mkdir(parents=True)
     config = tiny_config(variant, image_soft_tokens)
+    if lm_intermediate_size:
+        config["text_config"]["intermediate_size"] = int(lm_intermediate_size)
     config["dtype"] = dtype
     (out / "config.json").write_text(json.dumps(config, indent=2))
     gen_cfg = {
@@ -431,6 +438,8 @@ def main(argv: list[str] | None = None) -> None:
     ap.add_argument("--seed", type=int, default=0)
     ap.add_argument("--dtype", default="bfloat16", choices=["bfloat16", "float32", "float16"])
     ap.add_argument("--image-soft-tokens", type=int, default=280)
+    ap.add_argument("--lm-intermediate-size", type=int, default=None,
+                    help="widen the LM's MLPs (a big-LM, small-tower checkpoint for memory checks)")
     args = ap.parse_args(argv)
     out = write_tiny_checkpoint(
         args.out,
@@ -438,6 +447,7 @@ def main(argv: list[str] | None = None) -> None:
         seed=args.seed,
         dtype=args.dtype,
         image_soft_tokens=args.image_soft_tokens,
+        lm_intermediate_size=args.lm_intermediate_size,
     )
     total = sum(f.stat().st_size for f in out.iterdir())
     print(f"wrote {out} ({args.variant}, {args.dtype}): {total} bytes on disk")

@@ -212,6 +212,20 @@ async def test_queue_bound_is_resource_exhausted(ckpt_e2b):
         engine.stop()
 
 
+async def test_first_item_streams_while_the_next_computes(enc_nocache):
+    """Item 0 (a short clip) is sent while item 1 (a 280-token image, ~1 s of tower work on
+    CPU) is still in the towers: the header of item 0 arrives while item 1 is in flight."""
+    engine, ch = enc_nocache
+    stub = encoder_pb2_grpc.EncoderServiceStub(ch)
+    req = encoder_pb2.EncodeRequest(items=[_aud(tone_wav(0.5, 16000, freq=321)),
+                                           _img(shape_png("orange", "circle", (64, 64)), 280)])
+    seen = []
+    async for msg in stub.Encode(req):
+        if msg.WhichOneof("payload") == "header":
+            seen.append((msg.header.item_index, len(engine._inflight)))
+    assert seen == [(0, 1), (1, 0)]
+
+
 # ----------------------------------------------------------------------------- info + metrics
 async def test_info_reports_blocks_and_budgets(enc):
     _, ch = enc

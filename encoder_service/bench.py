@@ -1,0 +1,225 @@
+"""``mmserve-bench-encoder``: throughput, batching, cache and memory of the encoder service.
+
+Prints tables (never asserts — timings belong in benchmarks, not tests):
+
+1. items/s for images and for 5 s clips at 1, 4 and 8 concurrent callers,
+   batched (``--max-batch 8``) vs unbatched (``--max-batch 1``), cache off,
+   every item distinct; target: batched ≥ 2× unbatched at 8 callers;
+2. cache-hit vs miss latency for one image (target: hit ≤ 5 % of miss);
+3. embedding bytes/s over loopback (cache hits, float32, 32 items per request);
+4. resident memory of an encoder on a checkpoint whose language model is
+   ~150 MB against one whose LM is tiny: the towers-only claim predicts the
+   same RSS for both, whatever the LM weighs.
+
+Each encoder is its own OS process on loopback; only one runs at a time.
+"""
+
+from __future__ import annotations
+
+import argparse
+import asyncio
+import io
+import json
+import platform
+import statistics
+import struct
+import subprocess
+import tempfile
+import time
+from pathlib import Path
+
+import numpy as np
+
+
+def _rss_bytes(pid: int) -> int:
+    if platform.system() == "Linux":
+        for line in Path(f"/proc/{pid}/status").read_text().splitlines():
+            if line.startswith("VmRSS:"):
+                return int(line.split()[1]) * 1024
+    out = subprocess.run(["ps", "-o", "rss=", "-p", str(pid)], capture_output=True, text=True, check=True)
+    return int(out.stdout.strip()) * 1024
+
+
+def _weight_bytes(ckpt: Path) -> dict[str, int]:
+    """Bytes per top-level module, read from the safetensors headers (no tensor data)."""
+    sizes: dict[str, int] = {}
+    for f in sorted(ckpt.glob("*.safetensors")):
+        with open(f, "rb") as fh:
+            (n,) = struct.unpack("<Q", fh.read(8))
+            header = json.loads(fh.read(n))
+        for name, meta in header.items():
+            if name == "__metadata__":
+                continue
+            top = name.split(".")[0]
+            sizes[top] = sizes.get(top, 0) + meta["data_offsets"][1] - meta["data_offsets"][0]
+    return sizes
+
+
+def _images(n: int, size: int = 256) -> list[bytes]:
+    from PIL import Image
+
+    out = []
+    for i in range(n):
+        rng = np.random.default_rng(i)
+        arr = rng.integers(0, 256, (size, size, 3), dtype=np.uint8)
+        buf = io.BytesIO()
+        Image.fromarray(arr).save(buf, "PNG")
+        out.append(buf.getvalue())
+    return out
+
+
+def _clips(n: int, seconds: float) -> list[bytes]:
+    from mmserve_common.samples import tone_wav
+
+    return [tone_wav(seconds, 16000, freq=200.0 + 37.0 * i) for i in range(n)]
+
+
+class _Client:
+    def __init__(self, addr: str) -> None:
+        import grpc
+
+        from mmserve_common.grpc_runtime import CHANNEL_OPTIONS
+        from mmserve_common.stubs import encoder_pb2, encoder_pb2_grpc
+
+        self.pb = encoder_pb2
+        self.channel = grpc.aio.insecure_channel(addr, options=CHANNEL_OPTIONS)
+        self.stub = encoder_pb2_grpc.EncoderServiceStub(self.channel)
+
+    async def encode(self, modality: int, data: bytes, budget: int = 0, dtype: int = 0) -> int:
+        from mmserve_common.stubs import tensor_pb2
+
+        if modality != tensor_pb2.MODALITY_IMAGE:
+            budget = 0
+        req = self.pb.EncodeRequest(items=[self.pb.MediaItem(modality=modality, data=data,
+                                                             image_soft_tokens=budget)], output_dtype=dtype)
+        n = 0
+        async for msg in self.stub.Encode(req):
+            if msg.WhichOneof("payload") == "chunk":
+                n += len(msg.chunk.data)
+        return n
+
+
+async def _throughput(addr: str, modality: int, payloads: list[bytes], callers: int, budget: int) -> float:
+    client = _Client(addr)
+    queue: asyncio.Queue = asyncio.Queue()
+    for p in payloads:
+        queue.put_nowait(p)
+
+    async def caller():
+        while not queue.empty():
+            await client.encode(modality, queue.get_nowait(), budget)
+
+    t0 = time.perf_counter()
+    await asyncio.gather(*(caller() for _ in range(callers)))
+    dt = time.perf_counter() - t0
+    await client.channel.close()
+    return len(payloads) / dt
+
+
+async def _cache_latency(addr: str, images: list[bytes], budget: int) -> tuple[float, float]:
+    from mmserve_common.stubs import tensor_pb2
+
+    client = _Client(addr)
+    miss, hit = [], []
+    for img in images:
+        t0 = time.perf_counter()
+        await client.encode(tensor_pb2.MODALITY_IMAGE, img, budget)
+        miss.append(time.perf_counter() - t0)
+        t0 = time.perf_counter()
+        await client.encode(tensor_pb2.MODALITY_IMAGE, img, budget)
+        hit.append(time.perf_counter() - t0)
+    await client.channel.close()
+    return statistics.median(miss) * 1000, statistics.median(hit) * 1000
+
+
+async def _bytes_per_s(addr: str, image: bytes, items: int, repeats: int) -> tuple[float, int]:
+    """Embedding bytes/s of cache hits: ``items`` copies of one small PNG per request, float32
+    out, so the response (not the upload, not the towers) dominates."""
+    from mmserve_common.stubs import tensor_pb2
+
+    client = _Client(addr)
+    pb = client.pb
+    req = pb.EncodeRequest(items=[pb.MediaItem(modality=tensor_pb2.MODALITY_IMAGE, data=image)] * items,
+                           output_dtype=tensor_pb2.DTYPE_FLOAT32)
+
+    async def once() -> int:
+        n = 0
+        async for msg in client.stub.Encode(req):
+            if msg.WhichOneof("payload") == "chunk":
+                n += len(msg.chunk.data)
+        return n
+
+    size = await once()  # computes once, caches
+    t0 = time.perf_counter()
+    for _ in range(repeats):
+        await once()
+    dt = time.perf_counter() - t0
+    await client.channel.close()
+    return size * repeats / dt, size
+
+
+def main(argv: list[str] | None = None) -> None:
+    ap = argparse.ArgumentParser(prog="mmserve-bench-encoder", description=__doc__.split("\n\n")[0])
+    ap.add_argument("--checkpoint", help="checkpoint dir (default: a generated tiny E2B-shaped one)")
+    ap.add_argument("--items", type=int, default=24, help="distinct items per throughput run")
+    ap.add_argument("--budget", type=int, default=70, help="image soft-token budget (70/140/280/560/1120)")
+    ap.add_argument("--clip-seconds", type=float, default=5.0)
+    ap.add_argument("--callers", default="1,4,8")
+    ap.add_argument("--skip-memory", action="store_true")
+    args = ap.parse_args(argv)
+
+    from mmserve_common.launcher import start_encoder
+    from mmserve_common.stubs import tensor_pb2
+    from mmserve_common.tiny_checkpoint import write_tiny_checkpoint
+
+    tmp = Path(tempfile.mkdtemp(prefix="mmserve-bench-enc-"))
+    ckpt = Path(args.checkpoint) if args.checkpoint else write_tiny_checkpoint(tmp / "tiny-e2b", variant="e2b")
+    callers = [int(c) for c in args.callers.split(",")]
+    images, clips = _images(args.items), _clips(args.items, args.clip_seconds)
+    img, aud = tensor_pb2.MODALITY_IMAGE, tensor_pb2.MODALITY_AUDIO
+
+    rows = []
+    results: dict[tuple[str, int, int], float] = {}
+    for max_batch in (8, 1):
+        with start_encoder(ckpt, ["--max-batch", str(max_batch), "--cache-bytes", "0"]) as svc:
+            asyncio.run(_throughput(svc.encoder_addr, img, images[:2], 1, args.budget))  # warm-up
+            for name, mod, payloads in (("image", img, images), (f"audio {args.clip_seconds:g}s", aud, clips)):
+                for c in callers:
+                    results[(name, c, max_batch)] = asyncio.run(
+                        _throughput(svc.encoder_addr, mod, payloads, c, args.budget))
+    for name in ("image", f"audio {args.clip_seconds:g}s"):
+        for c in callers:
+            b, u = results[(name, c, 8)], results[(name, c, 1)]
+            rows.append((name, c, b, u, b / u))
+    print(f"\ncheckpoint: {ckpt}  items={args.items}  image budget={args.budget}  (cache off, distinct items)")
+    print(f"{'input':<12} {'callers':>7} {'batched items/s':>16} {'unbatched items/s':>18} {'speed-up':>9}")
+    for name, c, b, u, r in rows:
+        print(f"{name:<12} {c:>7} {b:>16.2f} {u:>18.2f} {r:>8.2f}x")
+
+    with start_encoder(ckpt) as svc:
+        miss_ms, hit_ms = asyncio.run(_cache_latency(svc.encoder_addr, _images(8, 320)[:8], args.budget))
+        from mmserve_common.samples import shape_png
+
+        bps, size = asyncio.run(_bytes_per_s(svc.encoder_addr, shape_png(size=(224, 224)), 32, 20))
+    print(f"\ncache: miss {miss_ms:.2f} ms  hit {hit_ms:.2f} ms  hit/miss {hit_ms / miss_ms * 100:.1f} %")
+    print(f"loopback: {size / 1e6:.2f} MB of float32 embeddings per response (cache hits), "
+          f"{bps / 1e6:.1f} MB/s")
+
+    if args.skip_memory:
+        return
+    big = write_tiny_checkpoint(tmp / "tiny-e2b-big-lm", variant="e2b", lm_intermediate_size=65536)
+    print(f"\n{'checkpoint':<18} {'LM weights MB':>14} {'tower weights MB':>17} {'encoder RSS MB':>15}")
+    for label, path in (("tiny LM", ckpt), ("~150 MB LM", big)):
+        sizes = _weight_bytes(Path(path))
+        towers = sum(v for k, v in sizes.items() if k in ("vision_tower", "embed_vision", "audio_tower",
+                                                           "embed_audio"))
+        lm = sizes.get("language_model", 0)
+        with start_encoder(path) as svc:
+            asyncio.run(_throughput(svc.encoder_addr, img, images[:2], 1, args.budget))
+            rss = _rss_bytes(svc.procs["encoder"].pid)
+        print(f"{label:<18} {lm / 1e6:>14.1f} {towers / 1e6:>17.2f} {rss / 1e6:>15.1f}")
+    print("(towers only: RSS must not grow with the LM's size)")
+
+
+if __name__ == "__main__":
+    main()
