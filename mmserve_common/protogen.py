@@ -30,6 +30,19 @@ def find_proto_root() -> Path:
     raise FileNotFoundError("cannot find the protos/ directory with mmserve/*.proto")
 
 
+def stale(proto_root: Path | None = None, out_dir: Path = PB_DIR) -> bool:
+    """True if stubs are missing or older than any .proto (an edited checkout)."""
+    marker = out_dir / "mmserve" / "decoder" / "v1" / "decoder_pb2_grpc.py"
+    if not marker.exists():
+        return True
+    try:
+        root = proto_root or find_proto_root()
+    except FileNotFoundError:
+        return False  # installed without sources: the built stubs are all there is
+    built = min(p.stat().st_mtime for p in out_dir.rglob("*_pb2*.py"))
+    return any(p.stat().st_mtime > built for p in root.rglob("*.proto"))
+
+
 def generate(proto_root: Path | None = None, out_dir: Path = PB_DIR) -> list[Path]:
     """Run protoc on every .proto under ``proto_root`` and return written files."""
     from grpc_tools import protoc  # build-time / first-import dependency

@@ -1,8 +1,8 @@
 """Import point for the generated gRPC stubs.
 
 Why: stubs are generated at install time (``setup.py``) into the gitignored
-``mmserve_common/pb``; in a bare source checkout they are generated here on
-first import so ``python -m encoder_service`` works without an install step.
+``mmserve_common/pb``; in a bare source checkout (or after a .proto was edited) they are
+(re)generated here on first import so ``python -m encoder_service`` works without an install step.
 Import-time only; no threads involved.
 """
 
@@ -10,7 +10,7 @@ from __future__ import annotations
 
 from mmserve_common import protogen
 
-if not (protogen.PB_DIR / "mmserve" / "decoder" / "v1" / "decoder_pb2_grpc.py").exists():
+if protogen.stale():
     protogen.generate()
 
 from mmserve_common.pb.mmserve.common.v1 import tensor_pb2  # noqa: E402
