@@ -14,6 +14,9 @@ class DecoderConfig:
     port: int = 50052
     model_id: str | None = None
     max_queue: int = 64
+    max_active: int = 16
+    metrics_host: str = "127.0.0.1"
+    metrics_port: int | None = None
     context_length: int | None = None
     stream_interval_ms: float = 10.0
 
@@ -29,7 +32,13 @@ def parse_args(argv: list[str] | None = None) -> DecoderConfig:
     p.add_argument("--host", default=_env("HOST", "127.0.0.1"))
     p.add_argument("--port", type=int, default=int(_env("PORT", 50052)), help="0 = pick a free port")
     p.add_argument("--model-id", default=_env("MODEL_ID", None))
-    p.add_argument("--max-queue", type=int, default=int(_env("MAX_QUEUE", 64)))
+    p.add_argument("--max-queue", type=int, default=int(_env("MAX_QUEUE", 64)),
+                   help="requests waiting for a batch slot; beyond it RESOURCE_EXHAUSTED")
+    p.add_argument("--max-active", type=int, default=int(_env("MAX_ACTIVE", 16)),
+                   help="sequences decoding together in one batch")
+    p.add_argument("--metrics-host", default=_env("METRICS_HOST", "127.0.0.1"))
+    p.add_argument("--metrics-port", type=int, default=_env("METRICS_PORT", None),
+                   help="serve Prometheus /metrics on this port (0 = any free port; unset = off)")
     p.add_argument("--context-length", type=int, default=_env("CONTEXT_LENGTH", None),
                    help="cap the context below the checkpoint's max_position_embeddings")
     p.add_argument("--stream-interval-ms", type=float, default=float(_env("STREAM_INTERVAL_MS", 10.0)),
@@ -44,4 +53,7 @@ def parse_args(argv: list[str] | None = None) -> DecoderConfig:
         max_queue=a.max_queue,
         context_length=int(a.context_length) if a.context_length else None,
         stream_interval_ms=a.stream_interval_ms,
+        max_active=a.max_active,
+        metrics_host=a.metrics_host,
+        metrics_port=int(a.metrics_port) if a.metrics_port is not None else None,
     )

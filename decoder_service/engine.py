@@ -1,36 +1,31 @@
-"""Decoder engine: validation on the event loop, generation on the one MLX thread.
+"""Decoder engine: validation on the event loop, batched generation on the one MLX thread.
 
 Why: the asyncio handler must never run MLX (MLX streams are thread-local),
 so a request is validated and resolved on the event loop, then queued to the
-``MLXWorker`` thread, which owns the ``LanguageModelRunner``.  Generated tokens
-flow back through a ``TokenChannel`` (one wake-up per batch, tokens the
-caller has not yet taken are merged into one event); a
-cancelled caller sets a ``threading.Event`` the MLX thread checks after every
-token, so an abandoned sequence stops at the next step.
-
-This first engine serves one sequence at a time in arrival order (bounded
-queue, ``RESOURCE_EXHAUSTED`` beyond it); continuous batching replaces
-``_run_generation`` without touching the transport.
+``BatchScheduler``, whose serving loop runs as a long job on the
+``MLXWorker`` thread that loaded the model.  Tokens flow back through a
+``TokenChannel`` per request (one wake-up per batch of tokens); a cancelled
+caller sets a ``threading.Event`` and its sequence leaves the batch before
+the next decode step.
 
 Thread ownership: ``generate``/``validate`` on the event loop;
-``_load_and_warm`` and ``_run_generation`` on the MLX thread.
+``_load_and_warm`` and the scheduler loop on the MLX thread.
 """
 
 from __future__ import annotations
 
 import asyncio
-import threading
 import time
-from collections.abc import AsyncIterator, Callable
-from dataclasses import dataclass, field
+from collections.abc import AsyncIterator
 from pathlib import Path
 
 from decoder_service.channel import TokenChannel
 from decoder_service.config import DecoderConfig
-from decoder_service.detokenizer import IncrementalDetokenizer
+from decoder_service.metrics import DecoderMetrics
 from decoder_service.model import ResolvedSampling, SpanRows
 from decoder_service.placement import validate_prompt
 from decoder_service.sampling import resolve_sampling
+from decoder_service.scheduler import BatchScheduler, GenerationJob
 from mmserve_common import types as T
 from mmserve_common.checkpoint import CheckpointInfo, read_checkpoint
 from mmserve_common.errors import Unavailable
@@ -38,18 +33,6 @@ from mmserve_common.logs import get_logger
 from mmserve_common.mlx_thread import MLXWorker
 
 log = get_logger(__name__)
-
-
-@dataclass
-class GenerationJob:
-    ids: list[int]
-    spans: list[SpanRows]
-    sampling: ResolvedSampling
-    stop_ids: frozenset[int]
-    soft_tokens: int
-    emit: Callable[[object], None]
-    cancel: threading.Event = field(default_factory=threading.Event)
-    enqueued_at: float = field(default_factory=time.perf_counter)
 
 
 class DecoderEngine:
@@ -69,8 +52,11 @@ class DecoderEngine:
             self.placeholder_ids[T.IMAGE] = self.info.image.placeholder
         if self.info.audio is not None and self.info.has_audio_tower:
             self.placeholder_ids[T.AUDIO] = self.info.audio.placeholder
-        self.worker = MLXWorker("decoder-mlx", max_queue=cfg.max_queue)
+        self.worker = MLXWorker("decoder-mlx", max_queue=4)
+        self.metrics = DecoderMetrics()
         self.runner = None
+        self.scheduler: BatchScheduler | None = None
+        self._loop_job: asyncio.Future | None = None
         self.dtype: str | None = None
 
     # -- lifecycle ------------------------------------------------------------
@@ -79,27 +65,35 @@ class DecoderEngine:
 
     async def wait_ready(self) -> None:
         await self.worker.wait_ready()
+        if self._loop_job is None:
+            self._loop_job = self.worker.submit(self.scheduler.run)
+            self._loop_job.add_done_callback(_loop_ended)
 
     def stop(self) -> None:
+        if self.scheduler is not None:
+            self.scheduler.stop()
         self.worker.stop()
 
     def _load_and_warm(self):
-        """MLX thread: load the language model only, then one short generation."""
+        """MLX thread: load the language model only, then one short batched generation."""
         from decoder_service.model import LanguageModelRunner
 
         t0 = time.perf_counter()
         runner = LanguageModelRunner(Path(self.cfg.checkpoint))
+        scheduler = BatchScheduler(runner, self.tokenizer, max_active=self.cfg.max_active,
+                                   max_queue=self.cfg.max_queue, metrics=self.metrics)
         warm = resolve_sampling(
-            T.SamplingParams(temperature=0.0, max_tokens=2),
+            T.SamplingParams(temperature=0.0, max_tokens=3),
             prompt_len=2, context_length=self.context_length, vocab_size=self.info.vocab_size,
             generation_config={}, suppressed_ids=[],
         )
-        for _ in runner.generate([self.info.config.get("bos_token_id", 2) or 2, 10], [], warm):
-            pass
-        self.runner = runner
+        bos = self.info.config.get("bos_token_id", 2) or 2
+        scheduler.warm_up([bos, 10], warm)
+        self.runner, self.scheduler = runner, scheduler
         self.dtype = runner.dtype
+        self.metrics.bind(scheduler)
         log.info("decoder ready", checkpoint=self.cfg.checkpoint, dtype=runner.dtype,
-                 lm_param_bytes=runner.param_bytes, eos=self.eos_ids,
+                 lm_param_bytes=runner.param_bytes, eos=self.eos_ids, max_active=self.cfg.max_active,
                  load_s=round(time.perf_counter() - t0, 3))
         return runner
 
@@ -132,9 +126,9 @@ class DecoderEngine:
         resolved: ResolvedSampling,
         extra_stop_ids: list[int],
     ) -> AsyncIterator[T.TokenEvent | T.Completion]:
-        """Queue a generation and yield its events; cancelling the iterator stops it."""
-        if self.runner is None:
-            raise Unavailable("decoder is still loading")
+        """Queue a generation and yield its events; closing the iterator cancels it."""
+        if self.scheduler is None or self._loop_job is None or self._loop_job.done():
+            raise Unavailable("decoder is not serving")
         channel = TokenChannel(asyncio.get_running_loop(), self.cfg.stream_interval_ms / 1000.0)
         job = GenerationJob(
             ids=ids,
@@ -144,64 +138,19 @@ class DecoderEngine:
             soft_tokens=sum(s.span.length for s in spans),
             emit=channel.put,
         )
-        fut = self.worker.submit(_run_generation, job, self.tokenizer)
-        fut.add_done_callback(channel.wake)
+        self.scheduler.submit(job)
         try:
             while True:
-                batch = channel.drain() if fut.done() else await channel.get_batch()
-                for ev in batch:
+                for ev in await channel.get_batch():
+                    if isinstance(ev, BaseException):
+                        raise ev
                     yield ev
                     if isinstance(ev, T.Completion):
                         return
-                if not batch and fut.done():
-                    fut.result()  # raises the MLX thread's error, if any
-                    raise RuntimeError("generation ended without a completion event")
         finally:
-            job.cancel.set()  # caller gone or done: the MLX thread stops at the next token
+            job.cancel.set()  # caller gone or done: the sequence leaves the batch before the next step
 
 
-def _run_generation(runner, job: GenerationJob, tokenizer) -> None:
-    """MLX thread: prefill, decode, stop at the full EOS set, stream events back."""
-    started = time.perf_counter()
-    queued_ms = (started - job.enqueued_at) * 1000.0
-    if job.cancel.is_set():
-        return
-    detok = IncrementalDetokenizer(tokenizer)
-    n = 0
-    finish = "length"
-    stop_id = None
-    first_at = None
-    gen = runner.generate(job.ids, job.spans, job.sampling)
-    try:
-        for tok in gen:
-            if first_at is None:
-                first_at = time.perf_counter()
-            n += 1
-            if tok in job.stop_ids:
-                finish, stop_id = "stop", tok
-                break
-            job.emit(T.TokenEvent([tok], detok.add(tok)))
-            if job.cancel.is_set():
-                log.info("generation cancelled", tokens=n)
-                return
-            if n >= job.sampling.max_tokens:
-                break
-    finally:
-        gen.close()
-    tail = detok.flush()
-    if tail:
-        job.emit(T.TokenEvent([], tail))
-    end = time.perf_counter()
-    first_at = first_at or end
-    job.emit(
-        T.Completion(
-            finish_reason=finish,
-            prompt_tokens=len(job.ids),
-            completion_tokens=n,
-            soft_tokens=job.soft_tokens,
-            queued_ms=queued_ms,
-            prefill_ms=(first_at - started) * 1000.0,
-            decode_ms=(end - first_at) * 1000.0,
-            stop_token_id=stop_id,
-        )
-    )
+def _loop_ended(fut: asyncio.Future) -> None:
+    if fut.cancelled() or fut.exception() is not None:
+        log.error("decoder serving loop ended", error=repr(None if fut.cancelled() else fut.exception()))

@@ -1,4 +1,4 @@
-"""The Gemma 4 language model alone, driven by mlx-vlm's own generation loop (MLX only).
+"""The Gemma 4 language model alone: multimodal prefill, and the LM for batched decode (MLX only).
 
 Why: the decoder must hold only the language model, yet produce exactly what
 ``mlx_vlm.generate`` produces on the whole checkpoint.  So:
@@ -11,9 +11,9 @@ Why: the decoder must hold only the language model, yet produce exactly what
   span positions, per-layer inputs computed from the ids with media positions
   zeroed (E2B/E4B), and ``mm_token_type_ids`` for checkpoints that attend
   bidirectionally over image blocks (26B-A4B, 31B);
-* the loop itself is ``mlx_vlm.generate.generate_step`` (prefill chunking,
-  sampling, penalties, logit bias), handed a small adapter in place of the
-  full model.  We call it rather than fork it.
+* ``prefill`` takes the same steps ``mlx_vlm.generate_step`` takes before its
+  first sample (chunking policy included); decoding then belongs to mlx-lm's
+  ``BatchGenerator`` (see ``scheduler``), fed through ``logits_model``.
 
 Thread ownership: construct and call only on the decoder's MLX thread.
 """
@@ -21,7 +21,6 @@ Thread ownership: construct and call only on the decoder's MLX thread.
 from __future__ import annotations
 
 import gc
-from collections.abc import Iterator
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -55,30 +54,10 @@ class ResolvedSampling:
     frequency_penalty: float | None
 
 
+@dataclass(frozen=True)
 class _EmbeddingFeatures:
-    """What ``generate_step`` expects back from ``get_input_embeddings``."""
-
-    def __init__(self, inputs_embeds, per_layer_inputs):
-        self.inputs_embeds = inputs_embeds
-        self.per_layer_inputs = per_layer_inputs
-
-    def to_dict(self):
-        return {"inputs_embeds": self.inputs_embeds, "per_layer_inputs": self.per_layer_inputs}
-
-
-class _LanguageOnly:
-    """Stands in for ``gemma4.Model`` inside ``generate_step`` without the towers."""
-
-    def __init__(self, language_model, config):
-        self.language_model = language_model
-        self.config = config
-        self._pending: _EmbeddingFeatures | None = None
-
-    def get_input_embeddings(self, input_ids=None, pixel_values=None, mask=None, **kwargs):
-        feats, self._pending = self._pending, None
-        if feats is None:
-            raise RuntimeError("prompt embeddings were not prepared before generate_step")
-        return feats
+    inputs_embeds: mx.array
+    per_layer_inputs: mx.array | None
 
 
 class LanguageModelRunner:
@@ -115,7 +94,6 @@ class LanguageModelRunner:
         self.bidirectional_vision = (
             getattr(self.config.text_config, "use_bidirectional_attention", None) == "vision"
         )
-        self._adapter = _LanguageOnly(self.lm, self.config)
 
     # -- prompt ---------------------------------------------------------------
     def _prompt_features(self, ids: list[int], spans: list[SpanRows]):
@@ -140,31 +118,45 @@ class LanguageModelRunner:
             types[ids_np == cfg.audio_token_id] = 3
         return input_ids, _EmbeddingFeatures(h, per_layer), mx.array(types.astype(np.int32))[None]
 
-    # -- generation -----------------------------------------------------------
-    def generate(self, ids: list[int], spans: list[SpanRows], s: ResolvedSampling) -> Iterator[int]:
-        """Yield sampled token ids until the caller stops iterating or max_tokens."""
-        from mlx_vlm.generate import generate_step
+    # -- batched serving --------------------------------------------------------------
+    def prefill(self, ids: list[int], spans: list[SpanRows], prefill_step: int = 2048):
+        """Run the whole prompt through the LM into a fresh cache; return ``(cache, last_logits)``.
+
+        The same steps ``mlx_vlm.generate_step`` takes before its first sample
+        (chunks of ``ids[:-1]`` then the last token, or one pass when the
+        checkpoint's policy forbids chunking — bidirectional image blocks), so
+        the first token matches the reference exactly.  Media rows, per-layer
+        inputs and ``mm_token_type_ids`` are only ever needed here: every later
+        token is text, which the batch decode feeds by id.
+        """
+        from mlx_vlm.generate.ar import generation_stream
 
         input_ids, feats, token_types = self._prompt_features(ids, spans)
-        self._adapter._pending = feats
-        kwargs = {}
-        if s.seed is not None:
-            kwargs["seed"] = int(s.seed)
-        for token, _logprobs in generate_step(
-            input_ids,
-            self._adapter,
-            None,
-            None,
-            max_tokens=s.max_tokens,
-            temperature=s.temperature,
-            top_p=s.top_p,
-            top_k=s.top_k,
-            min_p=s.min_p,
-            logit_bias=s.logit_bias or None,
-            repetition_penalty=s.repetition_penalty,
-            presence_penalty=s.presence_penalty,
-            frequency_penalty=s.frequency_penalty,
-            mm_token_type_ids=token_types,
-            **kwargs,
-        ):
-            yield int(token)
+        emb = feats.inputs_embeds
+        kw = {"mm_token_type_ids": token_types}
+        if feats.per_layer_inputs is not None:
+            kw["per_layer_inputs"] = feats.per_layer_inputs
+        cache = self.lm.make_cache()
+        with mx.stream(generation_stream):
+            chunked = self.lm.chunked_prefill_policy(
+                input_ids=input_ids, inputs_embeds=emb, prompt_cache=cache, prefill_kwargs=kw)
+            if chunked:
+                while emb.shape[1] > 1:
+                    n = min(prefill_step, emb.shape[1] - 1)
+                    self.lm(inputs=input_ids[:, :n], inputs_embeds=emb[:, :n], cache=cache,
+                            n_to_process=n, logits_to_keep=1, **kw)
+                    mx.eval([c.state for c in cache])
+                    emb, input_ids = emb[:, n:], input_ids[:, n:]
+            out = self.lm(input_ids, inputs_embeds=emb, cache=cache, logits_to_keep=1, **kw)
+            logits = out.logits[:, -1, :]
+            mx.eval(logits)
+        return cache, logits
+
+    def logits_model(self):
+        """The LM as mlx-lm's ``BatchGenerator`` calls it: ``(ids [B, 1], cache) -> logits``."""
+        lm = self.lm
+
+        def forward(inputs, cache=None, **kwargs):
+            return lm(inputs, cache=cache, **kwargs).logits
+
+        return forward

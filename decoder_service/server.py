@@ -30,7 +30,8 @@ class DecoderServicer(decoder_pb2_grpc.DecoderServiceServicer):
         self.engine = engine
 
     async def Generate(self, request_iterator, context: grpc.aio.ServicerContext):
-        async with rpc_scope(context, "Generate"):
+        m = self.engine.metrics
+        async with rpc_scope(context, "Generate", on_outcome=lambda o: m.requests.labels(o).inc()):
             it = request_iterator.__aiter__()
             try:
                 first = await it.__anext__()

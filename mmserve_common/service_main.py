@@ -29,7 +29,14 @@ async def serve(
     *,
     grace_s: float = 10.0,
     port_file: str | None = None,
+    metrics_port: int | None = None,
+    metrics_host: str = "127.0.0.1",
 ) -> None:
+    if metrics_port is not None:
+        from mmserve_common.metrics_http import start_metrics_server
+
+        mport = start_metrics_server(engine.metrics.registry, metrics_host, metrics_port)
+        log.info(f"{name} metrics listening", address=f"http://{metrics_host}:{mport}/metrics")
     engine.start()
     server, port, health = await start_server(engine, address)
     log.info(f"{name} listening", address=address, port=port)

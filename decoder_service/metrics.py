@@ -1,0 +1,34 @@
+"""Prometheus metrics for the decoder (``prometheus_client``, its own registry).
+
+Why: operators size decoder machines by active sequences, queue depth,
+tokens/s and time to first token.  Counters are bumped on the MLX thread
+(``prometheus_client`` is thread-safe); gauges read the scheduler at scrape
+time.  One ``DecoderMetrics`` per engine, so test processes never collide.
+"""
+
+from __future__ import annotations
+
+from prometheus_client import CollectorRegistry, Counter, Gauge, Histogram, generate_latest
+
+_TTFT_BUCKETS = (0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1.0, 2.5, 5.0, 10.0, 30.0)
+
+
+class DecoderMetrics:
+    def __init__(self) -> None:
+        r = self.registry = CollectorRegistry()
+        self.requests = Counter("mmserve_decoder_requests", "Generate RPCs by outcome (gRPC status name)",
+                                ["outcome"], registry=r)
+        self.active = Gauge("mmserve_decoder_active_sequences", "Sequences in the decode batch", registry=r)
+        self.queue_depth = Gauge("mmserve_decoder_queue_depth", "Requests waiting for a batch slot", registry=r)
+        self.generated_tokens = Counter("mmserve_decoder_generated_tokens",
+                                        "Tokens sampled (rate() = aggregate tokens/s)", registry=r)
+        self.prompt_tokens = Counter("mmserve_decoder_prompt_tokens", "Prompt tokens prefilled", registry=r)
+        self.ttft = Histogram("mmserve_decoder_ttft_seconds", "Arrival to first sampled token",
+                              buckets=_TTFT_BUCKETS, registry=r)
+
+    def bind(self, scheduler) -> None:
+        self.active.set_function(lambda: scheduler.active_count)
+        self.queue_depth.set_function(lambda: scheduler.queue_depth)
+
+    def text(self) -> str:
+        return generate_latest(self.registry).decode()
