@@ -106,6 +106,7 @@ class BatchScheduler:
         self._admit(bg, active, job)
         while active:
             self._step(bg, active)
+        self.active_count = 0
 
     def _new_generator(self):
         from mlx_lm.generate import BatchGenerator
@@ -203,6 +204,7 @@ class BatchScheduler:
                 active.pop(r.uid, None)
                 if r.finish_reason is None:  # we stopped it; the generator has not
                     bg.remove([r.uid])
+        self.active_count = len(active)
 
     def _deliver(self, a: _Active, token: int, finish: str | None) -> bool:
         """Emit one token (or the stop); return True when the sequence is finished."""

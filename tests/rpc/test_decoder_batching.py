@@ -1,0 +1,213 @@
+"""Continuous batching in the decoder: batched == alone, seeds, penalties, cancellation.
+
+The engine runs in this process (its MLX thread, its scheduler); requests go
+through ``DecoderEngine.generate`` — the same call the gRPC servicer makes —
+and, for cancellation, through a real gRPC server on an ephemeral port.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import time
+
+import grpc
+import numpy as np
+import pytest
+import pytest_asyncio
+
+from decoder_service.config import DecoderConfig
+from decoder_service.engine import DecoderEngine
+from decoder_service.server import SERVICE_NAME as DECODER
+from decoder_service.server import start_decoder_server
+from mmserve_common import types as T
+from mmserve_common.grpc_runtime import set_serving
+from mmserve_common.stubs import decoder_pb2, decoder_pb2_grpc
+from mmserve_common.tensors import RawTensor
+from mmserve_common.tiny_checkpoint import IDS, write_tiny_checkpoint
+
+pytestmark = pytest.mark.asyncio(loop_scope="session")
+IMG, BOI, EOI = IDS["<|image|>"], IDS["<|image>"], IDS["<image|>"]
+
+
+async def _engine(ckpt, **cfg) -> DecoderEngine:
+    e = DecoderEngine(DecoderConfig(checkpoint=str(ckpt), port=0, stream_interval_ms=0, **cfg))
+    e.start()
+    await e.wait_ready()
+    return e
+
+
+@pytest.fixture(scope="module")
+def ckpt_dense32(tmp_path_factory):
+    """31B-shaped in float32: batched kernels sum in another order than B=1 ones, and on a
+    random bf16 model near-ties then flip greedy picks; f32 makes equality a fair test."""
+    return write_tiny_checkpoint(tmp_path_factory.mktemp("ckpt") / "tiny-dense32", variant="dense", dtype="float32")
+
+
+@pytest_asyncio.fixture(scope="module", loop_scope="session")
+async def dense(ckpt_dense32):
+    e = await _engine(ckpt_dense32, max_active=16)
+    yield e
+    e.stop()
+
+
+@pytest_asyncio.fixture(scope="module", loop_scope="session")
+async def e2b(ckpt_e2b):
+    e = await _engine(ckpt_e2b, max_active=16)
+    yield e
+    e.stop()
+
+
+def _prompt(rng, with_image: bool, hidden: int = 64, dtype: str = "float32"):
+    ids = [2, 105] + [int(x) for x in rng.integers(10, 240, int(rng.integers(4, 90)))]
+    spans = []
+    if with_image:
+        rows = int(rng.integers(3, 40))
+        ids += [BOI]
+        data = (rng.standard_normal((rows, hidden)) * 0.5).astype(np.float32)
+        if dtype == "bfloat16":
+            raw = (data.view(np.uint32) >> 16).astype(np.uint16).tobytes()
+        else:
+            raw = data.tobytes()
+        spans = [T.SpanEmbedding(T.Span(len(ids), rows, T.IMAGE), RawTensor(raw, dtype, (rows, hidden)))]
+        ids += [IMG] * rows + [EOI]
+    return ids + [106, 105, 11], spans
+
+
+async def _run(engine, ids, spans, **sampling):
+    s = T.SamplingParams(**{"temperature": 0.0, "max_tokens": 24, **sampling})
+    resolved = engine.validate(ids, [(sp.span, sp.tensor.dtype, sp.tensor.shape) for sp in spans], s)
+    tokens, done = [], None
+    async for ev in engine.generate(ids, spans, resolved, s.stop_token_ids):
+        if isinstance(ev, T.TokenEvent):
+            tokens += ev.token_ids
+        else:
+            done = ev
+    return tokens, done
+
+
+async def _peak_active(engine, coro):
+    peak = 0
+    task = asyncio.ensure_future(coro)
+    while not task.done():
+        peak = max(peak, engine.scheduler.active_count)
+        await asyncio.sleep(0.002)
+    return await task, peak
+
+
+@pytest.mark.parametrize("which", ["dense", "e2b"])
+async def test_eight_concurrent_greedy_requests_equal_each_alone(which, dense, e2b):
+    engine = {"dense": dense, "e2b": e2b}[which]
+    dtype = "float32" if which == "dense" else "bfloat16"
+    rng = np.random.default_rng(7)
+    prompts = [_prompt(rng, with_image=i % 2 == 0, dtype=dtype) for i in range(8)]
+    bias = {t: -100.0 for t in engine.eos_ids}  # same length for all: no early stops
+    alone = [await _run(engine, ids, spans, logit_bias=bias) for ids, spans in prompts]
+    together, peak = await _peak_active(
+        engine, asyncio.gather(*(_run(engine, ids, spans, logit_bias=bias) for ids, spans in prompts)))
+    assert peak >= 4  # they really shared decode steps
+    for (a, da), (b, db) in zip(alone, together):
+        assert a == b and len(a) == 24
+        assert da.completion_tokens == db.completion_tokens == 24 and da.finish_reason == "length"
+
+
+async def test_same_seed_same_output_whatever_else_runs(dense):
+    rng = np.random.default_rng(3)
+    ids, spans = _prompt(rng, with_image=True)
+    kw = dict(temperature=1.0, top_p=0.95, seed=1234, max_tokens=20)
+    first, _ = await _run(dense, ids, spans, **kw)
+    others = [_prompt(rng, with_image=False) for _ in range(5)]
+    results = await asyncio.gather(_run(dense, ids, spans, **kw),
+                                   *(_run(dense, i, s, temperature=1.0, max_tokens=30) for i, s in others))
+    assert results[0][0] == first
+    other_seed, _ = await _run(dense, ids, spans, **{**kw, "seed": 99})
+    assert other_seed != first
+
+
+async def test_presence_penalty_stops_repeats(dense):
+    rng = np.random.default_rng(11)
+    bias = {t: -100.0 for t in dense.eos_ids}
+    for _ in range(10):  # find a prompt whose greedy output repeats tokens
+        ids, spans = _prompt(rng, with_image=False)
+        base, _ = await _run(dense, ids, spans, max_tokens=20, logit_bias=bias)
+        if len(set(base)) < len(base):
+            break
+    assert len(set(base)) < len(base)
+    penalised, _ = await _run(dense, ids, spans, max_tokens=20, logit_bias=bias, presence_penalty=1e4)
+    assert len(set(penalised)) == len(penalised)  # context window 20 covers all 20 outputs
+
+
+async def test_stop_token_ends_with_stop_and_is_not_emitted(dense):
+    rng = np.random.default_rng(5)
+    ids, spans = _prompt(rng, with_image=False)
+    base, _ = await _run(dense, ids, spans, max_tokens=10, logit_bias={t: -100.0 for t in dense.eos_ids})
+    stop_at = base[4]
+    tokens, done = await _run(dense, ids, spans, max_tokens=10, stop_token_ids=[stop_at],
+                              logit_bias={t: -100.0 for t in dense.eos_ids})
+    k = base.index(stop_at)
+    assert tokens == base[:k] and done.finish_reason == "stop" and done.stop_token_id == stop_at
+    assert done.completion_tokens == k + 1
+
+
+async def test_queue_bound_is_resource_exhausted(ckpt_dense32):
+    engine = await _engine(ckpt_dense32, max_active=1, max_queue=1)
+    try:
+        rng = np.random.default_rng(1)
+        ids, spans = _prompt(rng, with_image=False)
+        no_eos = {t: -100.0 for t in engine.eos_ids}
+        long_run = asyncio.ensure_future(_run(engine, ids, spans, max_tokens=3000, logit_bias=no_eos))
+        while engine.scheduler.active_count == 0:
+            await asyncio.sleep(0.005)
+        waiting = asyncio.ensure_future(_run(engine, ids, spans, max_tokens=2, logit_bias=no_eos))  # fills the queue
+        await asyncio.sleep(0.05)
+        from mmserve_common.errors import ResourceExhausted
+
+        with pytest.raises(ResourceExhausted, match="queue is full"):
+            await _run(engine, ids, spans, max_tokens=2)
+        long_run.cancel()
+        tokens, done = await waiting
+        assert done.completion_tokens == 2
+    finally:
+        engine.stop()
+
+
+async def test_cancelled_rpc_leaves_the_batch_within_a_step(ckpt_dense32):
+    engine = await _engine(ckpt_dense32, max_active=4)
+    server, port, health = await start_decoder_server(engine, "127.0.0.1:0")
+    await set_serving(health, [DECODER], True)
+    try:
+        async with grpc.aio.insecure_channel(f"127.0.0.1:{port}") as ch:
+            stub = decoder_pb2_grpc.DecoderServiceStub(ch)
+            ids = [2, 105, 10, 11, 12, 106, 105, 11]
+            setup = decoder_pb2.GenerateSetup(prompt_token_ids=ids, sampling=decoder_pb2.SamplingParams(
+                temperature=0, max_tokens=3000, logit_bias={t: -100 for t in engine.eos_ids}))
+
+            async def reqs():
+                yield decoder_pb2.GenerateRequest(setup=setup)
+
+            call = stub.Generate(reqs())
+            got = 0
+            async for msg in call:
+                got += len(msg.token.token_ids)
+                if got >= 5:
+                    break
+            assert engine.scheduler.active_count == 1
+            counted = _generated(engine)
+            call.cancel()
+            t0 = time.monotonic()
+            while engine.scheduler.active_count and time.monotonic() - t0 < 5:
+                await asyncio.sleep(0.001)
+            assert engine.scheduler.active_count == 0
+            assert _generated(engine) - counted <= 3  # left within a step or two, not 3000 tokens later
+    finally:
+        await server.stop(0)
+        engine.stop()
+
+
+def _generated(engine) -> float:
+    for metric in engine.metrics.generated_tokens.collect():
+        for s in metric.samples:
+            if s.name.endswith("_total"):
+                return s.value
+    return 0.0
+
+
