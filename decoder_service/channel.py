@@ -86,7 +86,9 @@ def _coalesce(items: list[object]) -> list[object]:
     for it in items:
         if isinstance(it, T.TokenEvent) and out and isinstance(out[-1], T.TokenEvent):
             prev = out[-1]
-            out[-1] = T.TokenEvent(prev.token_ids + it.token_ids, prev.text + it.text)
+            lps = None if prev.logprobs is None and it.logprobs is None else (
+                (prev.logprobs or []) + (it.logprobs or []))
+            out[-1] = T.TokenEvent(prev.token_ids + it.token_ids, prev.text + it.text, lps)
         else:
             out.append(it)
     return out

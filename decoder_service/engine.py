@@ -44,6 +44,8 @@ class DecoderEngine:
         self.tokenizer = AutoTokenizer.from_pretrained(cfg.checkpoint)
         tok_eos = [self.tokenizer.eos_token_id] if self.tokenizer.eos_token_id is not None else []
         self.eos_ids: list[int] = self.info.eos_token_ids(tok_eos)
+        template = getattr(self.tokenizer, "chat_template", None)
+        self.chat_template: str = template if isinstance(template, str) else ""
         self.context_length = min(
             self.info.context_length, cfg.context_length or self.info.context_length
         )

@@ -52,6 +52,9 @@ class ResolvedSampling:
     repetition_penalty: float | None
     presence_penalty: float | None
     frequency_penalty: float | None
+    stop_strings: tuple[str, ...] = ()
+    logprobs: bool = False
+    top_logprobs: int = 0
 
 
 @dataclass(frozen=True)

@@ -16,6 +16,9 @@ from decoder_service.model import ResolvedSampling
 from mmserve_common.errors import InvalidArgument
 from mmserve_common.types import SamplingParams
 
+MAX_STOP_STRINGS = 16
+MAX_TOP_LOGPROBS = 20
+
 
 def resolve_sampling(
     s: SamplingParams,
@@ -73,6 +76,14 @@ def resolve_sampling(
     for tok in s.stop_token_ids:
         if not (0 <= tok < vocab_size):
             raise InvalidArgument(f"stop_token_ids: {tok} is outside the vocabulary [0, {vocab_size})")
+    if len(s.stop) > MAX_STOP_STRINGS:
+        raise InvalidArgument(f"stop: at most {MAX_STOP_STRINGS} stop strings, got {len(s.stop)}")
+    if any(not x for x in s.stop):
+        raise InvalidArgument("stop: stop strings must be non-empty")
+    if not (0 <= s.top_logprobs <= MAX_TOP_LOGPROBS):
+        raise InvalidArgument(f"top_logprobs must be in [0, {MAX_TOP_LOGPROBS}], got {s.top_logprobs}")
+    if s.top_logprobs and not s.logprobs:
+        raise InvalidArgument("top_logprobs needs logprobs to be true")
     return ResolvedSampling(
         temperature=temperature,
         top_p=top_p,
@@ -84,4 +95,7 @@ def resolve_sampling(
         repetition_penalty=s.repetition_penalty,
         presence_penalty=s.presence_penalty or None,
         frequency_penalty=s.frequency_penalty or None,
+        stop_strings=tuple(s.stop),
+        logprobs=bool(s.logprobs),
+        top_logprobs=int(s.top_logprobs),
     )

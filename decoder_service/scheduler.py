@@ -32,6 +32,7 @@ import mlx.core as mx
 from decoder_service.detokenizer import IncrementalDetokenizer
 from decoder_service.model import LanguageModelRunner, ResolvedSampling, SpanRows
 from decoder_service.sampler import build_processors, build_sampler
+from decoder_service.stop_strings import StopStringFilter
 from mmserve_common import types as T
 from mmserve_common.errors import ResourceExhausted
 from mmserve_common.logs import get_logger
@@ -58,6 +59,7 @@ class GenerationJob:
 class _Active:
     job: GenerationJob
     detok: IncrementalDetokenizer
+    stops: StopStringFilter
     started: float
     first_at: float
     generated: int = 1
@@ -179,11 +181,12 @@ class BatchScheduler:
             log.error("prefill failed", traceback=traceback.format_exc())
             job.emit(e)
             return
-        a = _Active(job, IncrementalDetokenizer(self.tokenizer), started, time.perf_counter())
+        a = _Active(job, IncrementalDetokenizer(self.tokenizer), StopStringFilter(list(s.stop_strings)),
+                    started, time.perf_counter())
         if self.metrics is not None:
             self.metrics.ttft.observe(a.first_at - job.enqueued_at)
             self.metrics.prompt_tokens.inc(len(job.ids))
-        if self._deliver(a, first, None):
+        if self._deliver(a, first, None, logprobs):
             return
         [uid] = bg.insert(
             [[first]], max_tokens=[s.max_tokens - 1], caches=[cache], all_tokens=[list(job.ids)],
@@ -200,31 +203,42 @@ class BatchScheduler:
             if a is None:
                 continue  # removed (cancelled) while its step was in flight
             a.generated += 1
-            if self._deliver(a, int(r.token), r.finish_reason):
+            if self._deliver(a, int(r.token), r.finish_reason, r.logprobs):
                 active.pop(r.uid, None)
                 if r.finish_reason is None:  # we stopped it; the generator has not
                     bg.remove([r.uid])
         self.active_count = len(active)
 
-    def _deliver(self, a: _Active, token: int, finish: str | None) -> bool:
+    def _deliver(self, a: _Active, token: int, finish: str | None, logprobs: mx.array) -> bool:
         """Emit one token (or the stop); return True when the sequence is finished."""
         job = a.job
         if self.metrics is not None:
             self.metrics.generated_tokens.inc()
         if token in job.stop_ids:
-            self._complete(a, "stop", token)
+            self._complete(a, "stop", stop_id=token)
             return True
-        job.emit(T.TokenEvent([token], a.detok.add(token)))
+        lps = [_token_logprob(token, logprobs, job.sampling.top_logprobs)] if job.sampling.logprobs else None
+        text, matched = a.stops.feed(a.detok.add(token))
+        job.emit(T.TokenEvent([token], text, lps))
+        if matched is not None:
+            self._complete(a, "stop", stop_string=matched)
+            return True
         if finish is not None or a.generated >= job.sampling.max_tokens:
-            self._complete(a, "length", None)
+            self._complete(a, "length")
             return True
         return False
 
-    def _complete(self, a: _Active, finish: str, stop_id: int | None) -> None:
+    def _complete(self, a: _Active, finish: str, *, stop_id: int | None = None,
+                  stop_string: str | None = None) -> None:
         job = a.job
-        tail = a.detok.flush()
-        if tail:
-            job.emit(T.TokenEvent([], tail))
+        if stop_string is None:  # release what the detokenizer and the stop filter still hold
+            tail, matched = a.stops.feed(a.detok.flush())
+            if matched is not None:
+                finish, stop_string = "stop", matched
+            else:
+                tail += a.stops.flush()
+            if tail:
+                job.emit(T.TokenEvent([], tail, [] if job.sampling.logprobs else None))
         end = time.perf_counter()
         job.emit(T.Completion(
             finish_reason=finish,
@@ -235,4 +249,16 @@ class BatchScheduler:
             prefill_ms=(a.first_at - a.started) * 1000.0,
             decode_ms=(end - a.first_at) * 1000.0,
             stop_token_id=stop_id,
+            stop_string=stop_string,
         ))
+
+
+def _token_logprob(token: int, logprobs: mx.array, k: int) -> T.TokenLogprob:
+    """The sampled token's log-probability and the ``k`` most likely tokens (best first)."""
+    lp = logprobs.reshape(-1)
+    top: list[tuple[int, float]] = []
+    if k:
+        idx = mx.argpartition(-lp, kth=k - 1)[:k]
+        vals = lp[idx].tolist()
+        top = sorted(zip(idx.tolist(), vals), key=lambda p: -p[1])
+    return T.TokenLogprob(token, float(lp[token].item()), [(int(t), float(v)) for t, v in top])

@@ -109,6 +109,7 @@ class DecoderServicer(decoder_pb2_grpc.DecoderServiceServicer):
                 vocab_size=info.vocab_size,
                 bidirectional_vision=info.bidirectional_vision,
                 per_layer_inputs=info.per_layer_inputs,
+                chat_template=self.engine.chat_template,
             )
 
 

@@ -25,6 +25,7 @@ from fastapi.responses import JSONResponse, StreamingResponse
 from gateway.clients import DecoderClient, EncoderClient, ModelInfo
 from gateway.config import GatewayConfig
 from gateway.errors import HTTPError, to_http
+from gateway.logprobs import LogprobFormatter
 from gateway.openai_schema import ChatRequest, parse_chat_request
 from gateway.prompt import MediaTokens, PromptBuilder
 from mmserve_common import codec
@@ -49,6 +50,7 @@ class Pipeline:
         self._info: ModelInfo | None = None
         self._builder: PromptBuilder | None = None
         self._encoder_modalities: set[str] | None = None
+        self.logprobs = LogprobFormatter(self.tokenizer)
 
     async def open(self) -> None:
         self.encoder = EncoderClient(self.cfg.encoder, self.cfg.rpc_timeout_s)
@@ -238,12 +240,13 @@ def create_app(cfg: GatewayConfig) -> FastAPI:
         if req.stream:
             return StreamingResponse(
                 _sse(call, first, completion_id, created, model, req.include_usage, encode_ms,
-                     req.return_token_ids),
+                     req.return_token_ids, pipeline.logprobs if req.sampling.logprobs else None),
                 media_type="text/event-stream",
                 headers={"Cache-Control": "no-cache", REQUEST_ID_HEADER: rid},
             )
         return await _complete(call, first, completion_id, created, model, encode_ms,
-                               ids if req.return_token_ids else None)
+                               ids if req.return_token_ids else None,
+                               pipeline.logprobs if req.sampling.logprobs else None)
 
     return app
 
@@ -257,15 +260,18 @@ async def _responses(call, first):
         yield msg
 
 
-async def _complete(call, first, cid, created, model, encode_ms, prompt_ids=None):
+async def _complete(call, first, cid, created, model, encode_ms, prompt_ids=None, logprobs=None):
     text: list[str] = []
     token_ids: list[int] = []
+    lps: list = []
     completion = None
     try:
         async for msg in _responses(call, first):
             if msg.WhichOneof("payload") == "token":
                 text.append(msg.token.text)
                 token_ids.extend(msg.token.token_ids)
+                if logprobs is not None:
+                    lps.extend(codec.token_logprobs_from_pb(msg.token))
             else:
                 completion = codec.completion_from_pb(msg.complete)
     except grpc.aio.AioRpcError as e:
@@ -278,7 +284,7 @@ async def _complete(call, first, cid, created, model, encode_ms, prompt_ids=None
     choice = {
         "index": 0,
         "message": {"role": "assistant", "content": "".join(text)},
-        "logprobs": None,
+        "logprobs": {"content": logprobs.content(lps)} if logprobs is not None else None,
         "finish_reason": completion.finish_reason,
     }
     extra = {}
@@ -299,8 +305,8 @@ async def _complete(call, first, cid, created, model, encode_ms, prompt_ids=None
     })
 
 
-def _chunk(cid, created, model, delta, finish_reason=None, token_ids=None, **extra) -> str:
-    choice = {"index": 0, "delta": delta, "logprobs": None, "finish_reason": finish_reason}
+def _chunk(cid, created, model, delta, finish_reason=None, token_ids=None, logprobs=None, **extra) -> str:
+    choice = {"index": 0, "delta": delta, "logprobs": logprobs, "finish_reason": finish_reason}
     if token_ids is not None:
         choice["token_ids"] = token_ids
     body = {
@@ -314,7 +320,7 @@ def _chunk(cid, created, model, delta, finish_reason=None, token_ids=None, **ext
     return f"data: {json.dumps(body, separators=(',', ':'))}\n\n"
 
 
-async def _sse(call, first, cid, created, model, include_usage, encode_ms, token_ids=False):
+async def _sse(call, first, cid, created, model, include_usage, encode_ms, token_ids=False, logprobs=None):
     """One SSE event per decoder message.  A message may carry several tokens (the
     decoder merges what this stream has not read yet), so one ``delta`` may hold
     several tokens' text, as OpenAI's own streams do; with ``return_token_ids`` the
@@ -323,9 +329,11 @@ async def _sse(call, first, cid, created, model, include_usage, encode_ms, token
     try:
         async for msg in _responses(call, first):
             if msg.WhichOneof("payload") == "token":
-                if token_ids:
+                lp = ({"content": logprobs.content(codec.token_logprobs_from_pb(msg.token))}
+                      if logprobs is not None and msg.token.token_ids else None)
+                if token_ids or lp is not None:
                     yield _chunk(cid, created, model, {"content": msg.token.text},
-                                 token_ids=list(msg.token.token_ids))
+                                 token_ids=list(msg.token.token_ids) if token_ids else None, logprobs=lp)
                 elif msg.token.text:
                     yield _chunk(cid, created, model, {"content": msg.token.text})
                 continue

@@ -210,6 +210,21 @@ def parse_chat_request(body: Any) -> ChatRequest:
             raise bad(f"logit_bias[{k}] must be a number between -100 and 100", "logit_bias")
         logit_bias[tok] = float(v)
     seed = _number(body, "seed", integer=True)
+    stop = body.get("stop")
+    if stop is None:
+        stop = []
+    elif isinstance(stop, str):
+        stop = [stop]
+    if not isinstance(stop, list) or len(stop) > 4 or not all(isinstance(x, str) and x for x in stop):
+        raise bad("stop must be a non-empty string or a list of up to 4 non-empty strings", "stop")
+    logprobs = body.get("logprobs", False)
+    if logprobs is None:
+        logprobs = False
+    if not isinstance(logprobs, bool):
+        raise bad("logprobs must be a boolean", "logprobs")
+    top_logprobs = _number(body, "top_logprobs", lo=0, hi=20, integer=True) or 0
+    if top_logprobs and not logprobs:
+        raise bad("top_logprobs requires logprobs to be true", "top_logprobs")
     sampling = T.SamplingParams(
         temperature=_number(body, "temperature", lo=0, hi=2),
         top_p=_number(body, "top_p", lo=0, hi=1),
@@ -220,6 +235,10 @@ def parse_chat_request(body: Any) -> ChatRequest:
         logit_bias=logit_bias,
         presence_penalty=_number(body, "presence_penalty", lo=-2, hi=2),
         frequency_penalty=_number(body, "frequency_penalty", lo=-2, hi=2),
+        repetition_penalty=_number(body, "repetition_penalty", lo=0.01, hi=10),
+        stop=stop,
+        logprobs=logprobs,
+        top_logprobs=top_logprobs,
     )
     if sampling.top_p == 0:
         raise bad("top_p must be greater than 0", "top_p")

@@ -103,6 +103,9 @@ def sampling_to_pb(s: T.SamplingParams) -> decoder_pb2.SamplingParams:
     pb = decoder_pb2.SamplingParams(
         logit_bias={int(k): float(v) for k, v in s.logit_bias.items()},
         stop_token_ids=list(s.stop_token_ids),
+        stop=list(s.stop),
+        logprobs=s.logprobs,
+        top_logprobs=s.top_logprobs,
     )
     for name in _OPTIONAL_SAMPLING_FIELDS:
         v = getattr(s, name)
@@ -115,6 +118,9 @@ def sampling_from_pb(pb: decoder_pb2.SamplingParams) -> T.SamplingParams:
     s = T.SamplingParams(
         logit_bias={int(k): float(v) for k, v in pb.logit_bias.items()},
         stop_token_ids=[int(x) for x in pb.stop_token_ids],
+        stop=list(pb.stop),
+        logprobs=bool(pb.logprobs),
+        top_logprobs=int(pb.top_logprobs),
     )
     for name in _OPTIONAL_SAMPLING_FIELDS:
         if pb.HasField(name):
@@ -147,7 +153,17 @@ def span_from_pb(i: int, pb: decoder_pb2.EmbeddingSpan) -> tuple[T.Span, str, tu
 
 
 def token_event_to_pb(ev: T.TokenEvent) -> decoder_pb2.GenerateResponse:
-    return decoder_pb2.GenerateResponse(token=decoder_pb2.TokenChunk(token_ids=ev.token_ids, text=ev.text))
+    chunk = decoder_pb2.TokenChunk(token_ids=ev.token_ids, text=ev.text)
+    for lp in ev.logprobs or ():
+        chunk.logprobs.append(decoder_pb2.TokenLogprob(
+            token_id=lp.token_id, logprob=lp.logprob,
+            top=[decoder_pb2.TopLogprob(token_id=t, logprob=v) for t, v in lp.top]))
+    return decoder_pb2.GenerateResponse(token=chunk)
+
+
+def token_logprobs_from_pb(chunk: decoder_pb2.TokenChunk) -> list[T.TokenLogprob]:
+    return [T.TokenLogprob(lp.token_id, lp.logprob, [(t.token_id, t.logprob) for t in lp.top])
+            for lp in chunk.logprobs]
 
 
 def completion_to_pb(c: T.Completion) -> decoder_pb2.GenerateResponse:
@@ -162,7 +178,8 @@ def completion_to_pb(c: T.Completion) -> decoder_pb2.GenerateResponse:
             timings=decoder_pb2.Timings(
                 queued_ms=c.queued_ms, prefill_ms=c.prefill_ms, decode_ms=c.decode_ms
             ),
-            stop_token_id=c.stop_token_id if c.stop_token_id is not None else -1,
+            stop_token_id=c.stop_token_id,
+            stop_string=c.stop_string or "",
         )
     )
 
@@ -176,5 +193,6 @@ def completion_from_pb(pb: decoder_pb2.GenerateComplete) -> T.Completion:
         queued_ms=pb.timings.queued_ms,
         prefill_ms=pb.timings.prefill_ms,
         decode_ms=pb.timings.decode_ms,
-        stop_token_id=pb.stop_token_id if pb.stop_token_id >= 0 else None,
+        stop_token_id=pb.stop_token_id if pb.HasField("stop_token_id") else None,
+        stop_string=pb.stop_string or None,
     )

@@ -76,6 +76,9 @@ class SamplingParams:
     repetition_penalty: float | None = None
     presence_penalty: float | None = None
     frequency_penalty: float | None = None
+    stop: list[str] = field(default_factory=list)
+    logprobs: bool = False
+    top_logprobs: int = 0
 
 
 @dataclass
@@ -86,11 +89,21 @@ class GenerateInput:
 
 
 @dataclass(frozen=True)
+class TokenLogprob:
+    """A sampled token's log-probability and the most likely alternatives (best first)."""
+
+    token_id: int
+    logprob: float
+    top: list[tuple[int, float]] = field(default_factory=list)
+
+
+@dataclass(frozen=True)
 class TokenEvent:
     """Tokens generated since the last event and the text they complete."""
 
     token_ids: list[int]
     text: str
+    logprobs: list[TokenLogprob] | None = None  # one per token id, when requested
 
 
 @dataclass(frozen=True)
@@ -103,3 +116,4 @@ class Completion:
     prefill_ms: float
     decode_ms: float
     stop_token_id: int | None = None
+    stop_string: str | None = None

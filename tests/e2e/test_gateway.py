@@ -210,3 +210,35 @@ def test_request_id_reaches_both_services(services_e2b, media_dir):
     assert rid in services_e2b.logs("encoder")
     assert rid in services_e2b.logs("decoder")
     assert rid in services_e2b.logs("gateway")
+
+
+def test_logprobs_through_the_openai_client(services_e2b, media_dir):
+    c = _client(services_e2b)
+    no_eos = {"1": -100, "106": -100, "50": -100}
+    kw = dict(model="m", messages=_mm_message(media_dir), max_tokens=6, temperature=0, logit_bias=no_eos,
+              logprobs=True, top_logprobs=3)
+    r = c.chat.completions.create(**kw)
+    content = r.choices[0].logprobs.content
+    assert len(content) == 6 == r.usage.completion_tokens
+    for e in content:
+        assert len(e.top_logprobs) == 3 and e.top_logprobs[0].logprob == e.logprob <= 0
+        assert bytes(e.bytes).decode() == e.token
+    streamed = [e for ch in c.chat.completions.create(**kw, stream=True)
+                if ch.choices and ch.choices[0].logprobs for e in ch.choices[0].logprobs.content]
+    assert [(e.token, round(e.logprob, 4)) for e in streamed] == [(e.token, round(e.logprob, 4)) for e in content]
+
+
+def test_stop_string_through_the_gateway(services_e2b):
+    c = _client(services_e2b)
+    no_eos = {"1": -100, "106": -100, "50": -100}
+    msgs = [{"role": "user", "content": "tell me"}]
+    full = c.chat.completions.create(model="m", messages=msgs, max_tokens=12, temperature=0, logit_bias=no_eos)
+    text = full.choices[0].message.content
+    stop = text[len(text) // 2 : len(text) // 2 + 2]
+    cut = text.find(stop)
+    r = c.chat.completions.create(model="m", messages=msgs, max_tokens=12, temperature=0, logit_bias=no_eos,
+                                  stop=[stop])
+    assert r.choices[0].message.content == text[:cut] and r.choices[0].finish_reason == "stop"
+    chunks = list(c.chat.completions.create(model="m", messages=msgs, max_tokens=12, temperature=0,
+                                            logit_bias=no_eos, stop=stop, stream=True))
+    assert "".join(ch.choices[0].delta.content or "" for ch in chunks if ch.choices) == text[:cut]

@@ -74,15 +74,23 @@ def _prompt(rng, with_image: bool, hidden: int = 64, dtype: str = "float32"):
 
 
 async def _run(engine, ids, spans, **sampling):
+    tokens, done, _, _ = await _run_full(engine, ids, spans, **sampling)
+    return tokens, done
+
+
+async def _run_full(engine, ids, spans, **sampling):
+    """(token ids, completion, text, logprobs) of one generation."""
     s = T.SamplingParams(**{"temperature": 0.0, "max_tokens": 24, **sampling})
     resolved = engine.validate(ids, [(sp.span, sp.tensor.dtype, sp.tensor.shape) for sp in spans], s)
-    tokens, done = [], None
+    tokens, done, text, lps = [], None, "", []
     async for ev in engine.generate(ids, spans, resolved, s.stop_token_ids):
         if isinstance(ev, T.TokenEvent):
             tokens += ev.token_ids
+            text += ev.text
+            lps += ev.logprobs or []
         else:
             done = ev
-    return tokens, done
+    return tokens, done, text, lps
 
 
 async def _peak_active(engine, coro):
@@ -211,3 +219,38 @@ def _generated(engine) -> float:
     return 0.0
 
 
+
+
+async def test_stop_string_across_token_boundaries(dense):
+    rng = np.random.default_rng(21)
+    no_eos = {t: -100.0 for t in dense.eos_ids}
+    for _ in range(20):  # find an output whose text has a spot spanning two tokens
+        ids, spans = _prompt(rng, with_image=False)
+        toks, _, text, _ = await _run_full(dense, ids, spans, max_tokens=16, logit_bias=no_eos)
+        pieces = [dense.tokenizer.decode(toks[:i], skip_special_tokens=False) for i in range(len(toks) + 1)]
+        cut = next((len(pieces[i]) for i in range(3, len(toks)) if len(pieces[i]) > len(pieces[i - 1]) > 0
+                    and len(pieces[i + 1]) > len(pieces[i])), None)
+        if cut and text.find(text[cut - 1 : cut + 1]) == cut - 1:
+            break
+    stop = text[cut - 1 : cut + 1]  # last char of one token + first char of the next
+    got_toks, done, got_text, _ = await _run_full(dense, ids, spans, max_tokens=16, logit_bias=no_eos, stop=[stop])
+    assert got_text == text[: cut - 1]
+    assert done.finish_reason == "stop" and done.stop_string == stop and done.stop_token_id is None
+    assert got_toks == toks[: len(got_toks)] and done.completion_tokens == len(got_toks)
+
+
+async def test_logprobs_and_top_alternatives(dense):
+    rng = np.random.default_rng(8)
+    ids, spans = _prompt(rng, with_image=True)
+    no_eos = {t: -100.0 for t in dense.eos_ids}
+    toks, done, _, lps = await _run_full(dense, ids, spans, max_tokens=12, logit_bias=no_eos,
+                                         logprobs=True, top_logprobs=5)
+    assert [lp.token_id for lp in lps] == toks and len(lps) == 12
+    for lp in lps:
+        assert len(lp.top) == 5
+        values = [v for _, v in lp.top]
+        assert values == sorted(values, reverse=True)
+        assert lp.top[0] == (lp.token_id, lp.logprob)  # greedy: the pick is the most likely
+        assert sum(np.exp(values)) <= 1.0 + 1e-4 and lp.logprob <= 0
+    toks2, _, _, none = await _run_full(dense, ids, spans, max_tokens=12, logit_bias=no_eos)
+    assert toks2 == toks and none == []
