@@ -15,6 +15,7 @@ class DecoderConfig:
     model_id: str | None = None
     max_queue: int = 64
     max_active: int = 16
+    prefix_cache_bytes: int = 2 << 30
     metrics_host: str = "127.0.0.1"
     metrics_port: int | None = None
     context_length: int | None = None
@@ -36,6 +37,8 @@ def parse_args(argv: list[str] | None = None) -> DecoderConfig:
                    help="requests waiting for a batch slot; beyond it RESOURCE_EXHAUSTED")
     p.add_argument("--max-active", type=int, default=int(_env("MAX_ACTIVE", 16)),
                    help="sequences decoding together in one batch")
+    p.add_argument("--prefix-cache-bytes", type=int, default=int(_env("PREFIX_CACHE_BYTES", 2 << 30)),
+                   help="KV bytes kept for prefix reuse across turns and requests (0 = off)")
     p.add_argument("--metrics-host", default=_env("METRICS_HOST", "127.0.0.1"))
     p.add_argument("--metrics-port", type=int, default=_env("METRICS_PORT", None),
                    help="serve Prometheus /metrics on this port (0 = any free port; unset = off)")
@@ -54,6 +57,7 @@ def parse_args(argv: list[str] | None = None) -> DecoderConfig:
         context_length=int(a.context_length) if a.context_length else None,
         stream_interval_ms=a.stream_interval_ms,
         max_active=a.max_active,
+        prefix_cache_bytes=a.prefix_cache_bytes,
         metrics_host=a.metrics_host,
         metrics_port=int(a.metrics_port) if a.metrics_port is not None else None,
     )

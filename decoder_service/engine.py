@@ -24,6 +24,7 @@ from decoder_service.config import DecoderConfig
 from decoder_service.metrics import DecoderMetrics
 from decoder_service.model import ResolvedSampling, SpanRows
 from decoder_service.placement import validate_prompt
+from decoder_service.prefix_cache import PrefixCache, media_key
 from decoder_service.sampling import resolve_sampling
 from decoder_service.scheduler import BatchScheduler, GenerationJob
 from mmserve_common import types as T
@@ -83,7 +84,8 @@ class DecoderEngine:
         t0 = time.perf_counter()
         runner = LanguageModelRunner(Path(self.cfg.checkpoint))
         scheduler = BatchScheduler(runner, self.tokenizer, max_active=self.cfg.max_active,
-                                   max_queue=self.cfg.max_queue, metrics=self.metrics)
+                                   max_queue=self.cfg.max_queue, metrics=self.metrics,
+                                   prefix_cache=PrefixCache(self.cfg.prefix_cache_bytes))
         warm = resolve_sampling(
             T.SamplingParams(temperature=0.0, max_tokens=3),
             prompt_len=2, context_length=self.context_length, vocab_size=self.info.vocab_size,
@@ -134,11 +136,12 @@ class DecoderEngine:
         channel = TokenChannel(asyncio.get_running_loop(), self.cfg.stream_interval_ms / 1000.0)
         job = GenerationJob(
             ids=ids,
-            spans=[SpanRows(s.span.offset, s.tensor.to_numpy(), s.tensor.dtype) for s in spans],
+            spans=[SpanRows(s.span.offset, s.tensor.to_numpy(), s.tensor.dtype, s.span.modality) for s in spans],
             sampling=resolved,
             stop_ids=frozenset(self.eos_ids) | frozenset(extra_stop_ids),
             soft_tokens=sum(s.span.length for s in spans),
             emit=channel.put,
+            media=[(s.span.offset, s.span.length, media_key(s.tensor.data, s.tensor.dtype)) for s in spans],
         )
         self.scheduler.submit(job)
         try:

@@ -23,12 +23,17 @@ class DecoderMetrics:
         self.generated_tokens = Counter("mmserve_decoder_generated_tokens",
                                         "Tokens sampled (rate() = aggregate tokens/s)", registry=r)
         self.prompt_tokens = Counter("mmserve_decoder_prompt_tokens", "Prompt tokens prefilled", registry=r)
+        self.prefix_hit_tokens = Counter("mmserve_decoder_prefix_cache_hit_tokens",
+                                         "Prompt tokens served from the prefix cache", registry=r)
+        self.prefix_cache_bytes = Gauge("mmserve_decoder_prefix_cache_bytes", "KV bytes in the prefix cache",
+                                        registry=r)
         self.ttft = Histogram("mmserve_decoder_ttft_seconds", "Arrival to first sampled token",
                               buckets=_TTFT_BUCKETS, registry=r)
 
     def bind(self, scheduler) -> None:
         self.active.set_function(lambda: scheduler.active_count)
         self.queue_depth.set_function(lambda: scheduler.queue_depth)
+        self.prefix_cache_bytes.set_function(lambda: scheduler.prefix.nbytes)
 
     def text(self) -> str:
         return generate_latest(self.registry).decode()

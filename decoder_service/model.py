@@ -38,6 +38,7 @@ class SpanRows:
     offset: int
     array: np.ndarray  # [rows, hidden]; bfloat16 as uint16 bit patterns
     dtype: str
+    modality: str = ""
 
 
 @dataclass(frozen=True)
@@ -122,24 +123,26 @@ class LanguageModelRunner:
         return input_ids, _EmbeddingFeatures(h, per_layer), mx.array(types.astype(np.int32))[None]
 
     # -- batched serving --------------------------------------------------------------
-    def prefill(self, ids: list[int], spans: list[SpanRows], prefill_step: int = 2048):
-        """Run the whole prompt through the LM into a fresh cache; return ``(cache, last_logits)``.
+    def prefill(self, ids: list[int], spans: list[SpanRows], *, cache: list | None = None, start: int = 0,
+                prefill_step: int = 2048):
+        """Run the prompt through the LM; return ``(cache, last_logits)``.
 
         The same steps ``mlx_vlm.generate_step`` takes before its first sample
-        (chunks of ``ids[:-1]`` then the last token, or one pass when the
+        (chunks of the prompt then its last token, or one pass when the
         checkpoint's policy forbids chunking — bidirectional image blocks), so
-        the first token matches the reference exactly.  Media rows, per-layer
-        inputs and ``mm_token_type_ids`` are only ever needed here: every later
-        token is text, which the batch decode feeds by id.
+        the first token matches the reference exactly.  With ``cache`` holding
+        ``ids[:start]`` (a prefix-cache hit) only the rest is computed.  Media
+        rows, per-layer inputs and ``mm_token_type_ids`` are only ever needed
+        here: every later token is text, which the batch decode feeds by id.
         """
         from mlx_vlm.generate.ar import generation_stream
 
         input_ids, feats, token_types = self._prompt_features(ids, spans)
-        emb = feats.inputs_embeds
-        kw = {"mm_token_type_ids": token_types}
+        emb, input_ids = feats.inputs_embeds[:, start:], input_ids[:, start:]
+        kw = {"mm_token_type_ids": token_types[:, start:]}
         if feats.per_layer_inputs is not None:
-            kw["per_layer_inputs"] = feats.per_layer_inputs
-        cache = self.lm.make_cache()
+            kw["per_layer_inputs"] = feats.per_layer_inputs  # the LM slices it at the cache offset
+        cache = cache if cache is not None else self.lm.make_cache()
         with mx.stream(generation_stream):
             chunked = self.lm.chunked_prefill_policy(
                 input_ids=input_ids, inputs_embeds=emb, prompt_cache=cache, prefill_kwargs=kw)

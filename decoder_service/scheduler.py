@@ -31,6 +31,7 @@ import mlx.core as mx
 
 from decoder_service.detokenizer import IncrementalDetokenizer
 from decoder_service.model import LanguageModelRunner, ResolvedSampling, SpanRows
+from decoder_service.prefix_cache import PrefixCache, keyed_tokens
 from decoder_service.sampler import build_processors, build_sampler
 from decoder_service.stop_strings import StopStringFilter
 from mmserve_common import types as T
@@ -51,6 +52,7 @@ class GenerationJob:
     stop_ids: frozenset[int]
     soft_tokens: int
     emit: object  # Callable[[object], None]
+    media: list[tuple[int, int, str]] = field(default_factory=list)  # (offset, length, media key) per span
     cancel: threading.Event = field(default_factory=threading.Event)
     enqueued_at: float = field(default_factory=time.perf_counter)
 
@@ -60,15 +62,18 @@ class _Active:
     job: GenerationJob
     detok: IncrementalDetokenizer
     stops: StopStringFilter
+    kids: list
     started: float
     first_at: float
+    cached: int = 0
     generated: int = 1
 
 
 class BatchScheduler:
     def __init__(self, runner: LanguageModelRunner, tokenizer, *, max_active: int, max_queue: int,
-                 metrics=None) -> None:
+                 metrics=None, prefix_cache: PrefixCache | None = None) -> None:
         self.runner = runner
+        self.prefix = prefix_cache if prefix_cache is not None else PrefixCache(0)
         self.tokenizer = tokenizer
         self.max_active = max(1, max_active)
         self.metrics = metrics
@@ -105,9 +110,13 @@ class BatchScheduler:
                             emit=lambda ev: done.set() if isinstance(ev, (T.Completion, BaseException)) else None)
         bg = self._new_generator()
         active: dict[int, _Active] = {}
-        self._admit(bg, active, job)
-        while active:
-            self._step(bg, active)
+        prefix, self.prefix = self.prefix, PrefixCache(0)  # warm-up KV is not worth keeping
+        try:
+            self._admit(bg, active, job)
+            while active:
+                self._step(bg, active)
+        finally:
+            self.prefix = prefix
         self.active_count = 0
 
     def _new_generator(self):
@@ -157,21 +166,24 @@ class BatchScheduler:
         gone = [uid for uid, a in active.items() if a.job.cancel.is_set()]
         if not gone:
             return
-        bg.remove(gone)
+        caches = bg.remove(gone, return_prompt_caches=True)
         for uid in gone:
             a = active.pop(uid)
+            self._store(a, *caches.get(uid, (None, None)))
             log.info("generation cancelled", tokens=a.generated)
         self.active_count = len(active)
 
     def _admit(self, bg, active: dict[int, _Active], job: GenerationJob) -> None:
-        """Prefill alone, sample the first token, then join the batch (unless already done)."""
+        """Prefill alone (from the longest cached prefix), sample the first token, join the batch."""
         from mlx_lm.generate import StopSequences
 
         started = time.perf_counter()
         try:
             s = job.sampling
             sampler, processors = build_sampler(s), build_processors(s)
-            cache, logits = self.runner.prefill(job.ids, job.spans)
+            kids = keyed_tokens(job.ids, job.media)
+            cache, hit = self._lookup(kids, job)
+            cache, logits = self.runner.prefill(job.ids, job.spans, cache=cache, start=hit)
             context = mx.array(job.ids)
             for p in processors:
                 logits = p(context, logits)
@@ -182,11 +194,13 @@ class BatchScheduler:
             job.emit(e)
             return
         a = _Active(job, IncrementalDetokenizer(self.tokenizer), StopStringFilter(list(s.stop_strings)),
-                    started, time.perf_counter())
+                    kids, started, time.perf_counter(), cached=hit)
         if self.metrics is not None:
             self.metrics.ttft.observe(a.first_at - job.enqueued_at)
             self.metrics.prompt_tokens.inc(len(job.ids))
+            self.metrics.prefix_hit_tokens.inc(hit)
         if self._deliver(a, first, None, logprobs):
+            self._store(a, cache, list(job.ids))
             return
         [uid] = bg.insert(
             [[first]], max_tokens=[s.max_tokens - 1], caches=[cache], all_tokens=[list(job.ids)],
@@ -195,6 +209,25 @@ class BatchScheduler:
         )
         active[uid] = a
         self.active_count = len(active)
+
+    def _lookup(self, kids: list, job: GenerationJob) -> tuple[list | None, int]:
+        """A cached prefix this prompt may start from (see ``prefix_cache``)."""
+        if not self.prefix.enabled:
+            return None, 0
+        cache, hit = self.prefix.lookup(kids, job.media)
+        if hit and self.runner.bidirectional_vision and any(
+                off + length > hit for off, length, _ in job.media if _is_image(job, off)):
+            # Gemma 4's bidirectional image overlay is only applied without a KV
+            # prefix, so a prompt with an image after the hit is computed whole.
+            return None, 0
+        return cache, hit
+
+    def _store(self, a: _Active, cache, tokens: list[int] | None) -> None:
+        """Keep a finished (or cancelled) sequence's KV for later prefixes."""
+        if cache is None or tokens is None or not self.prefix.enabled:
+            return
+        kids = a.kids + list(tokens[len(a.job.ids):])
+        self.prefix.store(kids[: len(tokens)], cache)
 
     def _step(self, bg, active: dict[int, _Active]) -> None:
         _, responses = bg.next()
@@ -205,8 +238,11 @@ class BatchScheduler:
             a.generated += 1
             if self._deliver(a, int(r.token), r.finish_reason, r.logprobs):
                 active.pop(r.uid, None)
-                if r.finish_reason is None:  # we stopped it; the generator has not
-                    bg.remove([r.uid])
+                if r.finish_reason is None:  # we stopped it (a stop string); the generator has not
+                    cache, tokens = bg.remove([r.uid], return_prompt_caches=True).get(r.uid, (None, None))
+                else:
+                    cache, tokens = r.prompt_cache, r.all_tokens
+                self._store(a, cache, tokens)
         self.active_count = len(active)
 
     def _deliver(self, a: _Active, token: int, finish: str | None, logprobs: mx.array) -> bool:
@@ -250,7 +286,12 @@ class BatchScheduler:
             decode_ms=(end - a.first_at) * 1000.0,
             stop_token_id=stop_id,
             stop_string=stop_string,
+            cached_tokens=a.cached,
         ))
+
+
+def _is_image(job: GenerationJob, offset: int) -> bool:
+    return any(sp.offset == offset and sp.modality == T.IMAGE for sp in job.spans)
 
 
 def _token_logprob(token: int, logprobs: mx.array, k: int) -> T.TokenLogprob:

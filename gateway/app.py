@@ -142,7 +142,7 @@ def _usage(c: T.Completion) -> dict[str, Any]:
         "prompt_tokens": c.prompt_tokens,
         "completion_tokens": c.completion_tokens,
         "total_tokens": c.prompt_tokens + c.completion_tokens,
-        "prompt_tokens_details": {"soft_tokens": c.soft_tokens},
+        "prompt_tokens_details": {"cached_tokens": c.cached_tokens, "soft_tokens": c.soft_tokens},
     }
 
 

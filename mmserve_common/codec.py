@@ -174,6 +174,7 @@ def completion_to_pb(c: T.Completion) -> decoder_pb2.GenerateResponse:
                 prompt_tokens=c.prompt_tokens,
                 completion_tokens=c.completion_tokens,
                 soft_tokens=c.soft_tokens,
+                cached_tokens=c.cached_tokens,
             ),
             timings=decoder_pb2.Timings(
                 queued_ms=c.queued_ms, prefill_ms=c.prefill_ms, decode_ms=c.decode_ms
@@ -195,4 +196,5 @@ def completion_from_pb(pb: decoder_pb2.GenerateComplete) -> T.Completion:
         decode_ms=pb.timings.decode_ms,
         stop_token_id=pb.stop_token_id if pb.HasField("stop_token_id") else None,
         stop_string=pb.stop_string or None,
+        cached_tokens=pb.usage.cached_tokens,
     )

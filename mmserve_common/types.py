@@ -117,3 +117,4 @@ class Completion:
     decode_ms: float
     stop_token_id: int | None = None
     stop_string: str | None = None
+    cached_tokens: int = 0  # prompt tokens whose KV came from the prefix cache
