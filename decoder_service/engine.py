@@ -89,7 +89,7 @@ class DecoderEngine:
         warm = resolve_sampling(
             T.SamplingParams(temperature=0.0, max_tokens=3),
             prompt_len=2, context_length=self.context_length, vocab_size=self.info.vocab_size,
-            generation_config={}, suppressed_ids=[],
+            generation_config={},
         )
         bos = self.info.config.get("bos_token_id", 2) or 2
         scheduler.warm_up([bos, 10], warm)
@@ -120,7 +120,6 @@ class DecoderEngine:
             context_length=self.context_length,
             vocab_size=self.info.vocab_size,
             generation_config=self.info.generation_config,
-            suppressed_ids=self.info.media_token_ids,
         )
 
     async def generate(

@@ -95,6 +95,12 @@ class LanguageModelRunner:
             if x is not None
         ]
         self.uses_ple = bool(self.inner.hidden_size_per_layer_input)
+        # Placeholder and media-boundary ids can never be sampled: -inf on their logits,
+        # added to every row of every step (one op for the batch, not a per-row processor).
+        vocab = int(self.config.text_config.vocab_size)
+        suppress = np.zeros((vocab,), np.float32)
+        suppress[[t for t in self.media_ids + self._boundary_ids() if 0 <= t < vocab]] = -np.inf
+        self.suppress = mx.array(suppress)
         self.bidirectional_vision = (
             getattr(self.config.text_config, "use_bidirectional_attention", None) == "vision"
         )
@@ -155,14 +161,21 @@ class LanguageModelRunner:
                     emb, input_ids = emb[:, n:], input_ids[:, n:]
             out = self.lm(input_ids, inputs_embeds=emb, cache=cache, logits_to_keep=1, **kw)
             logits = out.logits[:, -1, :]
+            logits = logits + self.suppress.astype(logits.dtype)  # in the model dtype, as mlx-vlm's bias
             mx.eval(logits)
         return cache, logits
 
     def logits_model(self):
         """The LM as mlx-lm's ``BatchGenerator`` calls it: ``(ids [B, 1], cache) -> logits``."""
-        lm = self.lm
+        lm, suppress = self.lm, self.suppress
 
         def forward(inputs, cache=None, **kwargs):
-            return lm(inputs, cache=cache, **kwargs).logits
+            logits = lm(inputs, cache=cache, **kwargs).logits
+            return logits + suppress.astype(logits.dtype)
 
         return forward
+
+    def _boundary_ids(self) -> list[int]:
+        cfg = self.config
+        names = ("boi_token_id", "eoi_token_id", "boa_token_id", "eoa_token_id", "bov_token_id", "eov_token_id")
+        return [int(getattr(cfg, n)) for n in names if getattr(cfg, n, None) is not None]

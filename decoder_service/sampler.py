@@ -33,10 +33,27 @@ def greedy(logprobs: mx.array) -> mx.array:
     return mx.argmax(logprobs, axis=-1)
 
 
+_SHARED: dict[tuple, Sampler] = {}
+
+
 def build_sampler(s: ResolvedSampling) -> Sampler:
-    """Filters in mlx-vlm's order (top-p, min-p, top-k), then a categorical draw."""
+    """Filters in mlx-vlm's order (top-p, min-p, top-k), then a categorical draw.
+
+    Unseeded samplers with equal settings are one shared object: mlx-lm samples
+    a batch in one call when its rows share a sampler, row by row otherwise."""
     if s.temperature == 0:
         return greedy
+    if s.seed is None:
+        key = (s.temperature, s.top_p, s.top_k, s.min_p)
+        if key not in _SHARED:
+            if len(_SHARED) > 256:
+                _SHARED.clear()
+            _SHARED[key] = _make(s)
+        return _SHARED[key]
+    return _make(s)
+
+
+def _make(s: ResolvedSampling) -> Sampler:
     inv_temp = 1.0 / clamp_temperature(s.temperature)
     methods = []
     if 0 < s.top_p < 1.0:
@@ -59,7 +76,7 @@ def build_sampler(s: ResolvedSampling) -> Sampler:
 
 
 def build_processors(s: ResolvedSampling) -> list:
-    """Logit bias (incl. the -inf media suppression) and penalties over prompt + output."""
+    """Logit bias and penalties over prompt + output (none: no per-row processing at all)."""
     return make_logits_processors(
         s.logit_bias or None,
         s.repetition_penalty,

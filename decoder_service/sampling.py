@@ -4,8 +4,8 @@ Why: proto3 has no "unset" for scalars, so unset fields arrive as ``None``
 and take the checkpoint's ``generation_config.json`` defaults (as mlx-vlm
 does); out-of-range values are rejected with a message naming the field, and
 prompt + max_tokens beyond the context is rejected with both numbers.
-Placeholder and media-boundary ids get a -inf bias so they can never be
-sampled.  Pure Python, any thread.
+(Placeholder and media-boundary ids are suppressed by the model runner for
+every sequence at once, not here.)  Pure Python, any thread.
 """
 
 from __future__ import annotations
@@ -27,7 +27,6 @@ def resolve_sampling(
     context_length: int,
     vocab_size: int,
     generation_config: dict,
-    suppressed_ids: list[int],
 ) -> ResolvedSampling:
     if s.temperature is not None:
         temperature = float(s.temperature)
@@ -65,8 +64,6 @@ def resolve_sampling(
         if not math.isfinite(val):
             raise InvalidArgument(f"logit_bias[{tok}] must be finite, got {val}")
         bias[int(tok)] = float(val)
-    for tok in suppressed_ids:
-        bias[int(tok)] = -math.inf
     for name in ("repetition_penalty", "presence_penalty", "frequency_penalty"):
         v = getattr(s, name)
         if v is not None and not math.isfinite(v):

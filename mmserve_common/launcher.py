@@ -115,6 +115,19 @@ def start_encoder(checkpoint: str | Path, args: list[str] | None = None) -> Serv
     return svc
 
 
+def start_decoder(checkpoint: str | Path, args: list[str] | None = None) -> Services:
+    """Start only a decoder on an ephemeral loopback port (benchmarks, scale-out tests)."""
+    svc = Services(str(checkpoint))
+    try:
+        svc.decoder_port = _spawn(svc, "decoder", "decoder_service",
+                                  ["--checkpoint", svc.checkpoint, "--port", "0", *(args or [])])
+        wait_serving(svc.decoder_addr, "decoder", svc)
+    except BaseException:
+        svc.stop()
+        raise
+    return svc
+
+
 def start_services(
     checkpoint: str | Path,
     *,

@@ -254,3 +254,16 @@ async def test_logprobs_and_top_alternatives(dense):
         assert sum(np.exp(values)) <= 1.0 + 1e-4 and lp.logprob <= 0
     toks2, _, _, none = await _run_full(dense, ids, spans, max_tokens=12, logit_bias=no_eos)
     assert toks2 == toks and none == []
+
+
+async def test_media_ids_are_suppressed_for_every_row(dense):
+    sup = np.array(dense.runner.suppress)
+    assert np.isneginf(sup[dense.info.media_token_ids]).all()
+    assert np.isfinite(np.delete(sup, dense.info.media_token_ids)).all()
+    rng = np.random.default_rng(2)
+    ids, spans = _prompt(rng, with_image=True)
+    bias = {t: 100.0 for t in dense.info.media_token_ids}  # a caller pushing for them changes nothing
+    toks, _, _, lps = await _run_full(dense, ids, spans, max_tokens=8, logit_bias=bias, logprobs=True,
+                                      top_logprobs=20)
+    assert not set(toks) & set(dense.info.media_token_ids)
+    assert not {t for lp in lps for t, _ in lp.top} & set(dense.info.media_token_ids)

@@ -2,8 +2,6 @@
 
 from __future__ import annotations
 
-import math
-
 import pytest
 
 from decoder_service.placement import validate_prompt
@@ -59,16 +57,16 @@ def test_unknown_modality_for_model():
 
 
 def _resolve(s, **kw):
-    args = dict(prompt_len=10, context_length=100, vocab_size=512, generation_config={}, suppressed_ids=[252])
+    args = dict(prompt_len=10, context_length=100, vocab_size=512, generation_config={})
     args.update(kw)
     return resolve_sampling(s, **args)
 
 
-def test_sampling_defaults_and_suppression():
+def test_sampling_defaults():
     r = _resolve(SamplingParams(), generation_config={"do_sample": True, "temperature": 0.7, "top_k": 64,
                                                        "top_p": 0.95})
     assert (r.temperature, r.top_k, r.top_p, r.max_tokens) == (0.7, 64, 0.95, 90)
-    assert r.logit_bias[252] == -math.inf
+    assert r.logit_bias == {}  # media suppression is the runner's, for every row at once
     assert _resolve(SamplingParams(), generation_config={"do_sample": False}).temperature == 0.0
 
 

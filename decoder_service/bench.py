@@ -1,0 +1,170 @@
+"""``mmserve-bench-decoder``: continuous batching, prefix cache and bandwidth use of the decoder.
+
+Prints tables (never asserts — timings belong in benchmarks, not tests), on a
+generated checkpoint whose language model is wide enough (``--lm-width``)
+that reading its weights, not Python, dominates a decode step here:
+
+1. aggregate decode tokens/s at 1, 2, 4, 8 and 16 concurrent streams
+   (target: ≥ 4× at 8 streams vs 1);
+2. TTFT of a conversation's second turn with its first turn in the prefix
+   cache vs. the same prompt cold (target: ≤ 0.25×);
+3. single-stream decode tokens/s against the memory-bandwidth bound
+   (bytes of weights read per token ÷ measured read bandwidth; target ≥ 50 %).
+
+The decoder is its own OS process on loopback, spoken to over gRPC.
+"""
+
+from __future__ import annotations
+
+import argparse
+import asyncio
+import json
+import statistics
+import struct
+import tempfile
+import time
+from pathlib import Path
+
+import numpy as np
+
+
+def _lm_bytes_per_token(ckpt: Path) -> int:
+    """Weight bytes a decode step reads: the LM minus tables it only gathers rows from."""
+    total = 0
+    for f in sorted(ckpt.glob("*.safetensors")):
+        with open(f, "rb") as fh:
+            (n,) = struct.unpack("<Q", fh.read(8))
+            header = json.loads(fh.read(n))
+        for name, meta in header.items():
+            if name == "__metadata__" or not name.startswith("language_model."):
+                continue
+            if "embed_tokens_per_layer" in name:
+                continue  # per-layer embeddings: one row per token is gathered
+            total += meta["data_offsets"][1] - meta["data_offsets"][0]
+    return total
+
+
+def _read_bandwidth(nbytes: int = 1 << 29, repeats: int = 5) -> float:
+    """Bytes/s MLX reads on this device (a reduction over a large array, best of N)."""
+    import mlx.core as mx
+
+    a = mx.ones((nbytes // 4,), dtype=mx.float32)
+    mx.eval(a)
+    best = float("inf")
+    for _ in range(repeats):
+        t0 = time.perf_counter()
+        mx.eval(a.sum())
+        best = min(best, time.perf_counter() - t0)
+    return nbytes / best
+
+
+class _Client:
+    def __init__(self, addr: str) -> None:
+        import grpc
+
+        from mmserve_common.grpc_runtime import CHANNEL_OPTIONS
+        from mmserve_common.stubs import decoder_pb2, decoder_pb2_grpc
+
+        self.pb = decoder_pb2
+        self.channel = grpc.aio.insecure_channel(addr, options=CHANNEL_OPTIONS)
+        self.stub = decoder_pb2_grpc.DecoderServiceStub(self.channel)
+
+    async def generate(self, ids: list[int], max_tokens: int, no_stop: list[int]):
+        """-> (ttft s, token arrival times, token ids, completion)"""
+        pb = self.pb
+        setup = pb.GenerateSetup(prompt_token_ids=ids, sampling=pb.SamplingParams(
+            temperature=0, max_tokens=max_tokens, logit_bias={t: -100.0 for t in no_stop}))
+
+        async def reqs():
+            yield pb.GenerateRequest(setup=setup)
+
+        t0 = time.perf_counter()
+        times, toks, done = [], [], None
+        async for msg in self.stub.Generate(reqs()):
+            if msg.WhichOneof("payload") == "token":
+                now = time.perf_counter()
+                times += [now] * len(msg.token.token_ids)
+                toks += list(msg.token.token_ids)
+            else:
+                done = msg.complete
+        return times[0] - t0, times, toks, done
+
+
+def _prompt(rng, n: int) -> list[int]:
+    return [2, 105] + [int(x) for x in rng.integers(10, 240, n)] + [106, 105, 11]
+
+
+async def _aggregate(addr: str, streams: int, tokens: int, eos: list[int]) -> tuple[float, float]:
+    client = _Client(addr)
+    rng = np.random.default_rng(streams)
+    t0 = time.perf_counter()
+    runs = await asyncio.gather(*(client.generate(_prompt(rng, 32), tokens, eos) for _ in range(streams)))
+    wall = time.perf_counter() - t0
+    await client.channel.close()
+    total = sum(len(r[2]) for r in runs)
+    per_stream = statistics.median((len(r[1]) - 1) / (r[1][-1] - r[1][0]) for r in runs)
+    return total / wall, per_stream
+
+
+async def _turn2(addr: str, prompt_len: int, eos: list[int], repeats: int) -> tuple[float, float, int]:
+    client = _Client(addr)
+    warm, cold, hit = [], [], 0
+    for k in range(repeats):
+        rng = np.random.default_rng(1000 + k)
+        turn1 = _prompt(rng, prompt_len)
+        _, _, reply, _ = await client.generate(turn1, 8, eos)
+        turn2 = turn1 + reply + [106, 105, 12, 13, 14, 106, 105, 11]
+        ttft, _, _, done = await client.generate(turn2, 2, eos)
+        warm.append(ttft)
+        hit = done.usage.cached_tokens
+        other = _prompt(np.random.default_rng(5000 + k), len(turn2) - 5)  # same length, never seen
+        ttft, _, _, _ = await client.generate(other, 2, eos)
+        cold.append(ttft)
+    await client.channel.close()
+    return statistics.median(warm) * 1000, statistics.median(cold) * 1000, hit
+
+
+def main(argv: list[str] | None = None) -> None:
+    ap = argparse.ArgumentParser(prog="mmserve-bench-decoder", description=__doc__.split("\n\n")[0])
+    ap.add_argument("--checkpoint", help="checkpoint dir (default: a generated wide-LM tiny one)")
+    ap.add_argument("--lm-width", type=int, default=32768, help="MLP width of the generated LM")
+    ap.add_argument("--dtype", default="float32", choices=["float32", "bfloat16", "float16"],
+                    help="weights of the generated LM (MLX's CPU backend computes bf16 in software; "
+                         "on Apple silicon use bfloat16)")
+    ap.add_argument("--tokens", type=int, default=64, help="tokens per stream")
+    ap.add_argument("--streams", default="1,2,4,8,16")
+    ap.add_argument("--turn1-tokens", type=int, default=1500)
+    args = ap.parse_args(argv)
+
+    from mmserve_common.checkpoint import read_checkpoint
+    from mmserve_common.launcher import start_decoder
+    from mmserve_common.tiny_checkpoint import write_tiny_checkpoint
+
+    tmp = Path(tempfile.mkdtemp(prefix="mmserve-bench-dec-"))
+    ckpt = Path(args.checkpoint) if args.checkpoint else write_tiny_checkpoint(
+        tmp / "wide-lm", variant="e2b", dtype=args.dtype, lm_intermediate_size=args.lm_width)
+    eos = read_checkpoint(ckpt).eos_token_ids()
+    weight_bytes = _lm_bytes_per_token(ckpt)
+    streams = [int(s) for s in args.streams.split(",")]
+
+    with start_decoder(ckpt, ["--max-active", str(max(streams)), "--stream-interval-ms", "0"]) as svc:
+        asyncio.run(_aggregate(svc.decoder_addr, 2, 8, eos))  # warm-up
+        rows = [(c, *asyncio.run(_aggregate(svc.decoder_addr, c, args.tokens, eos))) for c in streams]
+        warm_ms, cold_ms, hit = asyncio.run(_turn2(svc.decoder_addr, args.turn1_tokens, eos, 3))
+    base = rows[0][1]
+    print(f"\ncheckpoint: {ckpt}  LM weights read per token: {weight_bytes / 1e6:.1f} MB  "
+          f"tokens/stream={args.tokens}")
+    print(f"{'streams':>7} {'aggregate tok/s':>16} {'per-stream tok/s':>17} {'vs 1 stream':>12}")
+    for c, agg, per in rows:
+        print(f"{c:>7} {agg:>16.1f} {per:>17.1f} {agg / base:>11.2f}x")
+    print(f"\nturn-2 TTFT: {warm_ms:.1f} ms with turn 1 cached ({hit} tokens reused) vs {cold_ms:.1f} ms cold "
+          f"-> {warm_ms / cold_ms:.2f}x")
+    bw = _read_bandwidth()
+    bound = bw / weight_bytes
+    single = rows[0][2]
+    print(f"single stream: {single:.1f} tok/s; read bandwidth {bw / 1e9:.1f} GB/s -> bound "
+          f"{bound:.1f} tok/s; {single / bound * 100:.0f} % of the bound")
+
+
+if __name__ == "__main__":
+    main()
