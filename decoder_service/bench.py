@@ -147,7 +147,7 @@ def main(argv: list[str] | None = None) -> None:
     weight_bytes = _lm_bytes_per_token(ckpt)
     streams = [int(s) for s in args.streams.split(",")]
 
-    with start_decoder(ckpt, ["--max-active", str(max(streams)), "--stream-interval-ms", "0"]) as svc:
+    with start_decoder(ckpt, ["--max-active", str(max(streams))]) as svc:
         asyncio.run(_aggregate(svc.decoder_addr, 2, 8, eos))  # warm-up
         rows = [(c, *asyncio.run(_aggregate(svc.decoder_addr, c, args.tokens, eos))) for c in streams]
         warm_ms, cold_ms, hit = asyncio.run(_turn2(svc.decoder_addr, args.turn1_tokens, eos, 3))
