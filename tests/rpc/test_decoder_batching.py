@@ -267,3 +267,20 @@ async def test_media_ids_are_suppressed_for_every_row(dense):
                                       top_logprobs=20)
     assert not set(toks) & set(dense.info.media_token_ids)
     assert not {t for lp in lps for t, _ in lp.top} & set(dense.info.media_token_ids)
+
+
+async def test_metrics_over_http(dense):
+    import urllib.request
+
+    from mmserve_common.metrics_http import start_metrics_server
+
+    port = start_metrics_server(dense.metrics.registry, "127.0.0.1", 0)
+    rng = np.random.default_rng(4)
+    ids, spans = _prompt(rng, with_image=False)
+    await _run(dense, ids, spans, max_tokens=3)
+    body = await asyncio.to_thread(lambda: urllib.request.urlopen(f"http://127.0.0.1:{port}/metrics", timeout=5).read())
+    text = body.decode()
+    for series in ("mmserve_decoder_active_sequences", "mmserve_decoder_queue_depth",
+                   "mmserve_decoder_generated_tokens_total", "mmserve_decoder_ttft_seconds_bucket",
+                   "mmserve_decoder_prefix_cache_hit_tokens_total", "mmserve_decoder_prefix_cache_bytes"):
+        assert series in text, series

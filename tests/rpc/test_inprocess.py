@@ -142,6 +142,7 @@ async def test_model_info(servers):
     assert list(info.eos_token_ids) == [1, 50, 106]
     assert info.hidden_size == 64 and info.bidirectional_vision and not info.per_layer_inputs
     assert [m.modality for m in info.modalities] == [tensor_pb2.MODALITY_IMAGE]
+    assert "<|turn>" in info.chat_template and "<|image|>" in info.chat_template
 
 
 async def test_health_serving(servers):
