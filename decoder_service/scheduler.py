@@ -67,12 +67,29 @@ class _Active:
     first_at: float
     cached: int = 0
     generated: int = 1
+    sampler: object = None
+    processors: list = field(default_factory=list)
+
+
+@dataclass
+class _Solo:
+    """The one sequence decoding while nothing else is: a plain-cache loop (mlx-vlm's
+    ``generate_step`` pipelining), since a batch of one still pays the batch caches'
+    masks and bookkeeping.  ``pending`` is the step already launched: it fed the last
+    delivered token and is computing the next one."""
+
+    a: _Active
+    cache: list
+    fed: list[int]  # every token whose KV is in ``cache``: prompt + generated
+    pending: tuple  # (next token [1], its logprobs [1, V]) — launched, not yet read
 
 
 class BatchScheduler:
     def __init__(self, runner: LanguageModelRunner, tokenizer, *, max_active: int, max_queue: int,
                  metrics=None, prefix_cache: PrefixCache | None = None) -> None:
         self.runner = runner
+        self._forward = runner.logits_model()
+        self._solo: _Solo | None = None
         self.prefix = prefix_cache if prefix_cache is not None else PrefixCache(0)
         self.tokenizer = tokenizer
         self.max_active = max(1, max_active)
@@ -113,8 +130,11 @@ class BatchScheduler:
         prefix, self.prefix = self.prefix, PrefixCache(0)  # warm-up KV is not worth keeping
         try:
             self._admit(bg, active, job)
-            while active:
-                self._step(bg, active)
+            while active or self._solo is not None:
+                if self._solo is not None:
+                    self._solo_step(bg, active)
+                else:
+                    self._step(bg, active)
         finally:
             self.prefix = prefix
         self.active_count = 0
@@ -130,24 +150,31 @@ class BatchScheduler:
         """The serving loop; returns when ``stop`` is called."""
         bg = self._new_generator()
         active: dict[int, _Active] = {}
+        self._solo: _Solo | None = None
         while not self._stopping.is_set():
             try:
                 self._drop_cancelled(bg, active)
-                if len(active) < self.max_active:
-                    job = self._next_job(block=not active)
+                busy = bool(active) or self._solo is not None
+                if len(active) + (self._solo is not None) < self.max_active:
+                    job = self._next_job(block=not busy)
                     if job is not None:
+                        if self._solo is not None:  # company: the solo sequence joins the batch
+                            self._solo_to_batch(bg, active)
                         self._admit(bg, active, job)
-                if active:
+                if self._solo is not None:
+                    self._solo_step(bg, active)
+                elif active:
                     self._step(bg, active)
-                self.active_count = len(active)
+                self.active_count = len(active) + (self._solo is not None)
             except Exception as e:  # noqa: BLE001 - a bug: fail what is running, keep serving
                 log.error("decode step failed", traceback=traceback.format_exc(), active=len(active))
-                for a in active.values():
+                for a in [*active.values(), *([self._solo.a] if self._solo else [])]:
                     a.job.emit(e)
                 active.clear()
+                self._solo = None
                 self.active_count = 0
                 bg = self._new_generator()
-        for a in active.values():
+        for a in [*active.values(), *([self._solo.a] if self._solo else [])]:
             a.job.emit(RuntimeError("decoder is shutting down"))
 
     def _next_job(self, *, block: bool) -> GenerationJob | None:
@@ -163,6 +190,11 @@ class BatchScheduler:
             return job
 
     def _drop_cancelled(self, bg, active: dict[int, _Active]) -> None:
+        solo = getattr(self, "_solo", None)
+        if solo is not None and solo.a.job.cancel.is_set():
+            self._solo = None
+            self._store(solo.a, solo.cache, solo.fed)
+            log.info("generation cancelled", tokens=solo.a.generated)
         gone = [uid for uid, a in active.items() if a.job.cancel.is_set()]
         if not gone:
             return
@@ -175,7 +207,6 @@ class BatchScheduler:
 
     def _admit(self, bg, active: dict[int, _Active], job: GenerationJob) -> None:
         """Prefill alone (from the longest cached prefix), sample the first token, join the batch."""
-        from mlx_lm.generate import StopSequences
 
         started = time.perf_counter()
         try:
@@ -194,7 +225,7 @@ class BatchScheduler:
             job.emit(e)
             return
         a = _Active(job, IncrementalDetokenizer(self.tokenizer), StopStringFilter(list(s.stop_strings)),
-                    kids, started, time.perf_counter(), cached=hit)
+                    kids, started, time.perf_counter(), cached=hit, sampler=sampler, processors=processors)
         if self.metrics is not None:
             self.metrics.ttft.observe(a.first_at - job.enqueued_at)
             self.metrics.prompt_tokens.inc(len(job.ids))
@@ -202,13 +233,68 @@ class BatchScheduler:
         if self._deliver(a, first, None, logprobs):
             self._store(a, cache, list(job.ids))
             return
+        if not active and getattr(self, "_solo", None) is None and self._queue.empty():
+            fed = list(job.ids)
+            self._solo = _Solo(a, cache, fed, self._launch(a, cache, fed, first))
+            return
+        self._insert(bg, active, a, cache, list(job.ids), first)
+
+    def _insert(self, bg, active: dict[int, _Active], a: _Active, cache: list, fed: list[int], token: int) -> None:
+        """Hand a sequence to the batch: its cache holds ``fed``; ``token`` is its next input."""
+        from mlx_lm.generate import StopSequences
+
         [uid] = bg.insert(
-            [[first]], max_tokens=[s.max_tokens - 1], caches=[cache], all_tokens=[list(job.ids)],
-            samplers=[sampler], logits_processors=[processors],
-            stop_sequences=[StopSequences([[t] for t in sorted(job.stop_ids)])],
+            [[token]], max_tokens=[a.job.sampling.max_tokens - a.generated], caches=[cache], all_tokens=[fed],
+            samplers=[a.sampler], logits_processors=[a.processors],
+            stop_sequences=[StopSequences([[t] for t in sorted(a.job.stop_ids)])],
         )
         active[uid] = a
         self.active_count = len(active)
+
+    # -- the solo path -------------------------------------------------------------------
+    def _launch(self, a: _Active, cache: list, fed: list[int], token: int) -> tuple:
+        """Feed ``token`` and start computing the next sample (asynchronously)."""
+        from mlx_vlm.generate.ar import generation_stream
+
+        fed.append(token)
+        with mx.stream(generation_stream):
+            logits = self._forward(mx.array([[token]]), cache=cache)[:, -1, :]
+            if a.processors:
+                context = mx.array(fed)
+                for p in a.processors:
+                    logits = p(context, logits)
+            logprobs = logits - mx.logsumexp(logits, axis=-1, keepdims=True)
+            nxt = a.sampler(logprobs)
+        mx.async_eval(nxt, logprobs)
+        return nxt, logprobs
+
+    def _solo_step(self, bg, active: dict[int, _Active]) -> None:
+        solo = self._solo
+        nxt, logprobs = solo.pending
+        token = int(nxt.item())
+        solo.a.generated += 1
+        if self._queue.empty():  # keep the device busy while we deliver: launch the next step first
+            solo.pending = self._launch(solo.a, solo.cache, solo.fed, token)
+            if self._deliver(solo.a, token, None, logprobs):
+                self._solo = None
+                self._store(solo.a, solo.cache, solo.fed)
+            return
+        self._solo = None  # someone is waiting: continue in the batch
+        if self._deliver(solo.a, token, None, logprobs):
+            self._store(solo.a, solo.cache, solo.fed)
+            return
+        self._insert(bg, active, solo.a, solo.cache, solo.fed, token)
+
+    def _solo_to_batch(self, bg, active: dict[int, _Active]) -> None:
+        """A new request arrived while one sequence ran solo: read its pending token, move it over."""
+        solo, self._solo = self._solo, None
+        nxt, logprobs = solo.pending
+        token = int(nxt.item())
+        solo.a.generated += 1
+        if self._deliver(solo.a, token, None, logprobs):
+            self._store(solo.a, solo.cache, solo.fed)
+            return
+        self._insert(bg, active, solo.a, solo.cache, solo.fed, token)
 
     def _lookup(self, kids: list, job: GenerationJob) -> tuple[list | None, int]:
         """A cached prefix this prompt may start from (see ``prefix_cache``)."""

@@ -107,7 +107,9 @@ def main(argv: list[str] | None = None) -> None:
         cases.pop("audio")
     rows = []
     model, processor = load(ckpt)
-    with start_services(ckpt) as svc:
+    # caches off: every repeat pays for its encode and prefill, as the in-process reference does
+    with start_services(ckpt, encoder_args=["--cache-bytes", "0"],
+                        decoder_args=["--prefix-cache-bytes", "0"]) as svc:
         client = OpenAI(base_url=svc.base_url, api_key="x")
         for name, (content, images, audios) in cases.items():
             _split_run(client, content, 4, bias)  # warm-up

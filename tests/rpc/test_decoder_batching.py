@@ -284,3 +284,20 @@ async def test_metrics_over_http(dense):
                    "mmserve_decoder_generated_tokens_total", "mmserve_decoder_ttft_seconds_bucket",
                    "mmserve_decoder_prefix_cache_hit_tokens_total", "mmserve_decoder_prefix_cache_bytes"):
         assert series in text, series
+
+
+async def test_a_solo_sequence_joins_the_batch_when_company_arrives(dense):
+    """One request decodes alone on plain caches; a second one arriving mid-way moves it into
+    the batch.  Neither output changes."""
+    rng = np.random.default_rng(31)
+    (a_ids, a_spans), (b_ids, b_spans) = _prompt(rng, with_image=True), _prompt(rng, with_image=False)
+    no_eos = {t: -100.0 for t in dense.eos_ids}
+    a_alone, _ = await _run(dense, a_ids, a_spans, max_tokens=60, logit_bias=no_eos)
+    b_alone, _ = await _run(dense, b_ids, b_spans, max_tokens=20, logit_bias=no_eos)
+    task_a = asyncio.ensure_future(_run(dense, a_ids, a_spans, max_tokens=60, logit_bias=no_eos))
+    while dense.scheduler._solo is None:
+        await asyncio.sleep(0.001)
+    await asyncio.sleep(0.02)  # a few solo steps
+    b_got, _ = await _run(dense, b_ids, b_spans, max_tokens=20, logit_bias=no_eos)
+    a_got, _ = await task_a
+    assert a_got == a_alone and b_got == b_alone
