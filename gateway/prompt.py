@@ -9,6 +9,13 @@ an error, not a silent skip), tokenize the text between placeholders, and
 replace each placeholder with ``begin + N × placeholder + end`` where N is the
 number of rows the encoder returned for that item.
 
+Client text is tokenized as text: every text part goes into the template as
+a private-use marker, and the text itself is tokenized with special tokens
+split (``split_special_tokens``), so a user typing ``<|turn>`` or
+``<|image|>`` gets those characters, never a control token or a media block.
+Templates that ``trim`` content are detected once and the trim applied to
+the text, so the ids equal what the template would produce for plain text.
+
 Pure Python (tokenizer only, no MLX); event-loop thread.
 """
 
@@ -35,6 +42,17 @@ class BuiltPrompt:
     spans: list[T.Span]
 
 
+@dataclass(frozen=True)
+class Rendered:
+    """The template's output with text parts as markers, and those texts."""
+
+    text: str
+    parts: list[str]
+
+
+_MARK_OPEN, _MARK_CLOSE = "\ue000", "\ue001"
+
+
 class PromptBuilder:
     def __init__(self, tokenizer, media_tokens: dict[str, MediaTokens]) -> None:
         self.tokenizer = tokenizer
@@ -42,50 +60,76 @@ class PromptBuilder:
         self.placeholder_text = {
             m: tokenizer.convert_ids_to_tokens(t.placeholder) for m, t in media_tokens.items()
         }
-        self._split_re = re.compile(
-            "(" + "|".join(re.escape(s) for s in self.placeholder_text.values()) + ")"
-        ) if self.placeholder_text else None
         self._modality_of = {s: m for m, s in self.placeholder_text.items()}
+        alts = [re.escape(_MARK_OPEN) + r"\d+" + re.escape(_MARK_CLOSE)]
+        alts += [re.escape(t) for t in self.placeholder_text.values()]
+        self._piece_re = re.compile("(" + "|".join(alts) + ")")
+        self._trims = self._template_trims()
 
-    def template_messages(self, messages: list[Message]) -> list[dict]:
+    def _template_trims(self) -> dict[str, bool]:
+        """Does the template ``trim`` string content / list text items?  (Gemma's does.)"""
+        probe = "\u2063probe\u2063"
+        out = {}
+        for kind, content in (("string", f"  {probe}  "), ("list", [{"type": "text", "text": f"  {probe}  "}])):
+            try:
+                r = self.tokenizer.apply_chat_template([{"role": "user", "content": content}], tokenize=False,
+                                                       add_generation_prompt=False)
+            except Exception:  # noqa: BLE001 - a template that rejects the probe: assume no trim
+                r = f"  {probe}  "
+            out[kind] = f"  {probe}  " not in r
+        return out
+
+    def template_messages(self, messages: list[Message], texts: list[str]) -> list[dict]:
+        """Messages for the template, each text replaced by a marker (its text appended to ``texts``)."""
+
+        def mark(text: str, kind: str) -> str:
+            texts.append(text.strip() if self._trims[kind] else text)
+            return f"{_MARK_OPEN}{len(texts) - 1}{_MARK_CLOSE}"
+
         out = []
         for m in messages:
             if m.role in ("system", "developer", "assistant"):
                 text = "".join(p.text for p in m.parts if p.kind == "text")
-                out.append({"role": m.role, "content": text})
+                out.append({"role": m.role, "content": mark(text, "string")})
                 continue
             content = []
             for p in m.parts:
                 if p.kind == "text":
-                    content.append({"type": "text", "text": p.text})
+                    content.append({"type": "text", "text": mark(p.text, "list")})
                 else:
                     content.append({"type": p.kind})
             out.append({"role": m.role, "content": content})
         return out
 
-    def render(self, messages: list[Message], **template_kwargs) -> str:
+    def render(self, messages: list[Message], **template_kwargs) -> Rendered:
         for m in messages:
             for p in m.parts:
                 if p.media is not None and p.media.modality not in self.media_tokens:
                     tower = "audio" if p.media.modality == T.AUDIO else "vision"
                     raise bad(f"{p.param}: this model has no {tower} tower, so {p.media.modality} input "
                               "cannot be used", p.param)
-        return self.tokenizer.apply_chat_template(
-            self.template_messages(messages), tokenize=False, add_generation_prompt=True,
+        texts: list[str] = []
+        rendered = self.tokenizer.apply_chat_template(
+            self.template_messages(messages, texts), tokenize=False, add_generation_prompt=True,
             **template_kwargs,
         )
+        return Rendered(rendered, texts)
 
-    def build(self, rendered: str, media: list[tuple[str, str, tuple[int, ...], str]]) -> BuiltPrompt:
+    def build(self, rendered: Rendered, media: list[tuple[str, str, tuple[int, ...], str]]) -> BuiltPrompt:
         """``media``: ``(modality, param, block_rows, content_hash)`` per media part, in part order.
 
         A part whose rows come in several blocks (audio longer than one block)
         becomes that many ``begin + rows × placeholder + end`` blocks back to
         back, one span each, where its one placeholder was."""
-        pieces = self._split_re.split(rendered) if self._split_re else [rendered]
         ids: list[int] = []
         spans: list[T.Span] = []
         k = 0
-        for piece in pieces:
+        for piece in self._piece_re.split(rendered.text):
+            if piece.startswith(_MARK_OPEN) and piece.endswith(_MARK_CLOSE):
+                text = rendered.parts[int(piece[1:-1])]
+                if text:  # client text: special-token strings stay text
+                    ids.extend(self.tokenizer.encode(text, add_special_tokens=False, split_special_tokens=True))
+                continue
             modality = self._modality_of.get(piece)
             if modality is None:
                 if piece:
