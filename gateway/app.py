@@ -28,6 +28,7 @@ from gateway.errors import HTTPError, to_http
 from gateway.logprobs import LogprobFormatter
 from gateway.openai_schema import ChatRequest, parse_chat_request
 from gateway.prompt import MediaTokens, PromptBuilder
+from gateway.reasoning import ReasoningParser
 from mmserve_common import codec
 from mmserve_common import types as T
 from mmserve_common.logs import REQUEST_ID_HEADER, get_logger, new_request_id, request_id_var
@@ -89,7 +90,7 @@ class Pipeline:
     async def prepare(self, req: ChatRequest, rid: str):
         """Encode media and build ``(ids, span embeddings)`` for the decoder."""
         info, builder = await self.model_info(rid)
-        rendered = builder.render(req.messages)
+        rendered = builder.render(req.messages, **req.chat_template_kwargs)
         media_parts = req.media
         encoded: list[T.EncodedItem] = []
         t0 = time.perf_counter()
@@ -240,15 +241,21 @@ def create_app(cfg: GatewayConfig) -> FastAPI:
         if req.stream:
             return StreamingResponse(
                 _sse(call, first, completion_id, created, model, req.include_usage, encode_ms,
-                     req.return_token_ids, pipeline.logprobs if req.sampling.logprobs else None),
+                     req.return_token_ids, pipeline.logprobs if req.sampling.logprobs else None,
+                     _keep_reasoning(req, cfg)),
                 media_type="text/event-stream",
                 headers={"Cache-Control": "no-cache", REQUEST_ID_HEADER: rid},
             )
         return await _complete(call, first, completion_id, created, model, encode_ms,
                                ids if req.return_token_ids else None,
-                               pipeline.logprobs if req.sampling.logprobs else None)
+                               pipeline.logprobs if req.sampling.logprobs else None,
+                               _keep_reasoning(req, cfg))
 
     return app
+
+
+def _keep_reasoning(req: ChatRequest, cfg: GatewayConfig) -> bool:
+    return req.include_reasoning if req.include_reasoning is not None else cfg.reasoning == "separate"
 
 
 async def _responses(call, first):
@@ -260,7 +267,8 @@ async def _responses(call, first):
         yield msg
 
 
-async def _complete(call, first, cid, created, model, encode_ms, prompt_ids=None, logprobs=None):
+async def _complete(call, first, cid, created, model, encode_ms, prompt_ids=None, logprobs=None,
+                    keep_reasoning=True):
     text: list[str] = []
     token_ids: list[int] = []
     lps: list = []
@@ -281,9 +289,13 @@ async def _complete(call, first, cid, created, model, encode_ms, prompt_ids=None
                  prompt_tokens=completion.prompt_tokens, completion_tokens=completion.completion_tokens)
     if completion is None:
         return _error_response(HTTPError(502, "decoder stream ended without a completion", type_="server_error"))
+    content, reasoning = ReasoningParser().feed("".join(text))
+    message = {"role": "assistant", "content": content}
+    if reasoning and keep_reasoning:
+        message["reasoning_content"] = reasoning
     choice = {
         "index": 0,
-        "message": {"role": "assistant", "content": "".join(text)},
+        "message": message,
         "logprobs": {"content": logprobs.content(lps)} if logprobs is not None else None,
         "finish_reason": completion.finish_reason,
     }
@@ -320,22 +332,26 @@ def _chunk(cid, created, model, delta, finish_reason=None, token_ids=None, logpr
     return f"data: {json.dumps(body, separators=(',', ':'))}\n\n"
 
 
-async def _sse(call, first, cid, created, model, include_usage, encode_ms, token_ids=False, logprobs=None):
+async def _sse(call, first, cid, created, model, include_usage, encode_ms, token_ids=False, logprobs=None,
+               keep_reasoning=True):
     """One SSE event per decoder message.  A message may carry several tokens (the
     decoder merges what this stream has not read yet), so one ``delta`` may hold
     several tokens' text, as OpenAI's own streams do; with ``return_token_ids`` the
     chunk lists them."""
     yield _chunk(cid, created, model, {"role": "assistant", "content": ""})
+    parser = ReasoningParser()
     try:
         async for msg in _responses(call, first):
             if msg.WhichOneof("payload") == "token":
                 lp = ({"content": logprobs.content(codec.token_logprobs_from_pb(msg.token))}
                       if logprobs is not None and msg.token.token_ids else None)
-                if token_ids or lp is not None:
-                    yield _chunk(cid, created, model, {"content": msg.token.text},
+                content, reasoning = parser.feed(msg.token.text)
+                delta = {"content": content}
+                if reasoning and keep_reasoning:
+                    delta["reasoning_content"] = reasoning
+                if token_ids or lp is not None or content or len(delta) > 1:
+                    yield _chunk(cid, created, model, delta,
                                  token_ids=list(msg.token.token_ids) if token_ids else None, logprobs=lp)
-                elif msg.token.text:
-                    yield _chunk(cid, created, model, {"content": msg.token.text})
                 continue
             c = codec.completion_from_pb(msg.complete)
             log.info("completed", stream=True, finish_reason=c.finish_reason, prompt_tokens=c.prompt_tokens,

@@ -16,6 +16,7 @@ class GatewayConfig:
     port: int = 8000
     model_id: str | None = None
     rpc_timeout_s: float = 600.0
+    reasoning: str = "separate"  # Gemma 4 thought channel: "separate" (reasoning_content) or "drop"
 
 
 def _env(name: str, default):
@@ -32,5 +33,9 @@ def parse_args(argv: list[str] | None = None) -> GatewayConfig:
     p.add_argument("--port", type=int, default=int(_env("PORT", 8000)), help="0 = pick a free port")
     p.add_argument("--model-id", default=_env("MODEL_ID", None))
     p.add_argument("--rpc-timeout-s", type=float, default=float(_env("RPC_TIMEOUT_S", 600.0)))
+    p.add_argument("--reasoning", choices=["separate", "drop"], default=_env("REASONING", "separate"),
+                   help="the model's thought channel: returned as reasoning_content, or dropped "
+                        "(a request's include_reasoning overrides)")
     a = p.parse_args(argv)
-    return GatewayConfig(a.checkpoint, a.encoder, a.decoder, a.host, a.port, a.model_id, a.rpc_timeout_s)
+    return GatewayConfig(a.checkpoint, a.encoder, a.decoder, a.host, a.port, a.model_id, a.rpc_timeout_s,
+                         a.reasoning)

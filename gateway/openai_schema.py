@@ -45,6 +45,8 @@ class ChatRequest:
     stream: bool = False
     include_usage: bool = False
     return_token_ids: bool = False  # vLLM-style extension: prompt and completion token ids
+    include_reasoning: bool | None = None  # None = the server's default
+    chat_template_kwargs: dict[str, Any] = field(default_factory=dict)
     sampling: T.SamplingParams = field(default_factory=T.SamplingParams)
 
     @property
@@ -53,6 +55,10 @@ class ChatRequest:
 
 
 ROLES = {"system", "developer", "user", "assistant"}
+# Template variables a request must not override (they are the prompt itself).
+RESERVED_TEMPLATE_KWARGS = {"messages", "tools", "documents", "add_generation_prompt", "continue_final_message",
+                            "tokenize", "bos_token", "eos_token", "pad_token", "unk_token", "chat_template",
+                            "return_dict", "return_assistant_tokens_mask"}
 AUDIO_FORMATS = {"wav": ("audio/wav",), "flac": ("audio/flac",), "mp3": ("audio/mpeg",), "ogg": ("audio/ogg",)}
 # OpenAI's image ``detail`` mapped onto Gemma 4's soft-token budgets (0 = the checkpoint's default).
 IMAGE_DETAIL_TOKENS = {"auto": 0, "low": 70, "high": 1120}
@@ -248,4 +254,17 @@ def parse_chat_request(body: Any) -> ChatRequest:
     rti = body.get("return_token_ids", False)
     if not isinstance(rti, bool):
         raise bad("return_token_ids must be a boolean", "return_token_ids")
-    return ChatRequest(model, messages, stream, bool(opts.get("include_usage", False)), rti, sampling)
+    include_reasoning = body.get("include_reasoning")
+    if include_reasoning is not None and not isinstance(include_reasoning, bool):
+        raise bad("include_reasoning must be a boolean", "include_reasoning")
+    ctk = body.get("chat_template_kwargs") or {}
+    if not isinstance(ctk, dict):
+        raise bad("chat_template_kwargs must be an object", "chat_template_kwargs")
+    for k, v in ctk.items():
+        if k in RESERVED_TEMPLATE_KWARGS or k.startswith("_"):
+            raise bad(f"chat_template_kwargs.{k} cannot be set by a request", f"chat_template_kwargs.{k}")
+        if not isinstance(v, (bool, int, float, str)) or v is None:
+            raise bad(f"chat_template_kwargs.{k} must be a boolean, number or string", f"chat_template_kwargs.{k}")
+    return ChatRequest(model=model, messages=messages, stream=stream,
+                       include_usage=bool(opts.get("include_usage", False)), return_token_ids=rti,
+                       sampling=sampling, include_reasoning=include_reasoning, chat_template_kwargs=dict(ctk))

@@ -251,3 +251,29 @@ def test_literal_placeholder_text_is_plain_text(services_e2b):
     ids = r.model_extra["prompt_token_ids"]
     assert 252 not in ids and 253 not in ids and ids.count(105) == 2 and ids.count(106) == 1
     assert r.usage.prompt_tokens == len(ids) and r.usage.prompt_tokens_details.soft_tokens == 0
+
+
+@pytest.mark.parametrize("marker", [100, 101])  # <|channel>, <channel|>
+def test_thought_channel_never_reaches_content(services_e2b, marker):
+    c = _client(services_e2b)
+    kw = dict(model="m", max_tokens=6, temperature=0, logit_bias={str(marker): 100},
+              messages=[{"role": "user", "content": "think"}], extra_body={"return_token_ids": True})
+    r = c.chat.completions.create(**kw)
+    assert r.choices[0].model_extra["token_ids"] == [marker] * 6  # the model did emit the markers
+    assert r.choices[0].message.content == "" and "channel" not in str(r.choices[0].message)
+    streamed = "".join(ch.choices[0].delta.content or "" for ch in c.chat.completions.create(**kw, stream=True)
+                       if ch.choices)
+    assert streamed == ""
+
+
+def test_enable_thinking_reaches_the_template(services_e2b):
+    c = _client(services_e2b)
+    kw = dict(model="m", max_tokens=1, messages=[{"role": "user", "content": "hi"}])
+    on = c.chat.completions.create(**kw, extra_body={"return_token_ids": True,
+                                                     "chat_template_kwargs": {"enable_thinking": True}})
+    off = c.chat.completions.create(**kw, extra_body={"return_token_ids": True})
+    think = 98  # <|think|>
+    assert think in on.model_extra["prompt_token_ids"] and think not in off.model_extra["prompt_token_ids"]
+    with pytest.raises(openai.BadRequestError) as ei:
+        c.chat.completions.create(**kw, extra_body={"chat_template_kwargs": {"messages": "x"}})
+    assert ei.value.body["param"] == "chat_template_kwargs.messages"
