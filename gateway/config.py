@@ -17,6 +17,10 @@ class GatewayConfig:
     model_id: str | None = None
     rpc_timeout_s: float = 600.0
     reasoning: str = "separate"  # Gemma 4 thought channel: "separate" (reasoning_content) or "drop"
+    api_key: str | None = None
+    max_body_bytes: int = 64 << 20
+    max_media_items: int = 16
+    max_audio_seconds: float = 600.0
 
 
 def _env(name: str, default):
@@ -36,6 +40,13 @@ def parse_args(argv: list[str] | None = None) -> GatewayConfig:
     p.add_argument("--reasoning", choices=["separate", "drop"], default=_env("REASONING", "separate"),
                    help="the model's thought channel: returned as reasoning_content, or dropped "
                         "(a request's include_reasoning overrides)")
+    p.add_argument("--api-key", default=_env("API_KEY", None),
+                   help="require 'Authorization: Bearer <key>' on /v1/* (unset = open)")
+    p.add_argument("--max-body-bytes", type=int, default=int(_env("MAX_BODY_BYTES", 64 << 20)))
+    p.add_argument("--max-media-items", type=int, default=int(_env("MAX_MEDIA_ITEMS", 16)),
+                   help="images + audio clips per request")
+    p.add_argument("--max-audio-seconds", type=float, default=float(_env("MAX_AUDIO_SECONDS", 600.0)),
+                   help="total audio duration per request")
     a = p.parse_args(argv)
     return GatewayConfig(a.checkpoint, a.encoder, a.decoder, a.host, a.port, a.model_id, a.rpc_timeout_s,
-                         a.reasoning)
+                         a.reasoning, a.api_key, a.max_body_bytes, a.max_media_items, a.max_audio_seconds)

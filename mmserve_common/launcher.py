@@ -16,6 +16,7 @@ import subprocess
 import sys
 import tempfile
 import time
+import urllib.error
 import urllib.request
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -134,10 +135,11 @@ def start_services(
     gateway: bool = True,
     encoder_args: list[str] | None = None,
     decoder_args: list[str] | None = None,
+    gateway_args: list[str] | None = None,
 ) -> Services:
     """Start encoder + decoder (+ gateway) on ephemeral loopback ports; return when all are ready.
 
-    ``encoder_args`` / ``decoder_args`` are extra command-line flags for that service.
+    ``encoder_args`` / ``decoder_args`` / ``gateway_args`` are extra command-line flags for that service.
     """
     svc = Services(str(checkpoint))
     try:
@@ -148,20 +150,36 @@ def start_services(
         wait_serving(svc.encoder_addr, "encoder", svc)
         wait_serving(svc.decoder_addr, "decoder", svc)
         if gateway:
-            svc.gateway_port = _spawn(svc, "gateway", "gateway", [
-                "--checkpoint", svc.checkpoint, "--encoder", svc.encoder_addr,
-                "--decoder", svc.decoder_addr, "--port", "0",
-            ])
-            deadline = time.time() + 60
-            while True:
-                try:
-                    with urllib.request.urlopen(f"http://127.0.0.1:{svc.gateway_port}/health", timeout=2):
-                        break
-                except OSError:
-                    if time.time() > deadline or svc.procs["gateway"].poll() is not None:
-                        raise RuntimeError(f"gateway not ready:\n{svc.logs('gateway')[-4000:]}") from None
-                    time.sleep(0.1)
+            _start_gateway(svc, svc.encoder_addr, svc.decoder_addr, gateway_args or [])
     except BaseException:
         svc.stop()
         raise
     return svc
+
+
+def start_gateway(checkpoint: str | Path, encoder: str, decoder: str, args: list[str] | None = None) -> Services:
+    """Start only a gateway in front of running upstreams (``host:port``, comma-separated for pools)."""
+    svc = Services(str(checkpoint))
+    try:
+        _start_gateway(svc, encoder, decoder, args or [])
+    except BaseException:
+        svc.stop()
+        raise
+    return svc
+
+
+def _start_gateway(svc: Services, encoder: str, decoder: str, args: list[str]) -> None:
+    svc.gateway_port = _spawn(svc, "gateway", "gateway", [
+        "--checkpoint", svc.checkpoint, "--encoder", encoder, "--decoder", decoder, "--port", "0", *args,
+    ])
+    deadline = time.time() + 60
+    while True:
+        try:  # any HTTP answer (even 503 while an upstream warms up) means the gateway is up
+            urllib.request.urlopen(f"http://127.0.0.1:{svc.gateway_port}/health", timeout=2).close()
+            return
+        except urllib.error.HTTPError:
+            return
+        except OSError:
+            if time.time() > deadline or svc.procs["gateway"].poll() is not None:
+                raise RuntimeError(f"gateway not ready:\n{svc.logs('gateway')[-4000:]}") from None
+            time.sleep(0.1)

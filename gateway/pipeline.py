@@ -1,0 +1,163 @@
+"""The request pipeline behind every front: validate media, encode, render, expand, decode.
+
+Why: the HTTP handler should only parse and format; everything that talks to
+the encoder and decoder, and the checks that need the model's facts (towers,
+media limits), lives here.  grpc.aio channels are created in ``open`` (they
+bind to the running loop).  Event-loop thread; no MLX.
+"""
+
+from __future__ import annotations
+
+import io
+import time
+
+import grpc
+import soundfile as sf
+
+from gateway.clients import DecoderClient, EncoderClient, ModelInfo
+from gateway.config import GatewayConfig
+from gateway.errors import HTTPError, to_http
+from gateway.logprobs import LogprobFormatter
+from gateway.openai_schema import ChatRequest
+from gateway.prompt import MediaTokens, PromptBuilder
+from mmserve_common import codec
+from mmserve_common import types as T
+from mmserve_common.tensors import split_rows
+
+
+class Pipeline:
+    """Request pipeline shared by every front: validate, encode, render, decode."""
+
+    def __init__(self, cfg: GatewayConfig) -> None:
+        from transformers import AutoTokenizer
+
+        self.cfg = cfg
+        self.tokenizer = AutoTokenizer.from_pretrained(cfg.checkpoint)
+        # grpc.aio channels bind to the running loop: created in ``open()``.
+        self.encoder: EncoderClient = None  # type: ignore[assignment]
+        self.decoder: DecoderClient = None  # type: ignore[assignment]
+        self._info: ModelInfo | None = None
+        self._builder: PromptBuilder | None = None
+        self._encoder_modalities: set[str] | None = None
+        self.logprobs = LogprobFormatter(self.tokenizer)
+
+    async def open(self) -> None:
+        self.encoder = EncoderClient(self.cfg.encoder, self.cfg.rpc_timeout_s)
+        self.decoder = DecoderClient(self.cfg.decoder, self.cfg.rpc_timeout_s)
+
+    async def close(self) -> None:
+        await self.encoder.close()
+        await self.decoder.close()
+
+    async def model_info(self, rid: str) -> tuple[ModelInfo, PromptBuilder]:
+        if self._info is None or self._builder is None:
+            try:
+                info = await self.decoder.model_info(rid)
+            except grpc.aio.AioRpcError as e:
+                raise to_http(e, upstream="decoder") from None
+            tokens = {m: MediaTokens(*t) for m, t in info.media_tokens.items()}
+            self._builder = PromptBuilder(self.tokenizer, tokens)
+            self._info = info
+        return self._info, self._builder
+
+    @property
+    def model_id(self) -> str:
+        if self.cfg.model_id:
+            return self.cfg.model_id
+        return self._info.model_id if self._info else self.cfg.checkpoint.rstrip("/").rsplit("/", 1)[-1]
+
+    async def encoder_modalities(self, rid: str) -> set[str]:
+        if self._encoder_modalities is None:
+            try:
+                r = await self.encoder.info(rid)
+            except grpc.aio.AioRpcError as e:
+                raise to_http(e, upstream="encoder") from None
+            self._encoder_modalities = {codec.MODALITY_FROM_PB[m] for m in r.modalities}
+        return self._encoder_modalities
+
+    async def upstream_health(self) -> dict[str, str]:
+        """``grpc.health.v1`` status of each upstream ("UNREACHABLE" when it does not answer)."""
+        from grpc_health.v1 import health_pb2, health_pb2_grpc
+
+        async def check(channel) -> str:
+            try:
+                r = await health_pb2_grpc.HealthStub(channel).Check(
+                    health_pb2.HealthCheckRequest(service=""), timeout=2.0)
+                return health_pb2.HealthCheckResponse.ServingStatus.Name(r.status)
+            except grpc.aio.AioRpcError:
+                return "UNREACHABLE"
+
+        return {"encoder": await check(self.encoder.channel), "decoder": await check(self.decoder.channel)}
+
+    def check_limits(self, req: ChatRequest) -> None:
+        """Media count and total audio duration, before any media is sent anywhere."""
+        parts = req.media
+        if len(parts) > self.cfg.max_media_items:
+            raise HTTPError(400, f"the request has {len(parts)} media parts, over the limit of "
+                            f"{self.cfg.max_media_items}", type_="invalid_request_error", param="messages",
+                            code="too_many_media_items")
+        total = 0.0
+        for p in parts:
+            if p.media.modality == T.AUDIO:
+                total += _audio_seconds(p.media.data)
+        if total > self.cfg.max_audio_seconds:
+            raise HTTPError(400, f"the request's audio lasts {total:.2f} s in total, over the limit of "
+                            f"{self.cfg.max_audio_seconds:g} s", type_="invalid_request_error", param="messages",
+                            code="audio_too_long")
+
+    async def prepare(self, req: ChatRequest, rid: str):
+        """Encode media and build ``(ids, span embeddings)`` for the decoder."""
+        self.check_limits(req)
+        info, builder = await self.model_info(rid)
+        rendered = builder.render(req.messages, **req.chat_template_kwargs)
+        media_parts = req.media
+        encoded: list[T.EncodedItem] = []
+        t0 = time.perf_counter()
+        if media_parts:
+            mods = await self.encoder_modalities(rid)
+            for p in media_parts:
+                if p.media.modality not in mods:
+                    tower = "audio" if p.media.modality == T.AUDIO else "vision"
+                    raise HTTPError(400, f"{p.param}: the model's encoder has no {tower} tower, so "
+                                    f"{p.media.modality} input cannot be used", type_="invalid_request_error",
+                                    param=p.param, code="unsupported_modality")
+            try:
+                encoded = await self.encoder.encode([p.media for p in media_parts], info.dtype, rid)
+            except grpc.aio.AioRpcError as e:
+                err = to_http(e, upstream="encoder")
+                param = _param_from_items(err.message, media_parts)
+                if param:
+                    err.param = param
+                    err.message = param + err.message[err.message.find("]") + 1 :]
+                raise err from None
+        encode_ms = (time.perf_counter() - t0) * 1000.0
+        built = builder.build(
+            rendered,
+            [(e.modality, p.param, e.block_rows, e.content_hash) for e, p in zip(encoded, media_parts)],
+        )
+        block_tensors = [t for e in encoded for t in split_rows(e.tensor, e.block_rows)]
+        spans = [T.SpanEmbedding(s, t) for s, t in zip(built.spans, block_tensors, strict=True)]
+        return built.ids, spans, encode_ms
+
+
+def _param_from_items(message: str, parts) -> str | None:
+    """Rewrite the encoder's ``items[i]`` into the request's part path."""
+    if message.startswith("items["):
+        idx = message[6 : message.find("]")]
+        if idx.isdigit() and int(idx) < len(parts):
+            return parts[int(idx)].param
+    return None
+
+
+
+
+def _audio_seconds(data: bytes) -> float:
+    """Duration from the file header (no decoding); 0 if unreadable — the encoder then
+    reports what is wrong with the bytes."""
+
+
+    try:
+        info = sf.info(io.BytesIO(data))
+        return float(info.frames) / float(info.samplerate) if info.samplerate > 0 else 0.0
+    except (RuntimeError, ValueError, TypeError):
+        return 0.0
