@@ -33,16 +33,16 @@ log = get_logger(__name__)
 
 def create_app(cfg: GatewayConfig) -> FastAPI:
     pipeline = Pipeline(cfg)
+    metrics = GatewayMetrics()
 
     @asynccontextmanager
     async def lifespan(app: FastAPI):
-        await pipeline.open()
+        await pipeline.open(on_call=lambda svc, addr, outcome: metrics.upstream.labels(svc, addr, outcome).inc())
         yield
         await pipeline.close()
 
     app = FastAPI(title="mmserve gateway", version="0.1.0", lifespan=lifespan)
     app.state.pipeline = pipeline
-    metrics = GatewayMetrics()
     app.state.metrics = metrics
 
     # outermost first: the request id is bound before the guard can answer 401/413
@@ -87,9 +87,8 @@ def create_app(cfg: GatewayConfig) -> FastAPI:
                                 code="invalid_json") from None
             req = parse_chat_request(body)
             ids, spans, encode_ms = await pipeline.prepare(req, rid)
-            call = pipeline.decoder.generate(ids, spans, req.sampling, rid)
             try:
-                first = await call.read()
+                call, first = await pipeline.decoder.start_generate(ids, spans, req.sampling, rid)
             except grpc.aio.AioRpcError as e:
                 raise to_http(e, upstream="decoder") from None
             if first is grpc.aio.EOF:

@@ -1,4 +1,4 @@
-"""grpc.aio clients for the encoder and decoder, on the gateway's event loop.
+"""grpc.aio clients for the encoder and decoder pools, on the gateway's event loop.
 
 Why: the gateway streams media to the encoder and embeddings to the decoder
 without blocking its ASGI loop; the request id travels as ``x-request-id``
@@ -9,14 +9,15 @@ gRPC's default message size.  Event-loop thread.
 
 from __future__ import annotations
 
-from collections.abc import AsyncIterator
+from collections.abc import AsyncIterator, Awaitable, Callable
 from dataclasses import dataclass
+from typing import Any
 
 import grpc
 
+from gateway.pool import UpstreamPool
 from mmserve_common import codec
 from mmserve_common import types as T
-from mmserve_common.grpc_runtime import CHANNEL_OPTIONS
 from mmserve_common.logs import REQUEST_ID_HEADER
 from mmserve_common.stubs import decoder_pb2, decoder_pb2_grpc, encoder_pb2, encoder_pb2_grpc
 from mmserve_common.tensors import DEFAULT_CHUNK_BYTES, Assembler, iter_chunks
@@ -36,54 +37,84 @@ def _md(request_id: str) -> tuple[tuple[str, str], ...]:
     return ((REQUEST_ID_HEADER, request_id),)
 
 
+async def _with_failover(pool: UpstreamPool, attempt: Callable[[Any], Awaitable[Any]]) -> Any:
+    """Run ``attempt(stub)`` on one address; on UNAVAILABLE try the others (each at most once).
+
+    Only for calls that are safe to repeat: a whole Encode, GetModelInfo, or a
+    Generate that has not produced anything yet."""
+    tried: set[str] = set()
+    while True:
+        u = pool.pick(exclude=tried)
+        tried.add(u.address)
+        try:
+            result = await attempt(u.stub)
+        except grpc.aio.AioRpcError as e:
+            pool.record(u, e.code().name)
+            if e.code() != grpc.StatusCode.UNAVAILABLE or len(tried) >= len(pool):
+                raise
+            continue
+        pool.record(u, "OK")
+        return result
+
+
 class EncoderClient:
-    def __init__(self, target: str, timeout_s: float) -> None:
-        self.channel = grpc.aio.insecure_channel(target, options=CHANNEL_OPTIONS)
-        self.stub = encoder_pb2_grpc.EncoderServiceStub(self.channel)
+    """Encoders behind one pool: whole requests fail over on UNAVAILABLE."""
+
+    def __init__(self, targets: str, timeout_s: float) -> None:
+        self.pool = UpstreamPool("encoder", targets, encoder_pb2_grpc.EncoderServiceStub)
         self.timeout_s = timeout_s
 
+    def start(self) -> None:
+        self.pool.start()
+
     async def info(self, request_id: str) -> encoder_pb2.GetEncoderInfoResponse:
-        return await self.stub.GetEncoderInfo(
-            encoder_pb2.GetEncoderInfoRequest(), metadata=_md(request_id), timeout=self.timeout_s
-        )
+        return await _with_failover(self.pool, lambda stub: stub.GetEncoderInfo(
+            encoder_pb2.GetEncoderInfoRequest(), metadata=_md(request_id), timeout=self.timeout_s))
 
     async def encode(self, items: list[T.MediaInput], dtype: str, request_id: str) -> list[T.EncodedItem]:
         req = encoder_pb2.EncodeRequest(items=codec.media_to_pb(items), output_dtype=codec.DTYPE_TO_PB[dtype])
-        headers: dict[int, encoder_pb2.EmbeddingHeader] = {}
-        parts: dict[int, Assembler] = {}
-        async for msg in self.stub.Encode(req, metadata=_md(request_id), timeout=self.timeout_s):
-            if msg.WhichOneof("payload") == "header":
-                h = msg.header
-                headers[h.item_index] = h
-                parts[h.item_index] = Assembler(
-                    f"encoder item {h.item_index}",
-                    codec.dtype_from_pb(h.tensor.dtype, "encoder header"),
-                    tuple(h.tensor.shape),
-                )
-            else:
-                parts[msg.chunk.item_index].add(msg.chunk.byte_offset, msg.chunk.data)
-        out = []
-        for i in range(len(items)):
-            if i not in headers:
-                raise RuntimeError(f"encoder returned no embeddings for item {i}")
-            h = headers[i]
-            out.append(codec.encoded_item_from_pb(h, parts[i].finish()))
-        return out
+
+        async def attempt(stub) -> list[T.EncodedItem]:
+            headers: dict[int, encoder_pb2.EmbeddingHeader] = {}
+            parts: dict[int, Assembler] = {}
+            async for msg in stub.Encode(req, metadata=_md(request_id), timeout=self.timeout_s):
+                if msg.WhichOneof("payload") == "header":
+                    h = msg.header
+                    headers[h.item_index] = h
+                    parts[h.item_index] = Assembler(
+                        f"encoder item {h.item_index}",
+                        codec.dtype_from_pb(h.tensor.dtype, "encoder header"),
+                        tuple(h.tensor.shape),
+                    )
+                else:
+                    parts[msg.chunk.item_index].add(msg.chunk.byte_offset, msg.chunk.data)
+            out = []
+            for i in range(len(items)):
+                if i not in headers:
+                    raise RuntimeError(f"encoder returned no embeddings for item {i}")
+                out.append(codec.encoded_item_from_pb(headers[i], parts[i].finish()))
+            return out
+
+        return await _with_failover(self.pool, attempt)
 
     async def close(self) -> None:
-        await self.channel.close()
+        await self.pool.close()
 
 
 class DecoderClient:
-    def __init__(self, target: str, timeout_s: float) -> None:
-        self.channel = grpc.aio.insecure_channel(target, options=CHANNEL_OPTIONS)
-        self.stub = decoder_pb2_grpc.DecoderServiceStub(self.channel)
+    """Decoders behind one pool.  A Generate fails over only before its first message:
+    after that, tokens have reached the client and a retry would repeat them."""
+
+    def __init__(self, targets: str, timeout_s: float) -> None:
+        self.pool = UpstreamPool("decoder", targets, decoder_pb2_grpc.DecoderServiceStub)
         self.timeout_s = timeout_s
 
+    def start(self) -> None:
+        self.pool.start()
+
     async def model_info(self, request_id: str) -> ModelInfo:
-        r = await self.stub.GetModelInfo(
-            decoder_pb2.GetModelInfoRequest(), metadata=_md(request_id), timeout=self.timeout_s
-        )
+        r = await _with_failover(self.pool, lambda stub: stub.GetModelInfo(
+            decoder_pb2.GetModelInfoRequest(), metadata=_md(request_id), timeout=self.timeout_s))
         return ModelInfo(
             model_id=r.model_id,
             dtype=codec.DTYPE_FROM_PB.get(r.dtype, "float32"),
@@ -96,30 +127,42 @@ class DecoderClient:
             },
         )
 
-    def generate(
+    async def start_generate(
         self,
         ids: list[int],
         spans: list[T.SpanEmbedding],
         sampling: T.SamplingParams,
         request_id: str,
     ):
-        """Start a Generate call; returns the call (iterate it for responses, ``cancel()`` to stop)."""
+        """Start a Generate and wait for its first message: ``(call, first)``.
 
-        async def requests() -> AsyncIterator[decoder_pb2.GenerateRequest]:
-            yield decoder_pb2.GenerateRequest(
-                setup=decoder_pb2.GenerateSetup(
-                    prompt_token_ids=ids,
-                    spans=[codec.span_to_pb(s.span, s.tensor) for s in spans],
-                    sampling=codec.sampling_to_pb(sampling),
-                )
-            )
-            for i, s in enumerate(spans):
-                for off, data in iter_chunks(s.tensor.data, DEFAULT_CHUNK_BYTES):
-                    yield decoder_pb2.GenerateRequest(
-                        chunk=decoder_pb2.EmbeddingChunk(span_index=i, byte_offset=off, data=data)
+        Iterate ``call.read()`` for the rest; ``call.cancel()`` stops the sequence."""
+
+        def requests() -> AsyncIterator[decoder_pb2.GenerateRequest]:
+            async def gen():
+                yield decoder_pb2.GenerateRequest(
+                    setup=decoder_pb2.GenerateSetup(
+                        prompt_token_ids=ids,
+                        spans=[codec.span_to_pb(s.span, s.tensor) for s in spans],
+                        sampling=codec.sampling_to_pb(sampling),
                     )
+                )
+                for i, s in enumerate(spans):
+                    for off, data in iter_chunks(s.tensor.data, DEFAULT_CHUNK_BYTES):
+                        yield decoder_pb2.GenerateRequest(
+                            chunk=decoder_pb2.EmbeddingChunk(span_index=i, byte_offset=off, data=data)
+                        )
+            return gen()
 
-        return self.stub.Generate(requests(), metadata=_md(request_id), timeout=self.timeout_s)
+        async def attempt(stub):
+            call = stub.Generate(requests(), metadata=_md(request_id), timeout=self.timeout_s)
+            try:
+                return call, await call.read()
+            except BaseException:
+                call.cancel()
+                raise
+
+        return await _with_failover(self.pool, attempt)
 
     async def close(self) -> None:
-        await self.channel.close()
+        await self.pool.close()

@@ -31,8 +31,10 @@ def parse_args(argv: list[str] | None = None) -> GatewayConfig:
     p = argparse.ArgumentParser(prog="mmserve-gateway", description="mmserve OpenAI-compatible gateway")
     p.add_argument("--checkpoint", default=_env("CHECKPOINT", None), required=_env("CHECKPOINT", None) is None,
                    help="checkpoint directory (tokenizer and chat template are read from it)")
-    p.add_argument("--encoder", default=_env("ENCODER", "127.0.0.1:50051"), help="encoder host:port")
-    p.add_argument("--decoder", default=_env("DECODER", "127.0.0.1:50052"), help="decoder host:port")
+    p.add_argument("--encoder", default=_env("ENCODER", "127.0.0.1:50051"),
+                   help="encoder host:port, or several comma-separated (round-robin, failover)")
+    p.add_argument("--decoder", default=_env("DECODER", "127.0.0.1:50052"),
+                   help="decoder host:port, or several comma-separated (round-robin, failover)")
     p.add_argument("--host", default=_env("HOST", "127.0.0.1"))
     p.add_argument("--port", type=int, default=int(_env("PORT", 8000)), help="0 = pick a free port")
     p.add_argument("--model-id", default=_env("MODEL_ID", None))

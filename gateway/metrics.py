@@ -16,6 +16,8 @@ class GatewayMetrics:
         r = self.registry = CollectorRegistry()
         self.requests = Counter("mmserve_gateway_chat_requests", "Chat completion requests by HTTP status",
                                 ["status"], registry=r)
+        self.upstream = Counter("mmserve_gateway_upstream_calls", "Calls to each upstream address, by outcome",
+                                ["service", "address", "outcome"], registry=r)
         self.ttft = Histogram("mmserve_gateway_time_to_first_token_seconds",
                               "Request arrival to the first decoder message (media encoding included)",
                               buckets=_BUCKETS, registry=r)

@@ -41,9 +41,12 @@ class Pipeline:
         self._encoder_modalities: set[str] | None = None
         self.logprobs = LogprobFormatter(self.tokenizer)
 
-    async def open(self) -> None:
+    async def open(self, on_call=None) -> None:
         self.encoder = EncoderClient(self.cfg.encoder, self.cfg.rpc_timeout_s)
         self.decoder = DecoderClient(self.cfg.decoder, self.cfg.rpc_timeout_s)
+        for c in (self.encoder, self.decoder):
+            c.pool.on_call = on_call
+            c.start()
 
     async def close(self) -> None:
         await self.encoder.close()
@@ -77,17 +80,7 @@ class Pipeline:
 
     async def upstream_health(self) -> dict[str, str]:
         """``grpc.health.v1`` status of each upstream ("UNREACHABLE" when it does not answer)."""
-        from grpc_health.v1 import health_pb2, health_pb2_grpc
-
-        async def check(channel) -> str:
-            try:
-                r = await health_pb2_grpc.HealthStub(channel).Check(
-                    health_pb2.HealthCheckRequest(service=""), timeout=2.0)
-                return health_pb2.HealthCheckResponse.ServingStatus.Name(r.status)
-            except grpc.aio.AioRpcError:
-                return "UNREACHABLE"
-
-        return {"encoder": await check(self.encoder.channel), "decoder": await check(self.decoder.channel)}
+        return {"encoder": await self.encoder.pool.health(), "decoder": await self.decoder.pool.health()}
 
     def check_limits(self, req: ChatRequest) -> None:
         """Media count and total audio duration, before any media is sent anywhere."""
