@@ -21,6 +21,11 @@ class GatewayConfig:
     max_body_bytes: int = 64 << 20
     max_media_items: int = 16
     max_audio_seconds: float = 600.0
+    url_fetch: bool = False
+    url_allowlist: tuple[str, ...] = ()
+    url_max_bytes: int = 20 << 20
+    url_timeout_s: float = 10.0
+    url_fetch_allow_private: bool = False
 
 
 def _env(name: str, default):
@@ -49,6 +54,18 @@ def parse_args(argv: list[str] | None = None) -> GatewayConfig:
                    help="images + audio clips per request")
     p.add_argument("--max-audio-seconds", type=float, default=float(_env("MAX_AUDIO_SECONDS", 600.0)),
                    help="total audio duration per request")
+    p.add_argument("--url-fetch", action="store_true", default=_env("URL_FETCH", "") in ("1", "true"),
+                   help="fetch http(s) image_url URLs (off by default; needs --url-allowlist)")
+    p.add_argument("--url-allowlist", default=_env("URL_ALLOWLIST", ""),
+                   help="comma-separated hosts that may be fetched: exact names or *.suffix")
+    p.add_argument("--url-max-bytes", type=int, default=int(_env("URL_MAX_BYTES", 20 << 20)))
+    p.add_argument("--url-timeout-s", type=float, default=float(_env("URL_TIMEOUT_S", 10.0)))
+    p.add_argument("--url-fetch-allow-private", action="store_true",
+                   default=_env("URL_FETCH_ALLOW_PRIVATE", "") in ("1", "true"),
+                   help="also fetch from private / loopback / link-local addresses (SSRF risk: only for "
+                        "image hosts on a trusted private network)")
     a = p.parse_args(argv)
     return GatewayConfig(a.checkpoint, a.encoder, a.decoder, a.host, a.port, a.model_id, a.rpc_timeout_s,
-                         a.reasoning, a.api_key, a.max_body_bytes, a.max_media_items, a.max_audio_seconds)
+                         a.reasoning, a.api_key, a.max_body_bytes, a.max_media_items, a.max_audio_seconds,
+                         a.url_fetch, tuple(x.strip() for x in a.url_allowlist.split(",") if x.strip()),
+                         a.url_max_bytes, a.url_timeout_s, a.url_fetch_allow_private)

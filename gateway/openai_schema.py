@@ -29,6 +29,7 @@ class Part:
     param: str
     text: str = ""
     media: T.MediaInput | None = None
+    url: str | None = None  # an http(s) image URL the pipeline fetches (only when fetching is on)
 
 
 @dataclass
@@ -71,7 +72,7 @@ def _b64(data: str, param: str) -> bytes:
         raise bad("is not valid base64", param) from None
 
 
-def _image_part(part: dict, param: str) -> Part:
+def _image_part(part: dict, param: str, allow_urls: bool) -> Part:
     spec = part.get("image_url")
     url = spec.get("url") if isinstance(spec, dict) else spec
     if not isinstance(url, str) or not url:
@@ -90,8 +91,10 @@ def _image_part(part: dict, param: str) -> Part:
         return Part("image", param, media=T.MediaInput(T.IMAGE, _b64(payload, f"{param}.image_url.url"), mime,
                                                        IMAGE_DETAIL_TOKENS[detail]))
     if url.startswith(("http://", "https://")):
-        raise bad("fetching image URLs is disabled on this server; send the image as a data: URI",
-                  f"{param}.image_url.url")
+        if not allow_urls:
+            raise bad("fetching image URLs is disabled on this server; send the image as a data: URI",
+                      f"{param}.image_url.url")
+        return Part("image", param, media=T.MediaInput(T.IMAGE, b"", "", IMAGE_DETAIL_TOKENS[detail]), url=url)
     raise bad("image_url.url must be a data: URI", f"{param}.image_url.url")
 
 
@@ -132,7 +135,7 @@ def _audio_part(part: dict, param: str) -> Part:
     return Part("audio", param, media=T.MediaInput(T.AUDIO, raw, AUDIO_FORMATS[fmt][0]))
 
 
-def _parts(content: Any, role: str, param: str) -> list[Part]:
+def _parts(content: Any, role: str, param: str, allow_urls: bool = False) -> list[Part]:
     if isinstance(content, str):
         return [Part("text", param, text=content)]
     if content is None and role == "assistant":
@@ -152,7 +155,7 @@ def _parts(content: Any, role: str, param: str) -> list[Part]:
         elif kind == "image_url":
             if role != "user":
                 raise bad(f"{pp}: images are only accepted in user messages", pp)
-            out.append(_image_part(part, pp))
+            out.append(_image_part(part, pp, allow_urls))
         elif kind == "input_audio":
             if role != "user":
                 raise bad(f"{pp}: audio is only accepted in user messages", pp)
@@ -176,7 +179,7 @@ def _number(body: dict, name: str, *, lo: float | None = None, hi: float | None 
     return v
 
 
-def parse_chat_request(body: Any) -> ChatRequest:
+def parse_chat_request(body: Any, *, allow_urls: bool = False) -> ChatRequest:
     if not isinstance(body, dict):
         raise bad("request body must be a JSON object", None)
     msgs = body.get("messages")
@@ -190,7 +193,7 @@ def parse_chat_request(body: Any) -> ChatRequest:
         role = m.get("role")
         if role not in ROLES:
             raise bad(f"{param}.role must be one of {sorted(ROLES)}, got {role!r}", f"{param}.role")
-        messages.append(Message(role, _parts(m.get("content"), role, f"{param}.content"), param))
+        messages.append(Message(role, _parts(m.get("content"), role, f"{param}.content", allow_urls), param))
     n = _number(body, "n", lo=1, integer=True)
     if n not in (None, 1):
         raise bad("only n=1 is supported", "n")
@@ -251,6 +254,9 @@ def parse_chat_request(body: Any) -> ChatRequest:
     model = body.get("model")
     if model is not None and not isinstance(model, str):
         raise bad("model must be a string", "model")
+    user = body.get("user")
+    if user is not None and not isinstance(user, str):
+        raise bad("user must be a string", "user")
     rti = body.get("return_token_ids", False)
     if not isinstance(rti, bool):
         raise bad("return_token_ids must be a boolean", "return_token_ids")

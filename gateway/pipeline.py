@@ -8,6 +8,8 @@ bind to the running loop).  Event-loop thread; no MLX.
 
 from __future__ import annotations
 
+import asyncio
+import dataclasses
 import io
 import time
 
@@ -17,6 +19,7 @@ import soundfile as sf
 from gateway.clients import DecoderClient, EncoderClient, ModelInfo
 from gateway.config import GatewayConfig
 from gateway.errors import HTTPError, to_http
+from gateway.fetch import MediaFetcher
 from gateway.logprobs import LogprobFormatter
 from gateway.openai_schema import ChatRequest
 from gateway.prompt import MediaTokens, PromptBuilder
@@ -40,6 +43,8 @@ class Pipeline:
         self._builder: PromptBuilder | None = None
         self._encoder_modalities: set[str] | None = None
         self.logprobs = LogprobFormatter(self.tokenizer)
+        self.fetcher = MediaFetcher(allowlist=list(cfg.url_allowlist), max_bytes=cfg.url_max_bytes,
+                                    timeout_s=cfg.url_timeout_s, allow_private=cfg.url_fetch_allow_private)
 
     async def open(self, on_call=None) -> None:
         self.encoder = EncoderClient(self.cfg.encoder, self.cfg.rpc_timeout_s)
@@ -82,6 +87,15 @@ class Pipeline:
         """``grpc.health.v1`` status of each upstream ("UNREACHABLE" when it does not answer)."""
         return {"encoder": await self.encoder.pool.health(), "decoder": await self.decoder.pool.health()}
 
+    async def fetch_urls(self, req: ChatRequest) -> None:
+        """Fill in the bytes of http(s) image parts (only present when fetching is enabled)."""
+        parts = [p for p in req.media if p.url is not None]
+        if len(parts) > self.cfg.max_media_items:
+            return  # check_limits refuses the request; fetch nothing for it
+        bodies = await asyncio.gather(*(self.fetcher.fetch(p.url, f"{p.param}.image_url.url") for p in parts))
+        for p, (data, mime) in zip(parts, bodies):
+            p.media = dataclasses.replace(p.media, data=data, mime_type=mime)
+
     def check_limits(self, req: ChatRequest) -> None:
         """Media count and total audio duration, before any media is sent anywhere."""
         parts = req.media
@@ -100,6 +114,7 @@ class Pipeline:
 
     async def prepare(self, req: ChatRequest, rid: str):
         """Encode media and build ``(ids, span embeddings)`` for the decoder."""
+        await self.fetch_urls(req)
         self.check_limits(req)
         info, builder = await self.model_info(rid)
         rendered = builder.render(req.messages, **req.chat_template_kwargs)
