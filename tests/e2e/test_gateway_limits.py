@@ -99,3 +99,43 @@ def test_openapi_document_describes_the_chat_body(guarded):
     schema = chat["requestBody"]["content"]["application/json"]["schema"]
     assert schema["required"] == ["messages"] and "stream" in schema["properties"]
     assert {"/v1/models", "/v1/models/{model_id}", "/health"} <= set(doc["paths"])
+
+
+def test_image_url_fetch_when_enabled(services_e2b):
+    """Fetching is off by default (400); on, with an allowlist, an allowed loopback host works."""
+    import threading
+    from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
+
+    png = shape_png("green", "square", (48, 48))
+
+    class H(BaseHTTPRequestHandler):
+        def do_GET(self):  # noqa: N802
+            self.send_response(200)
+            self.send_header("Content-Type", "image/png")
+            self.send_header("Content-Length", str(len(png)))
+            self.end_headers()
+            self.wfile.write(png)
+
+        def log_message(self, *a):
+            pass
+
+    server = ThreadingHTTPServer(("127.0.0.1", 0), H)
+    threading.Thread(target=server.serve_forever, daemon=True).start()
+    url = f"http://localhost:{server.server_address[1]}/g.png"
+    msg = [{"role": "user", "content": [{"type": "image_url", "image_url": {"url": url, "detail": "low"}}]}]
+    try:
+        with pytest.raises(openai.BadRequestError, match="disabled"):
+            openai.OpenAI(base_url=services_e2b.base_url, api_key="x").chat.completions.create(model="m", messages=msg)
+        with start_gateway(services_e2b.checkpoint, services_e2b.encoder_addr, services_e2b.decoder_addr,
+                           ["--url-fetch", "--url-allowlist", "localhost", "--url-fetch-allow-private"]) as g:
+            c = openai.OpenAI(base_url=f"http://127.0.0.1:{g.gateway_port}/v1", api_key="x", max_retries=0)
+            r = c.chat.completions.create(model="m", max_tokens=1, messages=msg)
+            assert r.usage.prompt_tokens_details.soft_tokens > 0
+            other = [{"role": "user", "content": [{"type": "image_url", "image_url": {
+                "url": f"http://127.0.0.2:{server.server_address[1]}/g.png"}}]}]
+            with pytest.raises(openai.BadRequestError) as ei:
+                c.chat.completions.create(model="m", messages=other)
+            assert "allowlist" in ei.value.body["message"]
+            assert ei.value.body["param"] == "messages[0].content[0].image_url.url"
+    finally:
+        server.shutdown()
