@@ -17,7 +17,9 @@ from contextlib import asynccontextmanager
 
 import grpc
 from fastapi import FastAPI, Request
+from fastapi.exceptions import RequestValidationError
 from fastapi.responses import JSONResponse, Response, StreamingResponse
+from starlette.exceptions import HTTPException as StarletteHTTPException
 
 from gateway.config import GatewayConfig
 from gateway.errors import HTTPError, to_http
@@ -44,6 +46,20 @@ def create_app(cfg: GatewayConfig) -> FastAPI:
     app = FastAPI(title="mmserve gateway", version="0.1.0", lifespan=lifespan)
     app.state.pipeline = pipeline
     app.state.metrics = metrics
+
+    @app.exception_handler(StarletteHTTPException)
+    async def http_exception(request: Request, exc: StarletteHTTPException):
+        """Routing errors (unknown path, wrong method) in OpenAI's error shape too."""
+        type_ = "not_found_error" if exc.status_code == 404 else "invalid_request_error"
+        return error_response(HTTPError(exc.status_code, f"{request.method} {request.url.path}: {exc.detail}",
+                                        type_=type_, code=str(exc.detail).lower().replace(" ", "_")))
+
+    @app.exception_handler(RequestValidationError)
+    async def validation_error(request: Request, exc: RequestValidationError):
+        first = exc.errors()[0] if exc.errors() else {}
+        loc = ".".join(str(x) for x in first.get("loc", ()) if x not in ("body", "path", "query"))
+        return error_response(HTTPError(400, f"{loc or 'request'}: {first.get('msg', 'invalid')}",
+                                        type_="invalid_request_error", param=loc or None, code="invalid_value"))
 
     # outermost first: the request id is bound before the guard can answer 401/413
     app.add_middleware(GuardMiddleware, api_key=cfg.api_key, max_body_bytes=cfg.max_body_bytes)
