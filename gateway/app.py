@@ -131,7 +131,7 @@ def create_app(cfg: GatewayConfig) -> FastAPI:
         return await complete(call, first, completion_id, created, model, encode_ms,
                               ids if req.return_token_ids else None,
                               pipeline.logprobs if req.sampling.logprobs else None,
-                              _keep_reasoning(req, cfg))
+                              _keep_reasoning(req, cfg), request.is_disconnected)
 
     return app
 

@@ -9,6 +9,7 @@ as an error event rather than a cut connection.  Event-loop thread.
 
 from __future__ import annotations
 
+import asyncio
 import json
 from typing import Any
 
@@ -60,11 +61,14 @@ async def _responses(call, first):
 
 
 async def complete(call, first, cid, created, model, encode_ms, prompt_ids=None, logprobs=None,
-                    keep_reasoning=True):
+                    keep_reasoning=True, disconnected=None):
+    """Collect the whole stream into one ``chat.completion``.  ``disconnected`` (an async
+    predicate) is polled meanwhile: a client that gives up cancels its decoder sequence."""
     text: list[str] = []
     token_ids: list[int] = []
     lps: list = []
     completion = None
+    watcher = asyncio.ensure_future(_cancel_on_disconnect(call, disconnected)) if disconnected else None
     try:
         async for msg in _responses(call, first):
             if msg.WhichOneof("payload") == "token":
@@ -76,6 +80,9 @@ async def complete(call, first, cid, created, model, encode_ms, prompt_ids=None,
                 completion = codec.completion_from_pb(msg.complete)
     except grpc.aio.AioRpcError as e:
         return error_response(to_http(e, upstream="decoder"))
+    finally:
+        if watcher is not None:
+            watcher.cancel()
     if completion is not None:
         log.info("completed", stream=False, finish_reason=completion.finish_reason,
                  prompt_tokens=completion.prompt_tokens, completion_tokens=completion.completion_tokens)
@@ -107,6 +114,15 @@ async def complete(call, first, cid, created, model, encode_ms, prompt_ids=None,
         "timings": _timings(completion, encode_ms),
         **extra,
     })
+
+
+async def _cancel_on_disconnect(call, disconnected, interval_s: float = 0.25) -> None:
+    while not call.done():
+        if await disconnected():
+            log.info("client disconnected; cancelling generation")
+            call.cancel()
+            return
+        await asyncio.sleep(interval_s)
 
 
 def _chunk(cid, created, model, delta, finish_reason=None, token_ids=None, logprobs=None, **extra) -> str:

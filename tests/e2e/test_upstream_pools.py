@@ -75,3 +75,18 @@ def test_losing_one_of_each_still_serves(pools):
     for i in range(6):  # round-robin would have sent half of these to the dead ones
         assert _ask(pools["url"], 10 + i).choices[0].finish_reason in ("stop", "length")
     assert httpx.get(pools["url"] + "/health").json()["status"] == "ok"
+
+
+def test_a_non_streaming_client_that_gives_up_cancels_too(pools, services_e2b):
+    before = (services_e2b.logs("decoder") + pools["dec2"].logs("decoder")).count("generation cancelled")
+    with pytest.raises(httpx.ReadTimeout):
+        httpx.post(pools["url"] + "/v1/chat/completions", timeout=1.5, json={
+            "messages": [{"role": "user", "content": "go on"}], "max_tokens": 3000,
+            "logit_bias": {"1": -100, "106": -100, "50": -100}})
+    deadline = time.time() + 10
+    while time.time() < deadline:
+        now = (services_e2b.logs("decoder") + pools["dec2"].logs("decoder")).count("generation cancelled")
+        if now > before:
+            break
+        time.sleep(0.1)
+    assert now > before
