@@ -11,6 +11,7 @@ stream.  No MLX in this process; everything runs on the ASGI event loop.
 from __future__ import annotations
 
 import json
+import os
 import time
 import uuid
 from contextlib import asynccontextmanager
@@ -40,7 +41,19 @@ def create_app(cfg: GatewayConfig) -> FastAPI:
     @asynccontextmanager
     async def lifespan(app: FastAPI):
         await pipeline.open(on_call=lambda svc, addr, outcome: metrics.upstream.labels(svc, addr, outcome).inc())
+        chat_server = None
+        if cfg.grpc_port is not None:  # the typed gRPC front shares this loop and this pipeline
+            from gateway.chat_server import start_chat_server
+
+            chat_server, port = await start_chat_server(pipeline, cfg)
+            app.state.grpc_port = port
+            port_file = os.environ.get("MMSERVE_GRPC_PORT_FILE")
+            if port_file:
+                with open(port_file, "w") as f:
+                    f.write(str(port))
         yield
+        if chat_server is not None:
+            await chat_server.stop(5)
         await pipeline.close()
 
     app = FastAPI(title="mmserve gateway", version="0.1.0", lifespan=lifespan)

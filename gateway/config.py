@@ -26,6 +26,8 @@ class GatewayConfig:
     url_max_bytes: int = 20 << 20
     url_timeout_s: float = 10.0
     url_fetch_allow_private: bool = False
+    grpc_host: str = "127.0.0.1"
+    grpc_port: int | None = 50050
 
 
 def _env(name: str, default):
@@ -64,8 +66,14 @@ def parse_args(argv: list[str] | None = None) -> GatewayConfig:
                    default=_env("URL_FETCH_ALLOW_PRIVATE", "") in ("1", "true"),
                    help="also fetch from private / loopback / link-local addresses (SSRF risk: only for "
                         "image hosts on a trusted private network)")
+    p.add_argument("--grpc-host", default=_env("GRPC_HOST", None),
+                   help="bind address of the typed chat gRPC API (default: --host)")
+    p.add_argument("--grpc-port", type=int, default=int(_env("GRPC_PORT", 50050)),
+                   help="port of the typed chat gRPC API (mmserve.chat.v1); 0 = any free port, -1 = off")
     a = p.parse_args(argv)
-    return GatewayConfig(a.checkpoint, a.encoder, a.decoder, a.host, a.port, a.model_id, a.rpc_timeout_s,
+    cfg = GatewayConfig(a.checkpoint, a.encoder, a.decoder, a.host, a.port, a.model_id, a.rpc_timeout_s,
                          a.reasoning, a.api_key, a.max_body_bytes, a.max_media_items, a.max_audio_seconds,
                          a.url_fetch, tuple(x.strip() for x in a.url_allowlist.split(",") if x.strip()),
-                         a.url_max_bytes, a.url_timeout_s, a.url_fetch_allow_private)
+                         a.url_max_bytes, a.url_timeout_s, a.url_fetch_allow_private,
+                         a.grpc_host or a.host, None if a.grpc_port < 0 else a.grpc_port)
+    return cfg

@@ -55,6 +55,28 @@ def from_grpc_code(code: grpc.StatusCode, message: str, *, upstream: str,
                      code=code.name.lower(), headers=headers)
 
 
+_HTTP_TO_GRPC = {400: grpc.StatusCode.INVALID_ARGUMENT, 401: grpc.StatusCode.UNAUTHENTICATED,
+                 403: grpc.StatusCode.PERMISSION_DENIED, 404: grpc.StatusCode.NOT_FOUND,
+                 413: grpc.StatusCode.RESOURCE_EXHAUSTED, 429: grpc.StatusCode.RESOURCE_EXHAUSTED,
+                 499: grpc.StatusCode.CANCELLED, 503: grpc.StatusCode.UNAVAILABLE,
+                 504: grpc.StatusCode.DEADLINE_EXCEEDED}
+
+
+# Gateway-made errors whose gRPC code is more specific than their HTTP status says.
+_CODE_TO_GRPC = {"unsupported_modality": grpc.StatusCode.FAILED_PRECONDITION}
+
+
+def grpc_status(err: HTTPError) -> grpc.StatusCode:
+    """The gRPC code for an error the typed chat front returns (the upstream's own code when
+    the error came from one, e.g. FAILED_PRECONDITION for a missing tower)."""
+    if err.code in _CODE_TO_GRPC:
+        return _CODE_TO_GRPC[err.code]
+    upstream = STATUS_NAME_TO_GRPC.get((err.code or "").upper())
+    if upstream is not None and upstream != grpc.StatusCode.OK:
+        return upstream
+    return _HTTP_TO_GRPC.get(err.status, grpc.StatusCode.INTERNAL)
+
+
 def to_http(exc: BaseException, *, upstream: str = "gateway") -> HTTPError:
     """Map any exception to an ``HTTPError`` (bugs become 500)."""
     if isinstance(exc, HTTPError):

@@ -25,7 +25,16 @@ class LogprobFormatter:
     def _entry(self, token_id: int, logprob: float) -> dict:
         text = self._decode(int(token_id))
         return {"token": text, "logprob": logprob if math.isfinite(logprob) else NEG_INF_LOGPROB,
-                "bytes": list(text.encode("utf-8"))}
+                "bytes": list(text.encode("utf-8")), "token_id": int(token_id)}
+
+    def content_json(self, entries: list[T.TokenLogprob]) -> list[dict]:
+        """As OpenAI sends it (no ``token_id`` key)."""
+        out = self.content(entries)
+        for e in out:
+            e.pop("token_id")
+            for t in e["top_logprobs"]:
+                t.pop("token_id")
+        return out
 
     def content(self, entries: list[T.TokenLogprob]) -> list[dict]:
         out = []

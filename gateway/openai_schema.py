@@ -56,6 +56,7 @@ class ChatRequest:
 
 
 ROLES = {"system", "developer", "user", "assistant"}
+RAW_IMAGE, RAW_AUDIO = T.RAW_IMAGE_PART, T.RAW_AUDIO_PART  # the typed gRPC front's raw-bytes parts
 # Template variables a request must not override (they are the prompt itself).
 RESERVED_TEMPLATE_KWARGS = {"messages", "tools", "documents", "add_generation_prompt", "continue_final_message",
                             "tokenize", "bos_token", "eos_token", "pad_token", "unk_token", "chat_template",
@@ -120,9 +121,13 @@ def _audio_part(part: dict, param: str) -> Part:
         raise bad(f"{param}.input_audio.data must be a non-empty base64 string", f"{param}.input_audio.data")
     if data.startswith("data:"):
         data = data.partition(",")[2]
-    raw = _b64(data, f"{param}.input_audio.data")
+    return _checked_audio(_b64(data, f"{param}.input_audio.data"), fmt, param)
+
+
+def _checked_audio(raw: bytes, fmt: str | None, param: str) -> Part:
+    """Audio bytes whose declared format (or, if none, the sniffed one) matches the bytes."""
     sniffed = _sniff_audio(raw)
-    if fmt is None:
+    if not fmt:
         fmt = sniffed
     if fmt not in AUDIO_FORMATS:
         raise bad(f"{param}.input_audio.format {fmt!r} is not supported; use 'wav', 'mp3', 'flac' or 'ogg'",
@@ -135,7 +140,7 @@ def _audio_part(part: dict, param: str) -> Part:
     return Part("audio", param, media=T.MediaInput(T.AUDIO, raw, AUDIO_FORMATS[fmt][0]))
 
 
-def _parts(content: Any, role: str, param: str, allow_urls: bool = False) -> list[Part]:
+def _parts(content: Any, role: str, param: str, allow_urls: bool = False, internal: bool = False) -> list[Part]:
     if isinstance(content, str):
         return [Part("text", param, text=content)]
     if content is None and role == "assistant":
@@ -160,6 +165,17 @@ def _parts(content: Any, role: str, param: str, allow_urls: bool = False) -> lis
             if role != "user":
                 raise bad(f"{pp}: audio is only accepted in user messages", pp)
             out.append(_audio_part(part, pp))
+        elif kind == RAW_IMAGE and internal:  # typed gRPC front: bytes, no base64
+            if role != "user":
+                raise bad(f"{pp}: images are only accepted in user messages", pp)
+            if not part["data"]:
+                raise bad(f"{pp}.image.data must not be empty", f"{pp}.image.data")
+            out.append(Part("image", pp, media=T.MediaInput(T.IMAGE, part["data"], part.get("mime_type", ""),
+                                                            IMAGE_DETAIL_TOKENS[part.get("detail", "auto")])))
+        elif kind == RAW_AUDIO and internal:
+            if role != "user":
+                raise bad(f"{pp}: audio is only accepted in user messages", pp)
+            out.append(_checked_audio(part["data"], part.get("format") or None, pp))
         else:
             raise bad(f"{pp}: unsupported content part type {kind!r}; use text, image_url or input_audio", pp)
     return out
@@ -179,7 +195,10 @@ def _number(body: dict, name: str, *, lo: float | None = None, hi: float | None 
     return v
 
 
-def parse_chat_request(body: Any, *, allow_urls: bool = False) -> ChatRequest:
+def parse_chat_request(body: Any, *, allow_urls: bool = False, internal: bool = False) -> ChatRequest:
+    """Validate an OpenAI chat-completions body.  ``internal`` also admits the typed gRPC
+    front's raw-bytes parts (``RAW_IMAGE`` / ``RAW_AUDIO``), so both fronts share every check
+    and every error message."""
     if not isinstance(body, dict):
         raise bad("request body must be a JSON object", None)
     msgs = body.get("messages")
@@ -193,7 +212,8 @@ def parse_chat_request(body: Any, *, allow_urls: bool = False) -> ChatRequest:
         role = m.get("role")
         if role not in ROLES:
             raise bad(f"{param}.role must be one of {sorted(ROLES)}, got {role!r}", f"{param}.role")
-        messages.append(Message(role, _parts(m.get("content"), role, f"{param}.content", allow_urls), param))
+        messages.append(Message(role, _parts(m.get("content"), role, f"{param}.content", allow_urls, internal),
+                                param))
     n = _number(body, "n", lo=1, integer=True)
     if n not in (None, 1):
         raise bad("only n=1 is supported", "n")

@@ -25,7 +25,7 @@ import re
 from dataclasses import dataclass
 
 from gateway.errors import HTTPError
-from gateway.openai_schema import Message, bad
+from gateway.openai_schema import Message
 from mmserve_common import types as T
 
 
@@ -106,8 +106,9 @@ class PromptBuilder:
             for p in m.parts:
                 if p.media is not None and p.media.modality not in self.media_tokens:
                     tower = "audio" if p.media.modality == T.AUDIO else "vision"
-                    raise bad(f"{p.param}: this model has no {tower} tower, so {p.media.modality} input "
-                              "cannot be used", p.param)
+                    raise HTTPError(400, f"{p.param}: this model has no {tower} tower, so {p.media.modality} "
+                                    "input cannot be used", type_="invalid_request_error", param=p.param,
+                                    code="unsupported_modality")
         texts: list[str] = []
         rendered = self.tokenizer.apply_chat_template(
             self.template_messages(messages, texts), tokenize=False, add_generation_prompt=True,

@@ -95,7 +95,7 @@ async def complete(call, first, cid, created, model, encode_ms, prompt_ids=None,
     choice = {
         "index": 0,
         "message": message,
-        "logprobs": {"content": logprobs.content(lps)} if logprobs is not None else None,
+        "logprobs": {"content": logprobs.content_json(lps)} if logprobs is not None else None,
         "finish_reason": completion.finish_reason,
     }
     extra = {}
@@ -151,7 +151,7 @@ async def sse(call, first, cid, created, model, include_usage, encode_ms, token_
     try:
         async for msg in _responses(call, first):
             if msg.WhichOneof("payload") == "token":
-                lp = ({"content": logprobs.content(codec.token_logprobs_from_pb(msg.token))}
+                lp = ({"content": logprobs.content_json(codec.token_logprobs_from_pb(msg.token))}
                       if logprobs is not None and msg.token.token_ids else None)
                 content, reasoning = parser.feed(msg.token.text)
                 delta = {"content": content}

@@ -8,7 +8,7 @@ from __future__ import annotations
 
 from mmserve_common import types as T
 from mmserve_common.errors import InvalidArgument
-from mmserve_common.stubs import decoder_pb2, encoder_pb2, tensor_pb2
+from mmserve_common.stubs import chat_pb2, decoder_pb2, encoder_pb2, tensor_pb2
 from mmserve_common.tensors import RawTensor
 
 DTYPE_TO_PB = {
@@ -197,4 +197,82 @@ def completion_from_pb(pb: decoder_pb2.GenerateComplete) -> T.Completion:
         stop_token_id=pb.stop_token_id if pb.HasField("stop_token_id") else None,
         stop_string=pb.stop_string or None,
         cached_tokens=pb.usage.cached_tokens,
+    )
+
+
+# ---- chat (the gateway's typed front) ------------------------------------------
+_ROLE_FROM_PB = {chat_pb2.ROLE_SYSTEM: "system", chat_pb2.ROLE_DEVELOPER: "developer",
+                 chat_pb2.ROLE_USER: "user", chat_pb2.ROLE_ASSISTANT: "assistant"}
+_DETAIL_FROM_PB = {chat_pb2.IMAGE_DETAIL_UNSPECIFIED: "auto", chat_pb2.IMAGE_DETAIL_LOW: "low",
+                   chat_pb2.IMAGE_DETAIL_HIGH: "high"}
+_CHAT_OPTIONAL = ("max_tokens", "temperature", "top_p", "top_k", "min_p", "seed", "presence_penalty",
+                  "frequency_penalty", "repetition_penalty")
+
+
+def chat_request_to_body(pb: chat_pb2.ChatRequest) -> dict:
+    """The typed request as the chat-completions body the shared validator reads; media stay
+    raw bytes (``RAW_*_PART`` parts), never base64."""
+    messages = []
+    for i, m in enumerate(pb.messages):
+        role = _ROLE_FROM_PB.get(m.role)
+        if role is None:
+            raise InvalidArgument(f"messages[{i}].role must be set (ROLE_SYSTEM, ROLE_DEVELOPER, ROLE_USER or "
+                                  "ROLE_ASSISTANT)", param=f"messages[{i}].role")
+        parts = []
+        for j, p in enumerate(m.parts):
+            kind = p.WhichOneof("kind")
+            if kind == "text":
+                parts.append({"type": "text", "text": p.text})
+            elif kind == "image":
+                parts.append({"type": T.RAW_IMAGE_PART, "data": bytes(p.image.data), "mime_type": p.image.mime_type,
+                              "detail": _DETAIL_FROM_PB.get(p.image.detail, "auto")})
+            elif kind == "audio":
+                parts.append({"type": T.RAW_AUDIO_PART, "data": bytes(p.audio.data), "format": p.audio.format})
+            else:
+                raise InvalidArgument(f"messages[{i}].content[{j}]: a part must be text, image or audio",
+                                      param=f"messages[{i}].content[{j}]")
+        messages.append({"role": role, "content": parts})
+    params = pb.params
+    body: dict = {"messages": messages, "return_token_ids": pb.return_prompt_token_ids}
+    for name in _CHAT_OPTIONAL:
+        if params.HasField(name):
+            body[name] = getattr(params, name)
+    if params.stop:
+        body["stop"] = list(params.stop)
+    if params.logit_bias:
+        body["logit_bias"] = {str(k): v for k, v in params.logit_bias.items()}
+    if params.logprobs:
+        body["logprobs"] = True
+        if params.top_logprobs:
+            body["top_logprobs"] = params.top_logprobs
+    elif params.top_logprobs:
+        body["top_logprobs"] = params.top_logprobs  # refused by the validator with the HTTP message
+    if params.HasField("include_reasoning"):
+        body["include_reasoning"] = params.include_reasoning
+    if params.HasField("enable_thinking"):
+        body["chat_template_kwargs"] = {"enable_thinking": params.enable_thinking}
+    return body
+
+
+def chat_delta_to_pb(content: str, reasoning: str, token_ids: list[int], logprobs: list[dict]) -> chat_pb2.Delta:
+    """``logprobs``: OpenAI-shaped entries (token, logprob, top_logprobs) plus ``token_id``."""
+    return chat_pb2.Delta(
+        content=content, reasoning_content=reasoning, token_ids=token_ids,
+        logprobs=[chat_pb2.TokenLogprob(
+            token_id=e["token_id"], token=e["token"], logprob=e["logprob"],
+            top=[chat_pb2.TopLogprob(token_id=t["token_id"], token=t["token"], logprob=t["logprob"])
+                 for t in e["top_logprobs"]]) for e in logprobs],
+    )
+
+
+def chat_final_to_pb(cid: str, model: str, c: T.Completion, encode_ms: float,
+                     prompt_ids: list[int] | None) -> chat_pb2.Final:
+    return chat_pb2.Final(
+        id=cid, model=model,
+        finish_reason={"stop": chat_pb2.FINISH_REASON_STOP, "length": chat_pb2.FINISH_REASON_LENGTH}[c.finish_reason],
+        usage=chat_pb2.Usage(prompt_tokens=c.prompt_tokens, completion_tokens=c.completion_tokens,
+                             soft_tokens=c.soft_tokens, cached_tokens=c.cached_tokens),
+        timings=chat_pb2.Timings(encode_ms=encode_ms, queued_ms=c.queued_ms, prefill_ms=c.prefill_ms,
+                                 decode_ms=c.decode_ms),
+        prompt_token_ids=prompt_ids or [],
     )

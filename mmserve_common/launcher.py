@@ -31,6 +31,7 @@ class Services:
     encoder_port: int = 0
     decoder_port: int = 0
     gateway_port: int = 0
+    gateway_grpc_port: int = 0  # the typed chat API (mmserve.chat.v1)
     procs: dict[str, subprocess.Popen] = field(default_factory=dict)
     log_dir: Path = field(default_factory=lambda: Path(tempfile.mkdtemp(prefix="mmserve-logs-")))
 
@@ -41,6 +42,10 @@ class Services:
     @property
     def decoder_addr(self) -> str:
         return f"127.0.0.1:{self.decoder_port}"
+
+    @property
+    def chat_addr(self) -> str:
+        return f"127.0.0.1:{self.gateway_grpc_port}"
 
     @property
     def base_url(self) -> str:
@@ -69,9 +74,9 @@ class Services:
         self.stop()
 
 
-def _spawn(svc: Services, name: str, module: str, args: list[str]) -> int:
+def _spawn(svc: Services, name: str, module: str, args: list[str], extra_env: dict[str, str] | None = None) -> int:
     port_file = svc.log_dir / f"{name}.port"
-    env = dict(os.environ, MMSERVE_PORT_FILE=str(port_file))
+    env = dict(os.environ, MMSERVE_PORT_FILE=str(port_file), **(extra_env or {}))
     log = open(svc.log_dir / f"{name}.log", "w")
     svc.procs[name] = subprocess.Popen(
         [sys.executable, "-m", module, *args], env=env, stdout=log, stderr=subprocess.STDOUT,
@@ -169,17 +174,21 @@ def start_gateway(checkpoint: str | Path, encoder: str, decoder: str, args: list
 
 
 def _start_gateway(svc: Services, encoder: str, decoder: str, args: list[str]) -> None:
+    grpc_port_file = svc.log_dir / "gateway.grpc-port"
+    extra = [] if "--grpc-port" in args else ["--grpc-port", "0"]
     svc.gateway_port = _spawn(svc, "gateway", "gateway", [
-        "--checkpoint", svc.checkpoint, "--encoder", encoder, "--decoder", decoder, "--port", "0", *args,
-    ])
+        "--checkpoint", svc.checkpoint, "--encoder", encoder, "--decoder", decoder, "--port", "0", *extra, *args,
+    ], extra_env={"MMSERVE_GRPC_PORT_FILE": str(grpc_port_file)})
     deadline = time.time() + 60
     while True:
         try:  # any HTTP answer (even 503 while an upstream warms up) means the gateway is up
             urllib.request.urlopen(f"http://127.0.0.1:{svc.gateway_port}/health", timeout=2).close()
-            return
+            break
         except urllib.error.HTTPError:
-            return
+            break
         except OSError:
             if time.time() > deadline or svc.procs["gateway"].poll() is not None:
                 raise RuntimeError(f"gateway not ready:\n{svc.logs('gateway')[-4000:]}") from None
             time.sleep(0.1)
+    if grpc_port_file.exists() and grpc_port_file.read_text().strip():
+        svc.gateway_grpc_port = int(grpc_port_file.read_text())

@@ -32,8 +32,7 @@ def find_proto_root() -> Path:
 
 def stale(proto_root: Path | None = None, out_dir: Path = PB_DIR) -> bool:
     """True if stubs are missing or older than any .proto (an edited checkout)."""
-    marker = out_dir / "mmserve" / "decoder" / "v1" / "decoder_pb2_grpc.py"
-    if not marker.exists():
+    if not (out_dir / "mmserve" / "chat" / "v1" / "chat_pb2_grpc.py").exists():
         return True
     try:
         root = proto_root or find_proto_root()

@@ -13,11 +13,14 @@ from mmserve_common import protogen
 if protogen.stale():
     protogen.generate()
 
+from mmserve_common.pb.mmserve.chat.v1 import chat_pb2, chat_pb2_grpc  # noqa: E402
 from mmserve_common.pb.mmserve.common.v1 import tensor_pb2  # noqa: E402
 from mmserve_common.pb.mmserve.decoder.v1 import decoder_pb2, decoder_pb2_grpc  # noqa: E402
 from mmserve_common.pb.mmserve.encoder.v1 import encoder_pb2, encoder_pb2_grpc  # noqa: E402
 
 __all__ = [
+    "chat_pb2",
+    "chat_pb2_grpc",
     "decoder_pb2",
     "decoder_pb2_grpc",
     "encoder_pb2",

@@ -14,6 +14,8 @@ from mmserve_common.tensors import RawTensor
 IMAGE = "image"
 AUDIO = "audio"
 MODALITIES = (IMAGE, AUDIO)
+# Content-part types of the typed gRPC chat front (raw bytes); JSON clients cannot send them.
+RAW_IMAGE_PART, RAW_AUDIO_PART = "\x00image_bytes", "\x00audio_bytes"
 
 
 @dataclass(frozen=True)
