@@ -117,3 +117,29 @@ def test_health_reflection_and_request_id(services_e2b):
     _, call = chat_pb2_grpc.ChatServiceStub(ch).CompleteUnary.with_call(req, metadata=(("x-request-id", "abc-123"),))
     assert ("x-request-id", "abc-123") in tuple(call.trailing_metadata())
     assert "abc-123" in services_e2b.logs("gateway") and "abc-123" in services_e2b.logs("decoder")
+
+
+def test_python_client_sync_and_async_agree(services_e2b, media_dir):
+    import asyncio
+
+    from mmserve_common.client import AsyncChatClient, Audio, ChatClient, Image
+
+    msgs = [{"role": "user", "content": ["Look and listen", Image((media_dir / "blue_square.jpg").read_bytes()),
+                                         Audio((media_dir / "tone_1p3s.flac").read_bytes())]}]
+    kw = dict(max_tokens=6, temperature=0, logit_bias=NO_EOS, logprobs=True, top_logprobs=2)
+    with ChatClient(services_e2b.chat_addr) as c:
+        sync = c.chat(msgs, **kw)
+        streamed = [m for m in c.stream(msgs, **kw)]
+
+    async def run():
+        async with AsyncChatClient(services_e2b.chat_addr) as c:
+            unary = await c.chat(msgs, **kw)
+            deltas = [m async for m in c.stream(msgs, **kw)]
+            return unary, deltas
+
+    unary, deltas = asyncio.run(run())
+    assert sync.token_ids == unary.token_ids and len(sync.token_ids) == 6 and sync.finish_reason == "length"
+    for msgs_ in (streamed, deltas):
+        assert [t for m in msgs_ if m.HasField("delta") for t in m.delta.token_ids] == sync.token_ids
+        assert msgs_[-1].final.usage.soft_tokens == sync.usage.soft_tokens > 33  # 1.3 s of audio + the image
+    assert [lp.token_id for lp in sync.logprobs] == sync.token_ids and len(sync.logprobs[0].top) == 2
