@@ -244,6 +244,21 @@ def _collect_encoded(messages) -> list[Encoded]:
     return out
 
 
+def _generate_requests(ids, spans, sampling) -> Iterator[decoder_pb2.GenerateRequest]:
+    yield decoder_pb2.GenerateRequest(setup=decoder_pb2.GenerateSetup(
+        prompt_token_ids=list(ids),
+        spans=[decoder_pb2.EmbeddingSpan(
+            placement=tensor_pb2.PlaceholderSpan(offset=off, length=e.rows.shape[0], modality=e.modality,
+                                                 content_hash=e.content_hash),
+            tensor=tensor_pb2.TensorSpec(dtype=_DTYPES[e.dtype], shape=list(e.rows.shape)))
+            for off, e in spans],
+        sampling=decoder_pb2.SamplingParams(**sampling)))
+    for i, (_, e) in enumerate(spans):
+        for off, data in iter_chunks(e.rows.tobytes(), 1 << 20):
+            yield decoder_pb2.GenerateRequest(chunk=decoder_pb2.EmbeddingChunk(span_index=i, byte_offset=off,
+                                                                               data=data))
+
+
 class EncoderClient:
     """``mmserve.encoder.v1``: media bytes in, soft-token rows out (blocking)."""
 
@@ -283,18 +298,7 @@ class DecoderClient:
                  request_id: str | None = None, **sampling) -> Iterator[decoder_pb2.GenerateResponse]:
         """``spans``: ``(offset of the first placeholder, Encoded)`` — one per prompt block."""
         def requests():
-            yield decoder_pb2.GenerateRequest(setup=decoder_pb2.GenerateSetup(
-                prompt_token_ids=list(ids),
-                spans=[decoder_pb2.EmbeddingSpan(
-                    placement=tensor_pb2.PlaceholderSpan(offset=off, length=e.rows.shape[0], modality=e.modality,
-                                                         content_hash=e.content_hash),
-                    tensor=tensor_pb2.TensorSpec(dtype=_DTYPES[e.dtype], shape=list(e.rows.shape)))
-                    for off, e in spans],
-                sampling=decoder_pb2.SamplingParams(**sampling)))
-            for i, (_, e) in enumerate(spans):
-                for off, data in iter_chunks(e.rows.tobytes(), 1 << 20):
-                    yield decoder_pb2.GenerateRequest(chunk=decoder_pb2.EmbeddingChunk(
-                        span_index=i, byte_offset=off, data=data))
+            yield from _generate_requests(ids, spans, sampling)
 
         call = self.stub.Generate(requests(), timeout=self.timeout_s, metadata=_metadata(request_id))
         try:
@@ -304,3 +308,55 @@ class DecoderClient:
 
     def close(self) -> None:
         self.channel.close()
+
+
+class AsyncEncoderClient:
+    """``mmserve.encoder.v1`` on asyncio."""
+
+    def __init__(self, target: str, *, credentials: grpc.ChannelCredentials | None = None,
+                 timeout_s: float = 120.0) -> None:
+        self.channel = _channel(target, credentials, aio=True)
+        self.stub = encoder_pb2_grpc.EncoderServiceStub(self.channel)
+        self.timeout_s = timeout_s
+
+    async def encode_image(self, data: bytes, *, soft_tokens: int = 0, dtype: str | None = None) -> Encoded:
+        return (await self._encode([(tensor_pb2.MODALITY_IMAGE, data, soft_tokens)], dtype))[0]
+
+    async def encode_audio(self, data: bytes, *, dtype: str | None = None) -> Encoded:
+        return (await self._encode([(tensor_pb2.MODALITY_AUDIO, data, 0)], dtype))[0]
+
+    async def _encode(self, items, dtype) -> list[Encoded]:
+        call = self.stub.Encode(_encode_request(items, dtype), timeout=self.timeout_s, metadata=_metadata(None))
+        return _collect_encoded([m async for m in call])
+
+    async def close(self) -> None:
+        await self.channel.close()
+
+
+class AsyncDecoderClient:
+    """``mmserve.decoder.v1`` on asyncio."""
+
+    def __init__(self, target: str, *, credentials: grpc.ChannelCredentials | None = None,
+                 timeout_s: float = 600.0) -> None:
+        self.channel = _channel(target, credentials, aio=True)
+        self.stub = decoder_pb2_grpc.DecoderServiceStub(self.channel)
+        self.timeout_s = timeout_s
+
+    async def model_info(self) -> decoder_pb2.GetModelInfoResponse:
+        return await self.stub.GetModelInfo(decoder_pb2.GetModelInfoRequest(), timeout=self.timeout_s)
+
+    async def generate(self, ids: Sequence[int], spans: Sequence[tuple[int, Encoded]] = (), *,
+                       request_id: str | None = None, **sampling) -> AsyncIterator[decoder_pb2.GenerateResponse]:
+        async def requests():
+            for r in _generate_requests(ids, spans, sampling):
+                yield r
+
+        call = self.stub.Generate(requests(), timeout=self.timeout_s, metadata=_metadata(request_id))
+        try:
+            async for msg in call:
+                yield msg
+        finally:
+            call.cancel()
+
+    async def close(self) -> None:
+        await self.channel.close()

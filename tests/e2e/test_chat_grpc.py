@@ -143,3 +143,31 @@ def test_python_client_sync_and_async_agree(services_e2b, media_dir):
         assert [t for m in msgs_ if m.HasField("delta") for t in m.delta.token_ids] == sync.token_ids
         assert msgs_[-1].final.usage.soft_tokens == sync.usage.soft_tokens > 33  # 1.3 s of audio + the image
     assert [lp.token_id for lp in sync.logprobs] == sync.token_ids and len(sync.logprobs[0].top) == 2
+
+
+def test_async_low_level_clients_match_sync(services_e2b):
+    import asyncio
+
+    from mmserve_common.client import AsyncDecoderClient, AsyncEncoderClient, DecoderClient, EncoderClient
+
+    png = shape_png("yellow", "circle", (50, 50))
+    enc, dec = EncoderClient(services_e2b.encoder_addr), DecoderClient(services_e2b.decoder_addr)
+    image = enc.encode_image(png, soft_tokens=70)
+    info = dec.model_info()
+    img = next(m for m in info.modalities if m.modality == image.modality)
+    ids = [2, 105, img.begin_token_id] + [img.placeholder_token_id] * image.rows.shape[0] + [img.end_token_id, 106, 105]
+    sync = [t for r in dec.generate(ids, [(3, image)], max_tokens=6, temperature=0) if r.HasField("token")
+            for t in r.token.token_ids]
+
+    async def run():
+        aenc, adec = AsyncEncoderClient(services_e2b.encoder_addr), AsyncDecoderClient(services_e2b.decoder_addr)
+        again = await aenc.encode_image(png, soft_tokens=70)
+        toks = [t async for r in adec.generate(ids, [(3, again)], max_tokens=6, temperature=0)
+                if r.HasField("token") for t in r.token.token_ids]
+        await aenc.close()
+        await adec.close()
+        return again, toks
+
+    again, toks = asyncio.run(run())
+    assert again.content_hash == image.content_hash and (again.rows == image.rows).all()
+    assert toks == sync and len(sync) > 0
