@@ -13,6 +13,7 @@ def main(argv: list[str] | None = None) -> None:
 
     cfg = parse_args(argv)
     configure_logging("decoder")
+    cfg.tls.check(cfg.host, "mmserve-decoder")
     from decoder_service.engine import DecoderEngine
     from decoder_service.server import SERVICE_NAME, start_decoder_server
     from mmserve_common.service_main import serve
@@ -20,7 +21,7 @@ def main(argv: list[str] | None = None) -> None:
     asyncio.run(
         serve("decoder", DecoderEngine(cfg), start_decoder_server, [SERVICE_NAME],
               f"[{cfg.host}]:{cfg.port}" if ":" in cfg.host else f"{cfg.host}:{cfg.port}", port_file=os.environ.get("MMSERVE_PORT_FILE"),
-              metrics_port=cfg.metrics_port, metrics_host=cfg.metrics_host)
+              metrics_port=cfg.metrics_port, metrics_host=cfg.metrics_host, tls=cfg.tls)
     )
 
 

@@ -4,7 +4,9 @@ from __future__ import annotations
 
 import argparse
 import os
-from dataclasses import dataclass
+from dataclasses import dataclass, field
+
+from mmserve_common.tls import ServerTLS, add_server_tls_args, server_tls_from
 
 
 @dataclass(frozen=True)
@@ -18,6 +20,7 @@ class DecoderConfig:
     prefix_cache_bytes: int = 2 << 30
     metrics_host: str = "127.0.0.1"
     metrics_port: int | None = None
+    tls: ServerTLS = field(default_factory=ServerTLS)
     context_length: int | None = None
     stream_interval_ms: float = 10.0
 
@@ -47,6 +50,7 @@ def parse_args(argv: list[str] | None = None) -> DecoderConfig:
     p.add_argument("--stream-interval-ms", type=float, default=float(_env("STREAM_INTERVAL_MS", 10.0)),
                    help="least time between two token messages of one stream; tokens generated "
                         "in between travel together (0 = one message per token)")
+    add_server_tls_args(p, "MMSERVE_DECODER")
     a = p.parse_args(argv)
     return DecoderConfig(
         checkpoint=a.checkpoint,
@@ -60,4 +64,5 @@ def parse_args(argv: list[str] | None = None) -> DecoderConfig:
         prefix_cache_bytes=a.prefix_cache_bytes,
         metrics_host=a.metrics_host,
         metrics_port=int(a.metrics_port) if a.metrics_port is not None else None,
+        tls=server_tls_from(a),
     )

@@ -20,6 +20,7 @@ from mmserve_common.grpc_runtime import create_server, rpc_scope
 from mmserve_common.logs import get_logger
 from mmserve_common.stubs import decoder_pb2, decoder_pb2_grpc
 from mmserve_common.tensors import Assembler
+from mmserve_common.tls import ServerTLS
 
 log = get_logger(__name__)
 SERVICE_NAME = decoder_pb2.DESCRIPTOR.services_by_name["DecoderService"].full_name
@@ -113,8 +114,8 @@ class DecoderServicer(decoder_pb2_grpc.DecoderServiceServicer):
             )
 
 
-async def start_decoder_server(engine: DecoderEngine, address: str):
-    server, port, health = await create_server(address, [SERVICE_NAME])
+async def start_decoder_server(engine: DecoderEngine, address: str, tls: ServerTLS | None = None):
+    server, port, health = await create_server(address, [SERVICE_NAME], tls=tls)
     decoder_pb2_grpc.add_DecoderServiceServicer_to_server(DecoderServicer(engine), server)
     await server.start()
     return server, port, health

@@ -4,7 +4,9 @@ from __future__ import annotations
 
 import argparse
 import os
-from dataclasses import dataclass
+from dataclasses import dataclass, field
+
+from mmserve_common.tls import ServerTLS, add_server_tls_args, server_tls_from
 
 
 @dataclass(frozen=True)
@@ -23,6 +25,7 @@ class EncoderConfig:
     cache_bytes: int = 512 << 20
     metrics_host: str = "127.0.0.1"
     metrics_port: int | None = None
+    tls: ServerTLS = field(default_factory=ServerTLS)
 
 
 def _env(name: str, default):
@@ -51,6 +54,7 @@ def parse_args(argv: list[str] | None = None) -> EncoderConfig:
     p.add_argument("--metrics-host", default=_env("METRICS_HOST", "127.0.0.1"))
     p.add_argument("--metrics-port", type=int, default=_env("METRICS_PORT", None),
                    help="serve Prometheus /metrics on this port (0 = any free port; unset = off)")
+    add_server_tls_args(p, "MMSERVE_ENCODER")
     a = p.parse_args(argv)
     return EncoderConfig(
         checkpoint=a.checkpoint,
@@ -66,4 +70,5 @@ def parse_args(argv: list[str] | None = None) -> EncoderConfig:
         cache_bytes=a.cache_bytes,
         metrics_host=a.metrics_host,
         metrics_port=int(a.metrics_port) if a.metrics_port is not None else None,
+        tls=server_tls_from(a),
     )

@@ -19,6 +19,7 @@ from mmserve_common.grpc_runtime import create_server, rpc_scope
 from mmserve_common.logs import get_logger
 from mmserve_common.stubs import encoder_pb2, encoder_pb2_grpc
 from mmserve_common.tensors import iter_chunks
+from mmserve_common.tls import ServerTLS
 
 log = get_logger(__name__)
 
@@ -70,13 +71,13 @@ class EncoderServicer(encoder_pb2_grpc.EncoderServiceServicer):
             )
 
 
-async def start_encoder_server(engine: EncoderEngine, address: str):
+async def start_encoder_server(engine: EncoderEngine, address: str, tls: ServerTLS | None = None):
     """Bind, register, start; returns ``(server, port, health)``.
 
     Health stays NOT_SERVING until the caller has awaited ``engine.wait_ready()``
     and flipped it with ``set_serving`` (``service_main.serve`` does both).
     """
-    server, port, health = await create_server(address, [SERVICE_NAME])
+    server, port, health = await create_server(address, [SERVICE_NAME], tls=tls)
     encoder_pb2_grpc.add_EncoderServiceServicer_to_server(EncoderServicer(engine), server)
     await server.start()
     return server, port, health

@@ -17,6 +17,9 @@ def main(argv: list[str] | None = None) -> None:
 
     cfg = parse_args(argv)
     configure_logging("gateway")
+    cfg.tls.check(cfg.host, "mmserve-gateway")
+    if cfg.grpc_port is not None:
+        cfg.tls.check(cfg.grpc_host, "mmserve-gateway (chat gRPC)")
     app = create_app(cfg)
     sock = socket.socket(socket.AF_INET6 if ":" in cfg.host else socket.AF_INET, socket.SOCK_STREAM)
     sock.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
@@ -25,7 +28,14 @@ def main(argv: list[str] | None = None) -> None:
     if port_file:
         with open(port_file, "w") as f:
             f.write(str(sock.getsockname()[1]))
-    server = uvicorn.Server(uvicorn.Config(app, log_level="warning", access_log=False))
+    ssl = {}
+    if cfg.tls.enabled:
+        import ssl as _ssl
+
+        ssl = {"ssl_certfile": cfg.tls.cert, "ssl_keyfile": cfg.tls.key}
+        if cfg.tls.client_ca:
+            ssl.update(ssl_ca_certs=cfg.tls.client_ca, ssl_cert_reqs=_ssl.CERT_REQUIRED)
+    server = uvicorn.Server(uvicorn.Config(app, log_level="warning", access_log=False, **ssl))
     asyncio.run(server.serve(sockets=[sock]))
 
 

@@ -95,7 +95,7 @@ class ChatServicer(chat_pb2_grpc.ChatServiceServicer):
 async def start_chat_server(pipeline: Pipeline, cfg: GatewayConfig):
     """Bind ``cfg.grpc_host:cfg.grpc_port`` (0 = any free port); returns ``(server, port)``."""
     address = f"[{cfg.grpc_host}]:{cfg.grpc_port}" if ":" in cfg.grpc_host else f"{cfg.grpc_host}:{cfg.grpc_port}"
-    server, port, health = await create_server(address, [SERVICE_NAME])
+    server, port, health = await create_server(address, [SERVICE_NAME], tls=cfg.tls)
     chat_pb2_grpc.add_ChatServiceServicer_to_server(ChatServicer(pipeline, cfg), server)
     await server.start()
     await set_serving(health, [SERVICE_NAME], True)

@@ -60,8 +60,8 @@ async def _with_failover(pool: UpstreamPool, attempt: Callable[[Any], Awaitable[
 class EncoderClient:
     """Encoders behind one pool: whole requests fail over on UNAVAILABLE."""
 
-    def __init__(self, targets: str, timeout_s: float) -> None:
-        self.pool = UpstreamPool("encoder", targets, encoder_pb2_grpc.EncoderServiceStub)
+    def __init__(self, targets: str, timeout_s: float, credentials=None) -> None:
+        self.pool = UpstreamPool("encoder", targets, encoder_pb2_grpc.EncoderServiceStub, credentials=credentials)
         self.timeout_s = timeout_s
 
     def start(self) -> None:
@@ -105,8 +105,8 @@ class DecoderClient:
     """Decoders behind one pool.  A Generate fails over only before its first message:
     after that, tokens have reached the client and a retry would repeat them."""
 
-    def __init__(self, targets: str, timeout_s: float) -> None:
-        self.pool = UpstreamPool("decoder", targets, decoder_pb2_grpc.DecoderServiceStub)
+    def __init__(self, targets: str, timeout_s: float, credentials=None) -> None:
+        self.pool = UpstreamPool("decoder", targets, decoder_pb2_grpc.DecoderServiceStub, credentials=credentials)
         self.timeout_s = timeout_s
 
     def start(self) -> None:

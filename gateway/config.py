@@ -4,7 +4,9 @@ from __future__ import annotations
 
 import argparse
 import os
-from dataclasses import dataclass
+from dataclasses import dataclass, field
+
+from mmserve_common.tls import ClientTLS, ServerTLS, add_server_tls_args, server_tls_from
 
 
 @dataclass(frozen=True)
@@ -28,6 +30,8 @@ class GatewayConfig:
     url_fetch_allow_private: bool = False
     grpc_host: str = "127.0.0.1"
     grpc_port: int | None = 50050
+    tls: ServerTLS = field(default_factory=ServerTLS)  # HTTP and the chat gRPC API
+    upstream_tls: ClientTLS = field(default_factory=ClientTLS)  # to encoders and decoders
 
 
 def _env(name: str, default):
@@ -70,10 +74,17 @@ def parse_args(argv: list[str] | None = None) -> GatewayConfig:
                    help="bind address of the typed chat gRPC API (default: --host)")
     p.add_argument("--grpc-port", type=int, default=int(_env("GRPC_PORT", 50050)),
                    help="port of the typed chat gRPC API (mmserve.chat.v1); 0 = any free port, -1 = off")
+    add_server_tls_args(p, "MMSERVE_GATEWAY")
+    p.add_argument("--upstream-ca", default=_env("UPSTREAM_CA", None),
+                   help="PEM CA: talk TLS to encoders and decoders, verified against it")
+    p.add_argument("--upstream-cert", default=_env("UPSTREAM_CERT", None),
+                   help="PEM client certificate for services that require mutual TLS")
+    p.add_argument("--upstream-key", default=_env("UPSTREAM_KEY", None))
     a = p.parse_args(argv)
     cfg = GatewayConfig(a.checkpoint, a.encoder, a.decoder, a.host, a.port, a.model_id, a.rpc_timeout_s,
                          a.reasoning, a.api_key, a.max_body_bytes, a.max_media_items, a.max_audio_seconds,
                          a.url_fetch, tuple(x.strip() for x in a.url_allowlist.split(",") if x.strip()),
                          a.url_max_bytes, a.url_timeout_s, a.url_fetch_allow_private,
-                         a.grpc_host or a.host, None if a.grpc_port < 0 else a.grpc_port)
+                         a.grpc_host or a.host, None if a.grpc_port < 0 else a.grpc_port,
+                         server_tls_from(a), ClientTLS(a.upstream_ca, a.upstream_cert, a.upstream_key))
     return cfg

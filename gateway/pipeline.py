@@ -47,8 +47,9 @@ class Pipeline:
                                     timeout_s=cfg.url_timeout_s, allow_private=cfg.url_fetch_allow_private)
 
     async def open(self, on_call=None) -> None:
-        self.encoder = EncoderClient(self.cfg.encoder, self.cfg.rpc_timeout_s)
-        self.decoder = DecoderClient(self.cfg.decoder, self.cfg.rpc_timeout_s)
+        creds = self.cfg.upstream_tls.credentials()
+        self.encoder = EncoderClient(self.cfg.encoder, self.cfg.rpc_timeout_s, creds)
+        self.decoder = DecoderClient(self.cfg.decoder, self.cfg.rpc_timeout_s, creds)
         for c in (self.encoder, self.decoder):
             c.pool.on_call = on_call
             c.start()

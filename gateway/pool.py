@@ -42,14 +42,15 @@ class Upstream:
 
 class UpstreamPool:
     def __init__(self, name: str, addresses: str, make_stub: Callable[[grpc.aio.Channel], Any],
-                 *, health_interval_s: float = 2.0) -> None:
+                 *, health_interval_s: float = 2.0, credentials: grpc.ChannelCredentials | None = None) -> None:
         self.name = name
         addrs = [a.strip() for a in addresses.split(",") if a.strip()]
         if not addrs:
             raise ValueError(f"no {name} address given")
         self.upstreams = []
         for a in addrs:
-            ch = grpc.aio.insecure_channel(a, options=CHANNEL_OPTIONS)
+            ch = (grpc.aio.secure_channel(a, credentials, options=CHANNEL_OPTIONS) if credentials is not None
+                  else grpc.aio.insecure_channel(a, options=CHANNEL_OPTIONS))
             self.upstreams.append(Upstream(a, ch, make_stub(ch)))
         self._rr = itertools.cycle(range(len(self.upstreams)))
         self._interval = health_interval_s

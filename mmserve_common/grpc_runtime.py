@@ -23,6 +23,7 @@ from grpc_reflection.v1alpha import reflection
 
 from mmserve_common.errors import ServeError
 from mmserve_common.logs import REQUEST_ID_HEADER, get_logger, new_request_id, request_id_var
+from mmserve_common.tls import ServerTLS
 
 log = get_logger(__name__)
 
@@ -56,7 +57,8 @@ def server_options(max_message_bytes: int = DEFAULT_MAX_MESSAGE_BYTES) -> list[t
 
 
 async def create_server(
-    address: str, service_names: Sequence[str], *, max_message_bytes: int = DEFAULT_MAX_MESSAGE_BYTES
+    address: str, service_names: Sequence[str], *, max_message_bytes: int = DEFAULT_MAX_MESSAGE_BYTES,
+    tls: ServerTLS | None = None,
 ) -> tuple[grpc.aio.Server, int, HealthServicer]:
     """Create an aio server bound to ``address`` (port 0 = ephemeral).
 
@@ -70,7 +72,10 @@ async def create_server(
     health_pb2_grpc.add_HealthServicer_to_server(health, server)
     names = [*service_names, health_pb2.DESCRIPTOR.services_by_name["Health"].full_name]
     reflection.enable_server_reflection([*names, reflection.SERVICE_NAME], server)
-    port = server.add_insecure_port(address)
+    if tls is not None and tls.enabled:
+        port = server.add_secure_port(address, tls.credentials())
+    else:
+        port = server.add_insecure_port(address)
     if port == 0:
         raise RuntimeError(f"could not bind {address}")
     # grpc's HealthServicer answers SERVING for "" until told otherwise: a load

@@ -91,9 +91,10 @@ def _spawn(svc: Services, name: str, module: str, args: list[str], extra_env: di
     raise TimeoutError(f"{name} did not bind a port:\n{svc.logs(name)[-4000:]}")
 
 
-def wait_serving(addr: str, name: str, svc: Services, timeout: float = 180.0) -> None:
+def wait_serving(addr: str, name: str, svc: Services, timeout: float = 180.0,
+                 credentials: grpc.ChannelCredentials | None = None) -> None:
     deadline = time.time() + timeout
-    with grpc.insecure_channel(addr) as ch:
+    with (grpc.secure_channel(addr, credentials) if credentials else grpc.insecure_channel(addr)) as ch:
         stub = health_pb2_grpc.HealthStub(ch)
         while time.time() < deadline:
             if svc.procs[name].poll() is not None:
@@ -108,26 +109,30 @@ def wait_serving(addr: str, name: str, svc: Services, timeout: float = 180.0) ->
     raise TimeoutError(f"{name} at {addr} never became SERVING:\n{svc.logs(name)[-4000:]}")
 
 
-def start_encoder(checkpoint: str | Path, args: list[str] | None = None) -> Services:
-    """Start only an encoder on an ephemeral loopback port (benchmarks, scale-out tests)."""
+def start_encoder(checkpoint: str | Path, args: list[str] | None = None,
+                  credentials: grpc.ChannelCredentials | None = None) -> Services:
+    """Start only an encoder on an ephemeral loopback port (benchmarks, scale-out tests).
+
+    ``credentials``: for its health checks, when ``args`` turn TLS on."""
     svc = Services(str(checkpoint))
     try:
         svc.encoder_port = _spawn(svc, "encoder", "encoder_service",
                                   ["--checkpoint", svc.checkpoint, "--port", "0", *(args or [])])
-        wait_serving(svc.encoder_addr, "encoder", svc)
+        wait_serving(svc.encoder_addr, "encoder", svc, credentials=credentials)
     except BaseException:
         svc.stop()
         raise
     return svc
 
 
-def start_decoder(checkpoint: str | Path, args: list[str] | None = None) -> Services:
+def start_decoder(checkpoint: str | Path, args: list[str] | None = None,
+                  credentials: grpc.ChannelCredentials | None = None) -> Services:
     """Start only a decoder on an ephemeral loopback port (benchmarks, scale-out tests)."""
     svc = Services(str(checkpoint))
     try:
         svc.decoder_port = _spawn(svc, "decoder", "decoder_service",
                                   ["--checkpoint", svc.checkpoint, "--port", "0", *(args or [])])
-        wait_serving(svc.decoder_addr, "decoder", svc)
+        wait_serving(svc.decoder_addr, "decoder", svc, credentials=credentials)
     except BaseException:
         svc.stop()
         raise

@@ -31,6 +31,7 @@ async def serve(
     port_file: str | None = None,
     metrics_port: int | None = None,
     metrics_host: str = "127.0.0.1",
+    tls=None,
 ) -> None:
     if metrics_port is not None:
         from mmserve_common.metrics_http import start_metrics_server
@@ -38,7 +39,7 @@ async def serve(
         mport = start_metrics_server(engine.metrics.registry, metrics_host, metrics_port)
         log.info(f"{name} metrics listening", address=f"http://{metrics_host}:{mport}/metrics")
     engine.start()
-    server, port, health = await start_server(engine, address)
+    server, port, health = await start_server(engine, address, tls)
     log.info(f"{name} listening", address=address, port=port)
     if port_file:
         with open(port_file, "w") as f:
