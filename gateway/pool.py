@@ -48,9 +48,12 @@ class UpstreamPool:
         if not addrs:
             raise ValueError(f"no {name} address given")
         self.upstreams = []
+        # round_robin inside each channel too: a name with several records (a Kubernetes headless
+        # Service) spreads over all of them, not just the first.
+        options = [*CHANNEL_OPTIONS, ("grpc.lb_policy_name", "round_robin")]
         for a in addrs:
-            ch = (grpc.aio.secure_channel(a, credentials, options=CHANNEL_OPTIONS) if credentials is not None
-                  else grpc.aio.insecure_channel(a, options=CHANNEL_OPTIONS))
+            ch = (grpc.aio.secure_channel(a, credentials, options=options) if credentials is not None
+                  else grpc.aio.insecure_channel(a, options=options))
             self.upstreams.append(Upstream(a, ch, make_stub(ch)))
         self._rr = itertools.cycle(range(len(self.upstreams)))
         self._interval = health_interval_s

@@ -51,7 +51,7 @@ def children(a: argparse.Namespace) -> list[Child]:
     ]
 
 
-def main(argv: list[str] | None = None) -> None:
+def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     p = argparse.ArgumentParser(prog="mmserve-up", description=__doc__.split("\n\n")[0])
     p.add_argument("--checkpoint", default=os.environ.get("MMSERVE_CHECKPOINT"),
                    required=os.environ.get("MMSERVE_CHECKPOINT") is None)
@@ -61,7 +61,11 @@ def main(argv: list[str] | None = None) -> None:
     p.add_argument("--port", type=int, default=8000, help="gateway HTTP port")
     p.add_argument("--grpc-port", type=int, default=50050, help="gateway chat gRPC port")
     p.add_argument("--grace-s", type=float, default=15.0, help="how long children may drain on stop")
-    a = p.parse_args(argv)
+    return p.parse_args(argv)
+
+
+def main(argv: list[str] | None = None) -> None:
+    a = parse_args(argv)
     configure_logging("mmserve-up")
     kids = children(a)
     stopping = False
