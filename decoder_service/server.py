@@ -70,6 +70,14 @@ class DecoderServicer(decoder_pb2_grpc.DecoderServiceServicer):
                 a.add(c.byte_offset, c.data)
                 if a.complete:
                     pending -= 1
+            try:  # the caller must close its side now: anything more is a protocol error
+                extra = await it.__anext__()
+            except StopAsyncIteration:
+                extra = None
+            if extra is not None:
+                what = "embedding bytes beyond the declared spans" if extra.WhichOneof("payload") == "chunk" \
+                    else "a second setup message"
+                raise InvalidArgument(f"received {what}; send the setup, every span's chunks, then close the stream")
             spans = [
                 T.SpanEmbedding(span, a.finish()) for (span, _, _), a in zip(declared, assemblers)
             ]

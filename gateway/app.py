@@ -114,6 +114,9 @@ def create_app(cfg: GatewayConfig) -> FastAPI:
             except (json.JSONDecodeError, UnicodeDecodeError) as e:
                 raise HTTPError(400, f"request body is not valid JSON: {e}", type_="invalid_request_error",
                                 code="invalid_json") from None
+            except RecursionError:
+                raise HTTPError(400, "request body nests JSON too deeply", type_="invalid_request_error",
+                                code="invalid_json") from None
             req = parse_chat_request(body, allow_urls=cfg.url_fetch)
             ids, spans, encode_ms = await pipeline.prepare(req, rid)
             try:

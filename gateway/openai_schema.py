@@ -56,6 +56,7 @@ class ChatRequest:
 
 
 ROLES = {"system", "developer", "user", "assistant"}
+MAX_TOKENS_CAP = (1 << 31) - 1  # the wire field is uint32; the decoder then checks the context length
 RAW_IMAGE, RAW_AUDIO = T.RAW_IMAGE_PART, T.RAW_AUDIO_PART  # the typed gRPC front's raw-bytes parts
 # Template variables a request must not override (they are the prompt itself).
 RESERVED_TEMPLATE_KWARGS = {"messages", "tools", "documents", "add_generation_prompt", "continue_final_message",
@@ -140,9 +141,18 @@ def _checked_audio(raw: bytes, fmt: str | None, param: str) -> Part:
     return Part("audio", param, media=T.MediaInput(T.AUDIO, raw, AUDIO_FORMATS[fmt][0]))
 
 
+def _valid_text(text: str, param: str) -> str:
+    """JSON may carry lone UTF-16 surrogates (``"\\ud800"``); no tokenizer can take them."""
+    try:
+        text.encode("utf-8")
+    except UnicodeEncodeError as e:
+        raise bad(f"{param} is not valid Unicode text ({e.reason} at position {e.start})", param) from None
+    return text
+
+
 def _parts(content: Any, role: str, param: str, allow_urls: bool = False, internal: bool = False) -> list[Part]:
     if isinstance(content, str):
-        return [Part("text", param, text=content)]
+        return [Part("text", param, text=_valid_text(content, param))]
     if content is None and role == "assistant":
         return []
     if not isinstance(content, list):
@@ -156,7 +166,7 @@ def _parts(content: Any, role: str, param: str, allow_urls: bool = False, intern
         if kind == "text":
             if not isinstance(part.get("text"), str):
                 raise bad(f"{pp}.text must be a string", f"{pp}.text")
-            out.append(Part("text", pp, text=part["text"]))
+            out.append(Part("text", pp, text=_valid_text(part["text"], f"{pp}.text")))
         elif kind == "image_url":
             if role != "user":
                 raise bad(f"{pp}: images are only accepted in user messages", pp)
@@ -223,9 +233,9 @@ def parse_chat_request(body: Any, *, allow_urls: bool = False, internal: bool = 
     opts = body.get("stream_options") or {}
     if not isinstance(opts, dict):
         raise bad("stream_options must be an object", "stream_options")
-    max_tokens = _number(body, "max_completion_tokens", lo=1, integer=True)
+    max_tokens = _number(body, "max_completion_tokens", lo=1, hi=MAX_TOKENS_CAP, integer=True)
     if max_tokens is None:
-        max_tokens = _number(body, "max_tokens", lo=1, integer=True)
+        max_tokens = _number(body, "max_tokens", lo=1, hi=MAX_TOKENS_CAP, integer=True)
     bias = body.get("logit_bias") or {}
     if not isinstance(bias, dict):
         raise bad("logit_bias must be an object mapping token ids to numbers", "logit_bias")

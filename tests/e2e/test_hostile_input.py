@@ -1,0 +1,180 @@
+"""Hostile input across the HTTP JSON, the media bytes and the raw RPC fields.
+
+Every case must get a 4xx (HTTP) or an INVALID_ARGUMENT-class status (gRPC)
+with a message — never a 5xx — and every service must still be SERVING
+afterwards.
+"""
+
+from __future__ import annotations
+
+import base64
+import json
+import re
+
+import grpc
+import httpx
+import numpy as np
+import pytest
+from grpc_health.v1 import health_pb2, health_pb2_grpc
+
+from mmserve_common.samples import shape_png, tone_wav
+from mmserve_common.stubs import decoder_pb2, decoder_pb2_grpc, tensor_pb2
+
+pytestmark = pytest.mark.e2e
+B64 = lambda b: base64.b64encode(b).decode()  # noqa: E731
+PNG, WAV, FLAC = shape_png(size=(32, 32)), tone_wav(0.3, 16000), tone_wav(0.3, 16000, fmt="FLAC")
+U = lambda content: {"messages": [{"role": "user", "content": content}]}  # noqa: E731
+IMG = lambda url: U([{"type": "image_url", "image_url": {"url": url}}])  # noqa: E731
+AUD = lambda data, fmt: U([{"type": "input_audio", "input_audio": {"data": data, "format": fmt}}])  # noqa: E731
+
+HTTP_CASES = [
+    ("not JSON", b"{nope", None),
+    ("JSON array body", b"[1, 2]", None),
+    ("deeply nested JSON", b"[" * 100_000 + b"]" * 100_000, None),
+    ("no messages", {}, None),
+    ("empty messages", {"messages": []}, None),
+    ("messages not a list", {"messages": "hi"}, None),
+    ("message not an object", {"messages": ["hi"]}, None),
+    ("unknown role", {"messages": [{"role": "robot", "content": "x"}]}, None),
+    ("content is a number", U(5), None),
+    ("part not an object", U(["x"]), None),
+    ("unknown part type", U([{"type": "video", "video": {}}]), None),
+    ("text not a string", U([{"type": "text", "text": 7}]), None),
+    ("image_url without url", U([{"type": "image_url", "image_url": {}}]), None),
+    ("image URL while fetching is off", IMG("http://127.0.0.1:9/x.png"), None),
+    ("data URI not base64", IMG("data:image/png,abc"), None),
+    ("data URI bad base64", IMG("data:image/png;base64,@@@@"), None),
+    ("data URI wrong media type", IMG("data:text/plain;base64," + B64(b"hello")), None),
+    ("corrupt PNG", IMG("data:image/png;base64," + B64(PNG[:100])), None),
+    ("random bytes as image", IMG("data:image/png;base64," + B64(np.random.default_rng(0).bytes(999))), None),
+    ("image in an assistant turn", {"messages": [{"role": "assistant", "content": [
+        {"type": "image_url", "image_url": {"url": "data:image/png;base64," + B64(PNG)}}]}]}, None),
+    ("audio without data", U([{"type": "input_audio", "input_audio": {"format": "wav"}}]), None),
+    ("audio format unknown", AUD(B64(WAV), "aac"), None),
+    ("audio format lies", AUD(B64(FLAC), "wav"), None),
+    ("random bytes as audio", AUD(B64(np.random.default_rng(1).bytes(999)), "wav"), None),
+    ("truncated WAV", AUD(B64(WAV[: len(WAV) // 2]), "wav"), None),
+    ("max_tokens a string", {**U("x"), "max_tokens": "9"}, None),
+    ("max_tokens zero", {**U("x"), "max_tokens": 0}, None),
+    ("absurd max_tokens", {**U("x"), "max_tokens": 10**12}, None),
+    ("temperature 5", {**U("x"), "temperature": 5}, None),
+    ("top_p zero", {**U("x"), "top_p": 0}, None),
+    ("n = 3", {**U("x"), "n": 3}, None),
+    ("logit_bias out of range", {**U("x"), "logit_bias": {"5": 500}}, None),
+    ("logit_bias key not an id", {**U("x"), "logit_bias": {"abc": 1}}, None),
+    ("logit_bias id outside the vocabulary", {**U("x"), "logit_bias": {"1000000000": 1}}, None),
+    ("five stop strings", {**U("x"), "stop": ["a", "b", "c", "d", "e"]}, None),
+    ("top_logprobs without logprobs", {**U("x"), "top_logprobs": 3}, None),
+    ("stream not a boolean", {**U("x"), "stream": "yes"}, None),
+    ("seed a float", {**U("x"), "seed": 1.5}, None),
+    ("reserved template kwarg", {**U("x"), "chat_template_kwargs": {"messages": []}}, None),
+    ("10 000 messages", {"messages": [{"role": "user", "content": "hello there"}] * 10_000}, None),
+    ("lone surrogate in text", b'{"messages": [{"role": "user", "content": "a\\ud800b"}], "max_tokens": 1}',
+     "ok-or-4xx"),
+    ("1 GB declared body", "declared", None),
+]
+
+
+def _post(url: str, body, name: str) -> httpx.Response:
+    if body == "declared":  # headers that promise 1 GB, then a few bytes: answered from the headers alone
+        import socket
+        from urllib.parse import urlsplit
+
+        u = urlsplit(url)
+        with socket.create_connection((u.hostname, u.port), timeout=30) as s:
+            s.sendall(f"POST {u.path} HTTP/1.1\r\nHost: x\r\nContent-Type: application/json\r\n"
+                      f"Content-Length: {1 << 30}\r\n\r\n{{}}".encode())
+            data = b""
+            while b"\r\n\r\n" not in data or len(data.split(b"\r\n\r\n", 1)[1]) < int(
+                    re.search(rb"content-length: (\d+)", data.lower()).group(1) if b"content-length" in data.lower()
+                    else 0):
+                more = s.recv(65536)
+                if not more:
+                    break
+                data += more
+        head, _, rest = data.partition(b"\r\n\r\n")
+        return httpx.Response(int(head.split()[1]), content=rest)
+    content = body if isinstance(body, bytes) else json.dumps(body).encode()
+    return httpx.post(url, content=content, headers={"Content-Type": "application/json"}, timeout=60)
+
+
+def _all_serving(svc) -> None:
+    assert httpx.get(svc.base_url.replace("/v1", "") + "/health", timeout=10).json()["status"] == "ok"
+    for addr in (svc.encoder_addr, svc.decoder_addr):
+        with grpc.insecure_channel(addr) as ch:
+            r = health_pb2_grpc.HealthStub(ch).Check(health_pb2.HealthCheckRequest(service=""), timeout=5)
+            assert r.status == health_pb2.HealthCheckResponse.SERVING
+
+
+@pytest.mark.parametrize("name,body,expect", HTTP_CASES, ids=[c[0] for c in HTTP_CASES])
+def test_http_hostile(services_e2b, name, body, expect):
+    try:
+        r = _post(services_e2b.base_url + "/chat/completions", body, name)
+    except httpx.RemoteProtocolError:
+        r = None  # the server may close a connection that declared 1 GB; it must not crash
+    if r is not None:
+        if expect == "ok-or-4xx":
+            assert r.status_code == 200 or 400 <= r.status_code < 500, r.text[:300]
+        else:
+            assert 400 <= r.status_code < 500, (r.status_code, r.text[:300])
+            err = r.json()["error"]
+            assert err["message"] and err["type"]
+    _all_serving(services_e2b)
+
+
+def _setup(ids, spans=(), **sampling):
+    return decoder_pb2.GenerateSetup(prompt_token_ids=ids, spans=list(spans),
+                                     sampling=decoder_pb2.SamplingParams(**({"max_tokens": 2} | sampling)))
+
+
+def _span(offset, length, rows=None, hidden=64, dtype=tensor_pb2.DTYPE_BFLOAT16, modality=tensor_pb2.MODALITY_IMAGE):
+    return decoder_pb2.EmbeddingSpan(
+        placement=tensor_pb2.PlaceholderSpan(offset=offset, length=length, modality=modality),
+        tensor=tensor_pb2.TensorSpec(dtype=dtype, shape=[rows if rows is not None else length, hidden]))
+
+
+def _chunk(i, off, n):
+    return decoder_pb2.EmbeddingChunk(span_index=i, byte_offset=off, data=b"\0" * n)
+
+
+P = [2, 105, 10, 250] + [252] * 4 + [254, 106, 105]
+RPC_CASES = [
+    ("empty prompt", _setup([]), []),
+    ("token id outside the vocabulary", _setup([2, 10**6]), []),
+    ("negative token id", _setup([2, -5]), []),
+    ("absurd max_tokens", _setup([2, 10], max_tokens=4_000_000_000), []),
+    ("placeholders without a span", _setup(P), []),
+    ("span past the end", _setup(P, [_span(9, 8)]), [_chunk(0, 0, 8 * 128)]),
+    ("span over text ids", _setup(P, [_span(1, 4)]), [_chunk(0, 0, 4 * 128)]),
+    ("overlapping spans", _setup(P, [_span(4, 3), _span(5, 3)]), [_chunk(0, 0, 384), _chunk(1, 0, 384)]),
+    ("length disagrees with rows", _setup(P, [_span(4, 4, rows=5)]), [_chunk(0, 0, 5 * 128)]),
+    ("wrong hidden size", _setup(P, [_span(4, 4, hidden=63)]), [_chunk(0, 0, 4 * 126)]),
+    ("dtype unspecified", _setup(P, [_span(4, 4, dtype=tensor_pb2.DTYPE_UNSPECIFIED)]), [_chunk(0, 0, 512)]),
+    ("audio span on an image placeholder", _setup(P, [_span(4, 4, modality=tensor_pb2.MODALITY_AUDIO)]),
+     [_chunk(0, 0, 512)]),
+    ("chunks stop short", _setup(P, [_span(4, 4)]), [_chunk(0, 0, 100)]),
+    ("chunk for an unknown span", _setup(P, [_span(4, 4)]), [_chunk(3, 0, 512)]),
+    ("more bytes than declared", _setup(P, [_span(4, 4)]), [_chunk(0, 0, 512), _chunk(0, 512, 8)]),
+    ("chunk at the wrong offset", _setup(P, [_span(4, 4)]), [_chunk(0, 64, 448)]),
+    ("top_p out of range", _setup([2, 10], top_p=1.5), []),
+    ("negative temperature", _setup([2, 10], temperature=-1), []),
+]
+
+
+@pytest.mark.parametrize("name,setup,chunks", RPC_CASES, ids=[c[0] for c in RPC_CASES])
+def test_raw_decoder_rpc_hostile(services_e2b, name, setup, chunks):
+    def reqs():
+        yield decoder_pb2.GenerateRequest(setup=setup)
+        for c in chunks:
+            yield decoder_pb2.GenerateRequest(chunk=c)
+
+    with grpc.insecure_channel(services_e2b.decoder_addr) as ch, pytest.raises(grpc.RpcError) as ei:
+        list(decoder_pb2_grpc.DecoderServiceStub(ch).Generate(reqs(), timeout=30))
+    assert ei.value.code() in (grpc.StatusCode.INVALID_ARGUMENT, grpc.StatusCode.FAILED_PRECONDITION,
+                               grpc.StatusCode.OUT_OF_RANGE), (ei.value.code(), ei.value.details())
+    assert ei.value.details()
+    _all_serving(services_e2b)
+
+
+def test_corpus_is_large_enough():
+    assert len(HTTP_CASES) + len(RPC_CASES) >= 40
