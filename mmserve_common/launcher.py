@@ -74,7 +74,8 @@ class Services:
         self.stop()
 
 
-def _spawn(svc: Services, name: str, module: str, args: list[str], extra_env: dict[str, str] | None = None) -> int:
+def spawn(svc: Services, name: str, module: str, args: list[str], extra_env: dict[str, str] | None = None) -> int:
+    """Start ``python -m module args`` as ``svc.procs[name]`` (also to restart one); returns its bound port."""
     port_file = svc.log_dir / f"{name}.port"
     env = dict(os.environ, MMSERVE_PORT_FILE=str(port_file), **(extra_env or {}))
     log = open(svc.log_dir / f"{name}.log", "w")
@@ -116,7 +117,7 @@ def start_encoder(checkpoint: str | Path, args: list[str] | None = None,
     ``credentials``: for its health checks, when ``args`` turn TLS on."""
     svc = Services(str(checkpoint))
     try:
-        svc.encoder_port = _spawn(svc, "encoder", "encoder_service",
+        svc.encoder_port = spawn(svc, "encoder", "encoder_service",
                                   ["--checkpoint", svc.checkpoint, "--port", "0", *(args or [])])
         wait_serving(svc.encoder_addr, "encoder", svc, credentials=credentials)
     except BaseException:
@@ -130,7 +131,7 @@ def start_decoder(checkpoint: str | Path, args: list[str] | None = None,
     """Start only a decoder on an ephemeral loopback port (benchmarks, scale-out tests)."""
     svc = Services(str(checkpoint))
     try:
-        svc.decoder_port = _spawn(svc, "decoder", "decoder_service",
+        svc.decoder_port = spawn(svc, "decoder", "decoder_service",
                                   ["--checkpoint", svc.checkpoint, "--port", "0", *(args or [])])
         wait_serving(svc.decoder_addr, "decoder", svc, credentials=credentials)
     except BaseException:
@@ -153,9 +154,9 @@ def start_services(
     """
     svc = Services(str(checkpoint))
     try:
-        svc.encoder_port = _spawn(svc, "encoder", "encoder_service",
+        svc.encoder_port = spawn(svc, "encoder", "encoder_service",
                                   ["--checkpoint", svc.checkpoint, "--port", "0", *(encoder_args or [])])
-        svc.decoder_port = _spawn(svc, "decoder", "decoder_service",
+        svc.decoder_port = spawn(svc, "decoder", "decoder_service",
                                   ["--checkpoint", svc.checkpoint, "--port", "0", *(decoder_args or [])])
         wait_serving(svc.encoder_addr, "encoder", svc)
         wait_serving(svc.decoder_addr, "decoder", svc)
@@ -181,7 +182,7 @@ def start_gateway(checkpoint: str | Path, encoder: str, decoder: str, args: list
 def _start_gateway(svc: Services, encoder: str, decoder: str, args: list[str]) -> None:
     grpc_port_file = svc.log_dir / "gateway.grpc-port"
     extra = [] if "--grpc-port" in args else ["--grpc-port", "0"]
-    svc.gateway_port = _spawn(svc, "gateway", "gateway", [
+    svc.gateway_port = spawn(svc, "gateway", "gateway", [
         "--checkpoint", svc.checkpoint, "--encoder", encoder, "--decoder", decoder, "--port", "0", *extra, *args,
     ], extra_env={"MMSERVE_GRPC_PORT_FILE": str(grpc_port_file)})
     deadline = time.time() + 60

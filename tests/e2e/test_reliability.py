@@ -1,0 +1,166 @@
+"""Reliability on one machine acting as several hosts: 2 encoders, 2 decoders, a gateway.
+
+Load spread, mass cancellation, a decoder dying under an in-flight stream
+(clear 503, no hang; the replica rejoins after restart), and the only
+encoder dying (media requests 503 within the deadline, text still served).
+"""
+
+from __future__ import annotations
+
+import base64
+import concurrent.futures as cf
+import json
+import re
+import signal
+import time
+
+import httpx
+import openai
+import pytest
+
+from mmserve_common.launcher import Services, spawn, start_decoder, start_encoder, start_gateway, wait_serving
+from mmserve_common.samples import shape_png, tone_wav
+
+pytestmark = pytest.mark.e2e
+NO_EOS = {"1": -100, "106": -100, "50": -100}
+
+
+def _metrics_url(svc: Services, name: str) -> str:
+    m = re.search(r"metrics listening\s+address=(\S+)", svc.logs(name))
+    assert m, svc.logs(name)[-2000:]
+    return m.group(1)
+
+
+def _gauge(url: str, name: str) -> float:
+    m = re.search(rf"^{name} ([0-9.e+-]+)$", httpx.get(url, timeout=5).text, re.M)
+    return float(m.group(1))
+
+
+def _rss(pid: int) -> int:
+    for line in open(f"/proc/{pid}/status"):
+        if line.startswith("VmRSS:"):
+            return int(line.split()[1]) * 1024
+    return 0
+
+
+@pytest.fixture(scope="module")
+def cluster(ckpt_e2b):
+    ckpt = str(ckpt_e2b)
+    with start_encoder(ckpt) as e1, start_encoder(ckpt) as e2, \
+            start_decoder(ckpt, ["--metrics-port", "0"]) as d1, start_decoder(ckpt, ["--metrics-port", "0"]) as d2, \
+            start_gateway(ckpt, f"{e1.encoder_addr},{e2.encoder_addr}", f"{d1.decoder_addr},{d2.decoder_addr}",
+                          ["--rpc-timeout-s", "60"]) as gw:
+        yield {"url": f"http://127.0.0.1:{gw.gateway_port}", "enc": [e1, e2], "dec": [d1, d2], "ckpt": ckpt}
+
+
+def _content(i: int):
+    img = {"type": "image_url", "image_url": {"url": "data:image/png;base64," + base64.b64encode(
+        shape_png(("red", "green", "blue", "white")[i % 4], ("circle", "square")[i % 2], (30 + i % 7, 30))).decode(),
+        "detail": "low"}}
+    aud = {"type": "input_audio", "input_audio": {"data": base64.b64encode(tone_wav(0.2 + (i % 5) / 10)).decode(),
+                                                  "format": "wav"}}
+    text = {"type": "text", "text": f"request {i}"}
+    return [[text], [text, img], [aud, text], [img, aud, text]][i % 4]
+
+
+def test_200_mixed_requests_at_concurrency_8_spread_over_replicas(cluster):
+    client = openai.OpenAI(base_url=cluster["url"] + "/v1", api_key="x", max_retries=0)
+
+    def one(i):
+        r = client.chat.completions.create(model="m", max_tokens=3, messages=[{"role": "user", "content": _content(i)}])
+        return r.choices[0].finish_reason
+
+    with cf.ThreadPoolExecutor(8) as pool:
+        results = list(pool.map(one, range(200)))
+    assert all(f in ("stop", "length") for f in results)
+    text = httpx.get(cluster["url"] + "/metrics").text
+    for svc, group in (("encoder", cluster["enc"]), ("decoder", cluster["dec"])):
+        for s in group:
+            addr = s.encoder_addr if svc == "encoder" else s.decoder_addr
+            m = re.search(rf'upstream_calls_total\{{address="{addr}",outcome="OK",service="{svc}"\}} ([0-9.e+]+)', text)
+            assert m and float(m.group(1)) >= 20, (svc, addr)  # each replica served a real share
+
+
+def test_50_streaming_clients_disconnecting_leave_nothing_running(cluster):
+    metrics = [_metrics_url(d, "decoder") for d in cluster["dec"]]
+    rss_before = [_rss(d.procs["decoder"].pid) for d in cluster["dec"]]
+    body = json.dumps({"messages": [{"role": "user", "content": "keep going"}], "max_tokens": 3000,
+                       "stream": True, "logit_bias": NO_EOS})
+
+    def stream_and_leave(_):
+        with httpx.stream("POST", cluster["url"] + "/v1/chat/completions", content=body, timeout=60,
+                          headers={"Content-Type": "application/json"}) as r:
+            for i, _line in enumerate(r.iter_lines()):
+                if i >= 6:
+                    return
+
+    with cf.ThreadPoolExecutor(50) as pool:
+        list(pool.map(stream_and_leave, range(50)))
+    left = time.monotonic()
+    while time.monotonic() - left < 10 and any(_gauge(u, "mmserve_decoder_active_sequences") for u in metrics):
+        time.sleep(0.05)
+    elapsed = time.monotonic() - left
+    assert all(_gauge(u, "mmserve_decoder_active_sequences") == 0 for u in metrics)
+    print(f"active sequences back to 0 {elapsed:.3f} s after the last disconnect")
+    assert elapsed < 2.0, elapsed
+    rss_after = [_rss(d.procs["decoder"].pid) for d in cluster["dec"]]
+    for before, after in zip(rss_before, rss_after):
+        assert after < before * 1.10 + 64 * 1024 * 1024  # back near baseline (KV freed or in the bounded cache)
+
+
+def test_a_decoder_dying_mid_stream_gives_a_clear_503_and_it_rejoins(cluster):
+    metrics = [_metrics_url(d, "decoder") for d in cluster["dec"]]
+    body = json.dumps({"messages": [{"role": "user", "content": "long"}], "max_tokens": 3000, "stream": True,
+                       "logit_bias": NO_EOS})
+    t0 = time.monotonic()
+    events = []
+    with httpx.stream("POST", cluster["url"] + "/v1/chat/completions", content=body, timeout=60,
+                      headers={"Content-Type": "application/json"}) as r:
+        lines = r.iter_lines()
+        for _ in range(4):
+            events.append(next(lines))
+        victim = next(i for i, u in enumerate(metrics) if _gauge(u, "mmserve_decoder_active_sequences") > 0)
+        dead = cluster["dec"][victim]
+        port = dead.decoder_port
+        dead.procs["decoder"].send_signal(signal.SIGKILL)
+        for line in lines:
+            events.append(line)
+    assert time.monotonic() - t0 < 30  # ended, did not hang
+    errors = [json.loads(e[6:]) for e in events if e.startswith("data: {\"error\"")]
+    assert errors and errors[0]["error"]["code"] == "unavailable" and "decoder" in errors[0]["error"]["message"]
+    assert [e for e in events if e][-1] == "data: [DONE]"
+    # the survivor serves everything meanwhile
+    client = openai.OpenAI(base_url=cluster["url"] + "/v1", api_key="x", max_retries=0)
+    for i in range(4):
+        assert client.chat.completions.create(model="m", max_tokens=2, messages=[
+            {"role": "user", "content": f"after {i}"}]).choices[0].finish_reason
+    # restart on the same port: the pool's health watch brings it back
+    dead.procs["decoder"].wait()
+    spawn(dead, "decoder", "decoder_service", ["--checkpoint", cluster["ckpt"], "--port", str(port)])
+    wait_serving(dead.decoder_addr, "decoder", dead)
+    time.sleep(3)  # one health-watch interval
+    before = _calls(cluster["url"], dead.decoder_addr)
+    for i in range(6):
+        client.chat.completions.create(model="m", max_tokens=2, messages=[{"role": "user", "content": f"back {i}"}])
+    assert _calls(cluster["url"], dead.decoder_addr) > before
+
+
+def _calls(url: str, addr: str) -> float:
+    m = re.search(rf'upstream_calls_total\{{address="{addr}",outcome="OK",service="decoder"\}} ([0-9.e+]+)',
+                  httpx.get(url + "/metrics").text)
+    return float(m.group(1)) if m else 0.0
+
+
+def test_the_only_encoder_dying_fails_media_fast_and_serves_text(ckpt_e2b, services_e2b):
+    with start_encoder(str(ckpt_e2b)) as enc, \
+            start_gateway(str(ckpt_e2b), enc.encoder_addr, services_e2b.decoder_addr, ["--rpc-timeout-s", "20"]) as gw:
+        client = openai.OpenAI(base_url=f"http://127.0.0.1:{gw.gateway_port}/v1", api_key="x", max_retries=0)
+        client.chat.completions.create(model="m", max_tokens=1, messages=[{"role": "user", "content": _content(1)}])
+        enc.procs["encoder"].send_signal(signal.SIGKILL)
+        enc.procs["encoder"].wait()
+        t0 = time.monotonic()
+        with pytest.raises(openai.InternalServerError) as ei:
+            client.chat.completions.create(model="m", max_tokens=1, messages=[{"role": "user", "content": _content(1)}])
+        assert ei.value.status_code == 503 and time.monotonic() - t0 < 20
+        r = client.chat.completions.create(model="m", max_tokens=1, messages=[{"role": "user", "content": "text only"}])
+        assert r.choices[0].finish_reason in ("stop", "length")
