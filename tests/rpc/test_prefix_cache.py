@@ -124,3 +124,27 @@ async def test_new_image_in_the_second_turn(pair):
         assert d.cached_tokens == 0
     else:
         assert d.cached_tokens == len(turn1) + len(reply)
+
+
+async def test_stored_kv_is_compact_so_the_byte_bound_holds(ckpt_e2b):
+    """Kept caches must not pin the batch's whole KV buffer (a view would): MLX's active
+    memory grows by about what the prefix cache accounts for, not by every batch's buffers."""
+    import mlx.core as mx
+
+    engine = await _engine(ckpt_e2b, 8 << 20)
+    try:
+        rng = np.random.default_rng(5)
+        prompts = [_with_image([2, TURN_OPEN] + [int(x) for x in rng.integers(10, 240, int(rng.integers(20, 200)))],
+                               _image(100 + k), [TURN_END, TURN_OPEN, 60]) for k in range(80)]
+        mx.clear_cache()
+        before = mx.get_active_memory()
+        import asyncio
+
+        for half in (prompts[:40], prompts[40:]):
+            await asyncio.gather(*(_run(engine, ids, spans, max_tokens=8) for ids, spans in half))
+        grown = mx.get_active_memory() - before
+        kept = engine.scheduler.prefix.nbytes
+        assert len(engine.scheduler.prefix) > 10
+        assert grown < 2 * kept + (4 << 20), (grown, kept)
+    finally:
+        engine.stop()
