@@ -18,6 +18,7 @@ class DecoderConfig:
     max_queue: int = 64
     max_active: int = 16
     prefix_cache_bytes: int = 2 << 30
+    mlx_cache_bytes: int | None = None
     metrics_host: str = "127.0.0.1"
     metrics_port: int | None = None
     tls: ServerTLS = field(default_factory=ServerTLS)
@@ -42,6 +43,8 @@ def parse_args(argv: list[str] | None = None) -> DecoderConfig:
                    help="sequences decoding together in one batch")
     p.add_argument("--prefix-cache-bytes", type=int, default=int(_env("PREFIX_CACHE_BYTES", 2 << 30)),
                    help="KV bytes kept for prefix reuse across turns and requests (0 = off)")
+    p.add_argument("--mlx-cache-bytes", type=int, default=_env("MLX_CACHE_BYTES", None),
+                   help="bound MLX's cache of freed buffers (mx.set_cache_limit); unset = MLX's default")
     p.add_argument("--metrics-host", default=_env("METRICS_HOST", "127.0.0.1"))
     p.add_argument("--metrics-port", type=int, default=_env("METRICS_PORT", None),
                    help="serve Prometheus /metrics on this port (0 = any free port; unset = off)")
@@ -62,6 +65,7 @@ def parse_args(argv: list[str] | None = None) -> DecoderConfig:
         stream_interval_ms=a.stream_interval_ms,
         max_active=a.max_active,
         prefix_cache_bytes=a.prefix_cache_bytes,
+        mlx_cache_bytes=int(a.mlx_cache_bytes) if a.mlx_cache_bytes is not None else None,
         metrics_host=a.metrics_host,
         metrics_port=int(a.metrics_port) if a.metrics_port is not None else None,
         tls=server_tls_from(a),

@@ -82,6 +82,10 @@ class DecoderEngine:
         from decoder_service.model import LanguageModelRunner
 
         t0 = time.perf_counter()
+        if self.cfg.mlx_cache_bytes is not None:
+            import mlx.core as mx
+
+            mx.set_cache_limit(self.cfg.mlx_cache_bytes)
         runner = LanguageModelRunner(Path(self.cfg.checkpoint))
         scheduler = BatchScheduler(runner, self.tokenizer, max_active=self.cfg.max_active,
                                    max_queue=self.cfg.max_queue, metrics=self.metrics,
