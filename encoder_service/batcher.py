@@ -28,7 +28,7 @@ from typing import Any
 
 from mmserve_common.errors import ResourceExhausted, ServeError
 from mmserve_common.logs import get_logger
-from mmserve_common.mlx_thread import MLXWorker
+from mmserve_common.mlx_thread import MLXWorker, set_exception, set_result
 
 log = get_logger(__name__)
 
@@ -144,23 +144,14 @@ class TowerBatcher:
                                          [t.rows for t in live], live[0].dtype)
             except ServeError as e:
                 for t in live:
-                    t.loop.call_soon_threadsafe(_set_exception, t.future, e)
+                    t.loop.call_soon_threadsafe(set_exception, t.future, e)
                 continue
             except Exception as e:  # noqa: BLE001 - a bug: every task of the group reports it
                 log.error("tower batch failed", kind=live[0].kind, size=len(live),
                           traceback=traceback.format_exc())
                 for t in live:
-                    t.loop.call_soon_threadsafe(_set_exception, t.future, e)
+                    t.loop.call_soon_threadsafe(set_exception, t.future, e)
                 continue
             for t, r in zip(live, results, strict=True):
-                t.loop.call_soon_threadsafe(_set_result, t.future, r)
+                t.loop.call_soon_threadsafe(set_result, t.future, r)
 
-
-def _set_result(fut: asyncio.Future, value: Any) -> None:
-    if not fut.done():
-        fut.set_result(value)
-
-
-def _set_exception(fut: asyncio.Future, exc: BaseException) -> None:
-    if not fut.done():
-        fut.set_exception(exc)

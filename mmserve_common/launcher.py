@@ -110,34 +110,31 @@ def wait_serving(addr: str, name: str, svc: Services, timeout: float = 180.0,
     raise TimeoutError(f"{name} at {addr} never became SERVING:\n{svc.logs(name)[-4000:]}")
 
 
+def _start_one(checkpoint: str | Path, name: str, args: list[str] | None,
+               credentials: grpc.ChannelCredentials | None) -> Services:
+    svc = Services(str(checkpoint))
+    try:
+        port = spawn(svc, name, f"{name}_service", ["--checkpoint", svc.checkpoint, "--port", "0", *(args or [])])
+        setattr(svc, f"{name}_port", port)
+        wait_serving(f"127.0.0.1:{port}", name, svc, credentials=credentials)
+    except BaseException:
+        svc.stop()
+        raise
+    return svc
+
+
 def start_encoder(checkpoint: str | Path, args: list[str] | None = None,
                   credentials: grpc.ChannelCredentials | None = None) -> Services:
     """Start only an encoder on an ephemeral loopback port (benchmarks, scale-out tests).
 
     ``credentials``: for its health checks, when ``args`` turn TLS on."""
-    svc = Services(str(checkpoint))
-    try:
-        svc.encoder_port = spawn(svc, "encoder", "encoder_service",
-                                  ["--checkpoint", svc.checkpoint, "--port", "0", *(args or [])])
-        wait_serving(svc.encoder_addr, "encoder", svc, credentials=credentials)
-    except BaseException:
-        svc.stop()
-        raise
-    return svc
+    return _start_one(checkpoint, "encoder", args, credentials)
 
 
 def start_decoder(checkpoint: str | Path, args: list[str] | None = None,
                   credentials: grpc.ChannelCredentials | None = None) -> Services:
     """Start only a decoder on an ephemeral loopback port (benchmarks, scale-out tests)."""
-    svc = Services(str(checkpoint))
-    try:
-        svc.decoder_port = spawn(svc, "decoder", "decoder_service",
-                                  ["--checkpoint", svc.checkpoint, "--port", "0", *(args or [])])
-        wait_serving(svc.decoder_addr, "decoder", svc, credentials=credentials)
-    except BaseException:
-        svc.stop()
-        raise
-    return svc
+    return _start_one(checkpoint, "decoder", args, credentials)
 
 
 def start_services(

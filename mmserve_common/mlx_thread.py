@@ -111,19 +111,20 @@ class MLXWorker:
             try:
                 result = job.ctx.run(job.fn, self.state, *job.args)
             except ServeError as e:
-                job.loop.call_soon_threadsafe(_set_exception, job.future, e)
+                job.loop.call_soon_threadsafe(set_exception, job.future, e)
             except BaseException as e:  # noqa: BLE001 - bug: travels back as INTERNAL
                 log.error("worker job failed", worker=self.name, traceback=traceback.format_exc())
-                job.loop.call_soon_threadsafe(_set_exception, job.future, e)
+                job.loop.call_soon_threadsafe(set_exception, job.future, e)
             else:
-                job.loop.call_soon_threadsafe(_set_result, job.future, result)
+                job.loop.call_soon_threadsafe(set_result, job.future, result)
 
 
-def _set_result(fut: asyncio.Future, value: Any) -> None:
+def set_result(fut: asyncio.Future, value: Any) -> None:
+    """Event loop (via ``call_soon_threadsafe``): resolve unless the waiter already gave up."""
     if not fut.done():
         fut.set_result(value)
 
 
-def _set_exception(fut: asyncio.Future, exc: BaseException) -> None:
+def set_exception(fut: asyncio.Future, exc: BaseException) -> None:
     if not fut.done():
         fut.set_exception(exc)
