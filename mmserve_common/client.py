@@ -26,6 +26,7 @@ import json
 import uuid
 from collections.abc import AsyncIterator, Iterator, Sequence
 from dataclasses import dataclass, field
+from typing import Any
 
 import grpc
 import numpy as np
@@ -139,15 +140,25 @@ def _reply(message: chat_pb2.Delta, final: chat_pb2.Final) -> Reply:
                  final.usage, final.timings, list(final.prompt_token_ids), list(message.logprobs))
 
 
-# ---------------------------------------------------------------------------- chat
-class ChatClient:
-    """The gateway's typed chat API (``mmserve.chat.v1``), blocking."""
+class _Client:
+    """A channel + stub to one service; subclasses name the stub, sync or asyncio, and the deadline."""
+
+    _STUB: Any
+    _AIO: bool
+    _TIMEOUT_S: float
 
     def __init__(self, target: str, *, credentials: grpc.ChannelCredentials | None = None,
-                 timeout_s: float = 600.0) -> None:
-        self.channel = _channel(target, credentials, aio=False)
-        self.stub = chat_pb2_grpc.ChatServiceStub(self.channel)
-        self.timeout_s = timeout_s
+                 timeout_s: float | None = None) -> None:
+        self.channel = _channel(target, credentials, aio=self._AIO)
+        self.stub = self._STUB(self.channel)
+        self.timeout_s = self._TIMEOUT_S if timeout_s is None else timeout_s
+
+
+# ---------------------------------------------------------------------------- chat
+class ChatClient(_Client):
+    """The gateway's typed chat API (``mmserve.chat.v1``), blocking."""
+
+    _STUB, _AIO, _TIMEOUT_S = chat_pb2_grpc.ChatServiceStub, False, 600.0
 
     def chat(self, messages: Sequence[dict], *, request_id: str | None = None, **params) -> Reply:
         r = self.stub.CompleteUnary(chat_pb2.CompleteUnaryRequest(chat=chat_request(messages, **params)),
@@ -175,14 +186,10 @@ class ChatClient:
         self.close()
 
 
-class AsyncChatClient:
+class AsyncChatClient(_Client):
     """The gateway's typed chat API on asyncio (create inside a running loop)."""
 
-    def __init__(self, target: str, *, credentials: grpc.ChannelCredentials | None = None,
-                 timeout_s: float = 600.0) -> None:
-        self.channel = _channel(target, credentials, aio=True)
-        self.stub = chat_pb2_grpc.ChatServiceStub(self.channel)
-        self.timeout_s = timeout_s
+    _STUB, _AIO, _TIMEOUT_S = chat_pb2_grpc.ChatServiceStub, True, 600.0
 
     async def chat(self, messages: Sequence[dict], *, request_id: str | None = None, **params) -> Reply:
         r = await self.stub.CompleteUnary(chat_pb2.CompleteUnaryRequest(chat=chat_request(messages, **params)),
@@ -259,14 +266,10 @@ def _generate_requests(ids, spans, sampling) -> Iterator[decoder_pb2.GenerateReq
                                                                                data=data))
 
 
-class EncoderClient:
+class EncoderClient(_Client):
     """``mmserve.encoder.v1``: media bytes in, soft-token rows out (blocking)."""
 
-    def __init__(self, target: str, *, credentials: grpc.ChannelCredentials | None = None,
-                 timeout_s: float = 120.0) -> None:
-        self.channel = _channel(target, credentials, aio=False)
-        self.stub = encoder_pb2_grpc.EncoderServiceStub(self.channel)
-        self.timeout_s = timeout_s
+    _STUB, _AIO, _TIMEOUT_S = encoder_pb2_grpc.EncoderServiceStub, False, 120.0
 
     def encode_image(self, data: bytes, *, soft_tokens: int = 0, dtype: str | None = None) -> Encoded:
         return self._encode([(tensor_pb2.MODALITY_IMAGE, data, soft_tokens)], dtype)[0]
@@ -282,14 +285,10 @@ class EncoderClient:
         self.channel.close()
 
 
-class DecoderClient:
+class DecoderClient(_Client):
     """``mmserve.decoder.v1``: prompt ids + placed rows in, tokens out (blocking)."""
 
-    def __init__(self, target: str, *, credentials: grpc.ChannelCredentials | None = None,
-                 timeout_s: float = 600.0) -> None:
-        self.channel = _channel(target, credentials, aio=False)
-        self.stub = decoder_pb2_grpc.DecoderServiceStub(self.channel)
-        self.timeout_s = timeout_s
+    _STUB, _AIO, _TIMEOUT_S = decoder_pb2_grpc.DecoderServiceStub, False, 600.0
 
     def model_info(self) -> decoder_pb2.GetModelInfoResponse:
         return self.stub.GetModelInfo(decoder_pb2.GetModelInfoRequest(), timeout=self.timeout_s)
@@ -310,14 +309,10 @@ class DecoderClient:
         self.channel.close()
 
 
-class AsyncEncoderClient:
+class AsyncEncoderClient(_Client):
     """``mmserve.encoder.v1`` on asyncio."""
 
-    def __init__(self, target: str, *, credentials: grpc.ChannelCredentials | None = None,
-                 timeout_s: float = 120.0) -> None:
-        self.channel = _channel(target, credentials, aio=True)
-        self.stub = encoder_pb2_grpc.EncoderServiceStub(self.channel)
-        self.timeout_s = timeout_s
+    _STUB, _AIO, _TIMEOUT_S = encoder_pb2_grpc.EncoderServiceStub, True, 120.0
 
     async def encode_image(self, data: bytes, *, soft_tokens: int = 0, dtype: str | None = None) -> Encoded:
         return (await self._encode([(tensor_pb2.MODALITY_IMAGE, data, soft_tokens)], dtype))[0]
@@ -333,14 +328,10 @@ class AsyncEncoderClient:
         await self.channel.close()
 
 
-class AsyncDecoderClient:
+class AsyncDecoderClient(_Client):
     """``mmserve.decoder.v1`` on asyncio."""
 
-    def __init__(self, target: str, *, credentials: grpc.ChannelCredentials | None = None,
-                 timeout_s: float = 600.0) -> None:
-        self.channel = _channel(target, credentials, aio=True)
-        self.stub = decoder_pb2_grpc.DecoderServiceStub(self.channel)
-        self.timeout_s = timeout_s
+    _STUB, _AIO, _TIMEOUT_S = decoder_pb2_grpc.DecoderServiceStub, True, 600.0
 
     async def model_info(self) -> decoder_pb2.GetModelInfoResponse:
         return await self.stub.GetModelInfo(decoder_pb2.GetModelInfoRequest(), timeout=self.timeout_s)
