@@ -21,6 +21,8 @@ class DecoderConfig:
     mlx_cache_bytes: int | None = None
     metrics_host: str = "127.0.0.1"
     metrics_port: int | None = None
+    drain_grace_s: float = 30.0
+    drain_delay_s: float = 0.0
     tls: ServerTLS = field(default_factory=ServerTLS)
     context_length: int | None = None
     stream_interval_ms: float = 10.0
@@ -53,6 +55,11 @@ def parse_args(argv: list[str] | None = None) -> DecoderConfig:
     p.add_argument("--stream-interval-ms", type=float, default=float(_env("STREAM_INTERVAL_MS", 10.0)),
                    help="least time between two token messages of one stream; tokens generated "
                         "in between travel together (0 = one message per token)")
+    p.add_argument("--drain-grace-s", type=float, default=float(_env("DRAIN_GRACE_S", 30.0)),
+                   help="on SIGTERM: how long in-flight RPCs may run before they are cancelled")
+    p.add_argument("--drain-delay-s", type=float, default=float(_env("DRAIN_DELAY_S", 0.0)),
+                   help="on SIGTERM: report NOT_SERVING but keep accepting RPCs this long, so load "
+                        "balancers that poll health (Kubernetes readiness) stop routing first")
     add_server_tls_args(p, "MMSERVE_DECODER")
     a = p.parse_args(argv)
     return DecoderConfig(
@@ -68,5 +75,7 @@ def parse_args(argv: list[str] | None = None) -> DecoderConfig:
         mlx_cache_bytes=int(a.mlx_cache_bytes) if a.mlx_cache_bytes is not None else None,
         metrics_host=a.metrics_host,
         metrics_port=int(a.metrics_port) if a.metrics_port is not None else None,
+        drain_grace_s=a.drain_grace_s,
+        drain_delay_s=a.drain_delay_s,
         tls=server_tls_from(a),
     )

@@ -27,6 +27,10 @@ from typing import Any
 import mlx.core as mx
 
 _MODEL = "lm"
+# What LRUPromptCache keeps per cached token besides the KV arrays: a trie node (a dict) and the
+# token list in its LRU queue.  Measured ~255 B/token (tests/unit/test_prefix_cache_bound.py);
+# as much as the KV itself on the tiny checkpoint, ~1-3 % on real ones.
+TRIE_BYTES_PER_TOKEN = 256
 
 
 def media_key(data: bytes, dtype: str) -> str:
@@ -43,6 +47,26 @@ def keyed_tokens(ids: Sequence[int], spans: Sequence[tuple[int, int, str]]) -> l
     return kids
 
 
+def _compact(c: Any) -> None:
+    """Give ``c`` its own buffers holding only the filled positions.
+
+    A KV cache grows its buffers in 256-token steps (a 40-token prompt holds a
+    256-token buffer) and a cache extracted from a batch may be a view of the
+    batch's buffer; ``KVCache.nbytes`` counts the whole buffer, so compacting
+    fits several times more entries in the same bound.  Rotating caches are
+    sliced only before they wrap (``_idx == offset``: positions are in order).
+    """
+    keys, values = getattr(c, "keys", None), getattr(c, "values", None)
+    if not (isinstance(keys, mx.array) and isinstance(values, mx.array)) or keys.ndim != 4:
+        return
+    used = getattr(c, "offset", keys.shape[2])
+    if hasattr(c, "_idx") and c._idx != used:
+        used = keys.shape[2]
+    used = min(used, keys.shape[2])
+    c.keys = mx.contiguous(keys[..., :used, :])
+    c.values = mx.contiguous(values[..., :used, :])
+
+
 class PrefixCache:
     def __init__(self, max_bytes: int) -> None:
         from mlx_lm.models.cache import LRUPromptCache
@@ -56,7 +80,18 @@ class PrefixCache:
 
     @property
     def nbytes(self) -> int:
-        return self._lru.nbytes if self._lru is not None else 0
+        """KV bytes plus the trie's per-token cost: what the ``max_bytes`` bound applies to."""
+        if self._lru is None:
+            return 0
+        return self._lru.nbytes + TRIE_BYTES_PER_TOKEN * self._cached_tokens()
+
+    def _cached_tokens(self) -> int:
+        # mlx-lm bounds KV bytes only; its entry queue is internal, hence the guarded reach
+        # (the bound test fails if a new mlx-lm moves it).
+        queues = getattr(getattr(self._lru, "_lru", None), "_lrus", None)
+        if not isinstance(queues, dict):
+            return 0
+        return sum(len(tokens) for q in queues.values() for _, tokens in q)
 
     def __len__(self) -> int:
         return len(self._lru) if self._lru is not None else 0
@@ -107,8 +142,8 @@ class PrefixCache:
         if self._lru is None or not kids or not cache:
             return
         for c in cache:
-            state = c.state
-            if isinstance(state, (tuple, list)) and state and all(hasattr(x, "dtype") for x in state):
-                c.state = tuple(mx.contiguous(x) for x in state)
-        mx.eval([c.state for c in cache])
+            _compact(c)
+        mx.eval([[c.keys, c.values] for c in cache if getattr(c, "keys", None) is not None])
         self._lru.insert_cache(_MODEL, list(kids), cache)
+        while len(self._lru) > 1 and self.nbytes > self.max_bytes:  # oldest first, as mlx-lm evicts
+            self._lru.trim_to(n_sequences=len(self._lru) - 1)

@@ -21,7 +21,8 @@ def main(argv: list[str] | None = None) -> None:
     asyncio.run(
         serve("encoder", EncoderEngine(cfg), start_encoder_server, [SERVICE_NAME],
               f"[{cfg.host}]:{cfg.port}" if ":" in cfg.host else f"{cfg.host}:{cfg.port}", port_file=os.environ.get("MMSERVE_PORT_FILE"),
-              metrics_port=cfg.metrics_port, metrics_host=cfg.metrics_host, tls=cfg.tls)
+              metrics_port=cfg.metrics_port, metrics_host=cfg.metrics_host, tls=cfg.tls,
+              grace_s=cfg.drain_grace_s, drain_delay_s=cfg.drain_delay_s)
     )
 
 

@@ -25,6 +25,8 @@ class EncoderConfig:
     cache_bytes: int = 512 << 20
     metrics_host: str = "127.0.0.1"
     metrics_port: int | None = None
+    drain_grace_s: float = 30.0
+    drain_delay_s: float = 0.0
     tls: ServerTLS = field(default_factory=ServerTLS)
 
 
@@ -54,6 +56,11 @@ def parse_args(argv: list[str] | None = None) -> EncoderConfig:
     p.add_argument("--metrics-host", default=_env("METRICS_HOST", "127.0.0.1"))
     p.add_argument("--metrics-port", type=int, default=_env("METRICS_PORT", None),
                    help="serve Prometheus /metrics on this port (0 = any free port; unset = off)")
+    p.add_argument("--drain-grace-s", type=float, default=float(_env("DRAIN_GRACE_S", 30.0)),
+                   help="on SIGTERM: how long in-flight RPCs may run before they are cancelled")
+    p.add_argument("--drain-delay-s", type=float, default=float(_env("DRAIN_DELAY_S", 0.0)),
+                   help="on SIGTERM: report NOT_SERVING but keep accepting RPCs this long, so load "
+                        "balancers that poll health (Kubernetes readiness) stop routing first")
     add_server_tls_args(p, "MMSERVE_ENCODER")
     a = p.parse_args(argv)
     return EncoderConfig(
@@ -70,5 +77,7 @@ def parse_args(argv: list[str] | None = None) -> EncoderConfig:
         cache_bytes=a.cache_bytes,
         metrics_host=a.metrics_host,
         metrics_port=int(a.metrics_port) if a.metrics_port is not None else None,
+        drain_grace_s=a.drain_grace_s,
+        drain_delay_s=a.drain_delay_s,
         tls=server_tls_from(a),
     )

@@ -35,7 +35,8 @@ def main(argv: list[str] | None = None) -> None:
         ssl = {"ssl_certfile": cfg.tls.cert, "ssl_keyfile": cfg.tls.key}
         if cfg.tls.client_ca:
             ssl.update(ssl_ca_certs=cfg.tls.client_ca, ssl_cert_reqs=_ssl.CERT_REQUIRED)
-    server = uvicorn.Server(uvicorn.Config(app, log_level="warning", access_log=False, **ssl))
+    server = uvicorn.Server(uvicorn.Config(app, log_level="warning", access_log=False,
+                                           timeout_graceful_shutdown=cfg.drain_grace_s, **ssl))
     asyncio.run(server.serve(sockets=[sock]))
 
 

@@ -53,7 +53,7 @@ def create_app(cfg: GatewayConfig) -> FastAPI:
                     f.write(str(port))
         yield
         if chat_server is not None:
-            await chat_server.stop(5)
+            await chat_server.stop(cfg.drain_grace_s)
         await pipeline.close()
 
     app = FastAPI(title="mmserve gateway", version="0.1.0", lifespan=lifespan)

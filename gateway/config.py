@@ -32,6 +32,7 @@ class GatewayConfig:
     grpc_port: int | None = 50050
     tls: ServerTLS = field(default_factory=ServerTLS)  # HTTP and the chat gRPC API
     upstream_tls: ClientTLS = field(default_factory=ClientTLS)  # to encoders and decoders
+    drain_grace_s: float = 30.0
 
 
 def _env(name: str, default):
@@ -80,11 +81,14 @@ def parse_args(argv: list[str] | None = None) -> GatewayConfig:
     p.add_argument("--upstream-cert", default=_env("UPSTREAM_CERT", None),
                    help="PEM client certificate for services that require mutual TLS")
     p.add_argument("--upstream-key", default=_env("UPSTREAM_KEY", None))
+    p.add_argument("--drain-grace-s", type=float, default=float(_env("DRAIN_GRACE_S", 30.0)),
+                   help="on SIGTERM: stop accepting, let open requests and streams finish this long")
     a = p.parse_args(argv)
     cfg = GatewayConfig(a.checkpoint, a.encoder, a.decoder, a.host, a.port, a.model_id, a.rpc_timeout_s,
                          a.reasoning, a.api_key, a.max_body_bytes, a.max_media_items, a.max_audio_seconds,
                          a.url_fetch, tuple(x.strip() for x in a.url_allowlist.split(",") if x.strip()),
                          a.url_max_bytes, a.url_timeout_s, a.url_fetch_allow_private,
                          a.grpc_host or a.host, None if a.grpc_port < 0 else a.grpc_port,
-                         server_tls_from(a), ClientTLS(a.upstream_ca, a.upstream_cert, a.upstream_key))
+                         server_tls_from(a), ClientTLS(a.upstream_ca, a.upstream_cert, a.upstream_key),
+                         a.drain_grace_s)
     return cfg

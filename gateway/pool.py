@@ -50,7 +50,10 @@ class UpstreamPool:
         self.upstreams = []
         # round_robin inside each channel too: a name with several records (a Kubernetes headless
         # Service) spreads over all of them, not just the first.
-        options = [*CHANNEL_OPTIONS, ("grpc.lb_policy_name", "round_robin")]
+        # A replica that comes back must rejoin within a health interval or two, not after gRPC's
+        # default reconnect backoff (which grows to 120 s while a host is down).
+        options = [*CHANNEL_OPTIONS, ("grpc.lb_policy_name", "round_robin"),
+                   ("grpc.initial_reconnect_backoff_ms", 250), ("grpc.max_reconnect_backoff_ms", 2000)]
         for a in addrs:
             ch = (grpc.aio.secure_channel(a, credentials, options=options) if credentials is not None
                   else grpc.aio.insecure_channel(a, options=options))

@@ -27,7 +27,8 @@ async def serve(
     service_names: list[str],
     address: str,
     *,
-    grace_s: float = 10.0,
+    grace_s: float = 30.0,
+    drain_delay_s: float = 0.0,
     port_file: str | None = None,
     metrics_port: int | None = None,
     metrics_host: str = "127.0.0.1",
@@ -57,8 +58,10 @@ async def serve(
     await set_serving(health, service_names, True)
     log.info(f"{name} serving", port=port)
     await stop.wait()
-    log.info(f"{name} draining", grace_s=grace_s)
-    await set_serving(health, service_names, False)
-    await server.stop(grace_s)
+    log.info(f"{name} draining", grace_s=grace_s, delay_s=drain_delay_s)
+    await set_serving(health, service_names, False)  # watchers (gateway pools) stop routing here
+    if drain_delay_s > 0:  # pollers (readiness probes) need a period to notice
+        await asyncio.sleep(drain_delay_s)
+    await server.stop(grace_s)  # refuses new RPCs; in-flight ones get grace_s
     engine.stop()
     log.info(f"{name} stopped")

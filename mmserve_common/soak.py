@@ -8,7 +8,8 @@ latency, the error count (target 0) and each service's resident-memory drift
 from the end of warm-up to the end of the run (target < 10 %).  The
 decoder's prefix cache and the encoder's content cache grow by design up to
 their byte bounds (``--prefix-cache-bytes``, default 2 GiB; ``--cache-bytes``),
-so measure drift with bounds the run can fill, or after they are full.
+so by default the run uses 16 MiB bounds that fill during the warm-up, and
+prints each service's RSS every ``--sample-s`` to show the plateau.
 """
 
 from __future__ import annotations
@@ -52,9 +53,13 @@ def main(argv: list[str] | None = None) -> None:
     ap.add_argument("--minutes", type=float, default=10.0)
     ap.add_argument("--concurrency", type=int, default=8)
     ap.add_argument("--max-tokens", type=int, default=8)
-    ap.add_argument("--warmup-s", type=float, default=30.0)
+    ap.add_argument("--warmup-s", type=float, default=60.0)
     ap.add_argument("--url", help="a running gateway's base URL (default: start a local 2+2 cluster)")
-    ap.add_argument("--decoder-args", default="", help="extra decoder flags, e.g. '--prefix-cache-bytes 67108864'")
+    ap.add_argument("--sample-s", type=float, default=60.0, help="print each service's RSS this often")
+    ap.add_argument("--decoder-args", default="--prefix-cache-bytes 16777216",
+                    help="decoder flags (default: a 16 MiB prefix cache, which fills during warm-up)")
+    ap.add_argument("--encoder-args", default="--cache-bytes 16777216",
+                    help="encoder flags (default: a 16 MiB embedding cache)")
     args = ap.parse_args(argv)
 
     from openai import OpenAI
@@ -68,7 +73,8 @@ def main(argv: list[str] | None = None) -> None:
     if url is None:
         ckpt = str(write_tiny_checkpoint(Path(tempfile.mkdtemp(prefix="mmserve-soak-")) / "tiny", variant="e2b"))
         dargs = args.decoder_args.split()
-        e1, e2 = start_encoder(ckpt), start_encoder(ckpt)
+        eargs = args.encoder_args.split()
+        e1, e2 = start_encoder(ckpt, eargs), start_encoder(ckpt, eargs)
         d1, d2 = start_decoder(ckpt, dargs), start_decoder(ckpt, dargs)
         gw = start_gateway(ckpt, f"{e1.encoder_addr},{e2.encoder_addr}", f"{d1.decoder_addr},{d2.decoder_addr}")
         stack = [gw, d2, d1, e2, e1]
@@ -104,6 +110,12 @@ def main(argv: list[str] | None = None) -> None:
             futures = [pool.submit(worker) for _ in range(args.concurrency)]
             time.sleep(args.warmup_s)
             rss_start = {k: _rss(p) for k, p in pids.items()}
+            t_start = time.monotonic()
+            while not all(f.done() for f in futures):
+                cf.wait(futures, timeout=args.sample_s)
+                if pids:  # a time series shows a bounded fill apart from a leak
+                    print(f"  t={time.monotonic() - t_start:6.0f}s  " + "  ".join(
+                        f"{k} {_rss(p) / 1e6:.0f}MB" for k, p in pids.items()), flush=True)
             for f in futures:
                 f.result()
         rss_end = {k: _rss(p) for k, p in pids.items()}

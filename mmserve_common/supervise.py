@@ -40,7 +40,8 @@ class Child:
 def children(a: argparse.Namespace) -> list[Child]:
     py = sys.executable
     host = a.host
-    common = ["--checkpoint", a.checkpoint, "--host", host]
+    # children finish draining a little before the supervisor's own deadline kills them
+    common = ["--checkpoint", a.checkpoint, "--host", host, "--drain-grace-s", f"{max(1.0, a.grace_s - 2):g}"]
     enc = f"{host}:{a.encoder_port}"
     dec = f"{host}:{a.decoder_port}"
     return [

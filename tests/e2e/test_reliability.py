@@ -14,9 +14,11 @@ import re
 import signal
 import time
 
+import grpc
 import httpx
 import openai
 import pytest
+from grpc_health.v1 import health_pb2, health_pb2_grpc
 
 from mmserve_common.launcher import Services, spawn, start_decoder, start_encoder, start_gateway, wait_serving
 from mmserve_common.samples import shape_png, tone_wav
@@ -108,6 +110,89 @@ def test_50_streaming_clients_disconnecting_leave_nothing_running(cluster):
         assert after < before * 1.10 + 64 * 1024 * 1024  # back near baseline (KV freed or in the bounded cache)
 
 
+def _sse_data(events: list[str]) -> list[dict]:
+    return [json.loads(e[6:]) for e in events if e.startswith("data: {")]
+
+
+def test_sigterm_drains_a_decoder_while_the_pool_keeps_serving(cluster):
+    """SIGTERM: health NOT_SERVING at once, the in-flight stream runs to its end, the pool routes around
+    the draining replica (no request fails), the process exits 0, and a restart rejoins the pool."""
+    metrics = [_metrics_url(d, "decoder") for d in cluster["dec"]]
+    body = json.dumps({"messages": [{"role": "user", "content": "drain"}], "max_tokens": 1200, "stream": True,
+                       "logit_bias": NO_EOS, "stream_options": {"include_usage": True}})
+    client = openai.OpenAI(base_url=cluster["url"] + "/v1", api_key="x", max_retries=0)
+    with httpx.stream("POST", cluster["url"] + "/v1/chat/completions", content=body, timeout=60,
+                      headers={"Content-Type": "application/json"}) as r:
+        lines = r.iter_lines()
+        events = [next(lines) for _ in range(3)]
+        victim = next(i for i, u in enumerate(metrics) if _gauge(u, "mmserve_decoder_active_sequences") > 0)
+        dec = cluster["dec"][victim]
+        proc, port = dec.procs["decoder"], dec.decoder_port
+        with grpc.insecure_channel(dec.decoder_addr) as ch:  # a health watcher, as the gateway's pool has
+            watch = health_pb2_grpc.HealthStub(ch).Watch(health_pb2.HealthCheckRequest(service=""), timeout=10)
+            assert next(watch).status == health_pb2.HealthCheckResponse.SERVING
+            proc.send_signal(signal.SIGTERM)
+            assert next(watch).status == health_pb2.HealthCheckResponse.NOT_SERVING
+            watch.cancel()
+        assert proc.poll() is None and _gauge(metrics[victim], "mmserve_decoder_active_sequences") == 1
+        with cf.ThreadPoolExecutor(4) as pool:  # served by the other replica meanwhile, none refused
+            finishes = list(pool.map(lambda i: client.chat.completions.create(
+                model="m", max_tokens=2, messages=[{"role": "user", "content": f"during drain {i}"}]
+            ).choices[0].finish_reason, range(12)))
+        assert all(f in ("stop", "length") for f in finishes)
+        events += list(lines)
+    data = _sse_data(events)
+    assert not [d for d in data if "error" in d], data[-3:]
+    assert [d["choices"][0]["finish_reason"] for d in data if d.get("choices")][-1] == "length"
+    assert data[-1]["usage"]["completion_tokens"] == 1200  # every token of the drained stream arrived
+    assert proc.wait(timeout=30) == 0
+    assert "decoder draining" in dec.logs("decoder") and "decoder stopped" in dec.logs("decoder")
+    spawn(dec, "decoder", "decoder_service", ["--checkpoint", cluster["ckpt"], "--port", str(port),
+                                              "--metrics-port", "0"])
+    wait_serving(dec.decoder_addr, "decoder", dec)
+    _assert_rejoins(client, cluster["url"], dec.decoder_addr)
+
+
+def _assert_rejoins(client: openai.OpenAI, url: str, addr: str, within_s: float = 15.0) -> None:
+    """Requests reach a restarted replica again once the pool's health check sees it (2 s interval)."""
+    before, t0 = _calls(url, addr), time.monotonic()
+    while time.monotonic() - t0 < within_s:
+        client.chat.completions.create(model="m", max_tokens=2, messages=[{"role": "user", "content": "back"}])
+        if _calls(url, addr) > before:
+            print(f"{addr} served again {time.monotonic() - t0:.1f} s after it reported SERVING")
+            return
+        time.sleep(0.2)
+    pytest.fail(f"{addr} did not rejoin the pool within {within_s} s")
+
+
+def test_sigterm_on_the_gateway_finishes_open_streams_and_refuses_new_ones(ckpt_e2b, services_e2b):
+    gw = start_gateway(str(ckpt_e2b), services_e2b.encoder_addr, services_e2b.decoder_addr)
+    url = f"http://127.0.0.1:{gw.gateway_port}/v1/chat/completions"
+    body = json.dumps({"messages": [{"role": "user", "content": "drain"}], "max_tokens": 600, "stream": True,
+                       "logit_bias": NO_EOS, "stream_options": {"include_usage": True}})
+    try:
+        with httpx.stream("POST", url, content=body, timeout=60, headers={"Content-Type": "application/json"}) as r:
+            lines = r.iter_lines()
+            events = [next(lines) for _ in range(3)]
+            gw.procs["gateway"].send_signal(signal.SIGTERM)
+            deadline = time.monotonic() + 10
+            while time.monotonic() < deadline:  # the listening socket closes first
+                try:
+                    httpx.get(f"http://127.0.0.1:{gw.gateway_port}/v1/models", timeout=2)
+                    time.sleep(0.05)
+                except httpx.TransportError:
+                    break
+            else:
+                pytest.fail("the gateway kept accepting connections after SIGTERM")
+            events += list(lines)
+        data = _sse_data(events)
+        assert not [d for d in data if "error" in d] and data[-1]["usage"]["completion_tokens"] == 600
+        # uvicorn re-raises the captured SIGTERM once drained (systemd and Kubernetes count that as a clean stop)
+        assert gw.procs["gateway"].wait(timeout=30) in (0, -signal.SIGTERM)
+    finally:
+        gw.stop()
+
+
 def test_a_decoder_dying_mid_stream_gives_a_clear_503_and_it_rejoins(cluster):
     metrics = [_metrics_url(d, "decoder") for d in cluster["dec"]]
     body = json.dumps({"messages": [{"role": "user", "content": "long"}], "max_tokens": 3000, "stream": True,
@@ -138,11 +223,7 @@ def test_a_decoder_dying_mid_stream_gives_a_clear_503_and_it_rejoins(cluster):
     dead.procs["decoder"].wait()
     spawn(dead, "decoder", "decoder_service", ["--checkpoint", cluster["ckpt"], "--port", str(port)])
     wait_serving(dead.decoder_addr, "decoder", dead)
-    time.sleep(3)  # one health-watch interval
-    before = _calls(cluster["url"], dead.decoder_addr)
-    for i in range(6):
-        client.chat.completions.create(model="m", max_tokens=2, messages=[{"role": "user", "content": f"back {i}"}])
-    assert _calls(cluster["url"], dead.decoder_addr) > before
+    _assert_rejoins(client, cluster["url"], dead.decoder_addr)
 
 
 def _calls(url: str, addr: str) -> float:

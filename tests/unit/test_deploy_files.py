@@ -26,14 +26,15 @@ ENV_SOURCES = {"ENCODER": ["encoder_service/config.py", "mmserve_common/tls.py"]
                "GATEWAY": ["gateway/config.py", "mmserve_common/tls.py"]}
 
 
-def check_command(argv: list[str], where: str) -> None:
+def check_command(argv: list[str], where: str):
+    """Parse ``argv`` with the real CLI parser; returns the parsed settings."""
     cmd = Path(argv[0]).name
     assert cmd in PARSERS, f"{where}: unknown command {cmd}"
     args = argv[1:]
     if "--checkpoint" not in args:
         args = [*args, "--checkpoint", "/models/x"]
     try:
-        PARSERS[cmd](args)
+        return PARSERS[cmd](args)
     except SystemExit as e:
         pytest.fail(f"{where}: {cmd} {' '.join(argv[1:])} does not parse ({e})")
 
@@ -62,7 +63,8 @@ def test_launchd_plists():
     for f in plists:
         d = plistlib.loads(f.read_bytes())
         assert d["Label"] and d["KeepAlive"] and d["RunAtLoad"]
-        check_command(d["ProgramArguments"], str(f))
+        cfg = check_command(d["ProgramArguments"], str(f))
+        assert cfg.grace_s < d.get("ExitTimeOut", 20), f  # launchd SIGKILLs after ExitTimeOut
         for k in d.get("EnvironmentVariables", {}):
             check_env(k, str(f))
 
@@ -75,7 +77,9 @@ def test_systemd_units():
         cp.optionxform = str
         cp.read_string(u.read_text())
         assert cp["Service"]["KillSignal"] == "SIGTERM" and cp["Install"]["WantedBy"]
-        check_command(shlex.split(cp["Service"]["ExecStart"]), str(u))
+        cfg = check_command(shlex.split(cp["Service"]["ExecStart"]), str(u))
+        # systemd SIGKILLs after TimeoutStopSec: the drain must end before it
+        assert cfg.drain_grace_s + getattr(cfg, "drain_delay_s", 0) < float(cp["Service"]["TimeoutStopSec"]), u
         for line in u.read_text().splitlines():
             if line.startswith("Environment="):
                 check_env(line.split("=", 1)[1].split("=")[0], str(u))
@@ -93,7 +97,10 @@ def test_kubernetes_manifests():
             continue
         for c in d["spec"]["template"]["spec"]["containers"]:
             where = f"{d['metadata']['name']}/{c['name']}"
-            check_command([*c["command"], *[str(a) for a in c["args"]]], where)
+            cfg = check_command([*c["command"], *[str(a) for a in c["args"]]], where)
+            # the kubelet SIGKILLs after terminationGracePeriodSeconds (default 30)
+            budget = d["spec"]["template"]["spec"].get("terminationGracePeriodSeconds", 30)
+            assert cfg.drain_grace_s + getattr(cfg, "drain_delay_s", 0) < budget, where
             for e in c.get("env", []):
                 check_env(e["name"], where)
             ports = {p["containerPort"] for p in c["ports"]}
