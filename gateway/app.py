@@ -120,7 +120,7 @@ def create_app(cfg: GatewayConfig) -> FastAPI:
             req = parse_chat_request(body, allow_urls=cfg.url_fetch)
             ids, spans, encode_ms = await pipeline.prepare(req, rid)
             try:
-                call, first = await pipeline.decoder.start_generate(ids, spans, req.sampling, rid)
+                call, first = await pipeline.start_generate(ids, spans, req.sampling, rid)
             except grpc.aio.AioRpcError as e:
                 raise to_http(e, upstream="decoder") from None
             if first is grpc.aio.EOF:

@@ -45,7 +45,7 @@ class ChatServicer(chat_pb2_grpc.ChatServiceServicer):
             req = parse_chat_request(codec.chat_request_to_body(chat), internal=True,
                                      allow_urls=False)
             ids, spans, encode_ms = await self.pipeline.prepare(req, rid)
-            call, first = await self.pipeline.decoder.start_generate(ids, spans, req.sampling, rid)
+            call, first = await self.pipeline.start_generate(ids, spans, req.sampling, rid)
             keep = req.include_reasoning if req.include_reasoning is not None else self.cfg.reasoning == "separate"
             parser = ReasoningParser()
             cid = f"chatcmpl-{uuid.uuid4().hex}"

@@ -9,11 +9,13 @@ gRPC's default message size.  Event-loop thread.
 
 from __future__ import annotations
 
+import hashlib
 from collections.abc import AsyncIterator, Awaitable, Callable
 from dataclasses import dataclass
 from typing import Any
 
 import grpc
+import numpy as np
 
 from gateway.pool import UpstreamPool
 from mmserve_common import codec
@@ -37,14 +39,15 @@ def _md(request_id: str) -> tuple[tuple[str, str], ...]:
     return ((REQUEST_ID_HEADER, request_id),)
 
 
-async def _with_failover(pool: UpstreamPool, attempt: Callable[[Any], Awaitable[Any]]) -> Any:
+async def _with_failover(pool: UpstreamPool, attempt: Callable[[Any], Awaitable[Any]],
+                         key: bytes | None = None) -> Any:
     """Run ``attempt(stub)`` on one address; on UNAVAILABLE try the others (each at most once).
 
     Only for calls that are safe to repeat: a whole Encode, GetModelInfo, or a
     Generate that has not produced anything yet."""
     tried: set[str] = set()
     while True:
-        u = pool.pick(exclude=tried)
+        u = pool.pick(exclude=tried, key=key)
         tried.add(u.address)
         try:
             result = await attempt(u.stub)
@@ -133,9 +136,12 @@ class DecoderClient:
         spans: list[T.SpanEmbedding],
         sampling: T.SamplingParams,
         request_id: str,
+        affinity: bytes | None = None,
     ):
         """Start a Generate and wait for its first message: ``(call, first)``.
 
+        ``affinity``: the conversation's key (``conversation_key``) — its turns go to
+        one decoder, whose prefix cache holds the earlier turns.
         Iterate ``call.read()`` for the rest; ``call.cancel()`` stops the sequence."""
 
         def requests() -> AsyncIterator[decoder_pb2.GenerateRequest]:
@@ -162,7 +168,23 @@ class DecoderClient:
                 call.cancel()
                 raise
 
-        return await _with_failover(self.pool, attempt)
+        return await _with_failover(self.pool, attempt, affinity)
 
     async def close(self) -> None:
         await self.pool.close()
+
+
+def conversation_key(ids: list[int], spans: list[T.SpanEmbedding], end_of_turn: set[int]) -> bytes:
+    """What every turn of one conversation shares: the prompt up to the end of its first turn
+    (the system prompt and the first user message), with the media in it by content hash.
+
+    Turn 2's prompt starts with turn 1's, so both hash alike; two conversations that
+    share a system prompt but not a first question do not.  Without an end-of-turn
+    token in the prompt the whole prompt is the key."""
+    cut = next((i + 1 for i, t in enumerate(ids) if t in end_of_turn), len(ids))
+    h = hashlib.blake2b(digest_size=16)
+    h.update(np.asarray(ids[:cut], np.int64).tobytes())
+    for s in spans:
+        if s.span.offset < cut:
+            h.update(s.span.content_hash.encode())
+    return h.digest()

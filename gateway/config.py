@@ -33,6 +33,7 @@ class GatewayConfig:
     tls: ServerTLS = field(default_factory=ServerTLS)  # HTTP and the chat gRPC API
     upstream_tls: ClientTLS = field(default_factory=ClientTLS)  # to encoders and decoders
     drain_grace_s: float = 30.0
+    decoder_affinity: str = "conversation"  # or "none": plain round-robin
 
 
 def _env(name: str, default):
@@ -83,6 +84,10 @@ def parse_args(argv: list[str] | None = None) -> GatewayConfig:
     p.add_argument("--upstream-key", default=_env("UPSTREAM_KEY", None))
     p.add_argument("--drain-grace-s", type=float, default=float(_env("DRAIN_GRACE_S", 30.0)),
                    help="on SIGTERM: stop accepting, let open requests and streams finish this long")
+    p.add_argument("--decoder-affinity", choices=["conversation", "none"],
+                   default=_env("DECODER_AFFINITY", "conversation"),
+                   help="with several decoders: send a conversation's turns to one of them (rendezvous hash "
+                        "of its first turn), so their prefix cache is reused; 'none' = round-robin")
     a = p.parse_args(argv)
     cfg = GatewayConfig(a.checkpoint, a.encoder, a.decoder, a.host, a.port, a.model_id, a.rpc_timeout_s,
                          a.reasoning, a.api_key, a.max_body_bytes, a.max_media_items, a.max_audio_seconds,
@@ -90,5 +95,5 @@ def parse_args(argv: list[str] | None = None) -> GatewayConfig:
                          a.url_max_bytes, a.url_timeout_s, a.url_fetch_allow_private,
                          a.grpc_host or a.host, None if a.grpc_port < 0 else a.grpc_port,
                          server_tls_from(a), ClientTLS(a.upstream_ca, a.upstream_cert, a.upstream_key),
-                         a.drain_grace_s)
+                         a.drain_grace_s, a.decoder_affinity)
     return cfg

@@ -16,7 +16,7 @@ import time
 import grpc
 import soundfile as sf
 
-from gateway.clients import DecoderClient, EncoderClient, ModelInfo
+from gateway.clients import DecoderClient, EncoderClient, ModelInfo, conversation_key
 from gateway.config import GatewayConfig
 from gateway.errors import HTTPError, to_http
 from gateway.fetch import MediaFetcher
@@ -112,6 +112,18 @@ class Pipeline:
             raise HTTPError(400, f"the request's audio lasts {total:.2f} s in total, over the limit of "
                             f"{self.cfg.max_audio_seconds:g} s", type_="invalid_request_error", param="messages",
                             code="audio_too_long")
+
+    async def start_generate(self, ids: list[int], spans: list[T.SpanEmbedding], sampling: T.SamplingParams,
+                             rid: str):
+        """Start the decoder's Generate (both fronts): ``(call, first message)``.
+
+        With several decoders, a conversation's turns go to one of them
+        (``--decoder-affinity conversation``), so turn 2 finds turn 1 in that
+        decoder's prefix cache instead of recomputing it on another."""
+        key = None
+        if self.cfg.decoder_affinity == "conversation" and self._info is not None:
+            key = conversation_key(ids, spans, set(self._info.eos_token_ids))
+        return await self.decoder.start_generate(ids, spans, sampling, rid, affinity=key)
 
     async def prepare(self, req: ChatRequest, rid: str):
         """Encode media and build ``(ids, span embeddings)`` for the decoder."""

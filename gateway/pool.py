@@ -16,6 +16,7 @@ Thread ownership: event-loop thread (channels bind to the running loop).
 from __future__ import annotations
 
 import asyncio
+import hashlib
 import itertools
 from collections.abc import Callable
 from dataclasses import dataclass, field
@@ -76,10 +77,19 @@ class UpstreamPool:
         for u in self.upstreams:
             await u.channel.close()
 
-    def pick(self, exclude: set[str] = frozenset()) -> Upstream:
-        """The next address in round-robin order that is up and not excluded."""
-        start = next(self._rr)
-        candidates = self.upstreams[start:] + self.upstreams[:start]
+    def pick(self, exclude: set[str] = frozenset(), key: bytes | None = None) -> Upstream:
+        """The next address in round-robin order that is up and not excluded.
+
+        With ``key`` (a conversation's affinity key), the order is rendezvous
+        hashing instead: every gateway sends the same key to the same replica
+        while it is up, and when it is not, the keys it held spread over the
+        rest (each key's next-highest score) without moving any other key."""
+        if key is not None and len(self.upstreams) > 1:
+            candidates = sorted(self.upstreams, reverse=True, key=lambda u: hashlib.blake2b(
+                key + u.address.encode(), digest_size=8).digest())
+        else:
+            start = next(self._rr)
+            candidates = self.upstreams[start:] + self.upstreams[:start]
         for u in candidates:
             if u.up and u.address not in exclude:
                 return u

@@ -83,6 +83,22 @@ def test_200_mixed_requests_at_concurrency_8_spread_over_replicas(cluster):
             assert m and float(m.group(1)) >= 20, (svc, addr)  # each replica served a real share
 
 
+def test_turn_two_lands_on_the_decoder_that_cached_turn_one(cluster):
+    """Conversation affinity: with two decoders, every second turn finds its first in the prefix cache
+    (round-robin would send about half of them to the replica that never saw turn one)."""
+    client = openai.OpenAI(base_url=cluster["url"] + "/v1", api_key="x", max_retries=0)
+    cached = []
+    for i in range(8):
+        history = [{"role": "user", "content": f"conversation {i}: tell me about the number {i * 7}"}]
+        r1 = client.chat.completions.create(model="m", max_tokens=4, temperature=0, messages=history)
+        history += [{"role": "assistant", "content": r1.choices[0].message.content},
+                    {"role": "user", "content": "and then?"}]
+        r2 = client.chat.completions.create(model="m", max_tokens=4, temperature=0, messages=history)
+        cached.append(r2.usage.prompt_tokens_details.cached_tokens)
+    print("turn-2 cached tokens:", cached)
+    assert all(c >= 10 for c in cached), cached
+
+
 def test_50_streaming_clients_disconnecting_leave_nothing_running(cluster):
     metrics = [_metrics_url(d, "decoder") for d in cluster["dec"]]
     rss_before = [_rss(d.procs["decoder"].pid) for d in cluster["dec"]]
