@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import base64
 import concurrent.futures as cf
+import itertools
 import json
 import re
 import signal
@@ -172,8 +173,10 @@ def test_sigterm_drains_a_decoder_while_the_pool_keeps_serving(cluster):
 def _assert_rejoins(client: openai.OpenAI, url: str, addr: str, within_s: float = 15.0) -> None:
     """Requests reach a restarted replica again once the pool's health check sees it (2 s interval)."""
     before, t0 = _calls(url, addr), time.monotonic()
-    while time.monotonic() - t0 < within_s:
-        client.chat.completions.create(model="m", max_tokens=2, messages=[{"role": "user", "content": "back"}])
+    for i in itertools.count():  # a new conversation each time: affinity pins one conversation to one replica
+        if time.monotonic() - t0 > within_s:
+            break
+        client.chat.completions.create(model="m", max_tokens=2, messages=[{"role": "user", "content": f"back {i}"}])
         if _calls(url, addr) > before:
             print(f"{addr} served again {time.monotonic() - t0:.1f} s after it reported SERVING")
             return
