@@ -1,70 +1,101 @@
 """``mmserve-demo``: the README's main job.
 
-Starts the encoder, decoder and gateway as three processes on loopback with a
-freshly generated tiny Gemma 4 checkpoint (or ``--checkpoint DIR``), sends one
-chat request with an image and an audio clip through the official ``openai``
-client (once streamed, once not), prints the reply, usage and timings, and
-stops the services.  The tiny checkpoint has random weights, so its reply is
-arbitrary text: the point is the path, the token counts and the timings.
+Starts the encoder, decoder and gateway as three processes on loopback with
+the built-in demo checkpoint (a tiny Gemma 4 trained on generated data:
+coloured shapes, spoken digits, a few fixed phrases; see
+``mmserve_common/demo_model/tiny-gemma4-demo/CARD.md``) or ``--checkpoint DIR``,
+generates a fresh image and a spoken clip, asks about them through the
+official ``openai`` client (image, clip, both in one turn, plain text, then
+the same streamed), prints each reply beside the right answer, usage and
+timings, and stops the services.
 """
 
 from __future__ import annotations
 
 import argparse
-import base64
-import tempfile
+import sys
 import time
 from pathlib import Path
+
+import numpy as np
+
+
+def _clip(rng: np.random.Generator) -> tuple[np.ndarray, str, str]:
+    """A spoken digit: synthesised now if espeak-ng is here, else one of the shipped held-out samples."""
+    from mmserve_common.demo_model import tasks
+
+    if tasks.have_espeak():
+        wav, word = tasks.spoken_digit(rng)
+        return wav, word, "synthesised with espeak-ng just now"
+    import soundfile as sf
+
+    samples = sorted((Path(tasks.__file__).parent / "samples").glob("*.wav"))
+    path = samples[int(rng.integers(len(samples)))]
+    wav, _ = sf.read(path, dtype="float32")
+    return wav, path.stem.split("-")[0], f"shipped sample {path.name} (espeak-ng not installed)"
 
 
 def main(argv: list[str] | None = None) -> None:
     ap = argparse.ArgumentParser(prog="mmserve-demo", description=__doc__.split("\n\n")[0])
-    ap.add_argument("--checkpoint", help="serve this checkpoint instead of a generated tiny one")
-    ap.add_argument("--max-tokens", type=int, default=24)
+    ap.add_argument("--checkpoint", help="serve this checkpoint instead of the built-in demo one")
+    ap.add_argument("--seed", type=int, default=None, help="which image and clip to generate (default: new ones)")
+    ap.add_argument("--max-tokens", type=int, default=96)
     args = ap.parse_args(argv)
 
     from openai import OpenAI
 
+    from mmserve_common.demo_model import tasks
+    from mmserve_common.demo_model.checkpoint_path import demo_checkpoint
+    from mmserve_common.demo_model.evaluate import content, normalize
     from mmserve_common.launcher import start_services
-    from mmserve_common.samples import shape_png, tone_wav
 
-    tmp = tempfile.TemporaryDirectory(prefix="mmserve-demo-")
-    ckpt = args.checkpoint
-    if ckpt is None:
-        from mmserve_common.tiny_checkpoint import write_tiny_checkpoint
-
-        ckpt = str(write_tiny_checkpoint(Path(tmp.name) / "tiny-gemma4", variant="e2b"))
-        print(f"generated tiny Gemma 4 checkpoint: {ckpt}")
+    ckpt = args.checkpoint or str(demo_checkpoint())
+    graded = args.checkpoint is None  # the demo model knows the right answers; a real one is free-form
+    seed = args.seed if args.seed is not None else int(time.time()) % 1_000_000
+    rng = np.random.default_rng(tasks.HELD_OUT_SEED + 10_000_000 + seed)  # never a training seed
+    image, label = tasks.shape_image(rng)
+    wav, word, clip_origin = _clip(rng)
+    print(f"checkpoint: {ckpt}")
+    print(f"generated (seed {seed}): a 192x192 PNG of a {label}; a 1 s clip of someone saying "
+          f"{word!r} ({clip_origin})")
+    questions = [
+        ("image", [("text", "What is in this image?"), ("image", image)], label),
+        ("audio", [("audio", wav), ("text", "What word is spoken?")], word),
+        ("both", [("image", image), ("audio", wav), ("text", "What do you see and hear?")], f"{label}, {word}"),
+        ("both, clip first", [("audio", wav), ("image", image)], f"{word}, {label}"),
+        ("text", [("text", "What can you do?")], tasks.CANNED["what can you do?"]),
+        ("other text", [("text", "Write me a poem about the sea.")], tasks.REFUSAL),
+    ]
     t0 = time.perf_counter()
+    wrong = 0
     with start_services(ckpt) as svc:
         print(f"services ready in {time.perf_counter() - t0:.1f}s: encoder {svc.encoder_addr}, "
-              f"decoder {svc.decoder_addr}, gateway {svc.base_url}")
+              f"decoder {svc.decoder_addr}, gateway {svc.base_url}\n")
         client = OpenAI(base_url=svc.base_url, api_key="not-needed")
-        image = base64.b64encode(shape_png("red", "circle")).decode()
-        audio = base64.b64encode(tone_wav(2.0, rate=44100)).decode()
-        messages = [{
-            "role": "user",
-            "content": [
-                {"type": "text", "text": "What do you see and hear?"},
-                {"type": "image_url", "image_url": {"url": f"data:image/png;base64,{image}"}},
-                {"type": "input_audio", "input_audio": {"data": audio, "format": "wav"}},
-            ],
-        }]
         model = client.models.list().data[0].id
-        r = client.chat.completions.create(model=model, messages=messages, max_tokens=args.max_tokens,
-                                           temperature=0)
-        print(f"\nmodel: {model}")
-        print(f"reply: {r.choices[0].message.content!r}")
-        print(f"finish_reason: {r.choices[0].finish_reason}")
+        for name, parts, want in questions:
+            r = client.chat.completions.create(model=model, temperature=0, max_tokens=args.max_tokens,
+                                               messages=[{"role": "user", "content": content(parts)}])
+            got = r.choices[0].message.content or ""
+            asked = " + ".join(v if k == "text" else f"<{k}>" for k, v in parts)
+            mark = ""
+            if graded:
+                ok = normalize(got) == normalize(want)
+                wrong += not ok
+                mark = "  ✓" if ok else f"  ✗ (right answer: {want!r})"
+            print(f"[{name}] {asked}\n    -> {got!r}{mark}")
+        parts = questions[2][1]
+        r = client.chat.completions.create(model=model, temperature=0, max_tokens=args.max_tokens,
+                                           messages=[{"role": "user", "content": content(parts)}])
         u = r.usage
         soft = (u.prompt_tokens_details.model_extra or {}).get("soft_tokens") if u.prompt_tokens_details else None
-        print(f"usage: prompt_tokens={u.prompt_tokens} (soft tokens {soft}) "
+        print(f"\nusage (image + clip): prompt_tokens={u.prompt_tokens} (soft tokens {soft}) "
               f"completion_tokens={u.completion_tokens} total_tokens={u.total_tokens}")
         print(f"timings (ms): {(r.model_extra or {}).get('timings')}")
-        print("\nstreamed: ", end="", flush=True)
-        stream = client.chat.completions.create(model=model, messages=messages, max_tokens=args.max_tokens,
-                                                temperature=0, stream=True,
-                                                stream_options={"include_usage": True})
+        print("streamed: ", end="", flush=True)
+        stream = client.chat.completions.create(model=model, temperature=0, max_tokens=args.max_tokens,
+                                                stream=True, stream_options={"include_usage": True},
+                                                messages=[{"role": "user", "content": content(parts)}])
         for chunk in stream:
             if chunk.choices and chunk.choices[0].delta.content:
                 print(chunk.choices[0].delta.content, end="", flush=True)
@@ -72,7 +103,10 @@ def main(argv: list[str] | None = None) -> None:
                 print(f"\nstreamed usage: {chunk.usage.prompt_tokens} prompt + "
                       f"{chunk.usage.completion_tokens} completion tokens")
     print("services stopped")
-    tmp.cleanup()
+    if graded:
+        print(f"{len(questions) - wrong}/{len(questions)} answers right")
+        if wrong:
+            sys.exit(1)
 
 
 if __name__ == "__main__":

@@ -352,7 +352,7 @@ def _write_processor_config(out: Path, image_soft_tokens: int) -> None:
     (out / "processor_config.json").write_text(json.dumps(proc, indent=2))
 
 
-def _write_weights(out: Path, config: dict[str, Any], seed: int, dtype: str) -> int:
+def _write_weights(out: Path, config: dict[str, Any], seed: int, dtype: str, clip_bound: float = 8.0) -> int:
     import mlx.core as mx
     from mlx.utils import tree_flatten
     from mlx_vlm.models import gemma4
@@ -370,9 +370,9 @@ def _write_weights(out: Path, config: dict[str, Any], seed: int, dtype: str) -> 
     for name, p in tree_flatten(model.parameters()):
         leaf = name.rsplit(".", 1)[-1]
         if leaf in ("input_min", "output_min"):
-            w = mx.array(-8.0)  # finite clip bounds, as real checkpoints have
+            w = mx.array(-clip_bound)  # finite clip bounds, as real checkpoints have
         elif leaf in ("input_max", "output_max"):
-            w = mx.array(8.0)
+            w = mx.array(clip_bound)
         elif p.ndim == 1 or leaf == "layer_scalar":
             w = mx.ones(p.shape) + 0.02 * mx.random.normal(p.shape)
             if leaf == "bias" or "per_dim_scale" in name:
@@ -398,6 +398,8 @@ def write_tiny_checkpoint(
     dtype: str = "bfloat16",
     image_soft_tokens: int = 280,
     lm_intermediate_size: int | None = None,
+    overrides: dict[str, Any] | None = None,
+    clip_bound: float = 8.0,
 ) -> Path:
     """Write the checkpoint into ``out`` (replaced if present) and return its path.
 
@@ -413,6 +415,8 @@ def write_tiny_checkpoint(
     config = tiny_config(variant, image_soft_tokens)
     if lm_intermediate_size:
         config["text_config"]["intermediate_size"] = int(lm_intermediate_size)
+    if overrides:
+        _deep_update(config, overrides)
     config["dtype"] = dtype
     (out / "config.json").write_text(json.dumps(config, indent=2))
     gen_cfg = {
@@ -427,8 +431,16 @@ def write_tiny_checkpoint(
     (out / "generation_config.json").write_text(json.dumps(gen_cfg, indent=2))
     _write_tokenizer(out, variant)
     _write_processor_config(out, image_soft_tokens)
-    _write_weights(out, config, seed, dtype)
+    _write_weights(out, config, seed, dtype, clip_bound)
     return out
+
+
+def _deep_update(base: dict[str, Any], new: dict[str, Any]) -> None:
+    for k, v in new.items():
+        if isinstance(v, dict) and isinstance(base.get(k), dict):
+            _deep_update(base[k], v)
+        else:
+            base[k] = v
 
 
 def main(argv: list[str] | None = None) -> None:
