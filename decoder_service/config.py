@@ -6,6 +6,7 @@ import argparse
 import os
 from dataclasses import dataclass, field
 
+from mmserve_common.service_main import add_drain_args
 from mmserve_common.tls import ServerTLS, add_server_tls_args, server_tls_from
 
 
@@ -55,11 +56,7 @@ def parse_args(argv: list[str] | None = None) -> DecoderConfig:
     p.add_argument("--stream-interval-ms", type=float, default=float(_env("STREAM_INTERVAL_MS", 10.0)),
                    help="least time between two token messages of one stream; tokens generated "
                         "in between travel together (0 = one message per token)")
-    p.add_argument("--drain-grace-s", type=float, default=float(_env("DRAIN_GRACE_S", 30.0)),
-                   help="on SIGTERM: how long in-flight RPCs may run before they are cancelled")
-    p.add_argument("--drain-delay-s", type=float, default=float(_env("DRAIN_DELAY_S", 0.0)),
-                   help="on SIGTERM: report NOT_SERVING but keep accepting RPCs this long, so load "
-                        "balancers that poll health (Kubernetes readiness) stop routing first")
+    add_drain_args(p, "MMSERVE_DECODER")
     add_server_tls_args(p, "MMSERVE_DECODER")
     a = p.parse_args(argv)
     return DecoderConfig(

@@ -6,6 +6,7 @@ import argparse
 import os
 from dataclasses import dataclass, field
 
+from mmserve_common.service_main import add_drain_args
 from mmserve_common.tls import ServerTLS, add_server_tls_args, server_tls_from
 
 
@@ -56,11 +57,7 @@ def parse_args(argv: list[str] | None = None) -> EncoderConfig:
     p.add_argument("--metrics-host", default=_env("METRICS_HOST", "127.0.0.1"))
     p.add_argument("--metrics-port", type=int, default=_env("METRICS_PORT", None),
                    help="serve Prometheus /metrics on this port (0 = any free port; unset = off)")
-    p.add_argument("--drain-grace-s", type=float, default=float(_env("DRAIN_GRACE_S", 30.0)),
-                   help="on SIGTERM: how long in-flight RPCs may run before they are cancelled")
-    p.add_argument("--drain-delay-s", type=float, default=float(_env("DRAIN_DELAY_S", 0.0)),
-                   help="on SIGTERM: report NOT_SERVING but keep accepting RPCs this long, so load "
-                        "balancers that poll health (Kubernetes readiness) stop routing first")
+    add_drain_args(p, "MMSERVE_ENCODER")
     add_server_tls_args(p, "MMSERVE_ENCODER")
     a = p.parse_args(argv)
     return EncoderConfig(

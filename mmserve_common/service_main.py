@@ -9,7 +9,9 @@ Runs the asyncio loop on the main thread.
 
 from __future__ import annotations
 
+import argparse
 import asyncio
+import os
 import signal
 import sys
 from collections.abc import Awaitable, Callable
@@ -18,6 +20,16 @@ from mmserve_common.grpc_runtime import set_serving
 from mmserve_common.logs import get_logger
 
 log = get_logger(__name__)
+
+
+def add_drain_args(p: argparse.ArgumentParser, env_prefix: str) -> None:
+    """``--drain-grace-s`` / ``--drain-delay-s`` (env ``<prefix>_DRAIN_GRACE_S`` / ``_DRAIN_DELAY_S``)."""
+    env = lambda n, d: float(os.environ.get(f"{env_prefix}_{n}", d))  # noqa: E731
+    p.add_argument("--drain-grace-s", type=float, default=env("DRAIN_GRACE_S", 30.0),
+                   help="on SIGTERM: how long in-flight RPCs may run before they are cancelled")
+    p.add_argument("--drain-delay-s", type=float, default=env("DRAIN_DELAY_S", 0.0),
+                   help="on SIGTERM: report NOT_SERVING but keep accepting RPCs this long, so load "
+                        "balancers that poll health (Kubernetes readiness) stop routing first")
 
 
 async def serve(

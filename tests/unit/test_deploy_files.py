@@ -21,8 +21,8 @@ ROOT = Path(__file__).resolve().parents[2]
 DEPLOY = ROOT / "deploy"
 PARSERS = {"mmserve-encoder": encoder_args, "mmserve-decoder": decoder_args, "mmserve-gateway": gateway_args,
            "mmserve-up": up_args}
-ENV_SOURCES = {"ENCODER": ["encoder_service/config.py", "mmserve_common/tls.py"],
-               "DECODER": ["decoder_service/config.py", "mmserve_common/tls.py"],
+ENV_SOURCES = {"ENCODER": ["encoder_service/config.py", "mmserve_common/tls.py", "mmserve_common/service_main.py"],
+               "DECODER": ["decoder_service/config.py", "mmserve_common/tls.py", "mmserve_common/service_main.py"],
                "GATEWAY": ["gateway/config.py", "mmserve_common/tls.py"]}
 
 
