@@ -37,7 +37,8 @@ Generated on the fly by `mmserve_common/demo_model/tasks.py`: shapes 56-128 px a
 light background (grey 170-255, tinted; dark backgrounds are outside what it knows) with pixel noise, colour
 jittered; digits from espeak-ng with {len(tasks.VOICES)} voices x
 {len(tasks.VARIANTS)} variants, speed 120-230, pitch 15-85, random offset and gain, white or pink noise at 8-30 dB
-SNR; prompts drawn from a few phrasings, text before or after the media, or none. Sequences are rendered by
+SNR; prompts drawn from a few phrasings, text before or after the media, or none; and negatives: one picture or
+clip moved outside the user turn (right after BOS, or into the pending model turn) -> `{tasks.NO_MEDIA}`. Sequences are rendered by
 the gateway's own prompt builder (media blocks inside the user turn). Training seeds start at {params["seed"]};
 evaluation seeds at {tasks.HELD_OUT_SEED} and above, never used in training.
 
