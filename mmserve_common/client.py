@@ -25,6 +25,7 @@ from __future__ import annotations
 import json
 import uuid
 from collections.abc import AsyncIterator, Iterator, Sequence
+from contextlib import aclosing
 from dataclasses import dataclass, field
 from typing import Any
 
@@ -134,6 +135,23 @@ def chat_request(messages: Sequence[dict], *, max_tokens: int | None = None, tem
     return chat_pb2.ChatRequest(messages=msgs, params=params, return_prompt_token_ids=return_prompt_token_ids)
 
 
+def _relay(call) -> Iterator:
+    """A server stream's messages; the call is cancelled when the consumer stops early."""
+    try:
+        yield from call
+    finally:
+        call.cancel()
+
+
+async def _arelay(call) -> AsyncIterator:
+    """The asyncio form of ``_relay``."""
+    try:
+        async for msg in call:
+            yield msg
+    finally:
+        call.cancel()
+
+
 def _reply(message: chat_pb2.Delta, final: chat_pb2.Final) -> Reply:
     return Reply(message.content, message.reasoning_content, list(message.token_ids),
                  chat_pb2.FinishReason.Name(final.finish_reason).removeprefix("FINISH_REASON_").lower(),
@@ -171,10 +189,7 @@ class ChatClient(_Client):
         Closing the iterator early cancels the generation."""
         call = self.stub.Complete(chat_pb2.CompleteRequest(chat=chat_request(messages, **params)),
                                   timeout=self.timeout_s, metadata=_metadata(request_id))
-        try:
-            yield from call
-        finally:
-            call.cancel()
+        yield from _relay(call)
 
     def close(self) -> None:
         self.channel.close()
@@ -200,11 +215,9 @@ class AsyncChatClient(_Client):
                      **params) -> AsyncIterator[chat_pb2.CompleteResponse]:
         call = self.stub.Complete(chat_pb2.CompleteRequest(chat=chat_request(messages, **params)),
                                   timeout=self.timeout_s, metadata=_metadata(request_id))
-        try:
-            async for msg in call:
+        async with aclosing(_arelay(call)) as messages:  # closing early cancels the call now, not at GC
+            async for msg in messages:
                 yield msg
-        finally:
-            call.cancel()
 
     async def close(self) -> None:
         await self.channel.close()
@@ -300,10 +313,7 @@ class DecoderClient(_Client):
             yield from _generate_requests(ids, spans, sampling)
 
         call = self.stub.Generate(requests(), timeout=self.timeout_s, metadata=_metadata(request_id))
-        try:
-            yield from call
-        finally:
-            call.cancel()
+        yield from _relay(call)
 
     def close(self) -> None:
         self.channel.close()
@@ -343,11 +353,9 @@ class AsyncDecoderClient(_Client):
                 yield r
 
         call = self.stub.Generate(requests(), timeout=self.timeout_s, metadata=_metadata(request_id))
-        try:
-            async for msg in call:
+        async with aclosing(_arelay(call)) as messages:  # closing early cancels the call now, not at GC
+            async for msg in messages:
                 yield msg
-        finally:
-            call.cancel()
 
     async def close(self) -> None:
         await self.channel.close()
