@@ -73,6 +73,7 @@ class PrefixCache:
 
         self.max_bytes = max_bytes
         self._lru = LRUPromptCache(max_size=1 << 30, max_bytes=max_bytes) if max_bytes > 0 else None
+        self._nbytes = 0
 
     @property
     def enabled(self) -> bool:
@@ -80,10 +81,14 @@ class PrefixCache:
 
     @property
     def nbytes(self) -> int:
-        """KV bytes plus the trie's per-token cost: what the ``max_bytes`` bound applies to."""
-        if self._lru is None:
-            return 0
-        return self._lru.nbytes + TRIE_BYTES_PER_TOKEN * self._cached_tokens()
+        """KV bytes plus the trie's per-token cost: what the ``max_bytes`` bound applies to.
+
+        A number kept by ``store`` (MLX thread), so the metrics thread can read it
+        without walking structures the MLX thread is changing."""
+        return self._nbytes
+
+    def _measure(self) -> int:
+        return self._lru.nbytes + TRIE_BYTES_PER_TOKEN * self._cached_tokens() if self._lru is not None else 0
 
     def _cached_tokens(self) -> int:
         # mlx-lm bounds KV bytes only; its entry queue is internal, hence the guarded reach
@@ -145,5 +150,7 @@ class PrefixCache:
             _compact(c)
         mx.eval([[c.keys, c.values] for c in cache if getattr(c, "keys", None) is not None])
         self._lru.insert_cache(_MODEL, list(kids), cache)
-        while len(self._lru) > 1 and self.nbytes > self.max_bytes:  # oldest first, as mlx-lm evicts
+        self._nbytes = self._measure()
+        while len(self._lru) > 1 and self._nbytes > self.max_bytes:  # oldest first, as mlx-lm evicts
             self._lru.trim_to(n_sequences=len(self._lru) - 1)
+            self._nbytes = self._measure()
