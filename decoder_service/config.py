@@ -27,6 +27,9 @@ class DecoderConfig:
     tls: ServerTLS = field(default_factory=ServerTLS)
     context_length: int | None = None
     stream_interval_ms: float = 10.0
+    max_open_streams: int = 256
+    max_buffered_bytes: int = 1 << 30
+    stream_idle_timeout_s: float = 30.0
 
 
 def _env(name: str, default):
@@ -56,6 +59,14 @@ def parse_args(argv: list[str] | None = None) -> DecoderConfig:
     p.add_argument("--stream-interval-ms", type=float, default=float(_env("STREAM_INTERVAL_MS", 10.0)),
                    help="least time between two token messages of one stream; tokens generated "
                         "in between travel together (0 = one message per token)")
+    p.add_argument("--max-open-streams", type=int, default=int(_env("MAX_OPEN_STREAMS", 256)),
+                   help="Generate RPCs open at once, sending or generating; beyond it RESOURCE_EXHAUSTED")
+    p.add_argument("--max-buffered-bytes", type=int, default=int(_env("MAX_BUFFERED_BYTES", 1 << 30)),
+                   help="embedding bytes that streams still sending may hold together (reserved from each "
+                        "setup's declared spans); beyond it RESOURCE_EXHAUSTED")
+    p.add_argument("--stream-idle-timeout-s", type=float, default=float(_env("STREAM_IDLE_TIMEOUT_S", 30.0)),
+                   help="a Generate stream that sends nothing this long before closing its side ends with "
+                        "DEADLINE_EXCEEDED and frees what it buffered")
     add_drain_args(p, "MMSERVE_DECODER")
     add_server_tls_args(p, "MMSERVE_DECODER")
     a = p.parse_args(argv)
@@ -67,6 +78,9 @@ def parse_args(argv: list[str] | None = None) -> DecoderConfig:
         max_queue=a.max_queue,
         context_length=int(a.context_length) if a.context_length else None,
         stream_interval_ms=a.stream_interval_ms,
+        max_open_streams=a.max_open_streams,
+        max_buffered_bytes=a.max_buffered_bytes,
+        stream_idle_timeout_s=a.stream_idle_timeout_s,
         max_active=a.max_active,
         prefix_cache_bytes=a.prefix_cache_bytes,
         mlx_cache_bytes=int(a.mlx_cache_bytes) if a.mlx_cache_bytes is not None else None,

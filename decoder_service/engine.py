@@ -21,6 +21,7 @@ from pathlib import Path
 
 from decoder_service.channel import TokenChannel
 from decoder_service.config import DecoderConfig
+from decoder_service.intake import StreamLimits
 from decoder_service.metrics import DecoderMetrics
 from decoder_service.model import ResolvedSampling, SpanRows
 from decoder_service.placement import validate_prompt
@@ -61,6 +62,7 @@ class DecoderEngine:
         self.scheduler: BatchScheduler | None = None
         self._loop_job: asyncio.Future | None = None
         self.dtype: str | None = None
+        self.stream_limits = StreamLimits(cfg.max_open_streams, cfg.max_buffered_bytes, cfg.stream_idle_timeout_s)
 
     # -- lifecycle ------------------------------------------------------------
     def start(self) -> None:
@@ -114,6 +116,7 @@ class DecoderEngine:
             ids,
             spans,
             placeholder_ids=self.placeholder_ids,
+            all_placeholder_ids=self.info.placeholder_token_ids,
             vocab_size=self.info.vocab_size,
             hidden_size=self.info.hidden_size,
             context_length=self.context_length,

@@ -30,6 +30,19 @@ class DecoderMetrics:
         self.ttft = Histogram("mmserve_decoder_ttft_seconds", "Arrival to first sampled token",
                               buckets=_TTFT_BUCKETS, registry=r)
 
+        self.open_streams = Gauge("mmserve_decoder_open_streams", "Generate RPCs open (sending or generating)",
+                                  registry=r)
+        self.stream_buffered_bytes = Gauge("mmserve_decoder_stream_reserved_bytes",
+                                           "Embedding bytes reserved by streams still sending them", registry=r)
+        self.streams_refused = Counter("mmserve_decoder_streams_refused",
+                                       "Generate streams refused by a stream limit", ["limit"], registry=r)
+        self.streams_idle_timeouts = Counter("mmserve_decoder_stream_idle_timeouts",
+                                             "Generate streams ended by --stream-idle-timeout-s", registry=r)
+
+    def bind_admission(self, admission) -> None:
+        self.open_streams.set_function(lambda: admission.open_streams)
+        self.stream_buffered_bytes.set_function(lambda: admission.reserved_bytes)
+
     def bind(self, scheduler) -> None:
         self.active.set_function(lambda: scheduler.active_count)
         self.queue_depth.set_function(lambda: scheduler.queue_depth)

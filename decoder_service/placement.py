@@ -24,13 +24,17 @@ def validate_prompt(
     spans: Sequence[tuple[T.Span, str, tuple[int, ...]]],
     *,
     placeholder_ids: dict[str, int],
+    all_placeholder_ids: dict[str, int] | None = None,
     vocab_size: int,
     hidden_size: int,
     context_length: int,
 ) -> None:
     """Raise ``InvalidArgument`` unless ``ids`` and ``spans`` are consistent.
 
-    ``spans`` holds ``(span, dtype, tensor_shape)`` as declared by the caller.
+    ``spans`` holds ``(span, dtype, tensor_shape)`` as declared by the caller;
+    ``placeholder_ids`` are the modalities this decoder serves, and
+    ``all_placeholder_ids`` every placeholder the checkpoint declares (video,
+    or a modality without its tower): none of them may stand outside a span.
     """
     n = len(ids)
     if n == 0:
@@ -84,7 +88,7 @@ def validate_prompt(
                 f"{what}: embedding width {shape[1]} != the model's hidden size {hidden_size}"
             )
         covered[span.offset:end] = True
-    for modality, pid in placeholder_ids.items():
+    for modality, pid in {**(all_placeholder_ids or {}), **placeholder_ids}.items():
         loose = np.nonzero((arr == pid) & ~covered)[0]
         if loose.size:
             raise InvalidArgument(

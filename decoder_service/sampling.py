@@ -4,6 +4,9 @@ Why: proto3 has no "unset" for scalars, so unset fields arrive as ``None``
 and take the checkpoint's ``generation_config.json`` defaults (as mlx-vlm
 does); out-of-range values are rejected with a message naming the field, and
 prompt + max_tokens beyond the context is rejected with both numbers.
+Bounds come from the model: a ``top_k`` at or above the vocabulary size
+keeps every token, so it means the same as ``top_k = 0`` (off) and is
+served as that, as vLLM does, rather than refused.
 (Placeholder and media-boundary ids are suppressed by the model runner for
 every sequence at once, not here.)  Pure Python, any thread.
 """
@@ -42,6 +45,8 @@ def resolve_sampling(
     top_k = int(s.top_k if s.top_k is not None else generation_config.get("top_k", 0) or 0)
     if top_k < 0:
         raise InvalidArgument(f"top_k must be >= 0, got {top_k}")
+    if top_k >= vocab_size:  # keeps every token: the same distribution as no top-k (vLLM does the same)
+        top_k = 0
     min_p = float(s.min_p or 0.0)
     if not (0.0 <= min_p <= 1.0):
         raise InvalidArgument(f"min_p must be in [0, 1], got {min_p}")

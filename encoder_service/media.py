@@ -22,7 +22,7 @@ from dataclasses import dataclass
 import numpy as np
 import soundfile as sf
 import soxr
-from PIL import Image, ImageOps, UnidentifiedImageError
+from PIL import Image, UnidentifiedImageError
 
 from mmserve_common.errors import InvalidArgument
 
@@ -72,14 +72,47 @@ def decode_image(data: bytes, *, what: str, max_pixels: int) -> Image.Image:
             img.load()  # forces a full decode of frame 0: truncated files fail here
     except InvalidArgument:
         raise
-    except (UnidentifiedImageError, OSError, SyntaxError, ValueError, EOFError, Image.DecompressionBombWarning,
-            Image.DecompressionBombError) as e:
-        raise InvalidArgument(f"{what}: bytes are not a decodable {_fmt_hint(data)}image ({e})") from None
+    except Exception as e:  # noqa: BLE001 - Pillow's decoders raise OSError, SyntaxError, struct.error,
+        # TypeError, IndexError, ... on bad bytes: every one of them means "not a decodable image"
+        if isinstance(e, UnidentifiedImageError | Image.DecompressionBombError | Image.DecompressionBombWarning):
+            detail = str(e)
+        else:
+            detail = f"{type(e).__name__}: {e}"
+        raise InvalidArgument(f"{what}: bytes are not a decodable {_fmt_hint(data)}image ({detail})") from None
+    return to_rgb8(apply_exif_orientation(img, what))
+
+
+# EXIF orientation (tag 0x0112) -> the transpose that shows the image upright (Pillow's own table).
+_ORIENTATION = {2: Image.Transpose.FLIP_LEFT_RIGHT, 3: Image.Transpose.ROTATE_180,
+                4: Image.Transpose.FLIP_TOP_BOTTOM, 5: Image.Transpose.TRANSPOSE, 6: Image.Transpose.ROTATE_270,
+                7: Image.Transpose.TRANSVERSE, 8: Image.Transpose.ROTATE_90}
+_ORIENTATION_TAG = 0x0112
+
+
+def apply_exif_orientation(img: Image.Image, what: str) -> Image.Image:
+    """Turn the pixels the way the EXIF orientation tag says, reading nothing else of the EXIF.
+
+    Why not ``ImageOps.exif_transpose``: it also rewrites the whole EXIF block,
+    so any other malformed tag (StripOffsets stored as text, a bad count) made
+    it raise ``struct.error`` / ``TypeError`` — a 500 for an image whose pixels
+    and orientation are fine.  Only the orientation matters to the tower.  An
+    EXIF block too corrupt to read the orientation from, or an orientation
+    outside 1-8, is refused: which way up the picture goes is then unknown.
+    """
     try:
-        img = ImageOps.exif_transpose(img)
-    except (OSError, ValueError, SyntaxError):  # a corrupt EXIF block: keep the pixels as stored
-        pass
-    return to_rgb8(img)
+        exif = img.getexif()
+        value = exif.get(_ORIENTATION_TAG) if exif else None
+    except Exception as e:  # noqa: BLE001 - Pillow's EXIF parser raises many types on bad bytes
+        raise InvalidArgument(f"{what}: the image's EXIF metadata is unreadable ({type(e).__name__}: {e}); "
+                              "re-save it without EXIF") from None
+    if value is None or value == 1:
+        return img
+    if isinstance(value, tuple) and len(value) == 1:
+        value = value[0]
+    if isinstance(value, bool) or not isinstance(value, int) or value not in _ORIENTATION:
+        raise InvalidArgument(f"{what}: the image's EXIF orientation is {value!r}, not one of 1-8; "
+                              "re-save it without EXIF or with a valid orientation")
+    return img.transpose(_ORIENTATION[value])
 
 
 def to_rgb8(img: Image.Image) -> Image.Image:
@@ -139,7 +172,7 @@ def decode_audio(data: bytes, *, what: str, target_rate: int, max_seconds: float
             samples = f.read(dtype="float32", always_2d=True)
     except InvalidArgument:
         raise
-    except (sf.LibsndfileError, RuntimeError, ValueError, TypeError, EOFError) as e:
+    except Exception as e:  # noqa: BLE001 - libsndfile (via soundfile) on bad bytes: never a bug of ours
         raise InvalidArgument(
             f"{what}: bytes are not decodable audio ({e}); send WAV, FLAC, OGG/Vorbis or MP3"
         ) from None

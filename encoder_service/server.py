@@ -15,7 +15,8 @@ import grpc
 
 from encoder_service.engine import EncoderEngine
 from mmserve_common import codec
-from mmserve_common.grpc_runtime import create_server, rpc_scope
+from mmserve_common.errors import InvalidArgument
+from mmserve_common.grpc_runtime import add_servicer, create_server, rpc_scope
 from mmserve_common.logs import get_logger
 from mmserve_common.stubs import encoder_pb2, encoder_pb2_grpc
 from mmserve_common.tensors import iter_chunks
@@ -36,7 +37,7 @@ class EncoderServicer(encoder_pb2_grpc.EncoderServiceServicer):
         async with rpc_scope(context, "Encode", on_outcome=lambda o: m.requests.labels(o).inc()):
             items = codec.media_from_pb(request)
             dtype = codec.dtype_from_pb(request.output_dtype, "output_dtype", allow_unspecified=True)
-            chunk = request.max_chunk_bytes or self.engine.cfg.chunk_bytes
+            chunk = _chunk_bytes(request.max_chunk_bytes, self.engine.cfg.chunk_bytes)
             futures = await self.engine.encode(items, dtype)
             counts, hits = [], 0
             for i, fut in enumerate(futures):
@@ -71,6 +72,20 @@ class EncoderServicer(encoder_pb2_grpc.EncoderServiceServicer):
             )
 
 
+MIN_CHUNK_BYTES, MAX_CHUNK_BYTES = 4 << 10, 16 << 20
+
+
+def _chunk_bytes(asked: int, default: int) -> int:
+    """A caller's ``max_chunk_bytes``: 0 = the server's; a tiny one would cost a message per few
+    bytes (2 MB of rows as 2 million messages), a huge one would pass the message limit."""
+    if asked == 0:
+        return default
+    if not MIN_CHUNK_BYTES <= asked <= MAX_CHUNK_BYTES:
+        raise InvalidArgument(f"max_chunk_bytes must be 0 (the server's default) or in "
+                              f"[{MIN_CHUNK_BYTES}, {MAX_CHUNK_BYTES}], got {asked}")
+    return asked
+
+
 async def start_encoder_server(engine: EncoderEngine, address: str, tls: ServerTLS | None = None):
     """Bind, register, start; returns ``(server, port, health)``.
 
@@ -78,7 +93,7 @@ async def start_encoder_server(engine: EncoderEngine, address: str, tls: ServerT
     and flipped it with ``set_serving`` (``service_main.serve`` does both).
     """
     server, port, health = await create_server(address, [SERVICE_NAME], tls=tls)
-    encoder_pb2_grpc.add_EncoderServiceServicer_to_server(EncoderServicer(engine), server)
+    add_servicer(server, EncoderServicer(engine), encoder_pb2.DESCRIPTOR.services_by_name["EncoderService"])
     await server.start()
     return server, port, health
 

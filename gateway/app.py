@@ -26,7 +26,7 @@ from gateway.config import GatewayConfig
 from gateway.errors import HTTPError, to_http
 from gateway.metrics import GatewayMetrics
 from gateway.middleware import GuardMiddleware, RequestIdMiddleware
-from gateway.openai_schema import ChatRequest, parse_chat_request
+from gateway.openai_schema import INT32_MAX, SEED_MAX, SEED_MIN, ChatRequest, parse_chat_request
 from gateway.pipeline import Pipeline
 from gateway.responses import complete, error_response, sse
 from mmserve_common.logs import REQUEST_ID_HEADER, get_logger, new_request_id, request_id_var
@@ -89,20 +89,21 @@ def create_app(cfg: GatewayConfig) -> FastAPI:
     async def prometheus():
         return Response(metrics.text(), media_type="text/plain; version=0.0.4")
 
-    def _model_card() -> dict:
-        return {"id": pipeline.model_id, "object": "model", "created": 0, "owned_by": "mmserve"}
+    def _model_card(name: str) -> dict:
+        return {"id": name, "object": "model", "created": 0, "owned_by": "mmserve"}
 
     @app.get("/v1/models")
     async def models():
-        return {"object": "list", "data": [_model_card()]}
+        # one model, listed once by its id; its aliases are accepted wherever a model is named
+        return {"object": "list", "data": [_model_card(pipeline.model_id)]}
 
     @app.get("/v1/models/{model_id:path}")
     async def model(model_id: str):
-        if model_id != pipeline.model_id:
-            return error_response(HTTPError(404, f"The model '{model_id}' does not exist; this server serves "
-                                            f"'{pipeline.model_id}'", type_="invalid_request_error",
-                                            param="model", code="model_not_found"))
-        return _model_card()
+        try:
+            pipeline.check_model(model_id)
+        except HTTPError as e:
+            return error_response(e)
+        return _model_card(model_id)
 
     @app.post("/v1/chat/completions", openapi_extra=CHAT_OPENAPI)
     async def chat_completions(request: Request):
@@ -173,9 +174,9 @@ CHAT_OPENAPI = {
                 "max_completion_tokens": {"type": "integer", "minimum": 1},
                 "temperature": {"type": "number", "minimum": 0, "maximum": 2},
                 "top_p": {"type": "number", "exclusiveMinimum": 0, "maximum": 1},
-                "top_k": {"type": "integer", "minimum": 0},
+                "top_k": {"type": "integer", "minimum": 0, "maximum": INT32_MAX},
                 "min_p": {"type": "number", "minimum": 0, "maximum": 1},
-                "seed": {"type": "integer"},
+                "seed": {"type": "integer", "minimum": SEED_MIN, "maximum": SEED_MAX},
                 "stop": {"oneOf": [{"type": "string"}, {"type": "array", "items": {"type": "string"}, "maxItems": 4}]},
                 "presence_penalty": {"type": "number", "minimum": -2, "maximum": 2},
                 "frequency_penalty": {"type": "number", "minimum": -2, "maximum": 2},

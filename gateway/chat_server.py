@@ -23,7 +23,7 @@ from gateway.openai_schema import parse_chat_request
 from gateway.pipeline import Pipeline
 from gateway.reasoning import ReasoningParser
 from mmserve_common import codec
-from mmserve_common.grpc_runtime import create_server, request_id_from, set_serving
+from mmserve_common.grpc_runtime import add_servicer, create_server, request_id_from, set_serving
 from mmserve_common.logs import REQUEST_ID_HEADER, get_logger, request_id_var
 from mmserve_common.stubs import chat_pb2, chat_pb2_grpc
 
@@ -96,7 +96,7 @@ async def start_chat_server(pipeline: Pipeline, cfg: GatewayConfig):
     """Bind ``cfg.grpc_host:cfg.grpc_port`` (0 = any free port); returns ``(server, port)``."""
     address = f"[{cfg.grpc_host}]:{cfg.grpc_port}" if ":" in cfg.grpc_host else f"{cfg.grpc_host}:{cfg.grpc_port}"
     server, port, health = await create_server(address, [SERVICE_NAME], tls=cfg.tls)
-    chat_pb2_grpc.add_ChatServiceServicer_to_server(ChatServicer(pipeline, cfg), server)
+    add_servicer(server, ChatServicer(pipeline, cfg), chat_pb2.DESCRIPTOR.services_by_name["ChatService"])
     await server.start()
     await set_serving(health, [SERVICE_NAME], True)
     log.info("chat gRPC listening", address=address, port=port)

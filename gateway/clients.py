@@ -10,7 +10,7 @@ gRPC's default message size.  Event-loop thread.
 from __future__ import annotations
 
 import hashlib
-from collections.abc import AsyncIterator, Awaitable, Callable
+from collections.abc import Awaitable, Callable
 from dataclasses import dataclass
 from typing import Any
 
@@ -20,6 +20,7 @@ import numpy as np
 from gateway.pool import UpstreamPool
 from mmserve_common import codec
 from mmserve_common import types as T
+from mmserve_common.generate_stream import write_generate
 from mmserve_common.logs import REQUEST_ID_HEADER
 from mmserve_common.stubs import decoder_pb2, decoder_pb2_grpc, encoder_pb2, encoder_pb2_grpc
 from mmserve_common.tensors import DEFAULT_CHUNK_BYTES, Assembler, iter_chunks
@@ -144,25 +145,22 @@ class DecoderClient:
         one decoder, whose prefix cache holds the earlier turns.
         Iterate ``call.read()`` for the rest; ``call.cancel()`` stops the sequence."""
 
-        def requests() -> AsyncIterator[decoder_pb2.GenerateRequest]:
-            async def gen():
-                yield decoder_pb2.GenerateRequest(
-                    setup=decoder_pb2.GenerateSetup(
-                        prompt_token_ids=ids,
-                        spans=[codec.span_to_pb(s.span, s.tensor) for s in spans],
-                        sampling=codec.sampling_to_pb(sampling),
-                    )
-                )
-                for i, s in enumerate(spans):
-                    for off, data in iter_chunks(s.tensor.data, DEFAULT_CHUNK_BYTES):
-                        yield decoder_pb2.GenerateRequest(
-                            chunk=decoder_pb2.EmbeddingChunk(span_index=i, byte_offset=off, data=data)
-                        )
-            return gen()
+        setup = decoder_pb2.GenerateRequest(setup=decoder_pb2.GenerateSetup(
+            prompt_token_ids=ids,
+            spans=[codec.span_to_pb(s.span, s.tensor) for s in spans],
+            sampling=codec.sampling_to_pb(sampling),
+        ))
+
+        def chunks():
+            for i, s in enumerate(spans):
+                for off, data in iter_chunks(s.tensor.data, DEFAULT_CHUNK_BYTES):
+                    yield decoder_pb2.GenerateRequest(
+                        chunk=decoder_pb2.EmbeddingChunk(span_index=i, byte_offset=off, data=data))
 
         async def attempt(stub):
-            call = stub.Generate(requests(), metadata=_md(request_id), timeout=self.timeout_s)
+            call = stub.Generate(metadata=_md(request_id), timeout=self.timeout_s)
             try:
+                await write_generate(call, setup, chunks())
                 return call, await call.read()
             except BaseException:
                 call.cancel()

@@ -34,6 +34,7 @@ class GatewayConfig:
     upstream_tls: ClientTLS = field(default_factory=ClientTLS)  # to encoders and decoders
     drain_grace_s: float = 30.0
     decoder_affinity: str = "conversation"  # or "none": plain round-robin
+    model_aliases: tuple[str, ...] = ()  # names besides model_id that requests may use
 
 
 def _env(name: str, default):
@@ -50,7 +51,11 @@ def parse_args(argv: list[str] | None = None) -> GatewayConfig:
                    help="decoder host:port, or several comma-separated (round-robin, failover)")
     p.add_argument("--host", default=_env("HOST", "127.0.0.1"))
     p.add_argument("--port", type=int, default=int(_env("PORT", 8000)), help="0 = pick a free port")
-    p.add_argument("--model-id", default=_env("MODEL_ID", None))
+    p.add_argument("--model-id", default=_env("MODEL_ID", None),
+                   help="the served model id (default: the checkpoint directory's name)")
+    p.add_argument("--model-alias", default=_env("MODEL_ALIASES", ""),
+                   help="comma-separated other names requests may give as 'model'; any other name is "
+                        "404 model_not_found (NOT_FOUND on the chat gRPC API)")
     p.add_argument("--rpc-timeout-s", type=float, default=float(_env("RPC_TIMEOUT_S", 600.0)))
     p.add_argument("--reasoning", choices=["separate", "drop"], default=_env("REASONING", "separate"),
                    help="the model's thought channel: returned as reasoning_content, or dropped "
@@ -95,5 +100,6 @@ def parse_args(argv: list[str] | None = None) -> GatewayConfig:
                          a.url_max_bytes, a.url_timeout_s, a.url_fetch_allow_private,
                          a.grpc_host or a.host, None if a.grpc_port < 0 else a.grpc_port,
                          server_tls_from(a), ClientTLS(a.upstream_ca, a.upstream_cert, a.upstream_key),
-                         a.drain_grace_s, a.decoder_affinity)
+                         a.drain_grace_s, a.decoder_affinity,
+                         tuple(x.strip() for x in a.model_alias.split(",") if x.strip()))
     return cfg

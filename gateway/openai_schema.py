@@ -191,6 +191,12 @@ def _parts(content: Any, role: str, param: str, allow_urls: bool = False, intern
     return out
 
 
+# Integer bounds from the wire: the decoder's fields are int32 (top_k) and uint64 (seed; a negative
+# int64 seed is taken as its two's complement, so both signed and unsigned 64-bit seeds work).
+INT32_MAX = (1 << 31) - 1
+SEED_MIN, SEED_MAX = -(1 << 63), (1 << 64) - 1
+
+
 def _number(body: dict, name: str, *, lo: float | None = None, hi: float | None = None,
             integer: bool = False) -> Any:
     v = body.get(name)
@@ -248,7 +254,7 @@ def parse_chat_request(body: Any, *, allow_urls: bool = False, internal: bool = 
         if isinstance(v, bool) or not isinstance(v, (int, float)) or not -100 <= v <= 100:
             raise bad(f"logit_bias[{k}] must be a number between -100 and 100", "logit_bias")
         logit_bias[tok] = float(v)
-    seed = _number(body, "seed", integer=True)
+    seed = _number(body, "seed", lo=SEED_MIN, hi=SEED_MAX, integer=True)
     stop = body.get("stop")
     if stop is None:
         stop = []
@@ -267,7 +273,7 @@ def parse_chat_request(body: Any, *, allow_urls: bool = False, internal: bool = 
     sampling = T.SamplingParams(
         temperature=_number(body, "temperature", lo=0, hi=2),
         top_p=_number(body, "top_p", lo=0, hi=1),
-        top_k=_number(body, "top_k", lo=0, integer=True),
+        top_k=_number(body, "top_k", lo=0, hi=INT32_MAX, integer=True),
         min_p=_number(body, "min_p", lo=0, hi=1),
         max_tokens=max_tokens,
         seed=seed % (1 << 64) if seed is not None else None,

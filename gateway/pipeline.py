@@ -75,6 +75,19 @@ class Pipeline:
             return self.cfg.model_id
         return self._info.model_id if self._info else self.cfg.checkpoint.rstrip("/").rsplit("/", 1)[-1]
 
+    @property
+    def served_models(self) -> tuple[str, ...]:
+        """The model id, then the configured aliases (``--model-alias``)."""
+        return (self.model_id, *(a for a in self.cfg.model_aliases if a != self.model_id))
+
+    def check_model(self, name: str | None) -> None:
+        """A request naming a model this gateway does not serve is 404 ``model_not_found``
+        (OpenAI's and vLLM's answer), never served by whatever is loaded; no name = the model."""
+        if name is not None and name not in self.served_models:
+            served = ", ".join(f"'{m}'" for m in self.served_models)
+            raise HTTPError(404, f"The model '{name}' does not exist; this server serves {served}",
+                            type_="invalid_request_error", param="model", code="model_not_found")
+
     async def encoder_modalities(self, rid: str) -> set[str]:
         if self._encoder_modalities is None:
             try:
@@ -127,6 +140,7 @@ class Pipeline:
 
     async def prepare(self, req: ChatRequest, rid: str):
         """Encode media and build ``(ids, span embeddings)`` for the decoder."""
+        self.check_model(req.model)
         await self.fetch_urls(req)
         self.check_limits(req)
         info, builder = await self.model_info(rid)

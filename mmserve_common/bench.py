@@ -38,14 +38,20 @@ def _cases(tmp: Path):
     }
 
 
+def _served_model(client) -> str:
+    """The id the gateway serves (it answers any other name with 404 model_not_found)."""
+    return client.models.list().data[0].id
+
+
 def _split_run(client, content, max_tokens, bias):
     """Stream one completion; count tokens from the chunks' ``token_ids`` (a chunk may
     carry several tokens, and a token may complete no text)."""
+    model = _served_model(client)
     t0 = time.perf_counter()
     first_at = last_at = None
     first_n = total = 0
     stream = client.chat.completions.create(
-        model="m", messages=[{"role": "user", "content": content}], max_tokens=max_tokens, temperature=0,
+        model=model, messages=[{"role": "user", "content": content}], max_tokens=max_tokens, temperature=0,
         stream=True, logit_bias={str(k): -100 for k in bias}, extra_body={"return_token_ids": True},
     )
     for ch in stream:
@@ -105,12 +111,13 @@ def _api_latency(svc, tmp: Path, repeats: int) -> list[tuple[str, float, float, 
         {"type": "text", "text": "What is this?"}]}]
     grpc_msgs = [{"role": "user", "content": [Image(png, detail="low"), Audio(wav, "wav"), "What is this?"]}]
     kw = dict(max_tokens=8, temperature=0)
-    http_bytes = len(json.dumps({"model": "m", "messages": http_msgs, **kw}).encode())
-    grpc_bytes = len(chat_request(grpc_msgs, **kw).SerializeToString())
     oa = OpenAI(base_url=svc.base_url, api_key="x")
+    model = _served_model(oa)
+    http_bytes = len(json.dumps({"model": model, "messages": http_msgs, **kw}).encode())
+    grpc_bytes = len(chat_request(grpc_msgs, **kw).SerializeToString())
     rows = []
     with ChatClient(svc.chat_addr) as chat:
-        for name, call, size in (("HTTP JSON", lambda: oa.chat.completions.create(model="m", messages=http_msgs, **kw),
+        for name, call, size in (("HTTP JSON", lambda: oa.chat.completions.create(model=model, messages=http_msgs, **kw),
                                   http_bytes),
                                  ("gRPC chat", lambda: chat.chat(grpc_msgs, **kw), grpc_bytes)):
             call()  # warm-up

@@ -61,6 +61,15 @@ class CheckpointInfo:
         return sorted(set(tokenizer_eos_ids) | set(self.config_eos) | set(self.generation_config_eos))
 
     @property
+    def placeholder_token_ids(self) -> dict[str, int]:
+        """Every media placeholder id the checkpoint declares, served or not (video included):
+        none may appear in a prompt outside a span that carries its rows."""
+        ids = {name: m.placeholder for name, m in (("image", self.image), ("audio", self.audio)) if m is not None}
+        if self.video_token_id is not None:
+            ids["video"] = int(self.video_token_id)
+        return ids
+
+    @property
     def media_token_ids(self) -> list[int]:
         """Placeholder and boundary ids: never sampled, never emitted."""
         ids: set[int] = set()

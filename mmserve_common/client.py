@@ -32,6 +32,7 @@ from typing import Any
 import grpc
 import numpy as np
 
+from mmserve_common.generate_stream import write_generate
 from mmserve_common.grpc_runtime import CHANNEL_OPTIONS
 from mmserve_common.stubs import (
     chat_pb2,
@@ -348,11 +349,13 @@ class AsyncDecoderClient(_Client):
 
     async def generate(self, ids: Sequence[int], spans: Sequence[tuple[int, Encoded]] = (), *,
                        request_id: str | None = None, **sampling) -> AsyncIterator[decoder_pb2.GenerateResponse]:
-        async def requests():
-            for r in _generate_requests(ids, spans, sampling):
-                yield r
-
-        call = self.stub.Generate(requests(), timeout=self.timeout_s, metadata=_metadata(request_id))
+        call = self.stub.Generate(timeout=self.timeout_s, metadata=_metadata(request_id))
+        messages = _generate_requests(ids, spans, sampling)
+        try:
+            await write_generate(call, next(messages), messages)  # the decoder's status, never a write error
+        except BaseException:
+            call.cancel()
+            raise
         async with aclosing(_arelay(call)) as messages:  # closing early cancels the call now, not at GC
             async for msg in messages:
                 yield msg

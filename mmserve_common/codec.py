@@ -234,6 +234,8 @@ def chat_request_to_body(pb: chat_pb2.ChatRequest) -> dict:
         messages.append({"role": role, "content": parts})
     params = pb.params
     body: dict = {"messages": messages, "return_token_ids": pb.return_prompt_token_ids}
+    if pb.model:
+        body["model"] = pb.model
     for name in _CHAT_OPTIONAL:
         if params.HasField(name):
             body[name] = getattr(params, name)

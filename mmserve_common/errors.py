@@ -44,6 +44,18 @@ class Unavailable(ServeError):
     status = "UNAVAILABLE"
 
 
+class DeadlineExceeded(ServeError):
+    """A time limit ran out: the caller's deadline, or a stream that went idle."""
+
+    status = "DEADLINE_EXCEEDED"
+
+
+class NotFound(ServeError):
+    """The request names something this server does not have (e.g. a model id)."""
+
+    status = "NOT_FOUND"
+
+
 class Cancelled(ServeError):
     """The caller went away."""
 

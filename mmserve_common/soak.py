@@ -83,6 +83,7 @@ def main(argv: list[str] | None = None) -> None:
                 "gateway": gw.procs["gateway"].pid}
         url = f"http://127.0.0.1:{gw.gateway_port}/v1"
     client = OpenAI(base_url=url, api_key="x", max_retries=0, timeout=120)
+    model = client.models.list().data[0].id  # any other name is 404 model_not_found
     latencies: list[float] = []
     errors: list[str] = []
     lock = threading.Lock()
@@ -96,7 +97,7 @@ def main(argv: list[str] | None = None) -> None:
             i = next(counter)
             t0 = time.monotonic()
             try:
-                client.chat.completions.create(model="m", max_tokens=args.max_tokens,
+                client.chat.completions.create(model=model, max_tokens=args.max_tokens,
                                                messages=[{"role": "user", "content": _content(i)}])
                 ok = None
             except Exception as e:  # noqa: BLE001 - counted, reported

@@ -96,6 +96,10 @@ class Assembler:
         self._buf += data
 
     @property
+    def received(self) -> int:
+        return len(self._buf)
+
+    @property
     def complete(self) -> bool:
         return len(self._buf) == self.total
 

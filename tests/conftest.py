@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import os
 from pathlib import Path
 
 import pytest
@@ -9,6 +10,10 @@ import pytest
 from mmserve_common.launcher import start_services
 from mmserve_common.samples import shape_png, tone_wav
 from mmserve_common.tiny_checkpoint import write_tiny_checkpoint
+
+# The tests' requests call the model "m": every gateway they start (an OS process inheriting this
+# environment) serves that alias beside the checkpoint's id; any other name is 404 model_not_found.
+os.environ.setdefault("MMSERVE_GATEWAY_MODEL_ALIASES", "m")
 
 
 @pytest.fixture(scope="session")

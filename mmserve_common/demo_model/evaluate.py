@@ -54,9 +54,10 @@ def evaluate_url(base_url: str, n: int = 100, which: tuple[str, ...] = TASKS, wo
     from openai import OpenAI
 
     client = OpenAI(base_url=base_url, api_key="x", max_retries=0, timeout=120)
+    model = client.models.list().data[0].id  # any other name is 404 model_not_found
 
     def ask(ex: tasks.Example) -> str:
-        r = client.chat.completions.create(model="demo", temperature=0, max_tokens=96,
+        r = client.chat.completions.create(model=model, temperature=0, max_tokens=96,
                                            messages=[{"role": "user", "content": content(ex.parts)}])
         return r.choices[0].message.content or ""
 
