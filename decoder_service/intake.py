@@ -34,7 +34,10 @@ from decoder_service.model import ResolvedSampling
 from mmserve_common import codec
 from mmserve_common import types as T
 from mmserve_common.errors import DeadlineExceeded, InvalidArgument, ResourceExhausted, ServeError
+from mmserve_common.heap import release_free_heap
 from mmserve_common.tensors import Assembler, expected_nbytes
+
+_IDLE = object()
 
 
 @dataclass(frozen=True)
@@ -60,6 +63,8 @@ class StreamAdmission:
         self.open_streams = 0
         self.reserved_bytes = 0
         self.metrics = metrics
+        self._trim_pending = False
+        self._last_trim = float("-inf")
 
     @contextlib.contextmanager
     def open(self) -> Iterator[Ticket]:
@@ -77,8 +82,28 @@ class StreamAdmission:
             self.release(ticket)
 
     def release(self, ticket: Ticket) -> None:
+        if not ticket.reserved:
+            return
         self.reserved_bytes -= ticket.reserved
         ticket.reserved = 0
+        if self.reserved_bytes == 0:
+            self._trim_soon()
+
+    def _trim_soon(self) -> None:
+        """When no stream holds embedding bytes any more, hand the freed heap back to the OS —
+        at most once a second, the last one always (a trailing call), off the event loop."""
+        loop = asyncio.get_running_loop()
+        if self._trim_pending:
+            return
+        self._trim_pending = True
+        delay = max(0.0, self._last_trim + 1.0 - loop.time())
+
+        def run() -> None:
+            self._trim_pending = False
+            self._last_trim = loop.time()
+            loop.run_in_executor(None, release_free_heap)
+
+        loop.call_later(delay, run)
 
     def reserve(self, ticket: Ticket, nbytes: int) -> None:
         if self.reserved_bytes + nbytes > self.limits.max_buffered_bytes:
@@ -121,12 +146,14 @@ class StreamReader:
         except StopAsyncIteration:
             return None
         except asyncio.TimeoutError:
+            msg = _IDLE  # raised below, outside this block: no exception context pins the stream's frames
+        if msg is _IDLE:
             if self._metrics is not None:
                 self._metrics.streams_idle_timeouts.inc()
             raise DeadlineExceeded(
                 f"no message for {self._limits.idle_timeout_s:g} s on the Generate stream while waiting for "
                 f"{waiting_for} (after {self._received} messages); the stream idle timeout is "
-                f"--stream-idle-timeout-s") from None
+                f"--stream-idle-timeout-s")
         self._received += 1
         return msg
 
@@ -191,5 +218,6 @@ async def _receive_chunks(reader: StreamReader, assemblers: list[Assembler]) -> 
         if a.complete:
             raise InvalidArgument(f"spans[{c.span_index}]: received more bytes than declared")
         a.add(c.byte_offset, c.data)
+        msg = c = None  # the assembler holds the bytes now; a stall must not pin a second copy
         if a.complete:
             pending -= 1

@@ -224,8 +224,12 @@ def chat_request_to_body(pb: chat_pb2.ChatRequest) -> dict:
             if kind == "text":
                 parts.append({"type": "text", "text": p.text})
             elif kind == "image":
+                detail = _DETAIL_FROM_PB.get(p.image.detail)
+                if detail is None:
+                    raise InvalidArgument(f"messages[{i}].content[{j}].detail: unknown ImageDetail value "
+                                          f"{p.image.detail}", param=f"messages[{i}].content[{j}].detail")
                 parts.append({"type": T.RAW_IMAGE_PART, "data": bytes(p.image.data), "mime_type": p.image.mime_type,
-                              "detail": _DETAIL_FROM_PB.get(p.image.detail, "auto")})
+                              "detail": detail})
             elif kind == "audio":
                 parts.append({"type": T.RAW_AUDIO_PART, "data": bytes(p.audio.data), "format": p.audio.format})
             else:

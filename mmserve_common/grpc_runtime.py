@@ -14,12 +14,14 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
+import traceback
 from collections.abc import AsyncIterator, Callable, Sequence
 
 import grpc
 from google.protobuf import message_factory
 from google.protobuf.descriptor import ServiceDescriptor
 from google.protobuf.message import DecodeError
+from google.protobuf.unknown_fields import UnknownFieldSet
 from grpc_health.v1 import health_pb2, health_pb2_grpc
 from grpc_health.v1._async import HealthServicer
 from grpc_reflection.v1alpha import reflection
@@ -107,7 +109,9 @@ def add_servicer(server: grpc.aio.Server, servicer: object, service: ServiceDesc
     ``DecodeError`` inside the handler's stream (``INTERNAL``).  Taking the
     raw bytes and parsing them in this wrapper makes every undecodable
     message ``INVALID_ARGUMENT`` saying which message and why, for every
-    RPC of every service — a rule, not a per-method check.  Event-loop thread.
+    RPC of every service — a rule, not a per-method check.  The same place
+    refuses what a parser would otherwise drop without a word: field numbers
+    outside our schema and enum values outside their enum.  Event-loop thread.
     """
     handlers = {}
     for m in service.methods:
@@ -131,9 +135,47 @@ def add_servicer(server: grpc.aio.Server, servicer: object, service: ServiceDesc
 
 def _parse(cls, raw: bytes, what: str):
     try:
-        return cls.FromString(raw)
+        msg = cls.FromString(raw)
     except DecodeError as e:
         raise InvalidArgument(f"{what} is not a valid {cls.DESCRIPTOR.full_name} ({e})") from None
+    problem = _unhonourable(msg, "")
+    if problem:
+        raise InvalidArgument(f"{what}: {problem}")
+    return msg
+
+
+def _unhonourable(msg, path: str) -> str | None:
+    """A field this server cannot honour, said in words: a field number its schema does not
+    have (a newer client's field would otherwise be dropped without a word), or an enum
+    value outside the enum.  Walks nested messages; scalars and bytes cost nothing."""
+    unknown = list(UnknownFieldSet(msg))
+    if unknown:
+        return (f"field number {unknown[0].field_number} of {msg.DESCRIPTOR.full_name} "
+                f"(at {path or 'the top level'}) is not in this server's schema, so it cannot be honoured")
+    for fd, value in msg.ListFields():
+        where = f"{path}.{fd.name}" if path else fd.name
+        if fd.type == fd.TYPE_ENUM:
+            for v in (value if _is_repeated(fd) else [value]):
+                if fd.enum_type.values_by_number.get(v) is None:
+                    return f"{where} = {v} is not a {fd.enum_type.full_name} value"
+        elif fd.type == fd.TYPE_MESSAGE:
+            if fd.message_type.GetOptions().map_entry:
+                if fd.message_type.fields_by_name["value"].type != fd.TYPE_MESSAGE:
+                    continue
+                items = [(f"{where}[{k}]", v) for k, v in value.items()]
+            elif _is_repeated(fd):
+                items = [(f"{where}[{i}]", v) for i, v in enumerate(value)]
+            else:
+                items = [(where, value)]
+            for p, sub in items:
+                problem = _unhonourable(sub, p)
+                if problem:
+                    return problem
+    return None
+
+
+def _is_repeated(fd) -> bool:
+    return fd.is_repeated
 
 
 def _unary_parsing(impl, cls, server_streaming: bool):
@@ -158,10 +200,17 @@ def _unary_parsing(impl, cls, server_streaming: bool):
 
 def _stream_parsing(impl, cls, server_streaming: bool):
     async def parsed(raw_iterator):
-        n = 0
-        async for raw in raw_iterator:
-            yield _parse(cls, raw, f"stream message {n}")  # raised inside the handler: INVALID_ARGUMENT
-            n += 1
+        # Nothing is kept across an await: a stream that stalls holds only what its handler kept
+        # (an ``async for raw in ...`` would pin the last message's bytes, twice over with ``msg``).
+        it, n = raw_iterator.__aiter__(), 0
+        while True:
+            try:
+                raw = await it.__anext__()
+            except StopAsyncIteration:
+                return
+            msg, raw = _parse(cls, raw, f"stream message {n}"), None  # raises INVALID_ARGUMENT in the handler
+            yield msg
+            msg, n = None, n + 1
 
     if server_streaming:
         async def stream_stream(raw_iterator, context):
@@ -197,6 +246,9 @@ async def rpc_scope(
     except ServeError as e:
         outcome = e.status
         log.info("rpc rejected", method=method, status=e.status, error=e.message)
+        # The abort below chains ``e``, whose traceback keeps every frame's locals (a stalled stream's
+        # half-received rows among them) alive until the cycle collector runs: free them now.
+        traceback.clear_frames(e.__traceback__)
         await context.abort(STATUS.get(e.status, grpc.StatusCode.INTERNAL), e.message)
     except grpc.aio.AbortError:
         raise
