@@ -2,7 +2,6 @@
 
 from __future__ import annotations
 
-import asyncio
 import os
 
 from mmserve_common.logs import configure_logging
@@ -16,9 +15,9 @@ def main(argv: list[str] | None = None) -> None:
     cfg.tls.check(cfg.host, "mmserve-encoder")
     from encoder_service.engine import EncoderEngine
     from encoder_service.server import SERVICE_NAME, start_encoder_server
-    from mmserve_common.service_main import serve
+    from mmserve_common.service_main import run_service, serve
 
-    asyncio.run(
+    run_service(
         serve("encoder", EncoderEngine(cfg), start_encoder_server, [SERVICE_NAME],
               f"[{cfg.host}]:{cfg.port}" if ":" in cfg.host else f"{cfg.host}:{cfg.port}", port_file=os.environ.get("MMSERVE_PORT_FILE"),
               metrics_port=cfg.metrics_port, metrics_host=cfg.metrics_host, tls=cfg.tls,

@@ -14,6 +14,7 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
+import functools
 import traceback
 from collections.abc import AsyncIterator, Callable, Sequence
 
@@ -152,26 +153,34 @@ def _unhonourable(msg, path: str) -> str | None:
     if unknown:
         return (f"field number {unknown[0].field_number} of {msg.DESCRIPTOR.full_name} "
                 f"(at {path or 'the top level'}) is not in this server's schema, so it cannot be honoured")
-    for fd, value in msg.ListFields():
+    for fd in _checked_fields(msg.DESCRIPTOR):  # enums and messages only: bytes are never touched
         where = f"{path}.{fd.name}" if path else fd.name
         if fd.type == fd.TYPE_ENUM:
-            for v in (value if _is_repeated(fd) else [value]):
+            values = getattr(msg, fd.name)
+            for v in (values if _is_repeated(fd) else [values]):
                 if fd.enum_type.values_by_number.get(v) is None:
                     return f"{where} = {v} is not a {fd.enum_type.full_name} value"
-        elif fd.type == fd.TYPE_MESSAGE:
-            if fd.message_type.GetOptions().map_entry:
-                if fd.message_type.fields_by_name["value"].type != fd.TYPE_MESSAGE:
-                    continue
-                items = [(f"{where}[{k}]", v) for k, v in value.items()]
-            elif _is_repeated(fd):
-                items = [(f"{where}[{i}]", v) for i, v in enumerate(value)]
-            else:
-                items = [(where, value)]
-            for p, sub in items:
-                problem = _unhonourable(sub, p)
-                if problem:
-                    return problem
+            continue
+        if fd.message_type.GetOptions().map_entry:
+            if fd.message_type.fields_by_name["value"].type != fd.TYPE_MESSAGE:
+                continue
+            items = [(f"{where}[{k}]", v) for k, v in getattr(msg, fd.name).items()]
+        elif _is_repeated(fd):
+            items = [(f"{where}[{i}]", v) for i, v in enumerate(getattr(msg, fd.name))]
+        elif msg.HasField(fd.name):
+            items = [(where, getattr(msg, fd.name))]
+        else:
+            continue
+        for p, sub in items:
+            problem = _unhonourable(sub, p)
+            if problem:
+                return problem
     return None
+
+
+@functools.cache
+def _checked_fields(descriptor) -> tuple:
+    return tuple(fd for fd in descriptor.fields if fd.type in (fd.TYPE_ENUM, fd.TYPE_MESSAGE))
 
 
 def _is_repeated(fd) -> bool:

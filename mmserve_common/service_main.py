@@ -11,15 +11,45 @@ from __future__ import annotations
 
 import argparse
 import asyncio
+import contextlib
+import logging
 import os
 import signal
 import sys
 from collections.abc import Awaitable, Callable
+from typing import NoReturn
 
 from mmserve_common.grpc_runtime import set_serving
 from mmserve_common.logs import get_logger
 
 log = get_logger(__name__)
+
+
+def run_service(main: Awaitable[None]) -> NoReturn:
+    """Run a service's ``serve`` coroutine, then end the process without interpreter finalization.
+
+    Why: the MLX thread's thread-local state is freed by C++ TLS destructors
+    *after* ``Thread.join`` has returned; when the main thread is already
+    finalizing the interpreter, their ``PyGILState_Ensure`` makes CPython end
+    the thread with ``pthread_exit``, whose forced unwind through a noexcept
+    C++ frame calls ``std::terminate``: 6 of 20 clean SIGTERM drains of the
+    decoder exited with SIGABRT ("terminate called without an active
+    exception").  Everything that matters (drain, RPCs, logs) is done when
+    ``serve`` returns, so the process flushes its streams and ``os._exit``s.
+    """
+    code = 0
+    try:
+        asyncio.run(main)
+    except SystemExit as e:
+        code = e.code if isinstance(e.code, int) else (0 if e.code is None else 1)
+    except BaseException:
+        log.exception("service ended with an error")
+        code = 1
+    logging.shutdown()
+    for stream in (sys.stdout, sys.stderr):
+        with contextlib.suppress(Exception):
+            stream.flush()
+    os._exit(code)
 
 
 def add_drain_args(p: argparse.ArgumentParser, env_prefix: str) -> None:

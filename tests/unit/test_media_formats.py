@@ -215,6 +215,40 @@ def test_exif_orientation_is_applied():
     assert np.mean(np.abs(got - want)) < 6
 
 
+def _exif_with(entries: list[tuple[int, int, int, bytes]]) -> bytes:
+    """A little-endian EXIF (TIFF) block with one IFD; values over 4 bytes follow it."""
+    head = b"II*\x00" + struct.pack("<I", 8)
+    at = 8 + 2 + 12 * len(entries) + 4
+    ifd, extra = struct.pack("<H", len(entries)), b""
+    for tag, typ, count, val in entries:
+        if len(val) <= 4:
+            ifd += struct.pack("<HHI", tag, typ, count) + val.ljust(4, b"\x00")
+        else:
+            ifd += struct.pack("<HHII", tag, typ, count, at + len(extra))
+            extra += val
+    return head + ifd + struct.pack("<I", 0) + extra
+
+
+@pytest.mark.parametrize("fmt", ["JPEG", "PNG", "WEBP"])
+def test_exif_orientation_beside_a_malformed_tag_is_still_applied(fmt):
+    """Pillow's exif_transpose raised struct.error here (it rewrites every tag): a 500 before."""
+    ref = _picture(40, 20)
+    exif = _exif_with([(0x0112, 3, 1, struct.pack("<H", 6)), (0x0111, 2, 6, b"hello\x00")])  # StripOffsets as text
+    kw = {"quality": 95} if fmt == "JPEG" else {"lossless": True} if fmt == "WEBP" else {}
+    data = _save(Image.fromarray(ref), fmt, exif=(b"Exif\x00\x00" + exif) if fmt == "JPEG" else exif, **kw)
+    got = _decode(data)
+    want = np.rot90(ref, k=-1)
+    assert got.shape == want.shape
+    assert np.mean(np.abs(got - want)) < 6
+
+
+@pytest.mark.parametrize("value", [struct.pack("<H", 9), struct.pack("<H", 0)])
+def test_exif_orientation_outside_1_to_8_is_refused(value):
+    data = _save(Image.fromarray(_picture(8, 8)), "PNG", exif=_exif_with([(0x0112, 3, 1, value)]))
+    with pytest.raises(InvalidArgument, match="EXIF orientation"):
+        decode_image(data, what="items[0]", max_pixels=10**8)
+
+
 def test_decompression_bomb_is_refused_before_decoding():
     big = _save(Image.new("L", (6000, 6000)), "PNG")  # 36 MP of zeros compresses to a few KB
     assert len(big) < 200_000
