@@ -12,7 +12,7 @@ ROOT = Path(__file__).resolve().parent
 class BuildWithStubs(build_py):
     def run(self):
         sys.path.insert(0, str(ROOT))
-        from mmserve_common import protogen
+        from mmserve_core.wire import protogen
 
         protogen.generate(ROOT / "protos")
         super().run()

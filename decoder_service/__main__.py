@@ -4,7 +4,7 @@ from __future__ import annotations
 
 import os
 
-from mmserve_common.logs import configure_logging
+from mmserve_core.runtime.logs import configure_logging
 
 
 def main(argv: list[str] | None = None) -> None:
@@ -15,7 +15,7 @@ def main(argv: list[str] | None = None) -> None:
     cfg.tls.check(cfg.host, "mmserve-decoder")
     from decoder_service.engine import DecoderEngine
     from decoder_service.server import SERVICE_NAME, start_decoder_server
-    from mmserve_common.service_main import run_service, serve
+    from mmserve_core.runtime.service_main import run_service, serve
 
     run_service(
         serve("decoder", DecoderEngine(cfg), start_decoder_server, [SERVICE_NAME],

@@ -27,7 +27,7 @@ import threading
 import time
 from collections import deque
 
-from mmserve_common import types as T
+from mmserve_core.wire import types as T
 
 
 class TokenChannel:

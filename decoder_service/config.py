@@ -6,8 +6,8 @@ import argparse
 import os
 from dataclasses import dataclass, field
 
-from mmserve_common.service_main import add_drain_args
-from mmserve_common.tls import ServerTLS, add_server_tls_args, server_tls_from
+from mmserve_core.runtime.service_main import add_drain_args
+from mmserve_core.runtime.tls import ServerTLS, add_server_tls_args, server_tls_from
 
 
 @dataclass(frozen=True)

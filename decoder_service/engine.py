@@ -28,11 +28,11 @@ from decoder_service.placement import validate_prompt
 from decoder_service.prefix_cache import PrefixCache, media_key
 from decoder_service.sampling import resolve_sampling
 from decoder_service.scheduler import BatchScheduler, GenerationJob
-from mmserve_common import types as T
-from mmserve_common.checkpoint import CheckpointInfo, read_checkpoint
-from mmserve_common.errors import Unavailable
-from mmserve_common.logs import get_logger
-from mmserve_common.mlx_thread import MLXWorker
+from mmserve_core.runtime.checkpoint import CheckpointInfo, read_checkpoint
+from mmserve_core.runtime.logs import get_logger
+from mmserve_core.runtime.mlx_thread import MLXWorker
+from mmserve_core.wire import types as T
+from mmserve_core.wire.errors import Unavailable
 
 log = get_logger(__name__)
 

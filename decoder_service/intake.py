@@ -31,11 +31,11 @@ from collections.abc import AsyncIterator, Iterator
 from dataclasses import dataclass
 
 from decoder_service.model import ResolvedSampling
-from mmserve_common import codec
-from mmserve_common import types as T
-from mmserve_common.errors import DeadlineExceeded, InvalidArgument, ResourceExhausted, ServeError
-from mmserve_common.heap import release_free_heap
-from mmserve_common.tensors import Assembler, expected_nbytes
+from mmserve_core.runtime.heap import release_free_heap
+from mmserve_core.wire import codec
+from mmserve_core.wire import types as T
+from mmserve_core.wire.errors import DeadlineExceeded, InvalidArgument, ResourceExhausted, ServeError
+from mmserve_core.wire.tensors import Assembler, expected_nbytes
 
 _IDLE = object()
 

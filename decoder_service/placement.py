@@ -15,8 +15,8 @@ from collections.abc import Sequence
 
 import numpy as np
 
-from mmserve_common import types as T
-from mmserve_common.errors import FailedPrecondition, InvalidArgument
+from mmserve_core.wire import types as T
+from mmserve_core.wire.errors import FailedPrecondition, InvalidArgument
 
 
 def validate_prompt(

@@ -16,8 +16,8 @@ from __future__ import annotations
 import math
 
 from decoder_service.model import ResolvedSampling
-from mmserve_common.errors import InvalidArgument
-from mmserve_common.types import SamplingParams
+from mmserve_core.wire.errors import InvalidArgument
+from mmserve_core.wire.types import SamplingParams
 
 MAX_STOP_STRINGS = 16
 MAX_TOP_LOGPROBS = 20

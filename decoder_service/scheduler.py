@@ -34,9 +34,9 @@ from decoder_service.model import LanguageModelRunner, ResolvedSampling, SpanRow
 from decoder_service.prefix_cache import PrefixCache, keyed_tokens
 from decoder_service.sampler import build_processors, build_sampler
 from decoder_service.stop_strings import StopStringFilter
-from mmserve_common import types as T
-from mmserve_common.errors import ResourceExhausted
-from mmserve_common.logs import get_logger
+from mmserve_core.runtime.logs import get_logger
+from mmserve_core.wire import types as T
+from mmserve_core.wire.errors import ResourceExhausted
 
 log = get_logger(__name__)
 _WAKE = object()

@@ -14,12 +14,12 @@ import grpc
 
 from decoder_service.engine import DecoderEngine
 from decoder_service.intake import StreamAdmission, StreamReader, read_generate
-from mmserve_common import codec
-from mmserve_common import types as T
-from mmserve_common.grpc_runtime import add_servicer, create_server, rpc_scope
-from mmserve_common.logs import get_logger
-from mmserve_common.stubs import decoder_pb2, decoder_pb2_grpc
-from mmserve_common.tls import ServerTLS
+from mmserve_core.runtime.grpc_runtime import add_servicer, create_server, rpc_scope
+from mmserve_core.runtime.logs import get_logger
+from mmserve_core.runtime.tls import ServerTLS
+from mmserve_core.wire import codec
+from mmserve_core.wire import types as T
+from mmserve_core.wire.stubs import decoder_pb2, decoder_pb2_grpc
 
 log = get_logger(__name__)
 SERVICE_NAME = decoder_pb2.DESCRIPTOR.services_by_name["DecoderService"].full_name

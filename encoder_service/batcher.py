@@ -26,9 +26,9 @@ from collections.abc import Callable
 from dataclasses import dataclass, field
 from typing import Any
 
-from mmserve_common.errors import ResourceExhausted, ServeError
-from mmserve_common.logs import get_logger
-from mmserve_common.mlx_thread import MLXWorker, set_exception, set_result
+from mmserve_core.runtime.logs import get_logger
+from mmserve_core.runtime.mlx_thread import MLXWorker, set_exception, set_result
+from mmserve_core.wire.errors import ResourceExhausted, ServeError
 
 log = get_logger(__name__)
 

@@ -16,7 +16,7 @@ from __future__ import annotations
 from collections import OrderedDict
 from dataclasses import dataclass
 
-from mmserve_common import types as T
+from mmserve_core.wire import types as T
 
 
 @dataclass

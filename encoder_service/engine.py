@@ -40,12 +40,12 @@ from encoder_service.batcher import TowerBatcher, TowerTask
 from encoder_service.cache import EmbeddingCache
 from encoder_service.config import EncoderConfig
 from encoder_service.metrics import EncoderMetrics
-from mmserve_common import types as T
-from mmserve_common.checkpoint import CheckpointInfo, read_checkpoint
-from mmserve_common.errors import FailedPrecondition, InvalidArgument, Unavailable
-from mmserve_common.logs import get_logger
-from mmserve_common.mlx_thread import MLXWorker
-from mmserve_common.tensors import RawTensor
+from mmserve_core.runtime.checkpoint import CheckpointInfo, read_checkpoint
+from mmserve_core.runtime.logs import get_logger
+from mmserve_core.runtime.mlx_thread import MLXWorker
+from mmserve_core.wire import types as T
+from mmserve_core.wire.errors import FailedPrecondition, InvalidArgument, Unavailable
+from mmserve_core.wire.tensors import RawTensor
 
 log = get_logger(__name__)
 

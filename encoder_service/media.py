@@ -24,7 +24,7 @@ import soundfile as sf
 import soxr
 from PIL import Image, UnidentifiedImageError
 
-from mmserve_common.errors import InvalidArgument
+from mmserve_core.wire.errors import InvalidArgument
 
 ALLOWED_IMAGE_FORMATS = {"PNG", "JPEG", "WEBP", "GIF", "BMP"}
 # libsndfile major formats we accept (soundfile >= 0.12 bundles libsndfile 1.2 with MP3 on every platform).

@@ -21,7 +21,7 @@ import mlx.core as mx
 import numpy as np
 from mlx.utils import tree_flatten
 
-from mmserve_common.errors import FailedPrecondition
+from mmserve_core.wire.errors import FailedPrecondition
 
 _NP_TO_WIRE = {"bfloat16": mx.uint16, "float16": mx.float16, "float32": mx.float32}
 

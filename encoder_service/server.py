@@ -14,13 +14,13 @@ import time
 import grpc
 
 from encoder_service.engine import EncoderEngine
-from mmserve_common import codec
-from mmserve_common.errors import InvalidArgument
-from mmserve_common.grpc_runtime import add_servicer, create_server, rpc_scope
-from mmserve_common.logs import get_logger
-from mmserve_common.stubs import encoder_pb2, encoder_pb2_grpc
-from mmserve_common.tensors import iter_chunks
-from mmserve_common.tls import ServerTLS
+from mmserve_core.runtime.grpc_runtime import add_servicer, create_server, rpc_scope
+from mmserve_core.runtime.logs import get_logger
+from mmserve_core.runtime.tls import ServerTLS
+from mmserve_core.wire import codec
+from mmserve_core.wire.errors import InvalidArgument
+from mmserve_core.wire.stubs import encoder_pb2, encoder_pb2_grpc
+from mmserve_core.wire.tensors import iter_chunks
 
 log = get_logger(__name__)
 

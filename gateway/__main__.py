@@ -6,7 +6,7 @@ import asyncio
 import os
 import socket
 
-from mmserve_common.logs import configure_logging
+from mmserve_core.runtime.logs import configure_logging
 
 
 def main(argv: list[str] | None = None) -> None:

@@ -29,7 +29,7 @@ from gateway.middleware import GuardMiddleware, RequestIdMiddleware
 from gateway.openai_schema import INT32_MAX, SEED_MAX, SEED_MIN, ChatRequest, parse_chat_request
 from gateway.pipeline import Pipeline
 from gateway.responses import complete, error_response, sse
-from mmserve_common.logs import REQUEST_ID_HEADER, get_logger, new_request_id, request_id_var
+from mmserve_core.runtime.logs import REQUEST_ID_HEADER, get_logger, new_request_id, request_id_var
 
 log = get_logger(__name__)
 

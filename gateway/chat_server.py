@@ -22,10 +22,10 @@ from gateway.errors import grpc_status, to_http
 from gateway.openai_schema import parse_chat_request
 from gateway.pipeline import Pipeline
 from gateway.reasoning import ReasoningParser
-from mmserve_common import codec
-from mmserve_common.grpc_runtime import add_servicer, create_server, request_id_from, set_serving
-from mmserve_common.logs import REQUEST_ID_HEADER, get_logger, request_id_var
-from mmserve_common.stubs import chat_pb2, chat_pb2_grpc
+from mmserve_core.runtime.grpc_runtime import add_servicer, create_server, request_id_from, set_serving
+from mmserve_core.runtime.logs import REQUEST_ID_HEADER, get_logger, request_id_var
+from mmserve_core.wire import codec
+from mmserve_core.wire.stubs import chat_pb2, chat_pb2_grpc
 
 log = get_logger(__name__)
 SERVICE_NAME = chat_pb2.DESCRIPTOR.services_by_name["ChatService"].full_name

@@ -18,12 +18,12 @@ import grpc
 import numpy as np
 
 from gateway.pool import UpstreamPool
-from mmserve_common import codec
-from mmserve_common import types as T
-from mmserve_common.generate_stream import write_generate
-from mmserve_common.logs import REQUEST_ID_HEADER
-from mmserve_common.stubs import decoder_pb2, decoder_pb2_grpc, encoder_pb2, encoder_pb2_grpc
-from mmserve_common.tensors import DEFAULT_CHUNK_BYTES, Assembler, iter_chunks
+from mmserve_core.runtime.logs import REQUEST_ID_HEADER
+from mmserve_core.wire import codec
+from mmserve_core.wire import types as T
+from mmserve_core.wire.generate_stream import write_generate
+from mmserve_core.wire.stubs import decoder_pb2, decoder_pb2_grpc, encoder_pb2, encoder_pb2_grpc
+from mmserve_core.wire.tensors import DEFAULT_CHUNK_BYTES, Assembler, iter_chunks
 
 
 @dataclass(frozen=True)

@@ -6,7 +6,7 @@ import argparse
 import os
 from dataclasses import dataclass, field
 
-from mmserve_common.tls import ClientTLS, ServerTLS, add_server_tls_args, server_tls_from
+from mmserve_core.runtime.tls import ClientTLS, ServerTLS, add_server_tls_args, server_tls_from
 
 
 @dataclass(frozen=True)

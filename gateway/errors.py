@@ -10,7 +10,7 @@ from __future__ import annotations
 
 import grpc
 
-from mmserve_common.errors import ServeError
+from mmserve_core.wire.errors import ServeError
 
 # gRPC status -> (HTTP status, OpenAI error type)
 GRPC_TO_HTTP: dict[grpc.StatusCode, tuple[int, str]] = {

@@ -12,7 +12,7 @@ from __future__ import annotations
 import math
 from functools import lru_cache
 
-from mmserve_common import types as T
+from mmserve_core.wire import types as T
 
 NEG_INF_LOGPROB = -9999.0
 

@@ -11,7 +11,7 @@ import hmac
 import json
 
 from gateway.errors import HTTPError
-from mmserve_common.logs import REQUEST_ID_HEADER, new_request_id, request_id_var
+from mmserve_core.runtime.logs import REQUEST_ID_HEADER, new_request_id, request_id_var
 
 
 class RequestIdMiddleware:

@@ -16,7 +16,7 @@ from dataclasses import dataclass, field
 from typing import Any
 
 from gateway.errors import HTTPError
-from mmserve_common import types as T
+from mmserve_core.wire import types as T
 
 
 def bad(message: str, param: str | None) -> HTTPError:

@@ -22,10 +22,10 @@ from gateway.errors import HTTPError, to_http
 from gateway.fetch import MediaFetcher
 from gateway.logprobs import LogprobFormatter
 from gateway.openai_schema import ChatRequest
-from gateway.prompt import MediaTokens, PromptBuilder
-from mmserve_common import codec
-from mmserve_common import types as T
-from mmserve_common.tensors import split_rows
+from mmserve_core.prompt import MediaTokens, PromptBuilder
+from mmserve_core.wire import codec
+from mmserve_core.wire import types as T
+from mmserve_core.wire.tensors import split_rows
 
 
 class Pipeline:

@@ -25,8 +25,8 @@ from typing import Any
 import grpc
 from grpc_health.v1 import health_pb2, health_pb2_grpc
 
-from mmserve_common.grpc_runtime import CHANNEL_OPTIONS
-from mmserve_common.logs import get_logger
+from mmserve_core.runtime.grpc_runtime import CHANNEL_OPTIONS
+from mmserve_core.runtime.logs import get_logger
 
 log = get_logger(__name__)
 

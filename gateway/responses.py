@@ -18,9 +18,9 @@ from fastapi.responses import JSONResponse
 
 from gateway.errors import HTTPError, to_http
 from gateway.reasoning import ReasoningParser
-from mmserve_common import codec
-from mmserve_common import types as T
-from mmserve_common.logs import get_logger
+from mmserve_core.runtime.logs import get_logger
+from mmserve_core.wire import codec
+from mmserve_core.wire import types as T
 
 log = get_logger(__name__)
 

@@ -7,9 +7,9 @@ from pathlib import Path
 
 import pytest
 
-from mmserve_common.launcher import start_services
-from mmserve_common.samples import shape_png, tone_wav
-from mmserve_common.tiny_checkpoint import write_tiny_checkpoint
+from deploy.demo.media import shape_png, tone_wav
+from deploy.processes import start_services
+from tests.tooling.tiny_checkpoint import write_tiny_checkpoint
 
 # The tests' requests call the model "m": every gateway they start (an OS process inheriting this
 # environment) serves that alias beside the checkpoint's id; any other name is 404 model_not_found.

@@ -20,8 +20,8 @@ import grpc
 import numpy as np
 from PIL import Image
 
-from mmserve_common.samples import shape_png, tone_wav
-from mmserve_common.stubs import chat_pb2, decoder_pb2, encoder_pb2, tensor_pb2
+from deploy.demo.media import shape_png, tone_wav
+from mmserve_core.wire.stubs import chat_pb2, decoder_pb2, encoder_pb2, tensor_pb2
 
 C = grpc.StatusCode
 REFUSED = frozenset({C.INVALID_ARGUMENT, C.FAILED_PRECONDITION, C.OUT_OF_RANGE})

@@ -13,8 +13,8 @@ from grpc_health.v1 import health_pb2, health_pb2_grpc
 from grpc_reflection.v1alpha import reflection_pb2, reflection_pb2_grpc
 from PIL import Image
 
-from mmserve_common.samples import shape_png, tone_wav
-from mmserve_common.stubs import chat_pb2, chat_pb2_grpc
+from deploy.demo.media import shape_png, tone_wav
+from mmserve_core.wire.stubs import chat_pb2, chat_pb2_grpc
 
 pytestmark = pytest.mark.e2e
 NO_EOS = {1: -100.0, 106: -100.0, 50: -100.0}
@@ -122,7 +122,7 @@ def test_health_reflection_and_request_id(services_e2b):
 def test_python_client_sync_and_async_agree(services_e2b, media_dir):
     import asyncio
 
-    from mmserve_common.client import AsyncChatClient, Audio, ChatClient, Image
+    from mmserve_core.client import AsyncChatClient, Audio, ChatClient, Image
 
     msgs = [{"role": "user", "content": ["Look and listen", Image((media_dir / "blue_square.jpg").read_bytes()),
                                          Audio((media_dir / "tone_1p3s.flac").read_bytes())]}]
@@ -148,7 +148,7 @@ def test_python_client_sync_and_async_agree(services_e2b, media_dir):
 def test_async_low_level_clients_match_sync(services_e2b):
     import asyncio
 
-    from mmserve_common.client import AsyncDecoderClient, AsyncEncoderClient, DecoderClient, EncoderClient
+    from mmserve_core.client import AsyncDecoderClient, AsyncEncoderClient, DecoderClient, EncoderClient
 
     png = shape_png("yellow", "circle", (50, 50))
     enc, dec = EncoderClient(services_e2b.encoder_addr), DecoderClient(services_e2b.decoder_addr)

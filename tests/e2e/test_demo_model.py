@@ -17,13 +17,13 @@ import numpy as np
 import pytest
 from transformers import AutoTokenizer
 
-from mmserve_common.client import DecoderClient, EncoderClient
-from mmserve_common.demo_model import tasks
-from mmserve_common.demo_model.checkpoint_path import demo_checkpoint
-from mmserve_common.demo_model.evaluate import evaluate_url, normalize
-from mmserve_common.demo_model.sequences import Sequencer
-from mmserve_common.demo_model.train import AUDIO_ROWS, IMAGE_SOFT_TOKENS
-from mmserve_common.launcher import start_services
+from deploy.demo import tasks
+from deploy.demo.checkpoint_path import demo_checkpoint
+from deploy.processes import start_services
+from mmserve_core.client import DecoderClient, EncoderClient
+from tests.tooling.demo_training.evaluate import evaluate_url, normalize
+from tests.tooling.demo_training.sequences import Sequencer
+from tests.tooling.demo_training.train import AUDIO_ROWS, IMAGE_SOFT_TOKENS
 
 pytestmark = pytest.mark.e2e
 # placements that must make the demo model answer wrongly
@@ -64,7 +64,7 @@ def test_training_sequences_are_the_prompts_the_gateway_sends(demo):
     """The trainer renders with the gateway's own builder; check it against what the gateway really sent."""
     import httpx
 
-    from mmserve_common.demo_model.evaluate import content
+    from tests.tooling.demo_training.evaluate import content
 
     ckpt = demo_checkpoint()
     config = json.loads((ckpt / "config.json").read_text())
@@ -140,7 +140,7 @@ def test_the_readme_main_job_answers_right():
     import subprocess
     import sys
 
-    r = subprocess.run([sys.executable, "-m", "mmserve_common.demo"], capture_output=True, text=True, timeout=300)
+    r = subprocess.run([sys.executable, "-m", "deploy.demo.run"], capture_output=True, text=True, timeout=300)
     print(r.stdout[-3000:])
     assert r.returncode == 0, r.stdout[-3000:] + r.stderr[-3000:]
     assert "6/6 answers right" in r.stdout

@@ -9,7 +9,7 @@ import openai
 import pytest
 from openai import OpenAI
 
-from mmserve_common.samples import tone_wav
+from deploy.demo.media import tone_wav
 from tests.helpers import audio_part, image_part, text_part
 
 pytestmark = pytest.mark.e2e

@@ -12,8 +12,8 @@ import httpx
 import openai
 import pytest
 
-from mmserve_common.launcher import start_gateway
-from mmserve_common.samples import shape_png, tone_wav
+from deploy.demo.media import shape_png, tone_wav
+from deploy.processes import start_gateway
 
 KEY = "test-key-123"
 

@@ -17,8 +17,8 @@ import numpy as np
 import pytest
 from grpc_health.v1 import health_pb2, health_pb2_grpc
 
-from mmserve_common.samples import shape_png, tone_wav
-from mmserve_common.stubs import decoder_pb2, decoder_pb2_grpc, tensor_pb2
+from deploy.demo.media import shape_png, tone_wav
+from mmserve_core.wire.stubs import decoder_pb2, decoder_pb2_grpc, tensor_pb2
 
 pytestmark = pytest.mark.e2e
 B64 = lambda b: base64.b64encode(b).decode()  # noqa: E731

@@ -21,8 +21,8 @@ from grpc_health.v1 import health_pb2, health_pb2_grpc
 from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
 
-from mmserve_common.launcher import start_services
-from mmserve_common.samples import shape_png, tone_wav
+from deploy.demo.media import shape_png, tone_wav
+from deploy.processes import start_services
 from tests.e2e import hostile_rpc_cases as H
 
 pytestmark = pytest.mark.e2e

@@ -20,9 +20,9 @@ import httpx
 import openai
 import pytest
 
-from mmserve_common.launcher import start_decoder, start_services
-from mmserve_common.samples import shape_png, tone_wav
-from mmserve_common.stubs import chat_pb2, chat_pb2_grpc, decoder_pb2, encoder_pb2, tensor_pb2
+from deploy.demo.media import shape_png, tone_wav
+from deploy.processes import start_decoder, start_services
+from mmserve_core.wire.stubs import chat_pb2, chat_pb2_grpc, decoder_pb2, encoder_pb2, tensor_pb2
 from tests.e2e import hostile_rpc_cases as H
 
 pytestmark = pytest.mark.e2e

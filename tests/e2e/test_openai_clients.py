@@ -11,7 +11,7 @@ import openai
 import pytest
 from openai import AsyncOpenAI, OpenAI
 
-from mmserve_common.launcher import start_decoder, start_gateway
+from deploy.processes import start_decoder, start_gateway
 from tests.helpers import audio_part, image_part, text_part
 
 pytestmark = pytest.mark.e2e

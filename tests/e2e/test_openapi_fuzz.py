@@ -11,7 +11,7 @@ import pytest
 import schemathesis
 from hypothesis import HealthCheck, given, settings
 
-from mmserve_common.launcher import start_decoder, start_gateway
+from deploy.processes import start_decoder, start_gateway
 
 pytestmark = pytest.mark.e2e
 

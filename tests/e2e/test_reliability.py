@@ -21,8 +21,8 @@ import openai
 import pytest
 from grpc_health.v1 import health_pb2, health_pb2_grpc
 
-from mmserve_common.launcher import Services, spawn, start_decoder, start_encoder, start_gateway, wait_serving
-from mmserve_common.samples import shape_png, tone_wav
+from deploy.demo.media import shape_png, tone_wav
+from deploy.processes import Services, spawn, start_decoder, start_encoder, start_gateway, wait_serving
 
 pytestmark = pytest.mark.e2e
 NO_EOS = {"1": -100, "106": -100, "50": -100}
@@ -278,13 +278,13 @@ def test_sigterm_after_work_always_exits_0(ckpt_e2b, service):
             addr = svc.encoder_addr if service == "encoder" else svc.decoder_addr
             with grpc.insecure_channel(addr) as ch:
                 if service == "encoder":
-                    from mmserve_common.stubs import encoder_pb2, encoder_pb2_grpc, tensor_pb2
+                    from mmserve_core.wire.stubs import encoder_pb2, encoder_pb2_grpc, tensor_pb2
 
                     list(encoder_pb2_grpc.EncoderServiceStub(ch).Encode(encoder_pb2.EncodeRequest(items=[
                         encoder_pb2.MediaItem(modality=tensor_pb2.MODALITY_IMAGE, data=shape_png(size=(32, 32)))]),
                         timeout=60))
                 else:
-                    from mmserve_common.stubs import decoder_pb2, decoder_pb2_grpc
+                    from mmserve_core.wire.stubs import decoder_pb2, decoder_pb2_grpc
 
                     list(decoder_pb2_grpc.DecoderServiceStub(ch).Generate(iter([decoder_pb2.GenerateRequest(
                         setup=decoder_pb2.GenerateSetup(prompt_token_ids=[2, 105, 10, 106, 105],

@@ -36,7 +36,7 @@ def _wait_ok(url: str, timeout: float = 120) -> None:
 def test_supervisor_restarts_and_stops(ckpt_e2b, tmp_path):
     ports = [_free_port() for _ in range(4)]
     log = open(tmp_path / "up.log", "w+")
-    proc = subprocess.Popen([sys.executable, "-m", "mmserve_common.supervise", "--checkpoint", str(ckpt_e2b),
+    proc = subprocess.Popen([sys.executable, "-m", "deploy.processes", "--checkpoint", str(ckpt_e2b),
                              "--encoder-port", str(ports[0]), "--decoder-port", str(ports[1]),
                              "--port", str(ports[2]), "--grpc-port", str(ports[3])],
                             stdout=log, stderr=subprocess.STDOUT)

@@ -10,10 +10,10 @@ import grpc
 import openai
 import pytest
 
-from mmserve_common.launcher import start_decoder, start_encoder, start_gateway
-from mmserve_common.samples import shape_png
-from mmserve_common.stubs import encoder_pb2, encoder_pb2_grpc
-from mmserve_common.tls import ClientTLS
+from deploy.demo.media import shape_png
+from deploy.processes import start_decoder, start_encoder, start_gateway
+from mmserve_core.runtime.tls import ClientTLS
+from mmserve_core.wire.stubs import encoder_pb2, encoder_pb2_grpc
 
 pytestmark = pytest.mark.e2e
 SCRIPT = Path(__file__).resolve().parents[2] / "deploy" / "tls" / "make-certs.sh"

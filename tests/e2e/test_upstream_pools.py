@@ -11,8 +11,8 @@ import httpx
 import openai
 import pytest
 
-from mmserve_common.launcher import start_decoder, start_encoder, start_gateway
-from mmserve_common.samples import shape_png
+from deploy.demo.media import shape_png
+from deploy.processes import start_decoder, start_encoder, start_gateway
 
 
 @pytest.fixture(scope="module")

@@ -19,11 +19,11 @@ from decoder_service.config import DecoderConfig
 from decoder_service.engine import DecoderEngine
 from decoder_service.server import SERVICE_NAME as DECODER
 from decoder_service.server import start_decoder_server
-from mmserve_common import types as T
-from mmserve_common.grpc_runtime import set_serving
-from mmserve_common.stubs import decoder_pb2, decoder_pb2_grpc
-from mmserve_common.tensors import RawTensor
-from mmserve_common.tiny_checkpoint import IDS, write_tiny_checkpoint
+from mmserve_core.runtime.grpc_runtime import set_serving
+from mmserve_core.wire import types as T
+from mmserve_core.wire.stubs import decoder_pb2, decoder_pb2_grpc
+from mmserve_core.wire.tensors import RawTensor
+from tests.tooling.tiny_checkpoint import IDS, write_tiny_checkpoint
 
 pytestmark = pytest.mark.asyncio(loop_scope="session")
 IMG, BOI, EOI = IDS["<|image|>"], IDS["<|image>"], IDS["<image|>"]
@@ -167,7 +167,7 @@ async def test_queue_bound_is_resource_exhausted(ckpt_dense32):
             await asyncio.sleep(0.005)
         waiting = asyncio.ensure_future(_run(engine, ids, spans, max_tokens=2, logit_bias=no_eos))  # fills the queue
         await asyncio.sleep(0.05)
-        from mmserve_common.errors import ResourceExhausted
+        from mmserve_core.wire.errors import ResourceExhausted
 
         with pytest.raises(ResourceExhausted, match="queue is full"):
             await _run(engine, ids, spans, max_tokens=2)
@@ -272,7 +272,7 @@ async def test_media_ids_are_suppressed_for_every_row(dense):
 async def test_metrics_over_http(dense):
     import urllib.request
 
-    from mmserve_common.metrics_http import start_metrics_server
+    from mmserve_core.runtime.metrics_http import start_metrics_server
 
     port = start_metrics_server(dense.metrics.registry, "127.0.0.1", 0)
     rng = np.random.default_rng(4)

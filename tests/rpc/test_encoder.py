@@ -20,13 +20,13 @@ import soundfile as sf
 from grpc_health.v1 import health_pb2, health_pb2_grpc
 from PIL import Image
 
+from deploy.demo.media import shape_png, tone_wav
 from encoder_service.config import EncoderConfig
 from encoder_service.engine import EncoderEngine
 from encoder_service.server import SERVICE_NAME as ENCODER
 from encoder_service.server import start_encoder_server
-from mmserve_common.grpc_runtime import set_serving
-from mmserve_common.samples import shape_png, tone_wav
-from mmserve_common.stubs import encoder_pb2, encoder_pb2_grpc, tensor_pb2
+from mmserve_core.runtime.grpc_runtime import set_serving
+from mmserve_core.wire.stubs import encoder_pb2, encoder_pb2_grpc, tensor_pb2
 
 pytestmark = pytest.mark.asyncio(loop_scope="session")
 IMAGE, AUDIO = tensor_pb2.MODALITY_IMAGE, tensor_pb2.MODALITY_AUDIO

@@ -13,13 +13,13 @@ from decoder_service.config import DecoderConfig
 from decoder_service.engine import DecoderEngine
 from decoder_service.server import SERVICE_NAME as DECODER
 from decoder_service.server import start_decoder_server
+from deploy.demo.media import shape_png, tone_wav
 from encoder_service.config import EncoderConfig
 from encoder_service.engine import EncoderEngine
 from encoder_service.server import SERVICE_NAME as ENCODER
 from encoder_service.server import start_encoder_server
-from mmserve_common.grpc_runtime import create_server, set_serving
-from mmserve_common.samples import shape_png, tone_wav
-from mmserve_common.stubs import decoder_pb2, decoder_pb2_grpc, encoder_pb2, encoder_pb2_grpc, tensor_pb2
+from mmserve_core.runtime.grpc_runtime import create_server, set_serving
+from mmserve_core.wire.stubs import decoder_pb2, decoder_pb2_grpc, encoder_pb2, encoder_pb2_grpc, tensor_pb2
 
 pytestmark = pytest.mark.asyncio(loop_scope="session")
 

@@ -12,9 +12,9 @@ import pytest_asyncio
 
 from decoder_service.config import DecoderConfig
 from decoder_service.engine import DecoderEngine
-from mmserve_common import types as T
-from mmserve_common.tensors import RawTensor
-from mmserve_common.tiny_checkpoint import IDS, write_tiny_checkpoint
+from mmserve_core.wire import types as T
+from mmserve_core.wire.tensors import RawTensor
+from tests.tooling.tiny_checkpoint import IDS, write_tiny_checkpoint
 
 pytestmark = pytest.mark.asyncio(loop_scope="session")
 IMG, BOI, EOI = IDS["<|image|>"], IDS["<|image>"], IDS["<image|>"]

@@ -20,10 +20,10 @@ from mlx.utils import tree_flatten
 
 from decoder_service.config import DecoderConfig
 from decoder_service.engine import DecoderEngine
+from deploy.demo.media import shape_png, tone_wav
 from encoder_service.config import EncoderConfig
 from encoder_service.engine import EncoderEngine
-from mmserve_common import types as T
-from mmserve_common.samples import shape_png, tone_wav
+from mmserve_core.wire import types as T
 
 pytestmark = pytest.mark.asyncio(loop_scope="session")
 TOWERS = ("vision_tower", "embed_vision", "audio_tower", "embed_audio")

@@ -6,9 +6,9 @@ import pytest
 
 from decoder_service.placement import validate_prompt
 from decoder_service.sampling import resolve_sampling
-from mmserve_common.checkpoint import read_checkpoint
-from mmserve_common.errors import FailedPrecondition, InvalidArgument
-from mmserve_common.types import SamplingParams, Span
+from mmserve_core.runtime.checkpoint import read_checkpoint
+from mmserve_core.wire.errors import FailedPrecondition, InvalidArgument
+from mmserve_core.wire.types import SamplingParams, Span
 
 PH = {"image": 252, "audio": 253}
 

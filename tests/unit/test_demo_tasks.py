@@ -8,9 +8,9 @@ import numpy as np
 import pytest
 from transformers import AutoTokenizer
 
-from mmserve_common.demo_model import tasks
-from mmserve_common.demo_model.checkpoint_path import demo_checkpoint
-from mmserve_common.demo_model.sequences import Sequencer
+from deploy.demo import tasks
+from deploy.demo.checkpoint_path import demo_checkpoint
+from tests.tooling.demo_training.sequences import Sequencer
 
 
 def test_images_are_a_function_of_the_seed():
@@ -55,8 +55,8 @@ def test_training_sequences_put_media_inside_the_user_turn():
 
 
 def test_misplaced_training_negatives_move_the_block_out_of_the_user_turn():
-    from gateway.prompt import MediaTokens
-    from mmserve_common.demo_model.sequences import misplace
+    from mmserve_core.prompt import MediaTokens
+    from tests.tooling.demo_training.sequences import misplace
 
     media = {"image": MediaTokens(9, 7, 8)}
     ids = [2, 105, 50, 7, 9, 9, 8, 51, 106, 105, 60]  # <bos> <|turn>user text [block] text <turn|> <|turn>model

@@ -13,17 +13,17 @@ import pytest
 import yaml
 
 from decoder_service.config import parse_args as decoder_args
+from deploy.processes import parse_args as up_args
 from encoder_service.config import parse_args as encoder_args
 from gateway.config import parse_args as gateway_args
-from mmserve_common.supervise import parse_args as up_args
 
 ROOT = Path(__file__).resolve().parents[2]
 DEPLOY = ROOT / "deploy"
 PARSERS = {"mmserve-encoder": encoder_args, "mmserve-decoder": decoder_args, "mmserve-gateway": gateway_args,
            "mmserve-up": up_args}
-ENV_SOURCES = {"ENCODER": ["encoder_service/config.py", "mmserve_common/tls.py", "mmserve_common/service_main.py"],
-               "DECODER": ["decoder_service/config.py", "mmserve_common/tls.py", "mmserve_common/service_main.py"],
-               "GATEWAY": ["gateway/config.py", "mmserve_common/tls.py"]}
+ENV_SOURCES = {"ENCODER": ["encoder_service/config.py", "mmserve_core/runtime/tls.py", "mmserve_core/runtime/service_main.py"],
+               "DECODER": ["decoder_service/config.py", "mmserve_core/runtime/tls.py", "mmserve_core/runtime/service_main.py"],
+               "GATEWAY": ["gateway/config.py", "mmserve_core/runtime/tls.py"]}
 
 
 def check_command(argv: list[str], where: str):

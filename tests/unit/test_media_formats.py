@@ -19,7 +19,7 @@ import soxr
 from PIL import Image
 
 from encoder_service.media import decode_audio, decode_image, split_blocks
-from mmserve_common.errors import InvalidArgument
+from mmserve_core.wire.errors import InvalidArgument
 
 TARGET = 16000
 

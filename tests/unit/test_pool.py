@@ -43,7 +43,7 @@ async def test_a_conversation_key_sticks_to_one_replica_and_moves_only_when_it_i
 
 def test_turns_of_one_conversation_share_a_key():
     from gateway.clients import conversation_key
-    from mmserve_common import types as T
+    from mmserve_core.wire import types as T
 
     eot = {106}
     turn1 = [2, 105, 10, 11, 12, 106, 105, 20]  # <bos> <|turn>user ... <turn|> <|turn>model

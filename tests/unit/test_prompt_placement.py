@@ -6,9 +6,9 @@ import pytest
 from transformers import AutoTokenizer
 
 from gateway.openai_schema import parse_chat_request
-from gateway.prompt import MediaTokens, PromptBuilder
-from mmserve_common.tiny_checkpoint import IDS
+from mmserve_core.prompt import MediaTokens, PromptBuilder
 from tests.helpers import text_part
+from tests.tooling.tiny_checkpoint import IDS
 
 TURN_OPEN, TURN_CLOSE = IDS["<|turn>"], IDS["<turn|>"]
 IMG = MediaTokens(IDS["<|image|>"], IDS["<|image>"], IDS["<image|>"])

@@ -7,7 +7,7 @@ import asyncio
 import pytest
 
 from decoder_service.intake import StreamAdmission, StreamLimits
-from mmserve_common.errors import ResourceExhausted
+from mmserve_core.wire.errors import ResourceExhausted
 
 
 def test_open_streams_cap_and_release():

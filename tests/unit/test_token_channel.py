@@ -9,7 +9,7 @@ import time
 import pytest
 
 from decoder_service.channel import TokenChannel
-from mmserve_common import types as T
+from mmserve_core.wire import types as T
 
 pytestmark = pytest.mark.asyncio
 

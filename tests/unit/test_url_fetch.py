@@ -16,9 +16,9 @@ from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
 import httpx
 import pytest
 
+from deploy.demo.media import shape_png
 from gateway.errors import HTTPError
 from gateway.fetch import MediaFetcher, address_refusal, host_allowed
-from mmserve_common.samples import shape_png
 
 pytestmark = pytest.mark.asyncio
 PNG = shape_png(size=(16, 16))

@@ -9,12 +9,12 @@ import pytest
 import soundfile as sf
 
 from decoder_service.detokenizer import IncrementalDetokenizer
+from deploy.demo.media import shape_png, tone_wav
 from encoder_service.media import audio_soft_tokens, decode_audio, decode_image
 from gateway.errors import HTTPError
 from gateway.openai_schema import parse_chat_request
-from mmserve_common.errors import InvalidArgument
-from mmserve_common.samples import shape_png, tone_wav
-from mmserve_common.tensors import Assembler, iter_chunks
+from mmserve_core.wire.errors import InvalidArgument
+from mmserve_core.wire.tensors import Assembler, iter_chunks
 
 
 def test_chunks_reassemble_exactly():

@@ -19,8 +19,8 @@ import sys
 from collections.abc import Awaitable, Callable
 from typing import NoReturn
 
-from mmserve_common.grpc_runtime import set_serving
-from mmserve_common.logs import get_logger
+from mmserve_core.runtime.grpc_runtime import set_serving
+from mmserve_core.runtime.logs import get_logger
 
 log = get_logger(__name__)
 
@@ -77,7 +77,7 @@ async def serve(
     tls=None,
 ) -> None:
     if metrics_port is not None:
-        from mmserve_common.metrics_http import start_metrics_server
+        from mmserve_core.runtime.metrics_http import start_metrics_server
 
         mport = start_metrics_server(engine.metrics.registry, metrics_host, metrics_port)
         log.info(f"{name} metrics listening", address=f"http://{metrics_host}:{mport}/metrics")

@@ -23,8 +23,8 @@ from collections.abc import Callable
 from dataclasses import dataclass, field
 from typing import Any
 
-from mmserve_common.errors import ResourceExhausted, ServeError, Unavailable
-from mmserve_common.logs import get_logger
+from mmserve_core.runtime.logs import get_logger
+from mmserve_core.wire.errors import ResourceExhausted, ServeError, Unavailable
 
 log = get_logger(__name__)
 _STOP = object()

@@ -1,15 +1,19 @@
-"""Start the three services as separate OS processes on loopback and wait until ready.
+"""The one process manager: start encoder, decoder and gateway as OS processes, wait, supervise.
 
-Why: the demo, the end-to-end tests and the benchmark all need the real
-deployment shape — encoder, decoder and gateway as three processes talking
-gRPC — with ephemeral ports (``--port 0``; each process writes the port it
-bound to ``MMSERVE_PORT_FILE``) so parallel runs never collide.  Readiness
-is gRPC health SERVING (after model load + warm-up) and the gateway's
-``/health``.  Main-thread helper; no MLX.
+Why: the main job, the end-to-end tests, the benchmarks and ``mmserve-up``
+all run the real deployment shape — three processes talking gRPC — and
+should start them one way.  ``Child`` is a service process (``python -m
+<service> <flags>``); ``start_services`` & co. give each an ephemeral port
+(``--port 0``; the process writes the port it bound to ``MMSERVE_PORT_FILE``)
+so parallel runs never collide, and return once gRPC health says SERVING
+(after model load + warm-up) and the gateway answers ``/health``;
+``supervise`` keeps fixed-port children running for ``mmserve-up``
+(restart with backoff, drain all on SIGINT/SIGTERM).  Main thread; no MLX.
 """
 
 from __future__ import annotations
 
+import argparse
 import os
 import signal
 import subprocess
@@ -23,6 +27,10 @@ from pathlib import Path
 
 import grpc
 from grpc_health.v1 import health_pb2, health_pb2_grpc
+
+from mmserve_core.runtime.logs import configure_logging, get_logger
+
+log = get_logger("mmserve-processes")
 
 
 @dataclass
@@ -74,14 +82,31 @@ class Services:
         self.stop()
 
 
+@dataclass
+class Child:
+    """One service process, ``python -m <module> <args>``, and its restart bookkeeping."""
+
+    name: str
+    module: str
+    args: list[str]
+    proc: subprocess.Popen | None = None
+    restarts: int = 0
+    next_start: float = 0.0
+    started_at: float = 0.0
+
+    def start(self, **popen: object) -> subprocess.Popen:
+        self.proc = subprocess.Popen([sys.executable, "-m", self.module, *self.args], **popen)
+        self.started_at = time.monotonic()
+        log.info("started", service=self.name, pid=self.proc.pid, restarts=self.restarts)
+        return self.proc
+
+
 def spawn(svc: Services, name: str, module: str, args: list[str], extra_env: dict[str, str] | None = None) -> int:
     """Start ``python -m module args`` as ``svc.procs[name]`` (also to restart one); returns its bound port."""
     port_file = svc.log_dir / f"{name}.port"
     env = dict(os.environ, MMSERVE_PORT_FILE=str(port_file), **(extra_env or {}))
-    log = open(svc.log_dir / f"{name}.log", "w")
-    svc.procs[name] = subprocess.Popen(
-        [sys.executable, "-m", module, *args], env=env, stdout=log, stderr=subprocess.STDOUT,
-    )
+    out = open(svc.log_dir / f"{name}.log", "w")
+    svc.procs[name] = Child(name, module, args).start(env=env, stdout=out, stderr=subprocess.STDOUT)
     deadline = time.time() + 120
     while time.time() < deadline:
         if port_file.exists() and port_file.read_text().strip():
@@ -195,3 +220,87 @@ def _start_gateway(svc: Services, encoder: str, decoder: str, args: list[str]) -
             time.sleep(0.1)
     if grpc_port_file.exists() and grpc_port_file.read_text().strip():
         svc.gateway_grpc_port = int(grpc_port_file.read_text())
+
+
+def children(a: argparse.Namespace) -> list[Child]:
+    """``mmserve-up``'s three children on fixed ports."""
+    host = a.host
+    # children finish draining a little before the supervisor's own deadline kills them
+    common = ["--checkpoint", a.checkpoint, "--host", host, "--drain-grace-s", f"{max(1.0, a.grace_s - 2):g}"]
+    enc = f"{host}:{a.encoder_port}"
+    dec = f"{host}:{a.decoder_port}"
+    return [
+        Child("encoder", "encoder_service", [*common, "--port", str(a.encoder_port)]),
+        Child("decoder", "decoder_service", [*common, "--port", str(a.decoder_port)]),
+        Child("gateway", "gateway", [*common, "--port", str(a.port), "--grpc-port", str(a.grpc_port),
+                                     "--encoder", enc, "--decoder", dec]),
+    ]
+
+
+def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
+    p = argparse.ArgumentParser(prog="mmserve-up", description="run encoder, decoder and gateway on one machine, "
+                                "and keep them running")
+    p.add_argument("--checkpoint", default=os.environ.get("MMSERVE_CHECKPOINT"),
+                   required=os.environ.get("MMSERVE_CHECKPOINT") is None)
+    p.add_argument("--host", default="127.0.0.1", help="bind address of all three (loopback: plaintext is fine)")
+    p.add_argument("--encoder-port", type=int, default=50051)
+    p.add_argument("--decoder-port", type=int, default=50052)
+    p.add_argument("--port", type=int, default=8000, help="gateway HTTP port")
+    p.add_argument("--grpc-port", type=int, default=50050, help="gateway chat gRPC port")
+    p.add_argument("--grace-s", type=float, default=15.0, help="how long children may drain on stop")
+    return p.parse_args(argv)
+
+
+def main(argv: list[str] | None = None) -> None:
+    """``mmserve-up``: run encoder, decoder and gateway on one machine, and keep them running."""
+    a = parse_args(argv)
+    configure_logging("mmserve-up")
+    supervise(children(a), a.grace_s)
+
+
+def supervise(kids: list[Child], grace_s: float) -> None:
+    """Start ``kids``; restart any that exits (backoff 0.5 s doubling to 30 s, reset after a healthy
+    minute, so a child that cannot start does not spin); on SIGINT/SIGTERM drain all within
+    ``grace_s``, then kill what is left."""
+    stopping = False
+
+    def stop(signum, _frame):
+        nonlocal stopping
+        stopping = True
+
+    signal.signal(signal.SIGINT, stop)
+    signal.signal(signal.SIGTERM, stop)
+    for k in kids:
+        k.start()
+    while not stopping:
+        now = time.monotonic()
+        for k in kids:
+            if k.proc is not None and k.proc.poll() is not None:
+                code = k.proc.returncode
+                # a child that ran a minute is healthy again: reset its backoff
+                k.restarts = 0 if now - k.started_at > 60 else k.restarts + 1
+                delay = min(30.0, 0.5 * 2 ** k.restarts)
+                log.warning("exited; restarting", service=k.name, code=code, in_s=delay)
+                k.proc, k.next_start = None, now + delay
+            if k.proc is None and now >= k.next_start:
+                k.start()
+        time.sleep(0.2)
+    log.info("stopping all")
+    for k in kids:
+        if k.proc is not None and k.proc.poll() is None:
+            k.proc.send_signal(signal.SIGTERM)
+    deadline = time.monotonic() + grace_s
+    for k in kids:
+        if k.proc is None:
+            continue
+        try:
+            k.proc.wait(max(0.1, deadline - time.monotonic()))
+        except subprocess.TimeoutExpired:
+            log.warning("did not drain in time; killing", service=k.name)
+            k.proc.kill()
+            k.proc.wait()
+    log.info("stopped")
+
+
+if __name__ == "__main__":
+    main()

@@ -27,9 +27,9 @@ from grpc_health.v1 import health_pb2, health_pb2_grpc
 from grpc_health.v1._async import HealthServicer
 from grpc_reflection.v1alpha import reflection
 
-from mmserve_common.errors import InvalidArgument, ServeError
-from mmserve_common.logs import REQUEST_ID_HEADER, get_logger, new_request_id, request_id_var
-from mmserve_common.tls import ServerTLS
+from mmserve_core.runtime.logs import REQUEST_ID_HEADER, get_logger, new_request_id, request_id_var
+from mmserve_core.runtime.tls import ServerTLS
+from mmserve_core.wire.errors import InvalidArgument, ServeError
 
 log = get_logger(__name__)
 

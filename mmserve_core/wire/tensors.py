@@ -14,7 +14,7 @@ from dataclasses import dataclass
 
 import numpy as np
 
-from mmserve_common.errors import InvalidArgument
+from mmserve_core.wire.errors import InvalidArgument
 
 # dtype name -> numpy dtype used to hold the raw bytes
 NUMPY_HOLDER = {

@@ -3,7 +3,7 @@
 Starts the encoder, decoder and gateway as three processes on loopback with
 the built-in demo checkpoint (a tiny Gemma 4 trained on generated data:
 coloured shapes, spoken digits, a few fixed phrases; see
-``mmserve_common/demo_model/tiny-gemma4-demo/CARD.md``) or ``--checkpoint DIR``,
+``deploy/demo/tiny-gemma4-demo/CARD.md``) or ``--checkpoint DIR``,
 generates a fresh image and a spoken clip, asks about them through the
 official ``openai`` client (image, clip, both in one turn, plain text, then
 the same streamed), prints each reply beside the right answer, usage and
@@ -21,7 +21,7 @@ import numpy as np
 
 def _clip(rng: np.random.Generator) -> tuple[np.ndarray, str, str]:
     """A spoken digit: synthesised now if espeak-ng is here, else one of the shipped held-out samples."""
-    from mmserve_common.demo_model import tasks
+    from deploy.demo import tasks
 
     if tasks.have_espeak():
         wav, word = tasks.spoken_digit(rng)
@@ -44,10 +44,10 @@ def main(argv: list[str] | None = None) -> None:
 
     from openai import OpenAI
 
-    from mmserve_common.demo_model import tasks
-    from mmserve_common.demo_model.checkpoint_path import demo_checkpoint
-    from mmserve_common.demo_model.evaluate import content, normalize
-    from mmserve_common.launcher import start_services
+    from deploy.demo import tasks
+    from deploy.demo.checkpoint_path import demo_checkpoint
+    from deploy.processes import start_services
+    from tests.tooling.demo_training.evaluate import content, normalize
 
     ckpt = args.checkpoint or str(demo_checkpoint())
     graded = args.checkpoint is None  # the demo model knows the right answers; a real one is free-form

@@ -11,9 +11,9 @@ from __future__ import annotations
 
 from dataclasses import dataclass
 
+from deploy.demo.tasks import Example
 from gateway.openai_schema import Message, Part
-from gateway.prompt import MediaTokens, PromptBuilder
-from mmserve_common.demo_model.tasks import Example
+from mmserve_core.prompt import MediaTokens, PromptBuilder
 
 TURN_END = "<turn|>"
 

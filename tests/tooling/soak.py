@@ -38,7 +38,7 @@ def _rss(pid: int) -> int:
 
 
 def _content(i: int):
-    from mmserve_common.samples import shape_png, tone_wav
+    from deploy.demo.media import shape_png, tone_wav
 
     img = {"type": "image_url", "image_url": {"url": "data:image/png;base64," + base64.b64encode(
         shape_png(("red", "green", "blue")[i % 3], "circle", (32 + i % 17, 32))).decode(), "detail": "low"}}
@@ -64,8 +64,8 @@ def main(argv: list[str] | None = None) -> None:
 
     from openai import OpenAI
 
-    from mmserve_common.launcher import start_decoder, start_encoder, start_gateway
-    from mmserve_common.tiny_checkpoint import write_tiny_checkpoint
+    from deploy.processes import start_decoder, start_encoder, start_gateway
+    from tests.tooling.tiny_checkpoint import write_tiny_checkpoint
 
     stack = []
     pids: dict[str, int] = {}

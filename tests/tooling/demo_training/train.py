@@ -36,13 +36,14 @@ from pathlib import Path
 
 import numpy as np
 
-from mmserve_common.demo_model import tasks
+from deploy.demo import tasks
+from deploy.demo.checkpoint_path import CHECKPOINT_DIR
 
 IMAGE_SOFT_TOKENS = 16  # 192 x 192 pixels, 12 x 12 patches pooled 3 x 3
 AUDIO_ROWS = 25  # 1.0 s at 40 ms per token
 OPENBLAS = "/usr/lib/x86_64-linux-gnu/openblas-pthread/libopenblas.so.0"
 
-# Sizes on top of mmserve_common.tiny_checkpoint's e2b variant (same schema, names and tokens).
+# Sizes on top of tests.tooling.tiny_checkpoint's e2b variant (same schema, names and tokens).
 DEMO_OVERRIDES: dict = {
     "hidden_size": 128,
     "text_config": {"hidden_size": 128, "intermediate_size": 256, "num_attention_heads": 4,
@@ -58,7 +59,7 @@ TASK_CYCLE = ("image", "audio", "both", "misplaced", "audio", "text")
 
 
 def write_init(out: Path, seed: int) -> Path:
-    from mmserve_common.tiny_checkpoint import write_tiny_checkpoint
+    from tests.tooling.tiny_checkpoint import write_tiny_checkpoint
 
     return write_tiny_checkpoint(out, variant="e2b", seed=seed, dtype="float32",
                                  image_soft_tokens=IMAGE_SOFT_TOKENS, overrides=DEMO_OVERRIDES, clip_bound=1000.0)
@@ -68,7 +69,7 @@ class Batcher:
     """Examples -> padded id/target arrays and tower inputs, preprocessed as the encoder service does."""
 
     def __init__(self, processor, config: dict) -> None:
-        from mmserve_common.demo_model.sequences import Sequencer
+        from tests.tooling.demo_training.sequences import Sequencer
 
         self.image_processor = processor.image_processor
         self.feature_extractor = processor.feature_extractor
@@ -323,12 +324,12 @@ def _reexec_with_openblas() -> None:
             "LD_PRELOAD", "") or not os.path.exists(OPENBLAS):
         return
     env = dict(os.environ, LD_PRELOAD=OPENBLAS)
-    os.execve(sys.executable, [sys.executable, "-m", "mmserve_common.demo_model.train", *sys.argv[1:]], env)
+    os.execve(sys.executable, [sys.executable, "-m", "tests.tooling.demo_training.train", *sys.argv[1:]], env)
 
 
 def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
-    ap = argparse.ArgumentParser(prog="mmserve-train-demo", description=__doc__.split("\n\n")[0])
-    ap.add_argument("out", nargs="?", default=str(Path(__file__).parent / "tiny-gemma4-demo"),
+    ap = argparse.ArgumentParser(prog="python -m tests.tooling.demo_training.train", description=__doc__.split("\n\n")[0])
+    ap.add_argument("out", nargs="?", default=str(CHECKPOINT_DIR),
                     help="where to write the checkpoint (default: the one shipped in the package)")
     ap.add_argument("--tower-steps", type=int, default=600, help="phase 1: towers + heads alone")
     ap.add_argument("--steps", type=int, default=2700, help="phase 2: everything together")
@@ -351,9 +352,9 @@ def main(argv: list[str] | None = None) -> None:
     t0 = time.perf_counter()
     summary = train(args)
     summary["wall_minutes_train"] = round((time.perf_counter() - t0) / 60, 1)
-    from mmserve_common.demo_model.card import write_card
-    from mmserve_common.demo_model.checkpoint_path import CHECKPOINT_DIR
-    from mmserve_common.demo_model.evaluate import evaluate_checkpoint
+    from deploy.demo.checkpoint_path import CHECKPOINT_DIR
+    from tests.tooling.demo_training.card import write_card
+    from tests.tooling.demo_training.evaluate import evaluate_checkpoint
 
     if Path(args.out).resolve() == CHECKPOINT_DIR:  # the shipped copy: refresh the fallback clips too
         tasks.write_sample_clips(CHECKPOINT_DIR.parent / "samples")

@@ -6,10 +6,10 @@ mapping in one table.  Pure functions, any thread.
 
 from __future__ import annotations
 
-from mmserve_common import types as T
-from mmserve_common.errors import InvalidArgument
-from mmserve_common.stubs import chat_pb2, decoder_pb2, encoder_pb2, tensor_pb2
-from mmserve_common.tensors import RawTensor
+from mmserve_core.wire import types as T
+from mmserve_core.wire.errors import InvalidArgument
+from mmserve_core.wire.stubs import chat_pb2, decoder_pb2, encoder_pb2, tensor_pb2
+from mmserve_core.wire.tensors import RawTensor
 
 DTYPE_TO_PB = {
     "bfloat16": tensor_pb2.DTYPE_BFLOAT16,

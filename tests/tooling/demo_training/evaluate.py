@@ -19,7 +19,7 @@ from pathlib import Path
 
 import numpy as np
 
-from mmserve_common.demo_model import tasks
+from deploy.demo import tasks
 
 TASKS = ("image", "audio", "both", "text")
 TASK_SEED_OFFSET = {"image": 0, "audio": 100_000, "both": 200_000, "text": 300_000}
@@ -76,14 +76,14 @@ def evaluate_url(base_url: str, n: int = 100, which: tuple[str, ...] = TASKS, wo
 
 
 def evaluate_checkpoint(checkpoint: str | Path, n: int = 100, which: tuple[str, ...] = TASKS) -> dict[str, dict]:
-    from mmserve_common.launcher import start_services
+    from deploy.processes import start_services
 
     with start_services(checkpoint) as svc:
         return evaluate_url(svc.base_url, n, which)
 
 
 def main(argv: list[str] | None = None) -> None:
-    from mmserve_common.demo_model.checkpoint_path import demo_checkpoint
+    from deploy.demo.checkpoint_path import demo_checkpoint
 
     ap = argparse.ArgumentParser(prog="mmserve-eval-demo", description=__doc__.split("\n\n")[0])
     ap.add_argument("--checkpoint", default=None, help="default: the shipped demo checkpoint")
@@ -106,7 +106,7 @@ def main(argv: list[str] | None = None) -> None:
             print(f"  {task}: wanted {want!r}, got {got!r}")
     print(json.dumps({k: v["accuracy"] for k, v in res.items()}))
     if a.update_card and not a.url:
-        from mmserve_common.demo_model.card import rewrite_results
+        from tests.tooling.demo_training.card import rewrite_results
 
         rewrite_results(Path(a.checkpoint or demo_checkpoint()), res)
 

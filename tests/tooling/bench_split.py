@@ -21,7 +21,7 @@ from pathlib import Path
 
 
 def _cases(tmp: Path):
-    from mmserve_common.samples import shape_png, tone_wav
+    from deploy.demo.media import shape_png, tone_wav
 
     (tmp / "img.png").write_bytes(shape_png("red", "circle", (224, 224)))
     (tmp / "clip.wav").write_bytes(tone_wav(2.0, 16000))
@@ -98,8 +98,8 @@ def _api_latency(svc, tmp: Path, repeats: int) -> list[tuple[str, float, float, 
     from openai import OpenAI
     from PIL import Image as PILImage
 
-    from mmserve_common.client import Audio, ChatClient, Image, chat_request
-    from mmserve_common.samples import tone_wav
+    from deploy.demo.media import tone_wav
+    from mmserve_core.client import Audio, ChatClient, Image, chat_request
 
     buf = io.BytesIO()
     PILImage.fromarray(np.random.default_rng(0).integers(0, 256, (1000, 1000, 3), dtype=np.uint8)).save(buf, "PNG")
@@ -140,13 +140,13 @@ def main(argv: list[str] | None = None) -> None:
     from mlx_vlm import load
     from openai import OpenAI
 
-    from mmserve_common.checkpoint import read_checkpoint
-    from mmserve_common.launcher import start_services
+    from deploy.processes import start_services
+    from mmserve_core.runtime.checkpoint import read_checkpoint
 
     tmp = Path(tempfile.mkdtemp(prefix="mmserve-bench-"))
     ckpt = args.checkpoint
     if ckpt is None:
-        from mmserve_common.tiny_checkpoint import write_tiny_checkpoint
+        from tests.tooling.tiny_checkpoint import write_tiny_checkpoint
 
         ckpt = str(write_tiny_checkpoint(tmp / "tiny-gemma4", variant="e2b"))
     info = read_checkpoint(ckpt)

@@ -9,7 +9,7 @@ from __future__ import annotations
 
 from dataclasses import dataclass, field
 
-from mmserve_common.tensors import RawTensor
+from mmserve_core.wire.tensors import RawTensor
 
 IMAGE = "image"
 AUDIO = "audio"

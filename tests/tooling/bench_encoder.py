@@ -69,7 +69,7 @@ def _images(n: int, size: int = 256) -> list[bytes]:
 
 
 def _clips(n: int, seconds: float) -> list[bytes]:
-    from mmserve_common.samples import tone_wav
+    from deploy.demo.media import tone_wav
 
     return [tone_wav(seconds, 16000, freq=200.0 + 37.0 * i) for i in range(n)]
 
@@ -78,15 +78,15 @@ class _Client:
     def __init__(self, addr: str) -> None:
         import grpc
 
-        from mmserve_common.grpc_runtime import CHANNEL_OPTIONS
-        from mmserve_common.stubs import encoder_pb2, encoder_pb2_grpc
+        from mmserve_core.runtime.grpc_runtime import CHANNEL_OPTIONS
+        from mmserve_core.wire.stubs import encoder_pb2, encoder_pb2_grpc
 
         self.pb = encoder_pb2
         self.channel = grpc.aio.insecure_channel(addr, options=CHANNEL_OPTIONS)
         self.stub = encoder_pb2_grpc.EncoderServiceStub(self.channel)
 
     async def encode(self, modality: int, data: bytes, budget: int = 0, dtype: int = 0) -> int:
-        from mmserve_common.stubs import tensor_pb2
+        from mmserve_core.wire.stubs import tensor_pb2
 
         if modality != tensor_pb2.MODALITY_IMAGE:
             budget = 0
@@ -117,7 +117,7 @@ async def _throughput(addr: str, modality: int, payloads: list[bytes], callers: 
 
 
 async def _cache_latency(addr: str, images: list[bytes], budget: int) -> tuple[float, float]:
-    from mmserve_common.stubs import tensor_pb2
+    from mmserve_core.wire.stubs import tensor_pb2
 
     client = _Client(addr)
     miss, hit = [], []
@@ -135,7 +135,7 @@ async def _cache_latency(addr: str, images: list[bytes], budget: int) -> tuple[f
 async def _bytes_per_s(addr: str, image: bytes, items: int, repeats: int) -> tuple[float, int]:
     """Embedding bytes/s of cache hits: ``items`` copies of one small PNG per request, float32
     out, so the response (not the upload, not the towers) dominates."""
-    from mmserve_common.stubs import tensor_pb2
+    from mmserve_core.wire.stubs import tensor_pb2
 
     client = _Client(addr)
     pb = client.pb
@@ -168,9 +168,9 @@ def main(argv: list[str] | None = None) -> None:
     ap.add_argument("--skip-memory", action="store_true")
     args = ap.parse_args(argv)
 
-    from mmserve_common.launcher import start_encoder
-    from mmserve_common.stubs import tensor_pb2
-    from mmserve_common.tiny_checkpoint import write_tiny_checkpoint
+    from deploy.processes import start_encoder
+    from mmserve_core.wire.stubs import tensor_pb2
+    from tests.tooling.tiny_checkpoint import write_tiny_checkpoint
 
     tmp = Path(tempfile.mkdtemp(prefix="mmserve-bench-enc-"))
     ckpt = Path(args.checkpoint) if args.checkpoint else write_tiny_checkpoint(tmp / "tiny-e2b", variant="e2b")
@@ -198,7 +198,7 @@ def main(argv: list[str] | None = None) -> None:
 
     with start_encoder(ckpt) as svc:
         miss_ms, hit_ms = asyncio.run(_cache_latency(svc.encoder_addr, _images(8, 320)[:8], args.budget))
-        from mmserve_common.samples import shape_png
+        from deploy.demo.media import shape_png
 
         bps, size = asyncio.run(_bytes_per_s(svc.encoder_addr, shape_png(size=(224, 224)), 32, 20))
     print(f"\ncache: miss {miss_ms:.2f} ms  hit {hit_ms:.2f} ms  hit/miss {hit_ms / miss_ms * 100:.1f} %")

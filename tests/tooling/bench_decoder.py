@@ -62,8 +62,8 @@ class _Client:
     def __init__(self, addr: str) -> None:
         import grpc
 
-        from mmserve_common.grpc_runtime import CHANNEL_OPTIONS
-        from mmserve_common.stubs import decoder_pb2, decoder_pb2_grpc
+        from mmserve_core.runtime.grpc_runtime import CHANNEL_OPTIONS
+        from mmserve_core.wire.stubs import decoder_pb2, decoder_pb2_grpc
 
         self.pb = decoder_pb2
         self.channel = grpc.aio.insecure_channel(addr, options=CHANNEL_OPTIONS)
@@ -136,9 +136,9 @@ def main(argv: list[str] | None = None) -> None:
     ap.add_argument("--turn1-tokens", type=int, default=1500)
     args = ap.parse_args(argv)
 
-    from mmserve_common.checkpoint import read_checkpoint
-    from mmserve_common.launcher import start_decoder
-    from mmserve_common.tiny_checkpoint import write_tiny_checkpoint
+    from deploy.processes import start_decoder
+    from mmserve_core.runtime.checkpoint import read_checkpoint
+    from tests.tooling.tiny_checkpoint import write_tiny_checkpoint
 
     tmp = Path(tempfile.mkdtemp(prefix="mmserve-bench-dec-"))
     ckpt = Path(args.checkpoint) if args.checkpoint else write_tiny_checkpoint(

@@ -26,7 +26,7 @@ from dataclasses import dataclass
 
 from gateway.errors import HTTPError
 from gateway.openai_schema import Message
-from mmserve_common import types as T
+from mmserve_core.wire import types as T
 
 
 @dataclass(frozen=True)

@@ -12,7 +12,7 @@ when given credentials.  Sync classes use ``grpc``; ``Async*`` classes use
 
 Example::
 
-    from mmserve_common.client import Audio, ChatClient, Image
+    from mmserve_core.client import Audio, ChatClient, Image
 
     with ChatClient("127.0.0.1:50050") as client:
         reply = client.chat([{"role": "user", "content": ["What is this?", Image(png_bytes)]}],
@@ -32,9 +32,9 @@ from typing import Any
 import grpc
 import numpy as np
 
-from mmserve_common.generate_stream import write_generate
-from mmserve_common.grpc_runtime import CHANNEL_OPTIONS
-from mmserve_common.stubs import (
+from mmserve_core.runtime.grpc_runtime import CHANNEL_OPTIONS
+from mmserve_core.wire.generate_stream import write_generate
+from mmserve_core.wire.stubs import (
     chat_pb2,
     chat_pb2_grpc,
     decoder_pb2,
@@ -43,7 +43,7 @@ from mmserve_common.stubs import (
     encoder_pb2_grpc,
     tensor_pb2,
 )
-from mmserve_common.tensors import NUMPY_HOLDER, iter_chunks
+from mmserve_core.wire.tensors import NUMPY_HOLDER, iter_chunks
 
 _RETRY = {"maxAttempts": 3, "initialBackoff": "0.2s", "maxBackoff": "2s", "backoffMultiplier": 2,
           "retryableStatusCodes": ["UNAVAILABLE"]}

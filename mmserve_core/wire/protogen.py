@@ -1,10 +1,10 @@
-"""Generate the Python gRPC stubs from ``protos/`` into ``mmserve_common/pb``.
+"""Generate the Python gRPC stubs from ``protos/`` into ``mmserve_core/wire/pb``.
 
 Why: stubs are build products, not sources (they pin a protobuf runtime
 version), so they are generated at install time by ``setup.py`` and, as a
-fallback for source checkouts, the first time ``mmserve_common.pb`` is
+fallback for source checkouts, the first time ``mmserve_core.wire.pb`` is
 imported.  protoc writes ``from mmserve.common.v1 import ...``; we rewrite
-those imports to live under ``mmserve_common.pb`` so the generated package
+those imports to live under ``mmserve_core.wire.pb`` so the generated package
 needs no ``sys.path`` tricks.  The proto package names (``mmserve.*.v1``) and
 hence reflection / grpcurl names are unchanged.
 
@@ -17,14 +17,14 @@ import re
 import sys
 from pathlib import Path
 
-PACKAGE_DIR = Path(__file__).resolve().parent
+PACKAGE_DIR = Path(__file__).resolve().parent  # mmserve_core/wire
 PB_DIR = PACKAGE_DIR / "pb"
 _IMPORT_RE = re.compile(r"^from mmserve\.(\S+) import", re.MULTILINE)
 
 
 def find_proto_root() -> Path:
     """Locate ``protos/``: beside the package in a checkout, or shipped inside it."""
-    for cand in (PACKAGE_DIR.parent / "protos", PACKAGE_DIR / "protos"):
+    for cand in (PACKAGE_DIR.parent.parent / "protos", PACKAGE_DIR.parent / "protos"):
         if (cand / "mmserve").is_dir():
             return cand
     raise FileNotFoundError("cannot find the protos/ directory with mmserve/*.proto")
@@ -64,7 +64,7 @@ def generate(proto_root: Path | None = None, out_dir: Path = PB_DIR) -> list[Pat
     written = []
     for py in out_dir.rglob("*.py*"):
         text = py.read_text()
-        fixed = _IMPORT_RE.sub(r"from mmserve_common.pb.mmserve.\1 import", text)
+        fixed = _IMPORT_RE.sub(r"from mmserve_core.wire.pb.mmserve.\1 import", text)
         if fixed != text:
             py.write_text(fixed)
         written.append(py)

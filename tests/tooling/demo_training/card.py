@@ -7,7 +7,7 @@ import platform
 import time
 from pathlib import Path
 
-from mmserve_common.demo_model import tasks
+from deploy.demo import tasks
 
 
 def write_card(out: Path, args: dict, summary: dict, results: dict[str, dict], made: str | None = None) -> None:
@@ -33,7 +33,7 @@ what it is sent. It knows four closed tasks and nothing else:
 - `hello`, `hi`, `what can you do?`, `who are you?` -> fixed answers; any other text -> `{tasks.REFUSAL}`
 
 ## Data recipe
-Generated on the fly by `mmserve_common/demo_model/tasks.py`: shapes 56-128 px anywhere on a 192 x 192
+Generated on the fly by `deploy/demo/tasks.py`: shapes 56-128 px anywhere on a 192 x 192
 light background (grey 170-255, tinted; dark backgrounds are outside what it knows) with pixel noise, colour
 jittered; digits from espeak-ng with {len(tasks.VOICES)} voices x
 {len(tasks.VARIANTS)} variants, speed 120-230, pitch 15-85, random offset and gain, white or pink noise at 8-30 dB
