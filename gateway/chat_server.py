@@ -2,12 +2,13 @@
 
 Why: services inside a network should send raw media bytes and typed
 fields, not base64 JSON, and should not have to know the chat template or
-talk to two services.  This is transport only: the request becomes the same
-validated ``ChatRequest`` the HTTP front builds (same checks, same
-messages), goes through the same ``Pipeline``, and errors are mapped from
-the same ``HTTPError`` back to gRPC codes in ``errors.grpc_status``.  The
-request id comes from ``x-request-id`` metadata (or is made) and is returned
-in trailing metadata.  Runs on the gateway's event loop, beside uvicorn.
+talk to two services.  A front like the OpenAI one: the protobuf request is
+parsed straight into the gateway's typed ``ChatRequest`` (the fields through
+the same table and checks, media through the same rules — no JSON detour),
+``Pipeline.start`` runs it, and its typed events become ``CompleteResponse``
+messages; errors go through the same ``HTTPError`` and ``errors.grpc_status``.
+The request id comes from ``x-request-id`` metadata (or is made) and is
+returned in trailing metadata.  Transport: runs on the gateway's event loop.
 """
 
 from __future__ import annotations
@@ -15,20 +16,65 @@ from __future__ import annotations
 import uuid
 from collections.abc import AsyncIterator
 
-import grpc
-
+from gateway.chat import (
+    ChatRequest,
+    Delta,
+    Message,
+    Part,
+    audio_part,
+    bad,
+    image_part,
+    media_role,
+    parse_fields,
+)
 from gateway.config import GatewayConfig
-from gateway.errors import grpc_status, to_http
-from gateway.openai_schema import parse_chat_request
+from gateway.errors import HTTPError, grpc_status, to_http
+from gateway.openai_chat import keep_reasoning
 from gateway.pipeline import Pipeline
-from gateway.reasoning import ReasoningParser
 from mmserve_core.runtime.grpc_runtime import add_servicer, create_server, request_id_from, set_serving
 from mmserve_core.runtime.logs import REQUEST_ID_HEADER, get_logger, request_id_var
 from mmserve_core.wire import codec
+from mmserve_core.wire.errors import ServeError
 from mmserve_core.wire.stubs import chat_pb2, chat_pb2_grpc
 
 log = get_logger(__name__)
 SERVICE_NAME = chat_pb2.DESCRIPTOR.services_by_name["ChatService"].full_name
+
+
+def _part(p: chat_pb2.Part, role: str, pp: str) -> Part:
+    kind = p.WhichOneof("kind")
+    if kind == "text":
+        return Part("text", pp, text=p.text)
+    if kind == "image":
+        media_role(role, "image", pp)
+        if not p.image.data:
+            raise bad(f"{pp}.image.data must not be empty", f"{pp}.image.data")
+        return image_part(bytes(p.image.data), p.image.mime_type, codec.DETAIL_FROM_PB[p.image.detail], pp,
+                          detail_param=f"{pp}.detail")
+    if kind == "audio":
+        media_role(role, "audio", pp)
+        return audio_part(bytes(p.audio.data), p.audio.format or None, pp)
+    raise bad(f"{pp}: a part must be text, image or audio", pp)
+
+
+def parse_chat_pb(pb: chat_pb2.ChatRequest) -> ChatRequest:
+    """The typed API's request as the gateway's ``ChatRequest`` (enum values were checked when
+    the bytes were parsed)."""
+    if not pb.messages:
+        raise bad("messages must be a non-empty list", "messages")
+    messages = []
+    for i, m in enumerate(pb.messages):
+        role = codec.ROLE_FROM_PB.get(m.role)
+        if role is None:
+            raise bad(f"messages[{i}].role must be set (ROLE_SYSTEM, ROLE_DEVELOPER, ROLE_USER or ROLE_ASSISTANT)",
+                      f"messages[{i}].role")
+        messages.append(Message(role, [_part(p, role, f"messages[{i}].content[{j}]") for j, p in enumerate(m.parts)],
+                                f"messages[{i}]"))
+    sampling, options = parse_fields(codec.chat_params_to_values(pb.params))
+    kwargs = {"enable_thinking": pb.params.enable_thinking} if pb.params.HasField("enable_thinking") else {}
+    return ChatRequest(model=pb.model or None, messages=messages, return_token_ids=pb.return_prompt_token_ids,
+                       sampling=sampling, include_reasoning=options.get("include_reasoning"),
+                       chat_template_kwargs=kwargs)
 
 
 class ChatServicer(chat_pb2_grpc.ChatServiceServicer):
@@ -40,38 +86,32 @@ class ChatServicer(chat_pb2_grpc.ChatServiceServicer):
         rid = request_id_from(context)
         token = request_id_var.set(rid)
         context.set_trailing_metadata(((REQUEST_ID_HEADER, rid),))
-        call = None
+        gen = None
         try:
-            req = parse_chat_request(codec.chat_request_to_body(chat), internal=True,
-                                     allow_urls=False)
-            ids, spans, encode_ms = await self.pipeline.prepare(req, rid)
-            call, first = await self.pipeline.start_generate(ids, spans, req.sampling, rid)
-            keep = req.include_reasoning if req.include_reasoning is not None else self.cfg.reasoning == "separate"
-            parser = ReasoningParser()
+            req = parse_chat_pb(chat)
+            gen = await self.pipeline.start(req, rid)
+            keep = keep_reasoning(req, self.cfg)
             cid = f"chatcmpl-{uuid.uuid4().hex}"
-            msg = first
-            while msg is not grpc.aio.EOF:
-                if msg.WhichOneof("payload") == "token":
-                    content, reasoning = parser.feed(msg.token.text)
-                    lps = (self.pipeline.logprobs.content(codec.token_logprobs_from_pb(msg.token))
-                           if req.sampling.logprobs else [])
+            async for ev in gen.events():
+                if isinstance(ev, Delta):
+                    lps = self.pipeline.logprobs.content(ev.logprobs) if req.sampling.logprobs else []
                     yield chat_pb2.CompleteResponse(delta=codec.chat_delta_to_pb(
-                        content, reasoning if keep else "", list(msg.token.token_ids), lps))
+                        ev.content, ev.reasoning if keep else "", ev.token_ids, lps))
                 else:
-                    c = codec.completion_from_pb(msg.complete)
+                    c = ev.completion
                     log.info("completed", front="grpc", finish_reason=c.finish_reason,
                              prompt_tokens=c.prompt_tokens, completion_tokens=c.completion_tokens)
                     yield chat_pb2.CompleteResponse(final=codec.chat_final_to_pb(
-                        cid, self.pipeline.model_id, c, encode_ms, ids if chat.return_prompt_token_ids else None))
-                msg = await call.read()
+                        cid, self.pipeline.model_id, c, ev.encode_ms,
+                        ev.prompt_ids if chat.return_prompt_token_ids else None))
         except Exception as e:  # noqa: BLE001 - one mapping for every failure
-            err = to_http(e, upstream="decoder" if call is not None else "gateway")
-            if err.status >= 500 and not isinstance(e, grpc.aio.AioRpcError):
+            err = to_http(e, upstream="decoder" if gen is not None else "gateway")
+            if err.status >= 500 and not isinstance(e, HTTPError | ServeError):
                 log.exception("chat rpc failed")
             await context.abort(grpc_status(err), err.message)
         finally:
-            if call is not None:
-                call.cancel()
+            if gen is not None:
+                gen.cancel()
             request_id_var.reset(token)
 
     async def Complete(self, request: chat_pb2.CompleteRequest, context) -> AsyncIterator[chat_pb2.CompleteResponse]:

@@ -16,16 +16,51 @@ import time
 import grpc
 import soundfile as sf
 
+from gateway.chat import ChatRequest, Delta, Done, check_towers
 from gateway.clients import DecoderClient, EncoderClient, ModelInfo, conversation_key
 from gateway.config import GatewayConfig
 from gateway.errors import HTTPError, to_http
 from gateway.fetch import MediaFetcher
 from gateway.logprobs import LogprobFormatter
-from gateway.openai_schema import ChatRequest
+from gateway.reasoning import ReasoningParser
 from mmserve_core.prompt import MediaTokens, PromptBuilder
 from mmserve_core.wire import codec
 from mmserve_core.wire import types as T
 from mmserve_core.wire.tensors import split_rows
+
+
+class Generation:
+    """A running generation as the typed events every front formats: ``Delta``s, then one ``Done``.
+
+    The decoder's messages are turned into events here (thought channel split
+    off, logprobs typed), so no front sees a protobuf message; a decoder
+    failure mid-stream is raised as the ``HTTPError`` it maps to.
+    ``cancel()`` stops the sequence (a client that went away)."""
+
+    def __init__(self, call, first, prompt_ids: list[int], encode_ms: float) -> None:
+        self._call, self._first = call, first
+        self.prompt_ids, self.encode_ms = prompt_ids, encode_ms
+
+    async def events(self):
+        parser = ReasoningParser()
+        msg = self._first
+        try:
+            while msg is not grpc.aio.EOF:
+                ev = codec.generate_response_from_pb(msg)
+                if isinstance(ev, T.TokenEvent):
+                    content, reasoning = parser.feed(ev.text)
+                    yield Delta(content, reasoning, list(ev.token_ids), list(ev.logprobs or ()))
+                else:
+                    yield Done(ev, self.encode_ms, self.prompt_ids)
+                msg = await self._call.read()
+        except grpc.aio.AioRpcError as e:
+            raise to_http(e, upstream="decoder") from None
+
+    def cancel(self) -> None:
+        self._call.cancel()
+
+    def done(self) -> bool:
+        return self._call.done()
 
 
 class Pipeline:
@@ -138,12 +173,25 @@ class Pipeline:
             key = conversation_key(ids, spans, set(self._info.eos_token_ids))
         return await self.decoder.start_generate(ids, spans, sampling, rid, affinity=key)
 
+    async def start(self, req: ChatRequest, rid: str) -> Generation:
+        """Everything between a parsed request and its first event: model check, media,
+        encode, prompt, Generate; errors as ``HTTPError`` (the upstream's code kept)."""
+        ids, spans, encode_ms = await self.prepare(req, rid)
+        try:
+            call, first = await self.start_generate(ids, spans, req.sampling, rid)
+        except grpc.aio.AioRpcError as e:
+            raise to_http(e, upstream="decoder") from None
+        if first is grpc.aio.EOF:
+            raise HTTPError(502, "decoder closed the stream without a response", type_="server_error")
+        return Generation(call, first, ids, encode_ms)
+
     async def prepare(self, req: ChatRequest, rid: str):
         """Encode media and build ``(ids, span embeddings)`` for the decoder."""
         self.check_model(req.model)
         await self.fetch_urls(req)
         self.check_limits(req)
         info, builder = await self.model_info(rid)
+        check_towers(req.messages, set(builder.media_tokens))
         rendered = builder.render(req.messages, **req.chat_template_kwargs)
         media_parts = req.media
         encoded: list[T.EncodedItem] = []

@@ -1,10 +1,11 @@
-"""OpenAI response bodies: the non-streamed completion and the SSE stream.
+"""OpenAI response bodies from the pipeline's typed events: the completion and the SSE stream.
 
 Why: clients parse these byte for byte (the ``openai`` SDK, curl scripts):
 role chunk, content deltas, a final chunk with ``finish_reason``, a usage
-chunk when asked, ``[DONE]``.  The thought channel is split off here (never
-in ``content``), logprobs formatted, and a decoder failure mid-stream is sent
-as an error event rather than a cut connection.  Event-loop thread.
+chunk when asked, ``[DONE]``.  The events arrive already split into answer
+and thought-channel text (``Delta``); this module only formats them, and a
+decoder failure mid-stream is sent as an error event rather than a cut
+connection.  No protobuf here.  Event-loop thread.
 """
 
 from __future__ import annotations
@@ -13,13 +14,12 @@ import asyncio
 import json
 from typing import Any
 
-import grpc
 from fastapi.responses import JSONResponse
 
-from gateway.errors import HTTPError, to_http
-from gateway.reasoning import ReasoningParser
+from gateway.chat import Delta, Done
+from gateway.errors import HTTPError
+from gateway.pipeline import Generation
 from mmserve_core.runtime.logs import get_logger
-from mmserve_core.wire import codec
 from mmserve_core.wire import types as T
 
 log = get_logger(__name__)
@@ -33,7 +33,7 @@ def error_response(err: HTTPError) -> JSONResponse:
     return JSONResponse(err.body(), status_code=err.status, headers=err.headers)
 
 
-def _usage(c: T.Completion) -> dict[str, Any]:
+def usage(c: T.Completion) -> dict[str, Any]:
     return {
         "prompt_tokens": c.prompt_tokens,
         "completion_tokens": c.completion_tokens,
@@ -42,85 +42,81 @@ def _usage(c: T.Completion) -> dict[str, Any]:
     }
 
 
-def _timings(c: T.Completion, encode_ms: float) -> dict[str, float]:
+def timings(done: Done) -> dict[str, float]:
+    c = done.completion
     return {
-        "encode_ms": round(encode_ms, 3),
+        "encode_ms": round(done.encode_ms, 3),
         "queued_ms": round(c.queued_ms, 3),
         "prefill_ms": round(c.prefill_ms, 3),
         "decode_ms": round(c.decode_ms, 3),
     }
 
 
-async def _responses(call, first):
-    yield first
-    while True:
-        msg = await call.read()
-        if msg is grpc.aio.EOF:
-            return
-        yield msg
+def _log_done(done: Done, stream: bool) -> None:
+    c = done.completion
+    log.info("completed", stream=stream, finish_reason=c.finish_reason, prompt_tokens=c.prompt_tokens,
+             completion_tokens=c.completion_tokens)
 
 
-async def complete(call, first, cid, created, model, encode_ms, prompt_ids=None, logprobs=None,
-                    keep_reasoning=True, disconnected=None):
-    """Collect the whole stream into one ``chat.completion``.  ``disconnected`` (an async
-    predicate) is polled meanwhile: a client that gives up cancels its decoder sequence."""
-    text: list[str] = []
+async def complete(gen: Generation, cid, created, model, return_ids=False, logprobs=None,
+                   keep_reasoning=True, disconnected=None):
+    """Collect the events into one ``chat.completion``.  ``disconnected`` (an async predicate) is
+    polled meanwhile: a client that gives up cancels its decoder sequence."""
+    content: list[str] = []
+    reasoning: list[str] = []
     token_ids: list[int] = []
-    lps: list = []
-    completion = None
-    watcher = asyncio.ensure_future(_cancel_on_disconnect(call, disconnected)) if disconnected else None
+    lps: list[T.TokenLogprob] = []
+    done: Done | None = None
+    watcher = asyncio.ensure_future(_cancel_on_disconnect(gen, disconnected)) if disconnected else None
     try:
-        async for msg in _responses(call, first):
-            if msg.WhichOneof("payload") == "token":
-                text.append(msg.token.text)
-                token_ids.extend(msg.token.token_ids)
-                if logprobs is not None:
-                    lps.extend(codec.token_logprobs_from_pb(msg.token))
+        async for ev in gen.events():
+            if isinstance(ev, Delta):
+                content.append(ev.content)
+                reasoning.append(ev.reasoning)
+                token_ids.extend(ev.token_ids)
+                lps.extend(ev.logprobs)
             else:
-                completion = codec.completion_from_pb(msg.complete)
-    except grpc.aio.AioRpcError as e:
-        return error_response(to_http(e, upstream="decoder"))
+                done = ev
+    except HTTPError as e:
+        return error_response(e)
     finally:
         if watcher is not None:
             watcher.cancel()
-    if completion is not None:
-        log.info("completed", stream=False, finish_reason=completion.finish_reason,
-                 prompt_tokens=completion.prompt_tokens, completion_tokens=completion.completion_tokens)
-    if completion is None:
+    if done is None:
         return error_response(HTTPError(502, "decoder stream ended without a completion", type_="server_error"))
-    content, reasoning = ReasoningParser().feed("".join(text))
-    message = {"role": "assistant", "content": content}
-    if reasoning and keep_reasoning:
-        message["reasoning_content"] = reasoning
+    _log_done(done, stream=False)
+    message = {"role": "assistant", "content": "".join(content)}
+    if "".join(reasoning) and keep_reasoning:
+        message["reasoning_content"] = "".join(reasoning)
     choice = {
         "index": 0,
         "message": message,
         "logprobs": {"content": logprobs.content_json(lps)} if logprobs is not None else None,
-        "finish_reason": completion.finish_reason,
+        "finish_reason": done.completion.finish_reason,
     }
     extra = {}
-    if prompt_ids is not None:
+    if return_ids:
         choice["token_ids"] = token_ids
-        if completion.stop_token_id is not None:
-            choice["stop_token_id"] = completion.stop_token_id
-        extra["prompt_token_ids"] = prompt_ids
+        if done.completion.stop_token_id is not None:
+            choice["stop_token_id"] = done.completion.stop_token_id
+        extra["prompt_token_ids"] = done.prompt_ids
     return JSONResponse({
         "id": cid,
         "object": "chat.completion",
         "created": created,
         "model": model,
         "choices": [choice],
-        "usage": _usage(completion),
-        "timings": _timings(completion, encode_ms),
+        "usage": usage(done.completion),
+        "timings": timings(done),
         **extra,
     })
 
 
-async def _cancel_on_disconnect(call, disconnected, interval_s: float = 0.25) -> None:
-    while not call.done():
+async def _cancel_on_disconnect(gen: Generation, disconnected, interval_s: float = 0.25) -> None:
+    while not gen.done():
         if await disconnected():
             log.info("client disconnected; cancelling generation")
-            call.cancel()
+            gen.cancel()
             return
         await asyncio.sleep(interval_s)
 
@@ -140,40 +136,33 @@ def _chunk(cid, created, model, delta, finish_reason=None, token_ids=None, logpr
     return f"data: {json.dumps(body, separators=(',', ':'))}\n\n"
 
 
-async def sse(call, first, cid, created, model, include_usage, encode_ms, token_ids=False, logprobs=None,
-               keep_reasoning=True):
-    """One SSE event per decoder message.  A message may carry several tokens (the
-    decoder merges what this stream has not read yet), so one ``delta`` may hold
-    several tokens' text, as OpenAI's own streams do; with ``return_token_ids`` the
+async def sse(gen: Generation, cid, created, model, include_usage, token_ids=False, logprobs=None,
+              keep_reasoning=True):
+    """One SSE event per ``Delta``.  A delta may carry several tokens (the decoder merges what
+    this stream has not read yet), as OpenAI's own streams do; with ``return_token_ids`` the
     chunk lists them."""
     yield _chunk(cid, created, model, {"role": "assistant", "content": ""})
-    parser = ReasoningParser()
     try:
-        async for msg in _responses(call, first):
-            if msg.WhichOneof("payload") == "token":
-                lp = ({"content": logprobs.content_json(codec.token_logprobs_from_pb(msg.token))}
-                      if logprobs is not None and msg.token.token_ids else None)
-                content, reasoning = parser.feed(msg.token.text)
-                delta = {"content": content}
-                if reasoning and keep_reasoning:
-                    delta["reasoning_content"] = reasoning
-                if token_ids or lp is not None or content or len(delta) > 1:
-                    yield _chunk(cid, created, model, delta,
-                                 token_ids=list(msg.token.token_ids) if token_ids else None, logprobs=lp)
+        async for ev in gen.events():
+            if isinstance(ev, Delta):
+                lp = ({"content": logprobs.content_json(ev.logprobs)}
+                      if logprobs is not None and ev.token_ids else None)
+                delta = {"content": ev.content}
+                if ev.reasoning and keep_reasoning:
+                    delta["reasoning_content"] = ev.reasoning
+                if token_ids or lp is not None or ev.content or len(delta) > 1:
+                    yield _chunk(cid, created, model, delta, token_ids=ev.token_ids if token_ids else None,
+                                 logprobs=lp)
                 continue
-            c = codec.completion_from_pb(msg.complete)
-            log.info("completed", stream=True, finish_reason=c.finish_reason, prompt_tokens=c.prompt_tokens,
-                     completion_tokens=c.completion_tokens)
-            yield _chunk(cid, created, model, {}, c.finish_reason, timings=_timings(c, encode_ms))
+            _log_done(ev, stream=True)
+            yield _chunk(cid, created, model, {}, ev.completion.finish_reason, timings=timings(ev))
             if include_usage:
                 body = {"id": cid, "object": "chat.completion.chunk", "created": created, "model": model,
-                        "choices": [], "usage": _usage(c)}
+                        "choices": [], "usage": usage(ev.completion)}
                 yield f"data: {json.dumps(body, separators=(',', ':'))}\n\n"
-    except grpc.aio.AioRpcError as e:
-        err = to_http(e, upstream="decoder")
+    except HTTPError as err:
         log.error("stream failed", status=err.status, error=err.message)
         yield f"data: {json.dumps(err.body())}\n\n"
     finally:
-        call.cancel()
+        gen.cancel()
     yield "data: [DONE]\n\n"
-

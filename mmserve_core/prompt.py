@@ -16,7 +16,9 @@ split (``split_special_tokens``), so a user typing ``<|turn>`` or
 Templates that ``trim`` content are detected once and the trim applied to
 the text, so the ids equal what the template would produce for plain text.
 
-Pure Python (tokenizer only, no MLX); event-loop thread.
+Shared by the gateway and the demo model's trainer (so training sequences
+are laid out exactly as served), hence in the core.  Pure Python
+(tokenizer only, no MLX); event-loop thread.
 """
 
 from __future__ import annotations
@@ -24,9 +26,16 @@ from __future__ import annotations
 import re
 from dataclasses import dataclass
 
-from gateway.errors import HTTPError
-from gateway.openai_schema import Message
 from mmserve_core.wire import types as T
+from mmserve_core.wire.errors import ServeError
+from mmserve_core.wire.types import Message
+
+
+class TemplateMismatch(ServeError):
+    """The chat template did not render one placeholder per media part, in order: a bug or a
+    broken template, never the client's fault (so 500, with what went wrong)."""
+
+    status = "INTERNAL"
 
 
 @dataclass(frozen=True)
@@ -102,13 +111,8 @@ class PromptBuilder:
         return out
 
     def render(self, messages: list[Message], **template_kwargs) -> Rendered:
-        for m in messages:
-            for p in m.parts:
-                if p.media is not None and p.media.modality not in self.media_tokens:
-                    tower = "audio" if p.media.modality == T.AUDIO else "vision"
-                    raise HTTPError(400, f"{p.param}: this model has no {tower} tower, so {p.media.modality} "
-                                    "input cannot be used", type_="invalid_request_error", param=p.param,
-                                    code="unsupported_modality")
+        """The template's text; every media part's modality must be in ``media_tokens``
+        (the caller checks that first, with the error its clients expect)."""
         texts: list[str] = []
         rendered = self.tokenizer.apply_chat_template(
             self.template_messages(messages, texts), tokenize=False, add_generation_prompt=True,
@@ -137,12 +141,11 @@ class PromptBuilder:
                     ids.extend(self.tokenizer.encode(piece, add_special_tokens=False))
                 continue
             if k >= len(media):
-                raise HTTPError(500, "the chat template rendered more media placeholders than media parts",
-                                type_="server_error", code="template_mismatch")
+                raise TemplateMismatch("the chat template rendered more media placeholders than media parts")
             want, param, blocks, content_hash = media[k]
             if want != modality:
-                raise HTTPError(500, f"the chat template placed a {modality} placeholder where {param} "
-                                f"({want}) belongs", type_="server_error", code="template_mismatch")
+                raise TemplateMismatch(f"the chat template placed a {modality} placeholder where {param} "
+                                       f"({want}) belongs")
             tok = self.media_tokens[modality]
             for b, rows in enumerate(blocks):
                 ids.append(tok.begin)
@@ -152,6 +155,6 @@ class PromptBuilder:
                 ids.append(tok.end)
             k += 1
         if k != len(media):
-            raise HTTPError(500, f"the chat template rendered {k} media placeholders for {len(media)} media "
-                            "parts; media would be dropped", type_="server_error", code="template_mismatch")
+            raise TemplateMismatch(f"the chat template rendered {k} media placeholders for {len(media)} media "
+                                   "parts; media would be dropped")
         return BuiltPrompt(ids, spans)

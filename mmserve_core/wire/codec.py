@@ -6,6 +6,7 @@ mapping in one table.  Pure functions, any thread.
 
 from __future__ import annotations
 
+from mmserve_core.wire import fields
 from mmserve_core.wire import types as T
 from mmserve_core.wire.errors import InvalidArgument
 from mmserve_core.wire.stubs import chat_pb2, decoder_pb2, encoder_pb2, tensor_pb2
@@ -161,6 +162,13 @@ def token_event_to_pb(ev: T.TokenEvent) -> decoder_pb2.GenerateResponse:
     return decoder_pb2.GenerateResponse(token=chunk)
 
 
+def generate_response_from_pb(msg: decoder_pb2.GenerateResponse) -> T.TokenEvent | T.Completion:
+    """One decoder stream message as its typed event."""
+    if msg.WhichOneof("payload") == "token":
+        return T.TokenEvent(list(msg.token.token_ids), msg.token.text, token_logprobs_from_pb(msg.token))
+    return completion_from_pb(msg.complete)
+
+
 def token_logprobs_from_pb(chunk: decoder_pb2.TokenChunk) -> list[T.TokenLogprob]:
     return [T.TokenLogprob(lp.token_id, lp.logprob, [(t.token_id, t.logprob) for t in lp.top])
             for lp in chunk.logprobs]
@@ -201,63 +209,27 @@ def completion_from_pb(pb: decoder_pb2.GenerateComplete) -> T.Completion:
 
 
 # ---- chat (the gateway's typed front) ------------------------------------------
-_ROLE_FROM_PB = {chat_pb2.ROLE_SYSTEM: "system", chat_pb2.ROLE_DEVELOPER: "developer",
-                 chat_pb2.ROLE_USER: "user", chat_pb2.ROLE_ASSISTANT: "assistant"}
-_DETAIL_FROM_PB = {chat_pb2.IMAGE_DETAIL_UNSPECIFIED: "auto", chat_pb2.IMAGE_DETAIL_LOW: "low",
-                   chat_pb2.IMAGE_DETAIL_HIGH: "high"}
-_CHAT_OPTIONAL = ("max_tokens", "temperature", "top_p", "top_k", "min_p", "seed", "presence_penalty",
-                  "frequency_penalty", "repetition_penalty")
+ROLE_FROM_PB = {chat_pb2.ROLE_SYSTEM: "system", chat_pb2.ROLE_DEVELOPER: "developer",
+                chat_pb2.ROLE_USER: "user", chat_pb2.ROLE_ASSISTANT: "assistant"}
+DETAIL_FROM_PB = {chat_pb2.IMAGE_DETAIL_UNSPECIFIED: "auto", chat_pb2.IMAGE_DETAIL_LOW: "low",
+                  chat_pb2.IMAGE_DETAIL_HIGH: "high"}
 
 
-def chat_request_to_body(pb: chat_pb2.ChatRequest) -> dict:
-    """The typed request as the chat-completions body the shared validator reads; media stay
-    raw bytes (``RAW_*_PART`` parts), never base64."""
-    messages = []
-    for i, m in enumerate(pb.messages):
-        role = _ROLE_FROM_PB.get(m.role)
-        if role is None:
-            raise InvalidArgument(f"messages[{i}].role must be set (ROLE_SYSTEM, ROLE_DEVELOPER, ROLE_USER or "
-                                  "ROLE_ASSISTANT)", param=f"messages[{i}].role")
-        parts = []
-        for j, p in enumerate(m.parts):
-            kind = p.WhichOneof("kind")
-            if kind == "text":
-                parts.append({"type": "text", "text": p.text})
-            elif kind == "image":
-                detail = _DETAIL_FROM_PB.get(p.image.detail)
-                if detail is None:
-                    raise InvalidArgument(f"messages[{i}].content[{j}].detail: unknown ImageDetail value "
-                                          f"{p.image.detail}", param=f"messages[{i}].content[{j}].detail")
-                parts.append({"type": T.RAW_IMAGE_PART, "data": bytes(p.image.data), "mime_type": p.image.mime_type,
-                              "detail": detail})
-            elif kind == "audio":
-                parts.append({"type": T.RAW_AUDIO_PART, "data": bytes(p.audio.data), "format": p.audio.format})
-            else:
-                raise InvalidArgument(f"messages[{i}].content[{j}]: a part must be text, image or audio",
-                                      param=f"messages[{i}].content[{j}]")
-        messages.append({"role": role, "content": parts})
-    params = pb.params
-    body: dict = {"messages": messages, "return_token_ids": pb.return_prompt_token_ids}
-    if pb.model:
-        body["model"] = pb.model
-    for name in _CHAT_OPTIONAL:
-        if params.HasField(name):
-            body[name] = getattr(params, name)
-    if params.stop:
-        body["stop"] = list(params.stop)
-    if params.logit_bias:
-        body["logit_bias"] = {str(k): v for k, v in params.logit_bias.items()}
-    if params.logprobs:
-        body["logprobs"] = True
-        if params.top_logprobs:
-            body["top_logprobs"] = params.top_logprobs
-    elif params.top_logprobs:
-        body["top_logprobs"] = params.top_logprobs  # refused by the validator with the HTTP message
-    if params.HasField("include_reasoning"):
-        body["include_reasoning"] = params.include_reasoning
-    if params.HasField("enable_thinking"):
-        body["chat_template_kwargs"] = {"enable_thinking": params.enable_thinking}
-    return body
+def chat_params_to_values(params: chat_pb2.ChatParams) -> dict:
+    """The typed API's params as ``{field name: value}`` for the fields table's validator: every
+    field the caller set (``optional`` ones by presence, lists and flags when non-empty)."""
+    values: dict = {}
+    for f in fields.CHAT_FIELDS:
+        if params.DESCRIPTOR.fields_by_name[f.proto].has_presence:
+            if params.HasField(f.proto):
+                values[f.name] = getattr(params, f.proto)
+        elif f.kind == "bias":
+            if getattr(params, f.proto):
+                values[f.name] = {int(k): float(v) for k, v in getattr(params, f.proto).items()}
+        elif getattr(params, f.proto):
+            value = getattr(params, f.proto)
+            values[f.name] = list(value) if f.kind == "stop" else value
+    return values
 
 
 def chat_delta_to_pb(content: str, reasoning: str, token_ids: list[int], logprobs: list[dict]) -> chat_pb2.Delta:

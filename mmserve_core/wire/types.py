@@ -14,8 +14,6 @@ from mmserve_core.wire.tensors import RawTensor
 IMAGE = "image"
 AUDIO = "audio"
 MODALITIES = (IMAGE, AUDIO)
-# Content-part types of the typed gRPC chat front (raw bytes); JSON clients cannot send them.
-RAW_IMAGE_PART, RAW_AUDIO_PART = "\x00image_bytes", "\x00audio_bytes"
 
 
 @dataclass(frozen=True)
@@ -26,6 +24,24 @@ class MediaInput:
     data: bytes
     mime_type: str = ""
     image_soft_tokens: int = 0  # images: soft-token budget; 0 = the model's default
+
+
+@dataclass
+class Part:
+    """One content part of a chat message: text, or media bytes; ``param`` names it in errors."""
+
+    kind: str  # "text" | "image" | "audio"
+    param: str
+    text: str = ""
+    media: MediaInput | None = None
+    url: str | None = None  # an http(s) image URL the gateway fetches (only when fetching is on)
+
+
+@dataclass
+class Message:
+    role: str  # "system" | "developer" | "user" | "assistant"
+    parts: list[Part]
+    param: str
 
 
 @dataclass(frozen=True)
@@ -81,13 +97,6 @@ class SamplingParams:
     stop: list[str] = field(default_factory=list)
     logprobs: bool = False
     top_logprobs: int = 0
-
-
-@dataclass
-class GenerateInput:
-    prompt_ids: list[int]
-    spans: list[SpanEmbedding]
-    sampling: SamplingParams
 
 
 @dataclass(frozen=True)

@@ -5,6 +5,7 @@ from __future__ import annotations
 import pytest
 from transformers import AutoTokenizer
 
+from gateway.chat import check_towers
 from gateway.openai_schema import parse_chat_request
 from mmserve_core.prompt import MediaTokens, PromptBuilder
 from tests.helpers import text_part
@@ -88,7 +89,7 @@ def test_unsupported_modality_is_400(ckpt_e2b):
     b = PromptBuilder(AutoTokenizer.from_pretrained(ckpt_e2b), {"image": IMG})
     req = parse_chat_request({"messages": [{"role": "user", "content": [AUD_PART]}]})
     with pytest.raises(Exception) as ei:
-        b.render(req.messages)
+        check_towers(req.messages, set(b.media_tokens))
     assert ei.value.status == 400 and ei.value.param == "messages[0].content[0]"
 
 

@@ -12,8 +12,8 @@ from __future__ import annotations
 from dataclasses import dataclass
 
 from deploy.demo.tasks import Example
-from gateway.openai_schema import Message, Part
 from mmserve_core.prompt import MediaTokens, PromptBuilder
+from mmserve_core.wire.types import Message, Part
 
 TURN_END = "<turn|>"
 

@@ -1,0 +1,190 @@
+"""The gateway's one typed request and one typed event stream, shared by every front.
+
+Why: each client API (OpenAI HTTP, the typed gRPC chat API, and the ones to
+come) parses into ``ChatRequest`` — messages of typed parts (text, image
+bytes, audio bytes), sampling, options — and formats ``Delta`` / ``Done``
+events; none of them sees a decoder protobuf message, and adding a front
+means one module that parses and formats.  The checks every front needs
+live here once: the request fields from ``mmserve_core.wire.fields``
+(types, bounds, aliases), which roles may carry media, what audio bytes
+must look like.  Errors are ``HTTPError`` naming the field
+(``messages[0].content[1]``); each front maps them to its own shape.
+Pure Python, event-loop thread.
+"""
+
+from __future__ import annotations
+
+import math
+from dataclasses import dataclass, field
+from typing import Any
+
+from gateway.errors import HTTPError
+from mmserve_core.wire import fields as F
+from mmserve_core.wire import types as T
+
+ROLES = ("system", "developer", "user", "assistant")
+IMAGE_DETAIL_TOKENS = {"auto": 0, "low": 70, "high": 1120}  # OpenAI detail -> Gemma 4 soft-token budget
+AUDIO_FORMATS = {"wav": ("audio/wav",), "mp3": ("audio/mpeg",), "flac": ("audio/flac",), "ogg": ("audio/ogg",)}
+
+
+def bad(message: str, param: str | None) -> HTTPError:
+    return HTTPError(400, message, type_="invalid_request_error", param=param, code="invalid_value")
+
+
+# ----------------------------------------------------------------------------- the request
+Part, Message = T.Part, T.Message  # the plain types the prompt layout (in the core) reads
+
+
+@dataclass
+class ChatRequest:
+    model: str | None
+    messages: list[Message]
+    stream: bool = False
+    include_usage: bool = False
+    return_token_ids: bool = False  # vLLM-style extension: prompt and completion token ids
+    include_reasoning: bool | None = None  # None = the server's default
+    chat_template_kwargs: dict[str, Any] = field(default_factory=dict)
+    sampling: T.SamplingParams = field(default_factory=T.SamplingParams)
+
+    @property
+    def media(self) -> list[Part]:
+        return [p for m in self.messages for p in m.parts if p.media is not None]
+
+
+# ----------------------------------------------------------------------------- the events
+@dataclass(frozen=True)
+class Delta:
+    """Tokens generated since the last event: answer text, thought-channel text, ids, logprobs."""
+
+    content: str
+    reasoning: str
+    token_ids: list[int]
+    logprobs: list[T.TokenLogprob]
+
+
+@dataclass(frozen=True)
+class Done:
+    """The end: finish reason, usage and timings (``completion``), encode time, the prompt ids."""
+
+    completion: T.Completion
+    encode_ms: float
+    prompt_ids: list[int]
+
+
+# ----------------------------------------------------------------------------- shared checks
+def check_towers(messages: list[Message], modalities: set[str], *, code: str = "unsupported_modality") -> None:
+    """Every media part's modality must be one the model serves (its tower and its tokens)."""
+    for m in messages:
+        for p in m.parts:
+            if p.media is not None and p.media.modality not in modalities:
+                tower = "audio" if p.media.modality == T.AUDIO else "vision"
+                raise HTTPError(400, f"{p.param}: this model has no {tower} tower, so {p.media.modality} "
+                                "input cannot be used", type_="invalid_request_error", param=p.param, code=code)
+
+
+def media_role(role: str, kind: str, param: str) -> None:
+    if role != "user":
+        raise bad(f"{param}: {'images are' if kind == 'image' else 'audio is'} only accepted in user messages",
+                  param)
+
+
+def valid_text(text: str, param: str) -> str:
+    """JSON may carry lone UTF-16 surrogates (``"\\ud800"``); no tokenizer can take them."""
+    try:
+        text.encode("utf-8")
+    except UnicodeEncodeError as e:
+        raise bad(f"{param} is not valid Unicode text ({e.reason} at position {e.start})", param) from None
+    return text
+
+
+def image_part(data: bytes, mime: str, detail: str, param: str, *, detail_param: str) -> Part:
+    if detail not in IMAGE_DETAIL_TOKENS:
+        raise bad(f"{detail_param} must be one of 'auto', 'low', 'high', got {detail!r}", detail_param)
+    return Part("image", param, media=T.MediaInput(T.IMAGE, data, mime, IMAGE_DETAIL_TOKENS[detail]))
+
+
+def sniff_audio(data: bytes) -> str | None:
+    if data[:4] == b"RIFF" and data[8:12] == b"WAVE":
+        return "wav"
+    if data[:4] == b"fLaC":
+        return "flac"
+    if data[:4] == b"OggS":
+        return "ogg"
+    if data[:3] == b"ID3" or (len(data) > 1 and data[0] == 0xFF and data[1] & 0xE0 == 0xE0):
+        return "mp3"
+    return None
+
+
+def audio_part(raw: bytes, fmt: str | None, param: str) -> Part:
+    """Audio bytes whose declared format (or, if none, the sniffed one) matches the bytes."""
+    sniffed = sniff_audio(raw)
+    if not fmt:
+        fmt = sniffed
+    if fmt not in AUDIO_FORMATS:
+        raise bad(f"{param}.input_audio.format {fmt!r} is not supported; use 'wav', 'mp3', 'flac' or 'ogg'",
+                  f"{param}.input_audio.format")
+    if sniffed is None:
+        raise bad(f"{param}.input_audio.data is not a WAV, MP3, FLAC or OGG file", f"{param}.input_audio.data")
+    if sniffed != fmt:
+        raise bad(f"{param}.input_audio.format is {fmt!r} but the data is {sniffed}",
+                  f"{param}.input_audio.format")
+    return Part("audio", param, media=T.MediaInput(T.AUDIO, raw, AUDIO_FORMATS[fmt][0]))
+
+
+def parse_fields(values: dict[str, Any]) -> tuple[T.SamplingParams, dict[str, Any]]:
+    """The table's fields out of ``values`` (a body, or the typed API's params as a dict):
+    ``(SamplingParams, options)`` where options holds the non-sampling fields (``include_reasoning``).
+    Every bound and type comes from ``fields.CHAT_FIELDS``."""
+    sampling = T.SamplingParams()
+    options: dict[str, Any] = {}
+    for f in F.CHAT_FIELDS:
+        name = next((k for k in (f.name, *f.aliases)[::-1] if values.get(k) is not None), f.name)
+        v = _field_value(f, name, values.get(name))
+        if v is None:
+            continue
+        if f.sampling:
+            setattr(sampling, f.name, v)
+        else:
+            options[f.name] = v
+    if sampling.top_logprobs and not sampling.logprobs:
+        raise bad("top_logprobs requires logprobs to be true", "top_logprobs")
+    return sampling, options
+
+
+def _field_value(f: F.Field, name: str, v: Any) -> Any:
+    if v is None:
+        return None
+    if f.kind == "bool":
+        if not isinstance(v, bool):
+            raise bad(f"{name} must be a boolean", name)
+        return v
+    if f.kind == "stop":
+        stops = [v] if isinstance(v, str) else v
+        if not isinstance(stops, list) or len(stops) > f.hi or not all(isinstance(x, str) and x for x in stops):
+            raise bad(f"stop must be a non-empty string or a list of up to {int(f.hi)} non-empty strings", name)
+        return list(stops)
+    if f.kind == "bias":
+        if not isinstance(v, dict):
+            raise bad("logit_bias must be an object mapping token ids to numbers", name)
+        bias = {}
+        for k, x in v.items():
+            try:
+                tok = int(k)
+            except (TypeError, ValueError):
+                raise bad(f"logit_bias key {k!r} is not a token id", name) from None
+            if isinstance(x, bool) or not isinstance(x, (int, float)) or not f.lo <= x <= f.hi:
+                raise bad(f"logit_bias[{k}] must be a number between {f.lo:g} and {f.hi:g}", name)
+            bias[tok] = float(x)
+        return bias
+    integer = f.kind == "int"
+    if isinstance(v, bool) or not isinstance(v, (int, float)) or (integer and not isinstance(v, int)):
+        raise bad(f"{name} must be {'an integer' if integer else 'a number'}", name)
+    if isinstance(v, float) and not math.isfinite(v):
+        raise bad(f"{name} must be finite", name)
+    if f.lo is not None and v < f.lo or f.hi is not None and v > f.hi:
+        raise bad(f"{name} must be between {f.lo} and {f.hi}, got {v}", name)
+    if f.lo_open and v == f.lo:
+        raise bad(f"{name} must be greater than {f.lo:g}", name)
+    if f.name == "seed":
+        v %= 1 << 64
+    return v

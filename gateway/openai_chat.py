@@ -1,0 +1,113 @@
+"""The OpenAI front: ``POST /v1/chat/completions`` over the typed pipeline.
+
+Why: a front is one module and its routes — parse the body into the typed
+``ChatRequest`` (``openai_schema``), ``Pipeline.start`` it, format the
+typed events (``responses``).  For ``stream: true`` the first event is
+awaited *before* the SSE response starts, so an invalid request still gets
+a proper 4xx, not an error buried in a 200 stream.  The OpenAPI body schema
+is built from the same field table the validator reads.  Event loop.
+"""
+
+from __future__ import annotations
+
+import json
+import time
+import uuid
+
+from fastapi import FastAPI, Request
+from fastapi.responses import StreamingResponse
+
+from gateway.chat import ROLES, ChatRequest
+from gateway.config import GatewayConfig
+from gateway.errors import HTTPError, to_http
+from gateway.metrics import GatewayMetrics
+from gateway.openai_schema import parse_chat_request
+from gateway.pipeline import Pipeline
+from gateway.responses import complete, error_response, sse
+from mmserve_core.runtime.logs import REQUEST_ID_HEADER, get_logger, new_request_id, request_id_var
+from mmserve_core.wire.fields import openapi_properties
+
+log = get_logger(__name__)
+
+
+def keep_reasoning(req: ChatRequest, cfg: GatewayConfig) -> bool:
+    return req.include_reasoning if req.include_reasoning is not None else cfg.reasoning == "separate"
+
+
+async def _read_json(request: Request):
+    try:
+        return json.loads(await request.body())
+    except (json.JSONDecodeError, UnicodeDecodeError) as e:
+        raise HTTPError(400, f"request body is not valid JSON: {e}", type_="invalid_request_error",
+                        code="invalid_json") from None
+    except RecursionError:
+        raise HTTPError(400, "request body nests JSON too deeply", type_="invalid_request_error",
+                        code="invalid_json") from None
+
+
+def add_chat_routes(app: FastAPI, pipeline: Pipeline, metrics: GatewayMetrics, cfg: GatewayConfig) -> None:
+    @app.post("/v1/chat/completions", openapi_extra=CHAT_OPENAPI)
+    async def chat_completions(request: Request):
+        rid = request_id_var.get() or new_request_id()
+        t0 = time.perf_counter()
+        try:
+            req = parse_chat_request(await _read_json(request), allow_urls=cfg.url_fetch)
+            gen = await pipeline.start(req, rid)
+        except Exception as e:  # noqa: BLE001 - every failure becomes OpenAI error JSON
+            err = to_http(e)
+            if err.status >= 500 and not isinstance(e, HTTPError):
+                log.exception("chat completion failed")
+            metrics.requests.labels(str(err.status)).inc()
+            return error_response(err)
+        metrics.ttft.observe(time.perf_counter() - t0)
+        metrics.requests.labels("200").inc()
+        cid, created, model = f"chatcmpl-{uuid.uuid4().hex}", int(time.time()), pipeline.model_id
+        logprobs = pipeline.logprobs if req.sampling.logprobs else None
+        if req.stream:
+            return StreamingResponse(
+                sse(gen, cid, created, model, req.include_usage, req.return_token_ids, logprobs,
+                    keep_reasoning(req, cfg)),
+                media_type="text/event-stream",
+                headers={"Cache-Control": "no-cache", REQUEST_ID_HEADER: rid},
+            )
+        return await complete(gen, cid, created, model, req.return_token_ids, logprobs, keep_reasoning(req, cfg),
+                              request.is_disconnected)
+
+
+# The request body as OpenAPI sees it (the handler parses JSON itself, to answer every
+# mistake with OpenAI's error shape and a ``param``, so FastAPI cannot infer it).
+CHAT_OPENAPI = {
+    "requestBody": {
+        "required": True,
+        "content": {"application/json": {"schema": {
+            "type": "object",
+            "required": ["messages"],
+            "properties": {
+                "model": {"type": "string"},
+                "messages": {"type": "array", "minItems": 1, "items": {
+                    "type": "object", "required": ["role"],
+                    "properties": {
+                        "role": {"type": "string", "enum": list(ROLES)},
+                        "content": {"oneOf": [{"type": "string"}, {"type": "array", "items": {"type": "object"}}]},
+                    },
+                }},
+                **openapi_properties(),
+                "stream": {"type": "boolean"},
+                "stream_options": {"type": "object", "properties": {"include_usage": {"type": "boolean"}}},
+                "n": {"type": "integer", "enum": [1]},
+                "user": {"type": "string"},
+                "chat_template_kwargs": {"type": "object"},
+                "return_token_ids": {"type": "boolean"},
+            },
+        }}},
+    },
+    "responses": {
+        "200": {"description": "A chat.completion, or an SSE stream of chat.completion.chunk when stream is true"},
+        "400": {"description": "Invalid request (OpenAI error JSON naming the param)"},
+        "401": {"description": "Missing or wrong API key"},
+        "404": {"description": "Unknown model (model_not_found)"},
+        "413": {"description": "Request body too large"},
+        "429": {"description": "Overloaded; retry after Retry-After seconds"},
+        "503": {"description": "An upstream service is unavailable"},
+    },
+}
