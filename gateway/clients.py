@@ -11,7 +11,6 @@ from __future__ import annotations
 
 import hashlib
 from collections.abc import Awaitable, Callable
-from dataclasses import dataclass
 from typing import Any
 
 import grpc
@@ -23,17 +22,7 @@ from mmserve_core.wire import codec
 from mmserve_core.wire import types as T
 from mmserve_core.wire.generate_stream import write_generate
 from mmserve_core.wire.stubs import decoder_pb2, decoder_pb2_grpc, encoder_pb2, encoder_pb2_grpc
-from mmserve_core.wire.tensors import DEFAULT_CHUNK_BYTES, Assembler, iter_chunks
-
-
-@dataclass(frozen=True)
-class ModelInfo:
-    model_id: str
-    dtype: str
-    hidden_size: int
-    context_length: int
-    eos_token_ids: list[int]
-    media_tokens: dict[str, tuple[int, int, int]]  # modality -> (placeholder, begin, end)
+from mmserve_core.wire.tensors import DEFAULT_CHUNK_BYTES, iter_chunks
 
 
 def _md(request_id: str) -> tuple[tuple[str, str], ...]:
@@ -79,25 +68,10 @@ class EncoderClient:
         req = encoder_pb2.EncodeRequest(items=codec.media_to_pb(items), output_dtype=codec.DTYPE_TO_PB[dtype])
 
         async def attempt(stub) -> list[T.EncodedItem]:
-            headers: dict[int, encoder_pb2.EmbeddingHeader] = {}
-            parts: dict[int, Assembler] = {}
+            stream = codec.EncodedStream(len(items))
             async for msg in stub.Encode(req, metadata=_md(request_id), timeout=self.timeout_s):
-                if msg.WhichOneof("payload") == "header":
-                    h = msg.header
-                    headers[h.item_index] = h
-                    parts[h.item_index] = Assembler(
-                        f"encoder item {h.item_index}",
-                        codec.dtype_from_pb(h.tensor.dtype, "encoder header"),
-                        tuple(h.tensor.shape),
-                    )
-                else:
-                    parts[msg.chunk.item_index].add(msg.chunk.byte_offset, msg.chunk.data)
-            out = []
-            for i in range(len(items)):
-                if i not in headers:
-                    raise RuntimeError(f"encoder returned no embeddings for item {i}")
-                out.append(codec.encoded_item_from_pb(headers[i], parts[i].finish()))
-            return out
+                stream.add(msg)
+            return stream.items()
 
         return await _with_failover(self.pool, attempt)
 
@@ -116,20 +90,10 @@ class DecoderClient:
     def start(self) -> None:
         self.pool.start()
 
-    async def model_info(self, request_id: str) -> ModelInfo:
+    async def model_info(self, request_id: str) -> T.ModelInfo:
         r = await _with_failover(self.pool, lambda stub: stub.GetModelInfo(
             decoder_pb2.GetModelInfoRequest(), metadata=_md(request_id), timeout=self.timeout_s))
-        return ModelInfo(
-            model_id=r.model_id,
-            dtype=codec.DTYPE_FROM_PB.get(r.dtype, "float32"),
-            hidden_size=r.hidden_size,
-            context_length=r.context_length,
-            eos_token_ids=list(r.eos_token_ids),
-            media_tokens={
-                codec.MODALITY_FROM_PB[m.modality]: (m.placeholder_token_id, m.begin_token_id, m.end_token_id)
-                for m in r.modalities
-            },
-        )
+        return codec.model_info_from_pb(r)
 
     async def start_generate(
         self,

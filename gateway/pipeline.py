@@ -17,13 +17,13 @@ import grpc
 import soundfile as sf
 
 from gateway.chat import ChatRequest, Delta, Done, check_towers
-from gateway.clients import DecoderClient, EncoderClient, ModelInfo, conversation_key
+from gateway.clients import DecoderClient, EncoderClient, conversation_key
 from gateway.config import GatewayConfig
 from gateway.errors import HTTPError, to_http
 from gateway.fetch import MediaFetcher
 from gateway.logprobs import LogprobFormatter
 from gateway.reasoning import ReasoningParser
-from mmserve_core.prompt import MediaTokens, PromptBuilder
+from mmserve_core.prompt import PromptBuilder
 from mmserve_core.wire import codec
 from mmserve_core.wire import types as T
 from mmserve_core.wire.tensors import split_rows
@@ -74,7 +74,7 @@ class Pipeline:
         # grpc.aio channels bind to the running loop: created in ``open()``.
         self.encoder: EncoderClient = None  # type: ignore[assignment]
         self.decoder: DecoderClient = None  # type: ignore[assignment]
-        self._info: ModelInfo | None = None
+        self._info: T.ModelInfo | None = None
         self._builder: PromptBuilder | None = None
         self._encoder_modalities: set[str] | None = None
         self.logprobs = LogprobFormatter(self.tokenizer)
@@ -93,14 +93,13 @@ class Pipeline:
         await self.encoder.close()
         await self.decoder.close()
 
-    async def model_info(self, rid: str) -> tuple[ModelInfo, PromptBuilder]:
+    async def model_info(self, rid: str) -> tuple[T.ModelInfo, PromptBuilder]:
         if self._info is None or self._builder is None:
             try:
                 info = await self.decoder.model_info(rid)
             except grpc.aio.AioRpcError as e:
                 raise to_http(e, upstream="decoder") from None
-            tokens = {m: MediaTokens(*t) for m, t in info.media_tokens.items()}
-            self._builder = PromptBuilder(self.tokenizer, tokens)
+            self._builder = PromptBuilder(self.tokenizer, info.media_tokens)
             self._info = info
         return self._info, self._builder
 

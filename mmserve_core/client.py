@@ -4,10 +4,15 @@ Why: internal callers should not base64 media, render chat templates or
 count soft tokens.  ``ChatClient`` sends typed messages with raw bytes to
 the gateway's ``mmserve.chat.v1`` API; ``EncoderClient`` / ``DecoderClient``
 expose the low-level RPCs for callers that place embeddings themselves.
-Every client sets what the services expect: message-size limits, retries of
-UNAVAILABLE for calls that are safe to repeat (gRPC's own retry policy, via
-service config), a default deadline, the ``x-request-id`` metadata, and TLS
-when given credentials.  Sync classes use ``grpc``; ``Async*`` classes use
+It speaks the wire through the same ``codec`` the services use — one dtype
+table, one reassembly of embedding chunks with its offset and size checks,
+the chat fields from ``fields.CHAT_FIELDS`` — and returns typed results
+(``Reply``, ``ChatDelta`` / ``ChatFinal``, ``Encoded``, ``TokenEvent`` /
+``Completion``, ``ModelInfo``), never protobuf messages.  Every client sets
+what the services expect: message-size limits, retries of UNAVAILABLE for
+calls that are safe to repeat (gRPC's own retry policy, via service
+config), a default deadline, the ``x-request-id`` metadata, and TLS when
+given credentials.  Sync classes use ``grpc``; ``Async*`` classes use
 ``grpc.aio`` and must be created inside a running event loop.
 
 Example::
@@ -33,6 +38,8 @@ import grpc
 import numpy as np
 
 from mmserve_core.runtime.grpc_runtime import CHANNEL_OPTIONS
+from mmserve_core.wire import codec, fields
+from mmserve_core.wire import types as T
 from mmserve_core.wire.generate_stream import write_generate
 from mmserve_core.wire.stubs import (
     chat_pb2,
@@ -41,9 +48,13 @@ from mmserve_core.wire.stubs import (
     decoder_pb2_grpc,
     encoder_pb2,
     encoder_pb2_grpc,
-    tensor_pb2,
 )
-from mmserve_core.wire.tensors import NUMPY_HOLDER, iter_chunks
+from mmserve_core.wire.tensors import RawTensor, iter_chunks
+from mmserve_core.wire.types import Completion, ModelInfo, TokenEvent
+
+__all__ = ["AsyncChatClient", "AsyncDecoderClient", "AsyncEncoderClient", "Audio", "ChatClient", "ChatDelta",
+           "ChatFinal", "Completion", "DecoderClient", "Encoded", "EncoderClient", "Image", "ModelInfo", "Reply",
+           "TokenEvent", "chat_request"]
 
 _RETRY = {"maxAttempts": 3, "initialBackoff": "0.2s", "maxBackoff": "2s", "backoffMultiplier": 2,
           "retryableStatusCodes": ["UNAVAILABLE"]}
@@ -53,15 +64,11 @@ _SERVICE_CONFIG = json.dumps({"methodConfig": [{"name": [
     {"service": "mmserve.decoder.v1.DecoderService", "method": "GetModelInfo"},
 ], "retryPolicy": _RETRY}]})
 _OPTIONS = [*CHANNEL_OPTIONS, ("grpc.enable_retries", 1), ("grpc.service_config", _SERVICE_CONFIG)]
-_ROLES = {"system": chat_pb2.ROLE_SYSTEM, "developer": chat_pb2.ROLE_DEVELOPER, "user": chat_pb2.ROLE_USER,
-          "assistant": chat_pb2.ROLE_ASSISTANT}
-_DETAIL = {"auto": chat_pb2.IMAGE_DETAIL_UNSPECIFIED, "low": chat_pb2.IMAGE_DETAIL_LOW,
-           "high": chat_pb2.IMAGE_DETAIL_HIGH}
-_DTYPES = {"bfloat16": tensor_pb2.DTYPE_BFLOAT16, "float16": tensor_pb2.DTYPE_FLOAT16,
-           "float32": tensor_pb2.DTYPE_FLOAT32}
+_ROLES = {v: k for k, v in codec.ROLE_FROM_PB.items()}
+_DETAIL = {v: k for k, v in codec.DETAIL_FROM_PB.items()}
 
 
-# ---------------------------------------------------------------------------- message parts
+# ---------------------------------------------------------------------------- message parts and results
 @dataclass(frozen=True)
 class Image:
     """Image file bytes (PNG/JPEG/WebP/GIF/BMP); ``detail`` "low" | "auto" | "high"."""
@@ -79,18 +86,78 @@ class Audio:
     format: str = ""
 
 
+@dataclass(frozen=True)
+class Usage:
+    prompt_tokens: int
+    completion_tokens: int
+    soft_tokens: int
+    cached_tokens: int
+
+
+@dataclass(frozen=True)
+class Timings:
+    encode_ms: float
+    queued_ms: float
+    prefill_ms: float
+    decode_ms: float
+
+
+@dataclass(frozen=True)
+class ChatDelta:
+    """Text (and thought-channel text, token ids, logprobs) generated since the last delta."""
+
+    content: str
+    reasoning_content: str
+    token_ids: list[int]
+    logprobs: list
+
+
+@dataclass(frozen=True)
+class ChatFinal:
+    """The end of a reply: finish reason, usage, timings (and the prompt ids when asked)."""
+
+    id: str
+    model: str
+    finish_reason: str
+    usage: Usage
+    timings: Timings
+    prompt_token_ids: list[int]
+
+
 @dataclass
 class Reply:
     content: str
     reasoning_content: str
     token_ids: list[int]
     finish_reason: str
-    usage: chat_pb2.Usage
-    timings: chat_pb2.Timings
+    usage: Usage
+    timings: Timings
     prompt_token_ids: list[int] = field(default_factory=list)
     logprobs: list = field(default_factory=list)
 
 
+def _delta(d: chat_pb2.Delta) -> ChatDelta:
+    return ChatDelta(d.content, d.reasoning_content, list(d.token_ids), list(d.logprobs))
+
+
+def _final(f: chat_pb2.Final) -> ChatFinal:
+    u, t = f.usage, f.timings
+    return ChatFinal(f.id, f.model, chat_pb2.FinishReason.Name(f.finish_reason).removeprefix("FINISH_REASON_").lower(),
+                     Usage(u.prompt_tokens, u.completion_tokens, u.soft_tokens, u.cached_tokens),
+                     Timings(t.encode_ms, t.queued_ms, t.prefill_ms, t.decode_ms), list(f.prompt_token_ids))
+
+
+def _reply(message: chat_pb2.Delta, final: chat_pb2.Final) -> Reply:
+    d, f = _delta(message), _final(final)
+    return Reply(d.content, d.reasoning_content, d.token_ids, f.finish_reason, f.usage, f.timings,
+                 f.prompt_token_ids, d.logprobs)
+
+
+def _event(msg: chat_pb2.CompleteResponse) -> ChatDelta | ChatFinal:
+    return _delta(msg.delta) if msg.WhichOneof("payload") == "delta" else _final(msg.final)
+
+
+# ---------------------------------------------------------------------------- plumbing
 def _channel(target: str, credentials: grpc.ChannelCredentials | None, aio: bool):
     mod = grpc.aio if aio else grpc
     if credentials is not None:
@@ -102,14 +169,24 @@ def _metadata(request_id: str | None) -> tuple[tuple[str, str], ...]:
     return (("x-request-id", request_id or uuid.uuid4().hex),)
 
 
-def chat_request(messages: Sequence[dict], *, max_tokens: int | None = None, temperature: float | None = None,
-                 top_p: float | None = None, top_k: int | None = None, min_p: float | None = None,
-                 seed: int | None = None, stop: Sequence[str] = (), logit_bias: dict[int, float] | None = None,
-                 presence_penalty: float | None = None, frequency_penalty: float | None = None,
-                 repetition_penalty: float | None = None, logprobs: bool = False, top_logprobs: int = 0,
-                 include_reasoning: bool | None = None, enable_thinking: bool | None = None,
-                 return_prompt_token_ids: bool = False) -> chat_pb2.ChatRequest:
-    """Build the typed request.  ``content`` is a string or a list of str / ``Image`` / ``Audio``."""
+def _set_param(params: chat_pb2.ChatParams, f: fields.Field, value: Any) -> None:
+    if f.kind == "stop":
+        params.stop.extend([value] if isinstance(value, str) else list(value))
+    elif f.kind == "bias":
+        params.logit_bias.update({int(k): float(v) for k, v in value.items()})
+    else:
+        setattr(params, f.proto, value)
+
+
+def chat_request(messages: Sequence[dict], *, model: str = "", enable_thinking: bool | None = None,
+                 return_prompt_token_ids: bool = False, **params: Any) -> chat_pb2.ChatRequest:
+    """Build the typed request.  ``content`` is a string or a list of str / ``Image`` / ``Audio``;
+    ``params`` are the fields of ``mmserve_core.wire.fields.CHAT_FIELDS`` (``max_tokens``,
+    ``temperature``, ``top_p``, ``top_k``, ``min_p``, ``seed``, ``stop``, ``logit_bias``, the
+    penalties, ``logprobs``, ``top_logprobs``, ``include_reasoning``); the gateway checks them."""
+    unknown = sorted(set(params) - set(fields.BY_NAME))
+    if unknown:
+        raise TypeError(f"unknown chat parameters {unknown}; the fields are {sorted(fields.BY_NAME)}")
     msgs = []
     for m in messages:
         content = m["content"]
@@ -125,15 +202,14 @@ def chat_request(messages: Sequence[dict], *, max_tokens: int | None = None, tem
             else:
                 raise TypeError(f"a content part must be str, Image or Audio, got {type(p).__name__}")
         msgs.append(chat_pb2.Message(role=_ROLES[m["role"]], parts=parts))
-    params = chat_pb2.ChatParams(stop=list(stop), logit_bias=dict(logit_bias or {}), logprobs=logprobs,
-                                 top_logprobs=top_logprobs)
-    for name, value in (("max_tokens", max_tokens), ("temperature", temperature), ("top_p", top_p),
-                        ("top_k", top_k), ("min_p", min_p), ("seed", seed), ("presence_penalty", presence_penalty),
-                        ("frequency_penalty", frequency_penalty), ("repetition_penalty", repetition_penalty),
-                        ("include_reasoning", include_reasoning), ("enable_thinking", enable_thinking)):
+    out = chat_pb2.ChatParams()
+    for name, value in params.items():
         if value is not None:
-            setattr(params, name, value)
-    return chat_pb2.ChatRequest(messages=msgs, params=params, return_prompt_token_ids=return_prompt_token_ids)
+            _set_param(out, fields.BY_NAME[name], value)
+    if enable_thinking is not None:
+        out.enable_thinking = enable_thinking
+    return chat_pb2.ChatRequest(messages=msgs, params=out, return_prompt_token_ids=return_prompt_token_ids,
+                                model=model)
 
 
 def _relay(call) -> Iterator:
@@ -151,12 +227,6 @@ async def _arelay(call) -> AsyncIterator:
             yield msg
     finally:
         call.cancel()
-
-
-def _reply(message: chat_pb2.Delta, final: chat_pb2.Final) -> Reply:
-    return Reply(message.content, message.reasoning_content, list(message.token_ids),
-                 chat_pb2.FinishReason.Name(final.finish_reason).removeprefix("FINISH_REASON_").lower(),
-                 final.usage, final.timings, list(final.prompt_token_ids), list(message.logprobs))
 
 
 class _Client:
@@ -185,12 +255,13 @@ class ChatClient(_Client):
         return _reply(r.message, r.final)
 
     def stream(self, messages: Sequence[dict], *, request_id: str | None = None,
-               **params) -> Iterator[chat_pb2.CompleteResponse]:
-        """Deltas as they are generated, then one message whose ``final`` is set.
+               **params) -> Iterator[ChatDelta | ChatFinal]:
+        """``ChatDelta``s as they are generated, then one ``ChatFinal``.
         Closing the iterator early cancels the generation."""
         call = self.stub.Complete(chat_pb2.CompleteRequest(chat=chat_request(messages, **params)),
                                   timeout=self.timeout_s, metadata=_metadata(request_id))
-        yield from _relay(call)
+        for msg in _relay(call):
+            yield _event(msg)
 
     def close(self) -> None:
         self.channel.close()
@@ -213,12 +284,12 @@ class AsyncChatClient(_Client):
         return _reply(r.message, r.final)
 
     async def stream(self, messages: Sequence[dict], *, request_id: str | None = None,
-                     **params) -> AsyncIterator[chat_pb2.CompleteResponse]:
+                     **params) -> AsyncIterator[ChatDelta | ChatFinal]:
         call = self.stub.Complete(chat_pb2.CompleteRequest(chat=chat_request(messages, **params)),
                                   timeout=self.timeout_s, metadata=_metadata(request_id))
         async with aclosing(_arelay(call)) as messages:  # closing early cancels the call now, not at GC
             async for msg in messages:
-                yield msg
+                yield _event(msg)
 
     async def close(self) -> None:
         await self.channel.close()
@@ -235,49 +306,42 @@ class AsyncChatClient(_Client):
 class Encoded:
     """One media item's soft-token rows, as the decoder wants them."""
 
-    modality: int  # tensor_pb2.MODALITY_*
+    modality: str  # "image" | "audio"
     rows: np.ndarray  # [soft tokens, hidden]; bfloat16 as uint16 bit patterns
     dtype: str
     content_hash: str
     blocks: tuple[int, ...]  # rows per prompt block (audio over 30 s has several)
 
-
-def _encode_request(items: Sequence[tuple[int, bytes, int]], dtype: str | None) -> encoder_pb2.EncodeRequest:
-    return encoder_pb2.EncodeRequest(
-        items=[encoder_pb2.MediaItem(modality=m, data=d, image_soft_tokens=b) for m, d, b in items],
-        output_dtype=_DTYPES[dtype] if dtype else tensor_pb2.DTYPE_UNSPECIFIED)
+    @classmethod
+    def of(cls, item: T.EncodedItem) -> Encoded:
+        return cls(item.modality, item.tensor.to_numpy(), item.tensor.dtype, item.content_hash, item.block_rows)
 
 
-def _collect_encoded(messages) -> list[Encoded]:
-    headers, data = {}, {}
-    for msg in messages:
-        if msg.WhichOneof("payload") == "header":
-            headers[msg.header.item_index] = msg.header
-            data[msg.header.item_index] = bytearray()
-        else:
-            data[msg.chunk.item_index] += msg.chunk.data
-    out = []
-    for i in sorted(headers):
-        h = headers[i]
-        dtype = {v: k for k, v in _DTYPES.items()}[h.tensor.dtype]
-        rows = np.frombuffer(bytes(data[i]), dtype=NUMPY_HOLDER[dtype]).reshape(tuple(h.tensor.shape))
-        out.append(Encoded(h.modality, rows, dtype, h.content_hash, tuple(h.block_soft_tokens)))
-    return out
+def _encode_request(items: Sequence[T.MediaInput], dtype: str | None) -> encoder_pb2.EncodeRequest:
+    return encoder_pb2.EncodeRequest(items=codec.media_to_pb(list(items)),
+                                     output_dtype=codec.DTYPE_TO_PB[dtype] if dtype else 0)
 
 
-def _generate_requests(ids, spans, sampling) -> Iterator[decoder_pb2.GenerateRequest]:
+def _generate_requests(ids, spans: Sequence[tuple[int, Encoded]], sampling: dict) -> Iterator:
+    """The Generate stream: the setup (prompt, spans, sampling), then each span's chunks."""
+    tensors = [RawTensor(e.rows.tobytes(), e.dtype, tuple(e.rows.shape)) for _, e in spans]
     yield decoder_pb2.GenerateRequest(setup=decoder_pb2.GenerateSetup(
         prompt_token_ids=list(ids),
-        spans=[decoder_pb2.EmbeddingSpan(
-            placement=tensor_pb2.PlaceholderSpan(offset=off, length=e.rows.shape[0], modality=e.modality,
-                                                 content_hash=e.content_hash),
-            tensor=tensor_pb2.TensorSpec(dtype=_DTYPES[e.dtype], shape=list(e.rows.shape)))
-            for off, e in spans],
-        sampling=decoder_pb2.SamplingParams(**sampling)))
-    for i, (_, e) in enumerate(spans):
-        for off, data in iter_chunks(e.rows.tobytes(), 1 << 20):
+        spans=[codec.span_to_pb(T.Span(off, e.rows.shape[0], e.modality, e.content_hash), t)
+               for (off, e), t in zip(spans, tensors)],
+        sampling=codec.sampling_to_pb(T.SamplingParams(**sampling))))
+    for i, t in enumerate(tensors):
+        for off, data in iter_chunks(t.data):
             yield decoder_pb2.GenerateRequest(chunk=decoder_pb2.EmbeddingChunk(span_index=i, byte_offset=off,
                                                                                data=data))
+
+
+def _image(data: bytes, soft_tokens: int) -> T.MediaInput:
+    return T.MediaInput(T.IMAGE, data, image_soft_tokens=soft_tokens)
+
+
+def _audio(data: bytes) -> T.MediaInput:
+    return T.MediaInput(T.AUDIO, data)
 
 
 class EncoderClient(_Client):
@@ -286,14 +350,16 @@ class EncoderClient(_Client):
     _STUB, _AIO, _TIMEOUT_S = encoder_pb2_grpc.EncoderServiceStub, False, 120.0
 
     def encode_image(self, data: bytes, *, soft_tokens: int = 0, dtype: str | None = None) -> Encoded:
-        return self._encode([(tensor_pb2.MODALITY_IMAGE, data, soft_tokens)], dtype)[0]
+        return self.encode([_image(data, soft_tokens)], dtype)[0]
 
     def encode_audio(self, data: bytes, *, dtype: str | None = None) -> Encoded:
-        return self._encode([(tensor_pb2.MODALITY_AUDIO, data, 0)], dtype)[0]
+        return self.encode([_audio(data)], dtype)[0]
 
-    def _encode(self, items, dtype) -> list[Encoded]:
-        return _collect_encoded(self.stub.Encode(_encode_request(items, dtype), timeout=self.timeout_s,
-                                                 metadata=_metadata(None)))
+    def encode(self, items: Sequence[T.MediaInput], dtype: str | None = None) -> list[Encoded]:
+        stream = codec.EncodedStream(len(items))
+        for msg in self.stub.Encode(_encode_request(items, dtype), timeout=self.timeout_s, metadata=_metadata(None)):
+            stream.add(msg)
+        return [Encoded.of(it) for it in stream.items()]
 
     def close(self) -> None:
         self.channel.close()
@@ -304,17 +370,18 @@ class DecoderClient(_Client):
 
     _STUB, _AIO, _TIMEOUT_S = decoder_pb2_grpc.DecoderServiceStub, False, 600.0
 
-    def model_info(self) -> decoder_pb2.GetModelInfoResponse:
-        return self.stub.GetModelInfo(decoder_pb2.GetModelInfoRequest(), timeout=self.timeout_s)
+    def model_info(self) -> ModelInfo:
+        return codec.model_info_from_pb(
+            self.stub.GetModelInfo(decoder_pb2.GetModelInfoRequest(), timeout=self.timeout_s))
 
     def generate(self, ids: Sequence[int], spans: Sequence[tuple[int, Encoded]] = (), *,
-                 request_id: str | None = None, **sampling) -> Iterator[decoder_pb2.GenerateResponse]:
-        """``spans``: ``(offset of the first placeholder, Encoded)`` — one per prompt block."""
-        def requests():
-            yield from _generate_requests(ids, spans, sampling)
-
-        call = self.stub.Generate(requests(), timeout=self.timeout_s, metadata=_metadata(request_id))
-        yield from _relay(call)
+                 request_id: str | None = None, **sampling) -> Iterator[TokenEvent | Completion]:
+        """``spans``: ``(offset of the first placeholder, Encoded)`` — one per prompt block;
+        ``sampling``: ``SamplingParams`` fields.  Yields ``TokenEvent``s, then one ``Completion``."""
+        call = self.stub.Generate(_generate_requests(ids, spans, sampling), timeout=self.timeout_s,
+                                  metadata=_metadata(request_id))
+        for msg in _relay(call):
+            yield codec.generate_response_from_pb(msg)
 
     def close(self) -> None:
         self.channel.close()
@@ -326,14 +393,17 @@ class AsyncEncoderClient(_Client):
     _STUB, _AIO, _TIMEOUT_S = encoder_pb2_grpc.EncoderServiceStub, True, 120.0
 
     async def encode_image(self, data: bytes, *, soft_tokens: int = 0, dtype: str | None = None) -> Encoded:
-        return (await self._encode([(tensor_pb2.MODALITY_IMAGE, data, soft_tokens)], dtype))[0]
+        return (await self.encode([_image(data, soft_tokens)], dtype))[0]
 
     async def encode_audio(self, data: bytes, *, dtype: str | None = None) -> Encoded:
-        return (await self._encode([(tensor_pb2.MODALITY_AUDIO, data, 0)], dtype))[0]
+        return (await self.encode([_audio(data)], dtype))[0]
 
-    async def _encode(self, items, dtype) -> list[Encoded]:
-        call = self.stub.Encode(_encode_request(items, dtype), timeout=self.timeout_s, metadata=_metadata(None))
-        return _collect_encoded([m async for m in call])
+    async def encode(self, items: Sequence[T.MediaInput], dtype: str | None = None) -> list[Encoded]:
+        stream = codec.EncodedStream(len(items))
+        async for msg in self.stub.Encode(_encode_request(items, dtype), timeout=self.timeout_s,
+                                          metadata=_metadata(None)):
+            stream.add(msg)
+        return [Encoded.of(it) for it in stream.items()]
 
     async def close(self) -> None:
         await self.channel.close()
@@ -344,11 +414,12 @@ class AsyncDecoderClient(_Client):
 
     _STUB, _AIO, _TIMEOUT_S = decoder_pb2_grpc.DecoderServiceStub, True, 600.0
 
-    async def model_info(self) -> decoder_pb2.GetModelInfoResponse:
-        return await self.stub.GetModelInfo(decoder_pb2.GetModelInfoRequest(), timeout=self.timeout_s)
+    async def model_info(self) -> ModelInfo:
+        return codec.model_info_from_pb(
+            await self.stub.GetModelInfo(decoder_pb2.GetModelInfoRequest(), timeout=self.timeout_s))
 
     async def generate(self, ids: Sequence[int], spans: Sequence[tuple[int, Encoded]] = (), *,
-                       request_id: str | None = None, **sampling) -> AsyncIterator[decoder_pb2.GenerateResponse]:
+                       request_id: str | None = None, **sampling) -> AsyncIterator[TokenEvent | Completion]:
         call = self.stub.Generate(timeout=self.timeout_s, metadata=_metadata(request_id))
         messages = _generate_requests(ids, spans, sampling)
         try:
@@ -356,9 +427,9 @@ class AsyncDecoderClient(_Client):
         except BaseException:
             call.cancel()
             raise
-        async with aclosing(_arelay(call)) as messages:  # closing early cancels the call now, not at GC
-            async for msg in messages:
-                yield msg
+        async with aclosing(_arelay(call)) as responses:  # closing early cancels the call now, not at GC
+            async for msg in responses:
+                yield codec.generate_response_from_pb(msg)
 
     async def close(self) -> None:
         await self.channel.close()

@@ -28,7 +28,9 @@ from dataclasses import dataclass
 
 from mmserve_core.wire import types as T
 from mmserve_core.wire.errors import ServeError
-from mmserve_core.wire.types import Message
+from mmserve_core.wire.types import MediaTokens, Message
+
+__all__ = ["BuiltPrompt", "MediaTokens", "PromptBuilder", "Rendered", "TemplateMismatch"]
 
 
 class TemplateMismatch(ServeError):
@@ -36,13 +38,6 @@ class TemplateMismatch(ServeError):
     broken template, never the client's fault (so 500, with what went wrong)."""
 
     status = "INTERNAL"
-
-
-@dataclass(frozen=True)
-class MediaTokens:
-    placeholder: int
-    begin: int
-    end: int
 
 
 @dataclass(frozen=True)

@@ -10,7 +10,7 @@ from mmserve_core.wire import fields
 from mmserve_core.wire import types as T
 from mmserve_core.wire.errors import InvalidArgument
 from mmserve_core.wire.stubs import chat_pb2, decoder_pb2, encoder_pb2, tensor_pb2
-from mmserve_core.wire.tensors import RawTensor
+from mmserve_core.wire.tensors import Assembler, RawTensor
 
 DTYPE_TO_PB = {
     "bfloat16": tensor_pb2.DTYPE_BFLOAT16,
@@ -74,6 +74,49 @@ def embedding_header_to_pb(index: int, item: T.EncodedItem) -> encoder_pb2.Encod
             block_soft_tokens=list(item.block_rows),
             cache_hit=item.cache_hit,
         )
+    )
+
+
+class EncodedStream:
+    """Reassembles an ``Encode`` response stream: each item's header, then its chunks, with the
+    offset and size checks of ``Assembler``.  The one reassembly every client uses."""
+
+    def __init__(self, n_items: int) -> None:
+        self.n_items = n_items
+        self._headers: dict[int, encoder_pb2.EmbeddingHeader] = {}
+        self._parts: dict[int, Assembler] = {}
+
+    def add(self, msg: encoder_pb2.EncodeResponse) -> None:
+        if msg.WhichOneof("payload") == "header":
+            h = msg.header
+            self._headers[h.item_index] = h
+            self._parts[h.item_index] = Assembler(f"encoder item {h.item_index}",
+                                                  dtype_from_pb(h.tensor.dtype, "encoder header"),
+                                                  tuple(h.tensor.shape))
+        else:
+            part = self._parts.get(msg.chunk.item_index)
+            if part is None:
+                raise InvalidArgument(f"encoder sent a chunk for item {msg.chunk.item_index} before its header")
+            part.add(msg.chunk.byte_offset, msg.chunk.data)
+
+    def items(self) -> list[T.EncodedItem]:
+        missing = [i for i in range(self.n_items) if i not in self._headers]
+        if missing:
+            raise InvalidArgument(f"encoder returned no embeddings for items {missing}")
+        return [encoded_item_from_pb(self._headers[i], self._parts[i].finish()) for i in range(self.n_items)]
+
+
+def model_info_from_pb(r: decoder_pb2.GetModelInfoResponse) -> T.ModelInfo:
+    return T.ModelInfo(
+        model_id=r.model_id,
+        dtype=DTYPE_FROM_PB.get(r.dtype, "float32"),
+        hidden_size=r.hidden_size,
+        context_length=r.context_length,
+        eos_token_ids=list(r.eos_token_ids),
+        media_tokens={MODALITY_FROM_PB[m.modality]: T.MediaTokens(m.placeholder_token_id, m.begin_token_id,
+                                                                   m.end_token_id) for m in r.modalities},
+        vocab_size=r.vocab_size,
+        chat_template=r.chat_template,
     )
 
 

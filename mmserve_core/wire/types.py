@@ -100,6 +100,29 @@ class SamplingParams:
 
 
 @dataclass(frozen=True)
+class MediaTokens:
+    """A modality's token ids: the placeholder a block repeats, and the block's begin / end."""
+
+    placeholder: int
+    begin: int
+    end: int
+
+
+@dataclass(frozen=True)
+class ModelInfo:
+    """What a caller needs from the decoder to build prompts for it."""
+
+    model_id: str
+    dtype: str
+    hidden_size: int
+    context_length: int
+    eos_token_ids: list[int]
+    media_tokens: dict[str, MediaTokens]  # modality -> its token ids
+    vocab_size: int = 0
+    chat_template: str = ""
+
+
+@dataclass(frozen=True)
 class TokenLogprob:
     """A sampled token's log-probability and the most likely alternatives (best first)."""
 

@@ -122,7 +122,7 @@ def test_health_reflection_and_request_id(services_e2b):
 def test_python_client_sync_and_async_agree(services_e2b, media_dir):
     import asyncio
 
-    from mmserve_core.client import AsyncChatClient, Audio, ChatClient, Image
+    from mmserve_core.client import AsyncChatClient, Audio, ChatClient, ChatDelta, Image
 
     msgs = [{"role": "user", "content": ["Look and listen", Image((media_dir / "blue_square.jpg").read_bytes()),
                                          Audio((media_dir / "tone_1p3s.flac").read_bytes())]}]
@@ -140,30 +140,36 @@ def test_python_client_sync_and_async_agree(services_e2b, media_dir):
     unary, deltas = asyncio.run(run())
     assert sync.token_ids == unary.token_ids and len(sync.token_ids) == 6 and sync.finish_reason == "length"
     for msgs_ in (streamed, deltas):
-        assert [t for m in msgs_ if m.HasField("delta") for t in m.delta.token_ids] == sync.token_ids
-        assert msgs_[-1].final.usage.soft_tokens == sync.usage.soft_tokens > 33  # 1.3 s of audio + the image
+        assert [t for m in msgs_ if isinstance(m, ChatDelta) for t in m.token_ids] == sync.token_ids
+        assert msgs_[-1].usage.soft_tokens == sync.usage.soft_tokens > 33  # 1.3 s of audio + the image
     assert [lp.token_id for lp in sync.logprobs] == sync.token_ids and len(sync.logprobs[0].top) == 2
 
 
 def test_async_low_level_clients_match_sync(services_e2b):
     import asyncio
 
-    from mmserve_core.client import AsyncDecoderClient, AsyncEncoderClient, DecoderClient, EncoderClient
+    from mmserve_core.client import (
+        AsyncDecoderClient,
+        AsyncEncoderClient,
+        DecoderClient,
+        EncoderClient,
+        TokenEvent,
+    )
 
     png = shape_png("yellow", "circle", (50, 50))
     enc, dec = EncoderClient(services_e2b.encoder_addr), DecoderClient(services_e2b.decoder_addr)
     image = enc.encode_image(png, soft_tokens=70)
     info = dec.model_info()
-    img = next(m for m in info.modalities if m.modality == image.modality)
-    ids = [2, 105, img.begin_token_id] + [img.placeholder_token_id] * image.rows.shape[0] + [img.end_token_id, 106, 105]
-    sync = [t for r in dec.generate(ids, [(3, image)], max_tokens=6, temperature=0) if r.HasField("token")
-            for t in r.token.token_ids]
+    img = info.media_tokens[image.modality]
+    ids = [2, 105, img.begin] + [img.placeholder] * image.rows.shape[0] + [img.end, 106, 105]
+    sync = [t for r in dec.generate(ids, [(3, image)], max_tokens=6, temperature=0) if isinstance(r, TokenEvent)
+            for t in r.token_ids]
 
     async def run():
         aenc, adec = AsyncEncoderClient(services_e2b.encoder_addr), AsyncDecoderClient(services_e2b.decoder_addr)
         again = await aenc.encode_image(png, soft_tokens=70)
         toks = [t async for r in adec.generate(ids, [(3, again)], max_tokens=6, temperature=0)
-                if r.HasField("token") for t in r.token.token_ids]
+                if isinstance(r, TokenEvent) for t in r.token_ids]
         await aenc.close()
         await adec.close()
         return again, toks

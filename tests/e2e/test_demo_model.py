@@ -20,7 +20,7 @@ from transformers import AutoTokenizer
 from deploy.demo import tasks
 from deploy.demo.checkpoint_path import demo_checkpoint
 from deploy.processes import start_services
-from mmserve_core.client import DecoderClient, EncoderClient
+from mmserve_core.client import DecoderClient, EncoderClient, TokenEvent
 from tests.tooling.demo_training.evaluate import evaluate_url, normalize
 from tests.tooling.demo_training.sequences import Sequencer
 from tests.tooling.demo_training.train import AUDIO_ROWS, IMAGE_SOFT_TOKENS
@@ -117,8 +117,8 @@ def _accuracy_by_placement(svc, kind: str, n: int) -> dict[str, float]:
             ids = seq.prompt(ex.parts)
             for name, (v_ids, offset) in _variants(ids, begin, end, config["bos_token_id"]).items():
                 spans = [(offset, rows)] if offset is not None else []
-                got = "".join(r.token.text for r in dec.generate(v_ids, spans, temperature=0.0, max_tokens=16)
-                              if r.WhichOneof("payload") == "token")
+                got = "".join(r.text for r in dec.generate(v_ids, spans, temperature=0.0, max_tokens=16)
+                              if isinstance(r, TokenEvent))
                 right[name] = right.get(name, 0) + (normalize(got) == normalize(ex.answer))
     finally:
         enc.close()
