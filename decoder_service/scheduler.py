@@ -97,6 +97,7 @@ class BatchScheduler:
         self._queue: queue.Queue = queue.Queue(maxsize=max_queue)
         self._stopping = threading.Event()
         self.active_count = 0  # read by metrics / tests from other threads
+        self.solo_handoffs = 0  # solo sequences moved into the batch (read by tests from other threads)
 
     # -- any thread -------------------------------------------------------------------
     def submit(self, job: GenerationJob) -> None:
@@ -284,6 +285,7 @@ class BatchScheduler:
             self._store(solo.a, solo.cache, solo.fed)
             return
         self._insert(bg, active, solo.a, solo.cache, solo.fed, token)
+        self.solo_handoffs += 1
 
     def _solo_to_batch(self, bg, active: dict[int, _Active]) -> None:
         """A new request arrived while one sequence ran solo: read its pending token, move it over."""
@@ -295,6 +297,7 @@ class BatchScheduler:
             self._store(solo.a, solo.cache, solo.fed)
             return
         self._insert(bg, active, solo.a, solo.cache, solo.fed, token)
+        self.solo_handoffs += 1
 
     def _lookup(self, kids: list, job: GenerationJob) -> tuple[list | None, int]:
         """A cached prefix this prompt may start from (see ``prefix_cache``)."""

@@ -131,17 +131,10 @@ def encoded_item_from_pb(h: encoder_pb2.EmbeddingHeader, tensor: RawTensor) -> T
 
 # ---- decoder ----------------------------------------------------------------
 # proto3 ``optional`` fields: unset means "the model's default", not zero.
-_OPTIONAL_SAMPLING_FIELDS = (
-    "temperature",
-    "top_p",
-    "top_k",
-    "min_p",
-    "max_tokens",
-    "seed",
-    "repetition_penalty",
-    "presence_penalty",
-    "frequency_penalty",
-)
+# The decoder's optional (presence-tracked) sampling scalars: the chat fields table's, by the same names.
+_OPTIONAL_SAMPLING_FIELDS = tuple(n for n in fields.SAMPLING_SCALARS
+                                  if decoder_pb2.SamplingParams.DESCRIPTOR.fields_by_name[n].has_presence)
+
 
 def sampling_to_pb(s: T.SamplingParams) -> decoder_pb2.SamplingParams:
     pb = decoder_pb2.SamplingParams(

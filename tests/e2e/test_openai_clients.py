@@ -6,7 +6,10 @@ Every case checks its result (tokens, placement, usage), not just "no exception"
 from __future__ import annotations
 
 import asyncio
+import re
+import time
 
+import httpx
 import openai
 import pytest
 from openai import AsyncOpenAI, OpenAI
@@ -125,9 +128,22 @@ def test_seed_reproducibility_sync_and_async(services_e2b):
     assert b.choices[0].model_extra["token_ids"] != a.choices[0].model_extra["token_ids"]
 
 
+async def _until_queued(dec, n: int, timeout_s: float = 30.0) -> None:
+    url = re.search(r"metrics listening\s+address=(\S+)", dec.logs("decoder")).group(1)
+    deadline = time.monotonic() + timeout_s
+    async with httpx.AsyncClient() as http:
+        while time.monotonic() < deadline:
+            text = (await http.get(url, timeout=5)).text
+            if float(re.search(r"^mmserve_decoder_queue_depth ([0-9.e+-]+)$", text, re.M).group(1)) >= n:
+                return
+            await asyncio.sleep(0.01)
+    raise TimeoutError(f"the decoder never had {n} request(s) queued")
+
+
 def test_overload_is_a_rate_limit_error_with_retry_after(services_e2b):
     """One decoding slot and one queue place: the third concurrent request gets 429."""
-    with start_decoder(services_e2b.checkpoint, ["--max-active", "1", "--max-queue", "1"]) as dec, \
+    with start_decoder(services_e2b.checkpoint, ["--max-active", "1", "--max-queue", "1", "--metrics-port", "0"]) \
+            as dec, \
             start_gateway(services_e2b.checkpoint, services_e2b.encoder_addr, dec.decoder_addr) as gw:
         url = f"http://127.0.0.1:{gw.gateway_port}/v1"
 
@@ -138,7 +154,7 @@ def test_overload_is_a_rate_limit_error_with_retry_after(services_e2b):
             stream = await first
             await stream.__anext__()  # the first is decoding
             second = asyncio.ensure_future(c.chat.completions.create(**long, stream=True))
-            await asyncio.sleep(0.5)  # the second is queued
+            await _until_queued(dec, 1)  # the second is queued (the decoder's gauge, polled)
             try:
                 with pytest.raises(openai.RateLimitError) as ei:
                     await c.chat.completions.create(model="m", messages=[{"role": "user", "content": "x"}])

@@ -166,7 +166,8 @@ async def test_queue_bound_is_resource_exhausted(ckpt_dense32):
         while engine.scheduler.active_count == 0:
             await asyncio.sleep(0.005)
         waiting = asyncio.ensure_future(_run(engine, ids, spans, max_tokens=2, logit_bias=no_eos))  # fills the queue
-        await asyncio.sleep(0.05)
+        while engine.scheduler.queue_depth < 1:  # it is queued (polled, not slept)
+            await asyncio.sleep(0.001)
         from mmserve_core.wire.errors import ResourceExhausted
 
         with pytest.raises(ResourceExhausted, match="queue is full"):
@@ -294,10 +295,11 @@ async def test_a_solo_sequence_joins_the_batch_when_company_arrives(dense):
     no_eos = {t: -100.0 for t in dense.eos_ids}
     a_alone, _ = await _run(dense, a_ids, a_spans, max_tokens=60, logit_bias=no_eos)
     b_alone, _ = await _run(dense, b_ids, b_spans, max_tokens=20, logit_bias=no_eos)
+    handoffs = dense.scheduler.solo_handoffs
     task_a = asyncio.ensure_future(_run(dense, a_ids, a_spans, max_tokens=60, logit_bias=no_eos))
-    while dense.scheduler._solo is None:
+    while (solo := dense.scheduler._solo) is None or solo.a.generated < 5:  # a few solo steps taken
         await asyncio.sleep(0.001)
-    await asyncio.sleep(0.02)  # a few solo steps
     b_got, _ = await _run(dense, b_ids, b_spans, max_tokens=20, logit_bias=no_eos)
     a_got, _ = await task_a
+    assert dense.scheduler.solo_handoffs == handoffs + 1  # a really moved from its solo loop into the batch
     assert a_got == a_alone and b_got == b_alone

@@ -58,36 +58,27 @@ def _read_bandwidth(nbytes: int = 1 << 29, repeats: int = 5) -> float:
     return nbytes / best
 
 
-class _Client:
-    def __init__(self, addr: str) -> None:
-        import grpc
+async def _generate(client, ids: list[int], max_tokens: int, no_stop: list[int]):
+    """-> (ttft s, token arrival times, token ids, completion), through the public asyncio client."""
+    from mmserve_core.client import TokenEvent
 
-        from mmserve_core.runtime.grpc_runtime import CHANNEL_OPTIONS
-        from mmserve_core.wire.stubs import decoder_pb2, decoder_pb2_grpc
+    t0 = time.perf_counter()
+    times, toks, done = [], [], None
+    async for ev in client.generate(ids, temperature=0.0, max_tokens=max_tokens,
+                                    logit_bias={t: -100.0 for t in no_stop}):
+        if isinstance(ev, TokenEvent):
+            now = time.perf_counter()
+            times += [now] * len(ev.token_ids)
+            toks += list(ev.token_ids)
+        else:
+            done = ev
+    return times[0] - t0, times, toks, done
 
-        self.pb = decoder_pb2
-        self.channel = grpc.aio.insecure_channel(addr, options=CHANNEL_OPTIONS)
-        self.stub = decoder_pb2_grpc.DecoderServiceStub(self.channel)
 
-    async def generate(self, ids: list[int], max_tokens: int, no_stop: list[int]):
-        """-> (ttft s, token arrival times, token ids, completion)"""
-        pb = self.pb
-        setup = pb.GenerateSetup(prompt_token_ids=ids, sampling=pb.SamplingParams(
-            temperature=0, max_tokens=max_tokens, logit_bias={t: -100.0 for t in no_stop}))
+def _client(addr: str):
+    from mmserve_core.client import AsyncDecoderClient
 
-        async def reqs():
-            yield pb.GenerateRequest(setup=setup)
-
-        t0 = time.perf_counter()
-        times, toks, done = [], [], None
-        async for msg in self.stub.Generate(reqs()):
-            if msg.WhichOneof("payload") == "token":
-                now = time.perf_counter()
-                times += [now] * len(msg.token.token_ids)
-                toks += list(msg.token.token_ids)
-            else:
-                done = msg.complete
-        return times[0] - t0, times, toks, done
+    return AsyncDecoderClient(addr)
 
 
 def _prompt(rng, n: int) -> list[int]:
@@ -95,32 +86,32 @@ def _prompt(rng, n: int) -> list[int]:
 
 
 async def _aggregate(addr: str, streams: int, tokens: int, eos: list[int]) -> tuple[float, float]:
-    client = _Client(addr)
+    client = _client(addr)
     rng = np.random.default_rng(streams)
     t0 = time.perf_counter()
-    runs = await asyncio.gather(*(client.generate(_prompt(rng, 32), tokens, eos) for _ in range(streams)))
+    runs = await asyncio.gather(*(_generate(client, _prompt(rng, 32), tokens, eos) for _ in range(streams)))
     wall = time.perf_counter() - t0
-    await client.channel.close()
+    await client.close()
     total = sum(len(r[2]) for r in runs)
     per_stream = statistics.median((len(r[1]) - 1) / (r[1][-1] - r[1][0]) for r in runs)
     return total / wall, per_stream
 
 
 async def _turn2(addr: str, prompt_len: int, eos: list[int], repeats: int) -> tuple[float, float, int]:
-    client = _Client(addr)
+    client = _client(addr)
     warm, cold, hit = [], [], 0
     for k in range(repeats):
         rng = np.random.default_rng(1000 + k)
         turn1 = _prompt(rng, prompt_len)
-        _, _, reply, _ = await client.generate(turn1, 8, eos)
+        _, _, reply, _ = await _generate(client, turn1, 8, eos)
         turn2 = turn1 + reply + [106, 105, 12, 13, 14, 106, 105, 11]
-        ttft, _, _, done = await client.generate(turn2, 2, eos)
+        ttft, _, _, done = await _generate(client, turn2, 2, eos)
         warm.append(ttft)
-        hit = done.usage.cached_tokens
+        hit = done.cached_tokens
         other = _prompt(np.random.default_rng(5000 + k), len(turn2) - 5)  # same length, never seen
-        ttft, _, _, _ = await client.generate(other, 2, eos)
+        ttft, _, _, _ = await _generate(client, other, 2, eos)
         cold.append(ttft)
-    await client.channel.close()
+    await client.close()
     return statistics.median(warm) * 1000, statistics.median(cold) * 1000, hit
 
 

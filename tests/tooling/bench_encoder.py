@@ -74,87 +74,73 @@ def _clips(n: int, seconds: float) -> list[bytes]:
     return [tone_wav(seconds, 16000, freq=200.0 + 37.0 * i) for i in range(n)]
 
 
-class _Client:
-    def __init__(self, addr: str) -> None:
-        import grpc
+def _client(addr: str):
+    from mmserve_core.client import AsyncEncoderClient
 
-        from mmserve_core.runtime.grpc_runtime import CHANNEL_OPTIONS
-        from mmserve_core.wire.stubs import encoder_pb2, encoder_pb2_grpc
+    return AsyncEncoderClient(addr)
 
-        self.pb = encoder_pb2
-        self.channel = grpc.aio.insecure_channel(addr, options=CHANNEL_OPTIONS)
-        self.stub = encoder_pb2_grpc.EncoderServiceStub(self.channel)
 
-    async def encode(self, modality: int, data: bytes, budget: int = 0, dtype: int = 0) -> int:
-        from mmserve_core.wire.stubs import tensor_pb2
+async def _encode(client, modality: str, data: bytes, budget: int = 0) -> int:
+    """Encode one item through the public asyncio client; the embedding's bytes."""
+    from mmserve_core.wire.types import IMAGE
 
-        if modality != tensor_pb2.MODALITY_IMAGE:
-            budget = 0
-        req = self.pb.EncodeRequest(items=[self.pb.MediaItem(modality=modality, data=data,
-                                                             image_soft_tokens=budget)], output_dtype=dtype)
-        n = 0
-        async for msg in self.stub.Encode(req):
-            if msg.WhichOneof("payload") == "chunk":
-                n += len(msg.chunk.data)
-        return n
+    if modality == IMAGE:
+        enc = await client.encode_image(data, soft_tokens=budget)
+    else:
+        enc = await client.encode_audio(data)
+    return enc.rows.nbytes
 
 
 async def _throughput(addr: str, modality: int, payloads: list[bytes], callers: int, budget: int) -> float:
-    client = _Client(addr)
+    client = _client(addr)
     queue: asyncio.Queue = asyncio.Queue()
     for p in payloads:
         queue.put_nowait(p)
 
     async def caller():
         while not queue.empty():
-            await client.encode(modality, queue.get_nowait(), budget)
+            await _encode(client, modality, queue.get_nowait(), budget)
 
     t0 = time.perf_counter()
     await asyncio.gather(*(caller() for _ in range(callers)))
     dt = time.perf_counter() - t0
-    await client.channel.close()
+    await client.close()
     return len(payloads) / dt
 
 
 async def _cache_latency(addr: str, images: list[bytes], budget: int) -> tuple[float, float]:
-    from mmserve_core.wire.stubs import tensor_pb2
+    from mmserve_core.wire.types import IMAGE
 
-    client = _Client(addr)
+    client = _client(addr)
     miss, hit = [], []
     for img in images:
         t0 = time.perf_counter()
-        await client.encode(tensor_pb2.MODALITY_IMAGE, img, budget)
+        await _encode(client, IMAGE, img, budget)
         miss.append(time.perf_counter() - t0)
         t0 = time.perf_counter()
-        await client.encode(tensor_pb2.MODALITY_IMAGE, img, budget)
+        await _encode(client, IMAGE, img, budget)
         hit.append(time.perf_counter() - t0)
-    await client.channel.close()
+    await client.close()
     return statistics.median(miss) * 1000, statistics.median(hit) * 1000
 
 
 async def _bytes_per_s(addr: str, image: bytes, items: int, repeats: int) -> tuple[float, int]:
     """Embedding bytes/s of cache hits: ``items`` copies of one small PNG per request, float32
     out, so the response (not the upload, not the towers) dominates."""
-    from mmserve_core.wire.stubs import tensor_pb2
+    from mmserve_core.wire.types import IMAGE, MediaInput
 
-    client = _Client(addr)
-    pb = client.pb
-    req = pb.EncodeRequest(items=[pb.MediaItem(modality=tensor_pb2.MODALITY_IMAGE, data=image)] * items,
-                           output_dtype=tensor_pb2.DTYPE_FLOAT32)
+    client = _client(addr)
+    req = [MediaInput(IMAGE, image)] * items
 
-    async def once() -> int:
-        n = 0
-        async for msg in client.stub.Encode(req):
-            if msg.WhichOneof("payload") == "chunk":
-                n += len(msg.chunk.data)
-        return n
+    async def once() -> int:  # the whole response reassembled, as every caller receives it
+        return sum(e.rows.nbytes for e in await client.encode(req, "float32"))
 
     size = await once()  # computes once, caches
     t0 = time.perf_counter()
     for _ in range(repeats):
         await once()
     dt = time.perf_counter() - t0
-    await client.channel.close()
+    await client.close()
     return size * repeats / dt, size
 
 
@@ -169,14 +155,14 @@ def main(argv: list[str] | None = None) -> None:
     args = ap.parse_args(argv)
 
     from deploy.processes import start_encoder
-    from mmserve_core.wire.stubs import tensor_pb2
+    from mmserve_core.wire.types import AUDIO, IMAGE
     from tests.tooling.tiny_checkpoint import write_tiny_checkpoint
 
     tmp = Path(tempfile.mkdtemp(prefix="mmserve-bench-enc-"))
     ckpt = Path(args.checkpoint) if args.checkpoint else write_tiny_checkpoint(tmp / "tiny-e2b", variant="e2b")
     callers = [int(c) for c in args.callers.split(",")]
     images, clips = _images(args.items), _clips(args.items, args.clip_seconds)
-    img, aud = tensor_pb2.MODALITY_IMAGE, tensor_pb2.MODALITY_AUDIO
+    img, aud = IMAGE, AUDIO
 
     rows = []
     results: dict[tuple[str, int, int], float] = {}
