@@ -36,6 +36,22 @@ def validate_prompt(
     ``all_placeholder_ids`` every placeholder the checkpoint declares (video,
     or a modality without its tower): none of them may stand outside a span.
     """
+    arr = _checked_ids(ids, vocab_size, context_length)
+    covered = np.zeros(len(arr), dtype=bool)
+    prev_end = 0
+    for i, (span, _dtype, shape) in enumerate(spans):
+        prev_end = _check_span(f"spans[{i}]", span, shape, arr, prev_end, placeholder_ids, hidden_size)
+        covered[span.offset:prev_end] = True
+    for modality, pid in {**(all_placeholder_ids or {}), **placeholder_ids}.items():
+        loose = np.nonzero((arr == pid) & ~covered)[0]
+        if loose.size:
+            raise InvalidArgument(
+                f"prompt has {loose.size} {modality} placeholder token(s) (id {pid}) outside any span, "
+                f"first at position {int(loose[0])}"
+            )
+
+
+def _checked_ids(ids: Sequence[int], vocab_size: int, context_length: int) -> np.ndarray:
     n = len(ids)
     if n == 0:
         raise InvalidArgument("prompt_token_ids is empty")
@@ -50,48 +66,36 @@ def validate_prompt(
         raise InvalidArgument(
             f"prompt_token_ids[{i}] = {int(arr[i])} is outside the vocabulary [0, {vocab_size})"
         )
-    covered = np.zeros(n, dtype=bool)
-    prev_end = 0
-    for i, (span, _dtype, shape) in enumerate(spans):
-        what = f"spans[{i}]"
-        if span.modality not in placeholder_ids:
-            raise FailedPrecondition(f"{what}: this model has no {span.modality} placeholder token")
-        if span.length == 0:
-            raise InvalidArgument(f"{what}: length is 0")
-        end = span.offset + span.length
-        if end > n:
-            raise InvalidArgument(
-                f"{what}: [{span.offset}, {end}) runs past the end of the {n}-token prompt"
-            )
-        if span.offset < prev_end:
-            raise InvalidArgument(
-                f"{what}: starts at {span.offset}, overlapping or before the previous span ending at {prev_end}"
-            )
-        prev_end = end
-        want = placeholder_ids[span.modality]
-        window = arr[span.offset:end]
-        wrong = np.nonzero(window != want)[0]
-        if wrong.size:
-            j = span.offset + int(wrong[0])
-            raise InvalidArgument(
-                f"{what}: prompt_token_ids[{j}] = {int(arr[j])}, expected the {span.modality} "
-                f"placeholder id {want} throughout [{span.offset}, {end})"
-            )
-        if len(shape) != 2:
-            raise InvalidArgument(f"{what}: embedding shape {list(shape)} must be [rows, hidden]")
-        if shape[0] != span.length:
-            raise InvalidArgument(
-                f"{what}: span length {span.length} != embedding rows {shape[0]}"
-            )
-        if shape[1] != hidden_size:
-            raise InvalidArgument(
-                f"{what}: embedding width {shape[1]} != the model's hidden size {hidden_size}"
-            )
-        covered[span.offset:end] = True
-    for modality, pid in {**(all_placeholder_ids or {}), **placeholder_ids}.items():
-        loose = np.nonzero((arr == pid) & ~covered)[0]
-        if loose.size:
-            raise InvalidArgument(
-                f"prompt has {loose.size} {modality} placeholder token(s) (id {pid}) outside any span, "
-                f"first at position {int(loose[0])}"
-            )
+    return arr
+
+
+def _check_span(what: str, span: T.Span, shape: tuple[int, ...], arr: np.ndarray, prev_end: int,
+                placeholder_ids: dict[str, int], hidden_size: int) -> int:
+    """One span against the prompt and its declared tensor; returns where it ends."""
+    n = len(arr)
+    if span.modality not in placeholder_ids:
+        raise FailedPrecondition(f"{what}: this model has no {span.modality} placeholder token")
+    if span.length == 0:
+        raise InvalidArgument(f"{what}: length is 0")
+    end = span.offset + span.length
+    if end > n:
+        raise InvalidArgument(f"{what}: [{span.offset}, {end}) runs past the end of the {n}-token prompt")
+    if span.offset < prev_end:
+        raise InvalidArgument(
+            f"{what}: starts at {span.offset}, overlapping or before the previous span ending at {prev_end}"
+        )
+    want = placeholder_ids[span.modality]
+    wrong = np.nonzero(arr[span.offset:end] != want)[0]
+    if wrong.size:
+        j = span.offset + int(wrong[0])
+        raise InvalidArgument(
+            f"{what}: prompt_token_ids[{j}] = {int(arr[j])}, expected the {span.modality} "
+            f"placeholder id {want} throughout [{span.offset}, {end})"
+        )
+    if len(shape) != 2:
+        raise InvalidArgument(f"{what}: embedding shape {list(shape)} must be [rows, hidden]")
+    if shape[0] != span.length:
+        raise InvalidArgument(f"{what}: span length {span.length} != embedding rows {shape[0]}")
+    if shape[1] != hidden_size:
+        raise InvalidArgument(f"{what}: embedding width {shape[1]} != the model's hidden size {hidden_size}")
+    return end

@@ -31,6 +31,30 @@ def resolve_sampling(
     vocab_size: int,
     generation_config: dict,
 ) -> ResolvedSampling:
+    temperature, top_p, top_k, min_p = _filters(s, vocab_size, generation_config)  # checked in this order,
+    max_tokens = _max_tokens(s, prompt_len, context_length)                        # so the first error
+    bias = _logit_bias(s, vocab_size)                                              # reported stays the same
+    _check_penalties(s)
+    _check_stops(s, vocab_size)
+    return ResolvedSampling(
+        temperature=temperature,
+        top_p=top_p,
+        top_k=top_k,
+        min_p=min_p,
+        max_tokens=max_tokens,
+        seed=s.seed,
+        logit_bias=bias,
+        repetition_penalty=s.repetition_penalty,
+        presence_penalty=s.presence_penalty or None,
+        frequency_penalty=s.frequency_penalty or None,
+        stop_strings=tuple(s.stop),
+        logprobs=bool(s.logprobs),
+        top_logprobs=int(s.top_logprobs),
+    )
+
+
+def _filters(s: SamplingParams, vocab_size: int, generation_config: dict) -> tuple[float, float, int, float]:
+    """Temperature, top-p, top-k, min-p: the request's, else ``generation_config.json``'s."""
     if s.temperature is not None:
         temperature = float(s.temperature)
     elif generation_config.get("do_sample") is False:
@@ -50,18 +74,24 @@ def resolve_sampling(
     min_p = float(s.min_p or 0.0)
     if not (0.0 <= min_p <= 1.0):
         raise InvalidArgument(f"min_p must be in [0, 1], got {min_p}")
+    return temperature, top_p, top_k, min_p
+
+
+def _max_tokens(s: SamplingParams, prompt_len: int, context_length: int) -> int:
     room = context_length - prompt_len
-    if s.max_tokens is not None:
-        if s.max_tokens < 1:
-            raise InvalidArgument(f"max_tokens must be >= 1, got {s.max_tokens}")
-        if s.max_tokens > room:
-            raise InvalidArgument(
-                f"prompt ({prompt_len} tokens) + max_tokens ({s.max_tokens}) = "
-                f"{prompt_len + s.max_tokens} exceeds the context length of {context_length}"
-            )
-        max_tokens = int(s.max_tokens)
-    else:
-        max_tokens = room
+    if s.max_tokens is None:
+        return room
+    if s.max_tokens < 1:
+        raise InvalidArgument(f"max_tokens must be >= 1, got {s.max_tokens}")
+    if s.max_tokens > room:
+        raise InvalidArgument(
+            f"prompt ({prompt_len} tokens) + max_tokens ({s.max_tokens}) = "
+            f"{prompt_len + s.max_tokens} exceeds the context length of {context_length}"
+        )
+    return int(s.max_tokens)
+
+
+def _logit_bias(s: SamplingParams, vocab_size: int) -> dict[int, float]:
     bias: dict[int, float] = {}
     for tok, val in s.logit_bias.items():
         if not (0 <= tok < vocab_size):
@@ -69,12 +99,19 @@ def resolve_sampling(
         if not math.isfinite(val):
             raise InvalidArgument(f"logit_bias[{tok}] must be finite, got {val}")
         bias[int(tok)] = float(val)
+    return bias
+
+
+def _check_penalties(s: SamplingParams) -> None:
     for name in ("repetition_penalty", "presence_penalty", "frequency_penalty"):
         v = getattr(s, name)
         if v is not None and not math.isfinite(v):
             raise InvalidArgument(f"{name} must be finite, got {v}")
     if s.repetition_penalty is not None and s.repetition_penalty <= 0:
         raise InvalidArgument(f"repetition_penalty must be > 0, got {s.repetition_penalty}")
+
+
+def _check_stops(s: SamplingParams, vocab_size: int) -> None:
     for tok in s.stop_token_ids:
         if not (0 <= tok < vocab_size):
             raise InvalidArgument(f"stop_token_ids: {tok} is outside the vocabulary [0, {vocab_size})")
@@ -86,18 +123,3 @@ def resolve_sampling(
         raise InvalidArgument(f"top_logprobs must be in [0, {MAX_TOP_LOGPROBS}], got {s.top_logprobs}")
     if s.top_logprobs and not s.logprobs:
         raise InvalidArgument("top_logprobs needs logprobs to be true")
-    return ResolvedSampling(
-        temperature=temperature,
-        top_p=top_p,
-        top_k=top_k,
-        min_p=min_p,
-        max_tokens=max_tokens,
-        seed=s.seed,
-        logit_bias=bias,
-        repetition_penalty=s.repetition_penalty,
-        presence_penalty=s.presence_penalty or None,
-        frequency_penalty=s.frequency_penalty or None,
-        stop_strings=tuple(s.stop),
-        logprobs=bool(s.logprobs),
-        top_logprobs=int(s.top_logprobs),
-    )

@@ -130,8 +130,28 @@ class EncoderEngine:
 
     # -- request path -----------------------------------------------------------
     async def encode(self, items: list[T.MediaInput], dtype: str | None) -> list[asyncio.Future]:
-        """Validate and schedule ``items``; one future of ``T.EncodedItem`` per item, in order."""
+        """Validate and schedule ``items``; one future of ``T.EncodedItem`` per item, in order.
+
+        Steps: check the request; answer byte-identical resends from the cache without
+        decoding; decode the rest off the loop; answer decoded media the cache or another
+        request already has; send what is left to the towers."""
         t0 = time.perf_counter()
+        towers = self._check_request(items)
+        dtype = dtype or towers.dtype
+        loop = asyncio.get_running_loop()
+        out: list[asyncio.Future | None] = [None] * len(items)
+        raw_keys = [self._raw_key(it) for it in items]
+        to_decode = self._from_raw_cache(raw_keys, dtype, out, t0)
+        decoded = await asyncio.gather(
+            *(loop.run_in_executor(None, self._decode, i, items[i], raw_keys[i]) for i in to_decode)
+        )
+        tasks, pending = self._tower_work(to_decode, decoded, dtype, out, t0)
+        self._submit(tasks, pending)
+        for i, d, key, futs in pending:
+            asyncio.ensure_future(self._assemble(d, key, futs, out[i], t0))
+        return out  # type: ignore[return-value]
+
+    def _check_request(self, items: list[T.MediaInput]):
         if not items:
             raise InvalidArgument("items: at least one media item is required")
         if len(items) > self.cfg.max_items:
@@ -139,13 +159,13 @@ class EncoderEngine:
         towers = self.towers
         if towers is None:
             raise Unavailable("encoder is still loading")
-        dtype = dtype or towers.dtype
         for i, it in enumerate(items):
             self._check_servable(i, it, towers)
+        return towers
 
+    def _from_raw_cache(self, raw_keys: list[str], dtype: str, out: list, t0: float) -> list[int]:
+        """Fill ``out`` for items whose exact bytes were encoded before; the indexes still to decode."""
         loop = asyncio.get_running_loop()
-        out: list[asyncio.Future | None] = [None] * len(items)
-        raw_keys = [self._raw_key(it) for it in items]
         to_decode = []
         for i, rk in enumerate(raw_keys):
             key = self.cache.resolve_alias(rk + dtype) if self.cache.enabled else None
@@ -154,9 +174,11 @@ class EncoderEngine:
                 out[i] = self._done(loop, hit, True, t0)
             else:
                 to_decode.append(i)
-        decoded = await asyncio.gather(
-            *(loop.run_in_executor(None, self._decode, i, items[i], raw_keys[i]) for i in to_decode)
-        )
+        return to_decode
+
+    def _tower_work(self, to_decode: list[int], decoded: list, dtype: str, out: list, t0: float):
+        """Decoded items the cache or an in-flight computation answers; tower tasks for the rest."""
+        loop = asyncio.get_running_loop()
         tasks: list[TowerTask] = []
         pending: list[tuple[int, _Decoded, str, list[asyncio.Future]]] = []
         for i, d in zip(to_decode, decoded):
@@ -180,6 +202,9 @@ class EncoderEngine:
             self._inflight[key] = item_fut
             pending.append((i, d, key, futs))
             out[i] = item_fut
+        return tasks, pending
+
+    def _submit(self, tasks: list[TowerTask], pending: list) -> None:
         try:
             if tasks:
                 self.batcher.submit(tasks)
@@ -189,9 +214,6 @@ class EncoderEngine:
                 fut.set_exception(e)
                 fut.exception()  # retrieved: followers (if any) see it, no "never retrieved" noise
             raise
-        for i, d, key, futs in pending:
-            asyncio.ensure_future(self._assemble(d, key, futs, out[i], t0))
-        return out  # type: ignore[return-value]
 
     def _check_servable(self, i: int, it: T.MediaInput, towers) -> None:
         if it.modality == T.AUDIO and not towers.has_audio:
