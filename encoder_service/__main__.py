@@ -2,27 +2,14 @@
 
 from __future__ import annotations
 
-import os
-
-from mmserve_core.runtime.logs import configure_logging
-
 
 def main(argv: list[str] | None = None) -> None:
     from encoder_service.config import parse_args
-
-    cfg = parse_args(argv)
-    configure_logging("encoder")
-    cfg.tls.check(cfg.host, "mmserve-encoder")
     from encoder_service.engine import EncoderEngine
     from encoder_service.server import SERVICE_NAME, start_encoder_server
-    from mmserve_core.runtime.service_main import run_service, serve
+    from mmserve_core.runtime.service_main import main_for
 
-    run_service(
-        serve("encoder", EncoderEngine(cfg), start_encoder_server, [SERVICE_NAME],
-              f"[{cfg.host}]:{cfg.port}" if ":" in cfg.host else f"{cfg.host}:{cfg.port}", port_file=os.environ.get("MMSERVE_PORT_FILE"),
-              metrics_port=cfg.metrics_port, metrics_host=cfg.metrics_host, tls=cfg.tls,
-              grace_s=cfg.drain_grace_s, drain_delay_s=cfg.drain_delay_s)
-    )
+    main_for("encoder", parse_args, EncoderEngine, start_encoder_server, SERVICE_NAME, argv)
 
 
 if __name__ == "__main__":

@@ -16,17 +16,7 @@ from __future__ import annotations
 import uuid
 from collections.abc import AsyncIterator
 
-from gateway.chat import (
-    ChatRequest,
-    Delta,
-    Message,
-    Part,
-    audio_part,
-    bad,
-    image_part,
-    media_role,
-    parse_fields,
-)
+from gateway import chat
 from gateway.config import GatewayConfig
 from gateway.errors import HTTPError, grpc_status, to_http
 from gateway.openai_chat import keep_reasoning
@@ -41,38 +31,38 @@ log = get_logger(__name__)
 SERVICE_NAME = chat_pb2.DESCRIPTOR.services_by_name["ChatService"].full_name
 
 
-def _part(p: chat_pb2.Part, role: str, pp: str) -> Part:
+def _part(p: chat_pb2.Part, role: str, pp: str) -> chat.Part:
     kind = p.WhichOneof("kind")
     if kind == "text":
-        return Part("text", pp, text=p.text)
+        return chat.Part("text", pp, text=p.text)
     if kind == "image":
-        media_role(role, "image", pp)
+        chat.media_role(role, "image", pp)
         if not p.image.data:
-            raise bad(f"{pp}.image.data must not be empty", f"{pp}.image.data")
-        return image_part(bytes(p.image.data), p.image.mime_type, codec.DETAIL_FROM_PB[p.image.detail], pp,
+            raise chat.bad(f"{pp}.image.data must not be empty", f"{pp}.image.data")
+        return chat.image_part(bytes(p.image.data), p.image.mime_type, codec.DETAIL_FROM_PB[p.image.detail], pp,
                           detail_param=f"{pp}.detail")
     if kind == "audio":
-        media_role(role, "audio", pp)
-        return audio_part(bytes(p.audio.data), p.audio.format or None, pp)
-    raise bad(f"{pp}: a part must be text, image or audio", pp)
+        chat.media_role(role, "audio", pp)
+        return chat.audio_part(bytes(p.audio.data), p.audio.format or None, pp)
+    raise chat.bad(f"{pp}: a part must be text, image or audio", pp)
 
 
-def parse_chat_pb(pb: chat_pb2.ChatRequest) -> ChatRequest:
+def parse_chat_pb(pb: chat_pb2.ChatRequest) -> chat.ChatRequest:
     """The typed API's request as the gateway's ``ChatRequest`` (enum values were checked when
     the bytes were parsed)."""
     if not pb.messages:
-        raise bad("messages must be a non-empty list", "messages")
+        raise chat.bad("messages must be a non-empty list", "messages")
     messages = []
     for i, m in enumerate(pb.messages):
         role = codec.ROLE_FROM_PB.get(m.role)
         if role is None:
-            raise bad(f"messages[{i}].role must be set (ROLE_SYSTEM, ROLE_DEVELOPER, ROLE_USER or ROLE_ASSISTANT)",
+            raise chat.bad(f"messages[{i}].role must be set (ROLE_SYSTEM, ROLE_DEVELOPER, ROLE_USER or ROLE_ASSISTANT)",
                       f"messages[{i}].role")
-        messages.append(Message(role, [_part(p, role, f"messages[{i}].content[{j}]") for j, p in enumerate(m.parts)],
+        messages.append(chat.Message(role, [_part(p, role, f"messages[{i}].content[{j}]") for j, p in enumerate(m.parts)],
                                 f"messages[{i}]"))
-    sampling, options = parse_fields(codec.chat_params_to_values(pb.params))
+    sampling, options = chat.parse_fields(codec.chat_params_to_values(pb.params))
     kwargs = {"enable_thinking": pb.params.enable_thinking} if pb.params.HasField("enable_thinking") else {}
-    return ChatRequest(model=pb.model or None, messages=messages, return_token_ids=pb.return_prompt_token_ids,
+    return chat.ChatRequest(model=pb.model or None, messages=messages, return_token_ids=pb.return_prompt_token_ids,
                        sampling=sampling, include_reasoning=options.get("include_reasoning"),
                        chat_template_kwargs=kwargs)
 
@@ -82,18 +72,18 @@ class ChatServicer(chat_pb2_grpc.ChatServiceServicer):
         self.pipeline = pipeline
         self.cfg = cfg
 
-    async def _events(self, chat: chat_pb2.ChatRequest, context) -> AsyncIterator[chat_pb2.CompleteResponse]:
+    async def _events(self, pb: chat_pb2.ChatRequest, context) -> AsyncIterator[chat_pb2.CompleteResponse]:
         rid = request_id_from(context)
         token = request_id_var.set(rid)
         context.set_trailing_metadata(((REQUEST_ID_HEADER, rid),))
         gen = None
         try:
-            req = parse_chat_pb(chat)
+            req = parse_chat_pb(pb)
             gen = await self.pipeline.start(req, rid)
             keep = keep_reasoning(req, self.cfg)
             cid = f"chatcmpl-{uuid.uuid4().hex}"
             async for ev in gen.events():
-                if isinstance(ev, Delta):
+                if isinstance(ev, chat.Delta):
                     lps = self.pipeline.logprobs.content(ev.logprobs) if req.sampling.logprobs else []
                     yield chat_pb2.CompleteResponse(delta=codec.chat_delta_to_pb(
                         ev.content, ev.reasoning if keep else "", ev.token_ids, lps))
@@ -103,7 +93,7 @@ class ChatServicer(chat_pb2_grpc.ChatServiceServicer):
                              prompt_tokens=c.prompt_tokens, completion_tokens=c.completion_tokens)
                     yield chat_pb2.CompleteResponse(final=codec.chat_final_to_pb(
                         cid, self.pipeline.model_id, c, ev.encode_ms,
-                        ev.prompt_ids if chat.return_prompt_token_ids else None))
+                        ev.prompt_ids if pb.return_prompt_token_ids else None))
         except Exception as e:  # noqa: BLE001 - one mapping for every failure
             err = to_http(e, upstream="decoder" if gen is not None else "gateway")
             if err.status >= 500 and not isinstance(e, HTTPError | ServeError):

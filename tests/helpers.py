@@ -5,6 +5,7 @@ from __future__ import annotations
 import base64
 import functools
 import math
+import struct
 from pathlib import Path
 
 
@@ -66,3 +67,18 @@ def reference_generate(ckpt: Path, content: list[dict], media: list[Path], max_t
     inputs = prepare_inputs(processor, images=images or None, audio=audios or None, prompts=prompt,
                             add_special_tokens=False)
     return {"token_ids": [int(t) for t in r.token_ids], "prompt_ids": [int(x) for x in inputs["input_ids"][0].tolist()]}
+
+
+def exif_block(entries: list[tuple[int, int, int, bytes]], *, ifd_offset: int = 8) -> bytes:
+    """A little-endian EXIF (TIFF) block with one IFD of ``(tag, type, count, value-or-data)``;
+    values over 4 bytes follow the IFD."""
+    out = b"II*\x00" + struct.pack("<I", ifd_offset) + b"\x00" * (ifd_offset - 8)
+    data_at = ifd_offset + 2 + 12 * len(entries) + 4
+    ifd, extra = struct.pack("<H", len(entries)), b""
+    for tag, typ, count, val in entries:
+        if len(val) <= 4:
+            ifd += struct.pack("<HHI", tag, typ, count) + val.ljust(4, b"\x00")
+        else:
+            ifd += struct.pack("<HHII", tag, typ, count, data_at + len(extra))
+            extra += val
+    return out + ifd + struct.pack("<I", 0) + extra

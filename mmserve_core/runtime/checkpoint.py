@@ -14,6 +14,8 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
+from mmserve_core.wire.types import MediaTokens
+
 
 def _read_json(path: Path) -> dict[str, Any]:
     if not path.exists():
@@ -30,21 +32,14 @@ def _as_list(v: Any) -> list[int]:
 
 
 @dataclass(frozen=True)
-class ModalityIds:
-    placeholder: int
-    begin: int
-    end: int
-
-
-@dataclass(frozen=True)
 class CheckpointInfo:
     path: Path
     model_id: str
     model_type: str
     config: dict[str, Any]
     generation_config: dict[str, Any]
-    image: ModalityIds | None
-    audio: ModalityIds | None
+    image: MediaTokens | None
+    audio: MediaTokens | None
     video_token_id: int | None
     context_length: int
     hidden_size: int
@@ -90,12 +85,12 @@ def read_checkpoint(path: str | Path, model_id: str | None = None) -> Checkpoint
     text = cfg.get("text_config") or {}
     image = None
     if cfg.get("image_token_id") is not None:
-        image = ModalityIds(
+        image = MediaTokens(
             int(cfg["image_token_id"]), int(cfg["boi_token_id"]), int(cfg["eoi_token_id"])
         )
     audio = None
     if cfg.get("audio_token_id") is not None:
-        audio = ModalityIds(
+        audio = MediaTokens(
             int(cfg["audio_token_id"]), int(cfg["boa_token_id"]), int(cfg["eoa_token_id"])
         )
     config_eos = tuple(_as_list(cfg.get("eos_token_id")) + _as_list(text.get("eos_token_id")))

@@ -17,10 +17,12 @@ import os
 import signal
 import sys
 from collections.abc import Awaitable, Callable
+from dataclasses import dataclass, field
 from typing import NoReturn
 
 from mmserve_core.runtime.grpc_runtime import set_serving
 from mmserve_core.runtime.logs import get_logger
+from mmserve_core.runtime.tls import ServerTLS, add_server_tls_args, server_tls_from
 
 log = get_logger(__name__)
 
@@ -50,6 +52,69 @@ def run_service(main: Awaitable[None]) -> NoReturn:
         with contextlib.suppress(Exception):
             stream.flush()
     os._exit(code)
+
+
+@dataclass(frozen=True)
+class ServiceSettings:
+    """What every service process is configured with; each service's config adds its own."""
+
+    checkpoint: str
+    host: str = "127.0.0.1"
+    port: int = 0
+    model_id: str | None = None
+    metrics_host: str = "127.0.0.1"
+    metrics_port: int | None = None
+    drain_grace_s: float = 30.0
+    drain_delay_s: float = 0.0
+    tls: ServerTLS = field(default_factory=ServerTLS)
+
+
+def service_parser(service: str, port: int, checkpoint_help: str):
+    """The flags every service shares, first: ``--checkpoint``, ``--host``, ``--port``, ``--model-id``.
+    Returns ``(parser, env)``: ``env(NAME, default)`` reads ``MMSERVE_<SERVICE>_NAME``."""
+    prefix = f"MMSERVE_{service.upper()}"
+    env = lambda name, default: os.environ.get(f"{prefix}_{name}", default)  # noqa: E731
+    p = argparse.ArgumentParser(prog=f"mmserve-{service}", description=f"mmserve {service} service")
+    p.add_argument("--checkpoint", default=env("CHECKPOINT", None), required=env("CHECKPOINT", None) is None,
+                   help=checkpoint_help)
+    p.add_argument("--host", default=env("HOST", "127.0.0.1"))
+    p.add_argument("--port", type=int, default=int(env("PORT", port)), help="0 = pick a free port")
+    p.add_argument("--model-id", default=env("MODEL_ID", None))
+    return p, env
+
+
+def add_service_tail_args(p: argparse.ArgumentParser, service: str) -> None:
+    """The flags every service shares, last: metrics, drain, TLS."""
+    prefix = f"MMSERVE_{service.upper()}"
+    env = lambda name, default: os.environ.get(f"{prefix}_{name}", default)  # noqa: E731
+    p.add_argument("--metrics-host", default=env("METRICS_HOST", "127.0.0.1"))
+    p.add_argument("--metrics-port", type=int, default=env("METRICS_PORT", None),
+                   help="serve Prometheus /metrics on this port (0 = any free port; unset = off)")
+    add_drain_args(p, prefix)
+    add_server_tls_args(p, prefix)
+
+
+def common_settings(a: argparse.Namespace) -> dict:
+    """The shared flags' values, as ``ServiceSettings`` keyword arguments."""
+    return dict(checkpoint=a.checkpoint, host=a.host, port=a.port, model_id=a.model_id,
+                metrics_host=a.metrics_host,
+                metrics_port=int(a.metrics_port) if a.metrics_port is not None else None,
+                drain_grace_s=a.drain_grace_s, drain_delay_s=a.drain_delay_s, tls=server_tls_from(a))
+
+
+def main_for(name: str, parse_args, make_engine, start_server, service_name: str,
+             argv: list[str] | None = None) -> NoReturn:
+    """A service's ``main``: flags, logging, the TLS check, then ``serve`` until drained."""
+    from mmserve_core.runtime.logs import configure_logging
+
+    cfg = parse_args(argv)
+    configure_logging(name)
+    cfg.tls.check(cfg.host, f"mmserve-{name}")
+    address = f"[{cfg.host}]:{cfg.port}" if ":" in cfg.host else f"{cfg.host}:{cfg.port}"
+    run_service(serve(name, make_engine(cfg), start_server, [service_name], address,
+                      port_file=os.environ.get("MMSERVE_PORT_FILE"), metrics_port=cfg.metrics_port,
+                      metrics_host=cfg.metrics_host, tls=cfg.tls, grace_s=cfg.drain_grace_s,
+                      drain_delay_s=cfg.drain_delay_s))
 
 
 def add_drain_args(p: argparse.ArgumentParser, env_prefix: str) -> None:

@@ -22,6 +22,7 @@ from PIL import Image
 
 from deploy.demo.media import shape_png, tone_wav
 from mmserve_core.wire.stubs import chat_pb2, decoder_pb2, encoder_pb2, tensor_pb2
+from tests.helpers import exif_block
 
 C = grpc.StatusCode
 REFUSED = frozenset({C.INVALID_ARGUMENT, C.FAILED_PRECONDITION, C.OUT_OF_RANGE})
@@ -328,18 +329,7 @@ def enc(name, request, expect=REFUSED) -> Case:
     return Case(name, "encoder", lambda env: raw_unary(env, "encoder", ENC, request, stream_out=True), expect)
 
 
-def tiff_ifd(entries: list[tuple[int, int, int, bytes]], *, ifd_offset: int = 8) -> bytes:
-    """A little-endian TIFF/EXIF block with one IFD of ``(tag, type, count, value-or-data)``."""
-    out = b"II*\x00" + struct.pack("<I", ifd_offset) + b"\x00" * (ifd_offset - 8)
-    data_at = ifd_offset + 2 + 12 * len(entries) + 4
-    ifd, extra = struct.pack("<H", len(entries)), b""
-    for tag, typ, count, val in entries:
-        if len(val) <= 4:
-            ifd += struct.pack("<HHI", tag, typ, count) + val.ljust(4, b"\x00")
-        else:
-            ifd += struct.pack("<HHII", tag, typ, count, data_at + len(extra))
-            extra += val
-    return out + ifd + struct.pack("<I", 0) + extra
+tiff_ifd = exif_block
 
 
 ORIENT6 = (0x0112, 3, 1, struct.pack("<H", 6))

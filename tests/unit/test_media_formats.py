@@ -20,6 +20,7 @@ from PIL import Image
 
 from encoder_service.media import decode_audio, decode_image, split_blocks
 from mmserve_core.wire.errors import InvalidArgument
+from tests.helpers import exif_block
 
 TARGET = 16000
 
@@ -215,18 +216,7 @@ def test_exif_orientation_is_applied():
     assert np.mean(np.abs(got - want)) < 6
 
 
-def _exif_with(entries: list[tuple[int, int, int, bytes]]) -> bytes:
-    """A little-endian EXIF (TIFF) block with one IFD; values over 4 bytes follow it."""
-    head = b"II*\x00" + struct.pack("<I", 8)
-    at = 8 + 2 + 12 * len(entries) + 4
-    ifd, extra = struct.pack("<H", len(entries)), b""
-    for tag, typ, count, val in entries:
-        if len(val) <= 4:
-            ifd += struct.pack("<HHI", tag, typ, count) + val.ljust(4, b"\x00")
-        else:
-            ifd += struct.pack("<HHII", tag, typ, count, at + len(extra))
-            extra += val
-    return head + ifd + struct.pack("<I", 0) + extra
+_exif_with = exif_block
 
 
 @pytest.mark.parametrize("fmt", ["JPEG", "PNG", "WEBP"])
