@@ -46,8 +46,8 @@ def main(argv: list[str] | None = None) -> None:
 
     from deploy.demo import tasks
     from deploy.demo.checkpoint_path import demo_checkpoint
+    from deploy.demo.tasks import content, normalize
     from deploy.processes import start_services
-    from tests.tooling.demo_training.evaluate import content, normalize
 
     ckpt = args.checkpoint or str(demo_checkpoint())
     graded = args.checkpoint is None  # the demo model knows the right answers; a real one is free-form

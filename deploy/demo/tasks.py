@@ -209,3 +209,25 @@ def write_sample_clips(out_dir, n: int = 4, seed: int = HELD_OUT_SEED + 50_000_0
         (out / name).write_bytes(wav_bytes(wav))
         names.append(name)
     return names
+
+
+def content(parts: list[tuple[str, object]]) -> list[dict]:
+    """An example's user turn as OpenAI content parts (PNG data URL, WAV ``input_audio``)."""
+    import base64
+
+    out = []
+    for kind, value in parts:
+        if kind == "text":
+            out.append({"type": "text", "text": value})
+        elif kind == "image":
+            url = "data:image/png;base64," + base64.b64encode(png_bytes(value)).decode()
+            out.append({"type": "image_url", "image_url": {"url": url}})
+        else:
+            out.append({"type": "input_audio",
+                        "input_audio": {"data": base64.b64encode(wav_bytes(value)).decode(), "format": "wav"}})
+    return out
+
+
+def normalize(text: str) -> str:
+    """How answers are compared: case, outer and repeated white space do not count."""
+    return " ".join(text.strip().lower().split())

@@ -2,6 +2,7 @@
 
 - the core (``mmserve_core``) imports no service, no deploy tooling, no tests;
 - a service imports no other service, nothing from ``deploy`` or ``tests``;
+- ``deploy`` (the main job, the process manager) imports no service and nothing from ``tests``;
 - the gateway imports no MLX;
 - protobuf (generated stubs, ``google.protobuf``) only in transport and codec modules.
 """
@@ -73,6 +74,14 @@ def test_the_core_imports_no_service_and_no_tooling(path):
 def test_a_service_imports_no_other_service_and_no_tooling(path):
     own = _rel(path).split("/")[0]
     bad = {n for n in _imports(path) if _top(n) in (*SERVICES, "deploy", "tests") and _top(n) != own}
+    assert not bad, f"{_rel(path)} imports {sorted(bad)}"
+
+
+@pytest.mark.parametrize("path", _modules("deploy"), ids=_rel)
+def test_deploy_imports_no_tests_and_no_service_code(path):
+    """The main job and the process manager run from an install, where ``tests`` does not exist;
+    they start services as processes, never import them."""
+    bad = {n for n in _imports(path) if _top(n) in (*SERVICES, "tests")}
     assert not bad, f"{_rel(path)} imports {sorted(bad)}"
 
 

@@ -11,7 +11,6 @@ surrounding space aside).
 from __future__ import annotations
 
 import argparse
-import base64
 import concurrent.futures as cf
 import json
 import time
@@ -20,28 +19,10 @@ from pathlib import Path
 import numpy as np
 
 from deploy.demo import tasks
+from deploy.demo.tasks import content, normalize
 
 TASKS = ("image", "audio", "both", "text")
 TASK_SEED_OFFSET = {"image": 0, "audio": 100_000, "both": 200_000, "text": 300_000}
-
-
-def content(parts: list[tuple[str, object]]) -> list[dict]:
-    """An example's user turn as OpenAI content parts."""
-    out = []
-    for kind, value in parts:
-        if kind == "text":
-            out.append({"type": "text", "text": value})
-        elif kind == "image":
-            url = "data:image/png;base64," + base64.b64encode(tasks.png_bytes(value)).decode()
-            out.append({"type": "image_url", "image_url": {"url": url}})
-        else:
-            out.append({"type": "input_audio",
-                        "input_audio": {"data": base64.b64encode(tasks.wav_bytes(value)).decode(), "format": "wav"}})
-    return out
-
-
-def normalize(text: str) -> str:
-    return " ".join(text.strip().lower().split())
 
 
 def held_out(task: str, n: int, seed: int = tasks.HELD_OUT_SEED) -> list[tasks.Example]:
