@@ -28,6 +28,7 @@ from gateway.chat import (
     parse_fields,
     valid_text,
 )
+from mmserve_core.wire import fields as F
 
 # Template variables a request must not override (they are the prompt itself).
 RESERVED_TEMPLATE_KWARGS = {"messages", "tools", "documents", "add_generation_prompt", "continue_final_message",
@@ -115,6 +116,7 @@ def _messages(msgs: Any, allow_urls: bool) -> list[Message]:
         param = f"messages[{i}]"
         if not isinstance(m, dict):
             raise bad(f"{param} must be an object", param)
+        _refuse_unknown(m, MESSAGE_KEYS, param)
         role = m.get("role")
         if role not in ROLES:
             raise bad(f"{param}.role must be one of {sorted(ROLES)}, got {role!r}", f"{param}.role")
@@ -150,10 +152,25 @@ def _template_kwargs(body: dict) -> dict[str, Any]:
     return dict(ctk)
 
 
+# Every body key this server honours; any other is refused by name (nothing is silently ignored).
+KNOWN_KEYS = frozenset({"model", "messages", "stream", "stream_options", "n", "user", "chat_template_kwargs",
+                        "return_token_ids", *(k for f in F.CHAT_FIELDS for k in (f.name, *f.aliases))})
+MESSAGE_KEYS = frozenset({"role", "content"})
+
+
+def _refuse_unknown(d: dict, known: frozenset, where: str) -> None:
+    unknown = sorted(k for k in d if k not in known)
+    if unknown:
+        name = f"{where}.{unknown[0]}" if where else unknown[0]
+        raise bad(f"{name} is not supported by this server, so it cannot be honoured; remove it "
+                  f"(supported: {', '.join(sorted(known))})", name)
+
+
 def parse_chat_request(body: Any, *, allow_urls: bool = False) -> ChatRequest:
     """Validate an OpenAI chat-completions body into the typed request."""
     if not isinstance(body, dict):
         raise bad("request body must be a JSON object", None)
+    _refuse_unknown(body, KNOWN_KEYS, "")
     messages = _messages(body.get("messages"), allow_urls)
     n = body.get("n")
     if n is not None and (isinstance(n, bool) or not isinstance(n, int) or n < 1):
