@@ -15,12 +15,14 @@ Thread ownership: ``generate``/``validate`` on the event loop;
 from __future__ import annotations
 
 import asyncio
+import dataclasses
 import time
 from collections.abc import AsyncIterator
 from pathlib import Path
 
 from decoder_service.channel import TokenChannel
 from decoder_service.config import DecoderConfig
+from decoder_service.constraints import ConstraintCompiler, GrammarMask
 from decoder_service.intake import StreamLimits
 from decoder_service.metrics import DecoderMetrics
 from decoder_service.model import ResolvedSampling, SpanRows
@@ -62,6 +64,7 @@ class DecoderEngine:
         self.scheduler: BatchScheduler | None = None
         self._loop_job: asyncio.Future | None = None
         self.dtype: str | None = None
+        self.constraints = ConstraintCompiler(self.tokenizer, self.info.vocab_size, self.eos_ids)
         self.stream_limits = StreamLimits(cfg.max_open_streams, cfg.max_buffered_bytes, cfg.stream_idle_timeout_s)
 
     # -- lifecycle ------------------------------------------------------------
@@ -121,13 +124,18 @@ class DecoderEngine:
             hidden_size=self.info.hidden_size,
             context_length=self.context_length,
         )
-        return resolve_sampling(
+        resolved = resolve_sampling(
             sampling,
             prompt_len=len(ids),
             context_length=self.context_length,
             vocab_size=self.info.vocab_size,
             generation_config=self.info.generation_config,
         )
+        if sampling.constraint is None:
+            return resolved
+        # compiled here (cached by digest), never on the MLX thread; each sequence its own matcher
+        matcher = self.constraints.matcher(self.constraints.compile(sampling.constraint))
+        return dataclasses.replace(resolved, grammar=GrammarMask(matcher, self.info.vocab_size, self.eos_ids))
 
     async def generate(
         self,

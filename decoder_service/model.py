@@ -56,6 +56,7 @@ class ResolvedSampling:
     stop_strings: tuple[str, ...] = ()
     logprobs: bool = False
     top_logprobs: int = 0
+    grammar: object = None  # a constraints.GrammarMask for this sequence (its own matcher), or None
 
 
 @dataclass(frozen=True)

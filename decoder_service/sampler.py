@@ -76,10 +76,14 @@ def _make(s: ResolvedSampling) -> Sampler:
 
 
 def build_processors(s: ResolvedSampling) -> list:
-    """Logit bias and penalties over prompt + output (none: no per-row processing at all)."""
-    return make_logits_processors(
+    """Logit bias and penalties over prompt + output, then the output constraint's mask (none of
+    them: no per-row processing at all)."""
+    processors = make_logits_processors(
         s.logit_bias or None,
         s.repetition_penalty,
         presence_penalty=s.presence_penalty,
         frequency_penalty=s.frequency_penalty,
     )
+    if s.grammar is not None:
+        processors = [*processors, s.grammar]
+    return processors

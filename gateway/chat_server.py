@@ -61,6 +61,8 @@ def parse_chat_pb(pb: chat_pb2.ChatRequest) -> chat.ChatRequest:
         messages.append(chat.Message(role, [_part(p, role, f"messages[{i}].content[{j}]") for j, p in enumerate(m.parts)],
                                 f"messages[{i}]"))
     sampling, options = chat.parse_fields(codec.chat_params_to_values(pb.params))
+    if pb.params.HasField("constraint"):
+        sampling.constraint = codec.constraint_from_pb(pb.params.constraint, "params.constraint")
     kwargs = {"enable_thinking": pb.params.enable_thinking} if pb.params.HasField("enable_thinking") else {}
     return chat.ChatRequest(model=pb.model or None, messages=messages, return_token_ids=pb.return_prompt_token_ids,
                        sampling=sampling, include_reasoning=options.get("include_reasoning"),

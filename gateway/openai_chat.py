@@ -98,6 +98,11 @@ CHAT_OPENAPI = {
                 "user": {"type": "string"},
                 "chat_template_kwargs": {"type": "object"},
                 "return_token_ids": {"type": "boolean"},
+                "response_format": {"type": "object", "properties": {
+                    "type": {"type": "string", "enum": ["text", "json_object", "json_schema"]},
+                    "json_schema": {"type": "object", "properties": {
+                        "name": {"type": "string"}, "schema": {"type": "object"}, "strict": {"type": "boolean"}}},
+                }, "description": "enforced by the decoder token by token (json_object, json_schema)"},
             },
         }}},
     },

@@ -14,6 +14,7 @@ from __future__ import annotations
 
 import base64
 import binascii
+import json
 from typing import Any
 
 from gateway.chat import (
@@ -29,6 +30,7 @@ from gateway.chat import (
     valid_text,
 )
 from mmserve_core.wire import fields as F
+from mmserve_core.wire import types as T
 
 # Template variables a request must not override (they are the prompt itself).
 RESERVED_TEMPLATE_KWARGS = {"messages", "tools", "documents", "add_generation_prompt", "continue_final_message",
@@ -154,7 +156,7 @@ def _template_kwargs(body: dict) -> dict[str, Any]:
 
 # Every body key this server honours; any other is refused by name (nothing is silently ignored).
 KNOWN_KEYS = frozenset({"model", "messages", "stream", "stream_options", "n", "user", "chat_template_kwargs",
-                        "return_token_ids", *(k for f in F.CHAT_FIELDS for k in (f.name, *f.aliases))})
+                        "return_token_ids", "response_format", *(k for f in F.CHAT_FIELDS for k in (f.name, *f.aliases))})
 MESSAGE_KEYS = frozenset({"role", "content"})
 
 
@@ -164,6 +166,31 @@ def _refuse_unknown(d: dict, known: frozenset, where: str) -> None:
         name = f"{where}.{unknown[0]}" if where else unknown[0]
         raise bad(f"{name} is not supported by this server, so it cannot be honoured; remove it "
                   f"(supported: {', '.join(sorted(known))})", name)
+
+
+def _response_format(body: dict) -> T.Constraint | None:
+    """OpenAI's ``response_format``: ``text`` (none), ``json_object``, ``json_schema`` (``strict`` or
+    not, it is enforced: the decoder masks every token to the schema)."""
+    rf = body.get("response_format")
+    if rf is None:
+        return None
+    if not isinstance(rf, dict):
+        raise bad("response_format must be an object", "response_format")
+    kind = rf.get("type")
+    if kind == "text":
+        return None
+    if kind == "json_object":
+        return T.Constraint("json_object")
+    if kind == "json_schema":
+        spec = rf.get("json_schema")
+        if not isinstance(spec, dict) or not isinstance(spec.get("schema", {}), (dict, bool)):
+            raise bad("response_format.json_schema must be an object with a schema object",
+                      "response_format.json_schema")
+        if "strict" in spec and not isinstance(spec["strict"], bool | None):
+            raise bad("response_format.json_schema.strict must be a boolean", "response_format.json_schema.strict")
+        return T.Constraint("json_schema", json.dumps(spec.get("schema", {})))
+    raise bad(f"response_format.type must be 'text', 'json_object' or 'json_schema', got {kind!r}",
+              "response_format.type")
 
 
 def parse_chat_request(body: Any, *, allow_urls: bool = False) -> ChatRequest:
@@ -182,6 +209,7 @@ def parse_chat_request(body: Any, *, allow_urls: bool = False) -> ChatRequest:
     if not isinstance(opts, dict):
         raise bad("stream_options must be an object", "stream_options")
     sampling, options = parse_fields(body)
+    sampling.constraint = _response_format(body)
     model = _string(body, "model")
     _string(body, "user")
     return ChatRequest(model=model, messages=messages, stream=stream,

@@ -28,6 +28,8 @@ from mmserve_core.wire import codec
 from mmserve_core.wire import types as T
 from mmserve_core.wire.tensors import split_rows
 
+CONSTRAINT_REFUSAL = "the output constraint"  # how the decoder starts a refusal of a constraint
+
 
 class Generation:
     """A running generation as the typed events every front formats: ``Delta``s, then one ``Done``.
@@ -179,7 +181,10 @@ class Pipeline:
         try:
             call, first = await self.start_generate(ids, spans, req.sampling, rid)
         except grpc.aio.AioRpcError as e:
-            raise to_http(e, upstream="decoder") from None
+            err = to_http(e, upstream="decoder")
+            if err.status == 400 and err.message.startswith(CONSTRAINT_REFUSAL):
+                err.param = "response_format"  # the decoder could not enforce the request's constraint
+            raise err from None
         if first is grpc.aio.EOF:
             raise HTTPError(502, "decoder closed the stream without a response", type_="server_error")
         return Generation(call, first, ids, encode_ms)

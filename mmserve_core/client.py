@@ -50,10 +50,10 @@ from mmserve_core.wire.stubs import (
     encoder_pb2_grpc,
 )
 from mmserve_core.wire.tensors import RawTensor, iter_chunks
-from mmserve_core.wire.types import Completion, ModelInfo, TokenEvent
+from mmserve_core.wire.types import Completion, Constraint, ModelInfo, TokenEvent
 
 __all__ = ["AsyncChatClient", "AsyncDecoderClient", "AsyncEncoderClient", "Audio", "ChatClient", "ChatDelta",
-           "ChatFinal", "Completion", "DecoderClient", "Encoded", "EncoderClient", "Image", "ModelInfo", "Reply",
+           "ChatFinal", "Completion", "Constraint", "DecoderClient", "Encoded", "EncoderClient", "Image", "ModelInfo", "Reply",
            "TokenEvent", "chat_request"]
 
 _RETRY = {"maxAttempts": 3, "initialBackoff": "0.2s", "maxBackoff": "2s", "backoffMultiplier": 2,
@@ -179,11 +179,14 @@ def _set_param(params: chat_pb2.ChatParams, f: fields.Field, value: Any) -> None
 
 
 def chat_request(messages: Sequence[dict], *, model: str = "", enable_thinking: bool | None = None,
-                 return_prompt_token_ids: bool = False, **params: Any) -> chat_pb2.ChatRequest:
+                 return_prompt_token_ids: bool = False, constraint: T.Constraint | None = None,
+                 **params: Any) -> chat_pb2.ChatRequest:
     """Build the typed request.  ``content`` is a string or a list of str / ``Image`` / ``Audio``;
     ``params`` are the fields of ``mmserve_core.wire.fields.CHAT_FIELDS`` (``max_tokens``,
     ``temperature``, ``top_p``, ``top_k``, ``min_p``, ``seed``, ``stop``, ``logit_bias``, the
-    penalties, ``logprobs``, ``top_logprobs``, ``include_reasoning``); the gateway checks them."""
+    penalties, ``logprobs``, ``top_logprobs``, ``include_reasoning``); the gateway checks them.
+    ``constraint``: what the reply must match (``Constraint("json_schema", json.dumps(schema))``,
+    ``"json_object"``, ``"regex"``, ``"lark"``), enforced by the decoder."""
     unknown = sorted(set(params) - set(fields.BY_NAME))
     if unknown:
         raise TypeError(f"unknown chat parameters {unknown}; the fields are {sorted(fields.BY_NAME)}")
@@ -208,6 +211,8 @@ def chat_request(messages: Sequence[dict], *, model: str = "", enable_thinking: 
             _set_param(out, fields.BY_NAME[name], value)
     if enable_thinking is not None:
         out.enable_thinking = enable_thinking
+    if constraint is not None:
+        out.constraint.CopyFrom(codec.constraint_to_pb(constraint))
     return chat_pb2.ChatRequest(messages=msgs, params=out, return_prompt_token_ids=return_prompt_token_ids,
                                 model=model)
 

@@ -9,7 +9,7 @@ from __future__ import annotations
 from mmserve_core.wire import fields
 from mmserve_core.wire import types as T
 from mmserve_core.wire.errors import InvalidArgument
-from mmserve_core.wire.stubs import chat_pb2, decoder_pb2, encoder_pb2, tensor_pb2
+from mmserve_core.wire.stubs import chat_pb2, constraint_pb2, decoder_pb2, encoder_pb2, tensor_pb2
 from mmserve_core.wire.tensors import Assembler, RawTensor
 
 DTYPE_TO_PB = {
@@ -136,6 +136,26 @@ _OPTIONAL_SAMPLING_FIELDS = tuple(n for n in fields.SAMPLING_SCALARS
                                   if decoder_pb2.SamplingParams.DESCRIPTOR.fields_by_name[n].has_presence)
 
 
+def constraint_to_pb(c: T.Constraint) -> constraint_pb2.OutputConstraint:
+    if c.kind == "json_object":
+        return constraint_pb2.OutputConstraint(json_object=True)
+    return constraint_pb2.OutputConstraint(**{c.kind: c.spec})
+
+
+def constraint_from_pb(pb: constraint_pb2.OutputConstraint, what: str) -> T.Constraint | None:
+    kind = pb.WhichOneof("kind")
+    if kind is None:
+        return None
+    if kind == "json_object":
+        if not pb.json_object:
+            raise InvalidArgument(f"{what}.json_object must be true when set")
+        return T.Constraint("json_object")
+    spec = getattr(pb, kind)
+    if not spec:
+        raise InvalidArgument(f"{what}.{kind} is empty")
+    return T.Constraint(kind, spec)
+
+
 def sampling_to_pb(s: T.SamplingParams) -> decoder_pb2.SamplingParams:
     pb = decoder_pb2.SamplingParams(
         logit_bias={int(k): float(v) for k, v in s.logit_bias.items()},
@@ -148,6 +168,8 @@ def sampling_to_pb(s: T.SamplingParams) -> decoder_pb2.SamplingParams:
         v = getattr(s, name)
         if v is not None:
             setattr(pb, name, v)
+    if s.constraint is not None:
+        pb.constraint.CopyFrom(constraint_to_pb(s.constraint))
     return pb
 
 
@@ -162,6 +184,8 @@ def sampling_from_pb(pb: decoder_pb2.SamplingParams) -> T.SamplingParams:
     for name in _OPTIONAL_SAMPLING_FIELDS:
         if pb.HasField(name):
             setattr(s, name, getattr(pb, name))
+    if pb.HasField("constraint"):
+        s.constraint = constraint_from_pb(pb.constraint, "sampling.constraint")
     return s
 
 

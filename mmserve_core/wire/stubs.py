@@ -14,7 +14,7 @@ if protogen.stale():
     protogen.generate()
 
 from mmserve_core.wire.pb.mmserve.chat.v1 import chat_pb2, chat_pb2_grpc  # noqa: E402
-from mmserve_core.wire.pb.mmserve.common.v1 import tensor_pb2  # noqa: E402
+from mmserve_core.wire.pb.mmserve.common.v1 import constraint_pb2, tensor_pb2  # noqa: E402
 from mmserve_core.wire.pb.mmserve.decoder.v1 import decoder_pb2, decoder_pb2_grpc  # noqa: E402
 from mmserve_core.wire.pb.mmserve.encoder.v1 import encoder_pb2, encoder_pb2_grpc  # noqa: E402
 
@@ -25,5 +25,6 @@ __all__ = [
     "decoder_pb2_grpc",
     "encoder_pb2",
     "encoder_pb2_grpc",
+    "constraint_pb2",
     "tensor_pb2",
 ]

@@ -79,6 +79,18 @@ class SpanEmbedding:
     tensor: RawTensor
 
 
+CONSTRAINT_KINDS = ("json_schema", "json_object", "regex", "lark")
+
+
+@dataclass(frozen=True)
+class Constraint:
+    """What the output must match: ``kind`` one of ``CONSTRAINT_KINDS``; ``spec`` the schema (JSON
+    text), the regex or the grammar (empty for ``json_object``)."""
+
+    kind: str
+    spec: str = ""
+
+
 @dataclass
 class SamplingParams:
     """Sampling options; ``None`` means "the model's / server's default"."""
@@ -97,6 +109,7 @@ class SamplingParams:
     stop: list[str] = field(default_factory=list)
     logprobs: bool = False
     top_logprobs: int = 0
+    constraint: Constraint | None = None
 
 
 @dataclass(frozen=True)

@@ -21,7 +21,7 @@ import numpy as np
 from PIL import Image
 
 from deploy.demo.media import shape_png, tone_wav
-from mmserve_core.wire.stubs import chat_pb2, decoder_pb2, encoder_pb2, tensor_pb2
+from mmserve_core.wire.stubs import chat_pb2, constraint_pb2, decoder_pb2, encoder_pb2, tensor_pb2
 from tests.helpers import exif_block
 
 C = grpc.StatusCode
@@ -180,6 +180,16 @@ def sampling_cases() -> list[Case]:
         dec("empty stop string", [setup(stop=[""])]),
         dec("100 kB stop string", [setup(stop=["x" * 100_000])], OK),
         dec("NUL stop string", [setup(stop=["\x00"])], OK),
+        dec("constraint: a JSON schema that is not JSON", [setup(constraint=constraint_pb2.OutputConstraint(
+            json_schema="{nope"))]),
+        dec("constraint: a regex with a look-ahead", [setup(constraint=constraint_pb2.OutputConstraint(
+            regex="(?=a)b"))]),
+        dec("constraint: json_object false", [setup(constraint=constraint_pb2.OutputConstraint(json_object=False))]),
+        dec("constraint: an empty regex", [setup(constraint=constraint_pb2.OutputConstraint(regex=""))]),
+        dec("constraint: a Lark grammar that does not parse", [setup(constraint=constraint_pb2.OutputConstraint(
+            lark="start: ((("))]),
+        dec("constraint: json_object, 2 tokens", [setup(constraint=constraint_pb2.OutputConstraint(
+            json_object=True))], OK),
     ]
     return cases
 

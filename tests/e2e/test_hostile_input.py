@@ -72,7 +72,11 @@ HTTP_CASES = [
     ("top_k beyond int32", {**U("x"), "top_k": 2**31}, None),
     ("unknown model", {**U("x"), "model": "gpt-4o"}, None),
     ("tools (not honoured yet)", {**U("x"), "tools": [{"type": "function", "function": {"name": "f"}}]}, None),
-    ("response_format (not honoured yet)", {**U("x"), "response_format": {"type": "json_object"}}, None),
+    ("response_format of an unknown type", {**U("x"), "response_format": {"type": "yaml"}}, None),
+    ("response_format schema not an object", {**U("x"), "response_format": {"type": "json_schema",
+                                                                            "json_schema": {"schema": 3}}}, None),
+    ("response_format schema with a look-ahead pattern", {**U("x"), "response_format": {
+        "type": "json_schema", "json_schema": {"name": "s", "schema": {"type": "string", "pattern": "(?=a)b"}}}}, None),
     ("an unknown body field", {**U("x"), "frobnicate": 1}, None),
     ("an unknown message field", {"messages": [{"role": "user", "content": "x", "name": "bob"}]}, None),
     ("model not a string", {**U("x"), "model": 7}, None),
