@@ -46,7 +46,7 @@ async def _read_json(request: Request):
 
 
 def add_chat_routes(app: FastAPI, pipeline: Pipeline, metrics: GatewayMetrics, cfg: GatewayConfig) -> None:
-    @app.post("/v1/chat/completions", openapi_extra=CHAT_OPENAPI)
+    @app.post("/v1/chat/completions", openapi_extra=chat_openapi(pipeline.served_models))
     async def chat_completions(request: Request):
         rid = request_id_var.get() or new_request_id()
         t0 = time.perf_counter()
@@ -74,45 +74,48 @@ def add_chat_routes(app: FastAPI, pipeline: Pipeline, metrics: GatewayMetrics, c
                               request.is_disconnected)
 
 
-# The request body as OpenAPI sees it (the handler parses JSON itself, to answer every
-# mistake with OpenAI's error shape and a ``param``, so FastAPI cannot infer it).
-CHAT_OPENAPI = {
-    "requestBody": {
-        "required": True,
-        "content": {"application/json": {"schema": {
-            "type": "object",
-            "required": ["messages"],
-            "properties": {
-                "model": {"type": "string"},
-                "messages": {"type": "array", "minItems": 1, "items": {
-                    "type": "object", "required": ["role"],
-                    "properties": {
-                        "role": {"type": "string", "enum": list(ROLES)},
-                        "content": {"oneOf": [{"type": "string"}, {"type": "array", "items": {"type": "object"}}]},
-                    },
-                }},
-                **openapi_properties(),
-                "stream": {"type": "boolean"},
-                "stream_options": {"type": "object", "properties": {"include_usage": {"type": "boolean"}}},
-                "n": {"type": "integer", "enum": [1]},
-                "user": {"type": "string"},
-                "chat_template_kwargs": {"type": "object"},
-                "return_token_ids": {"type": "boolean"},
-                "response_format": {"type": "object", "properties": {
-                    "type": {"type": "string", "enum": ["text", "json_object", "json_schema"]},
-                    "json_schema": {"type": "object", "properties": {
-                        "name": {"type": "string"}, "schema": {"type": "object"}, "strict": {"type": "boolean"}}},
-                }, "description": "enforced by the decoder token by token (json_object, json_schema)"},
-            },
-        }}},
-    },
-    "responses": {
-        "200": {"description": "A chat.completion, or an SSE stream of chat.completion.chunk when stream is true"},
-        "400": {"description": "Invalid request (OpenAI error JSON naming the param)"},
-        "401": {"description": "Missing or wrong API key"},
-        "404": {"description": "Unknown model (model_not_found)"},
-        "413": {"description": "Request body too large"},
-        "429": {"description": "Overloaded; retry after Retry-After seconds"},
-        "503": {"description": "An upstream service is unavailable"},
-    },
-}
+def chat_openapi(models: tuple[str, ...]) -> dict:
+    """The request body as OpenAPI sees it (the handler parses JSON itself, to answer every
+    mistake with OpenAI's error shape and a ``param``, so FastAPI cannot infer it): the served
+    model names, the fields table, and no other keys (they are refused by name)."""
+    return {
+        "requestBody": {
+            "required": True,
+            "content": {"application/json": {"schema": {
+                "type": "object",
+                "required": ["messages"],
+                "additionalProperties": False,
+                "properties": {
+                    "model": {"type": "string", "enum": list(models)},
+                    "messages": {"type": "array", "minItems": 1, "items": {
+                        "type": "object", "required": ["role"], "additionalProperties": False,
+                        "properties": {
+                            "role": {"type": "string", "enum": list(ROLES)},
+                            "content": {"oneOf": [{"type": "string"}, {"type": "array", "items": {"type": "object"}}]},
+                        },
+                    }},
+                    **openapi_properties(),
+                    "stream": {"type": "boolean"},
+                    "stream_options": {"type": "object", "properties": {"include_usage": {"type": "boolean"}}},
+                    "n": {"type": "integer", "enum": [1]},
+                    "user": {"type": "string"},
+                    "chat_template_kwargs": {"type": "object"},
+                    "return_token_ids": {"type": "boolean"},
+                    "response_format": {"type": "object", "properties": {
+                        "type": {"type": "string", "enum": ["text", "json_object", "json_schema"]},
+                        "json_schema": {"type": "object", "properties": {
+                            "name": {"type": "string"}, "schema": {"type": "object"}, "strict": {"type": "boolean"}}},
+                    }, "description": "enforced by the decoder token by token (json_object, json_schema)"},
+                },
+            }}},
+        },
+        "responses": {
+            "200": {"description": "A chat.completion, or an SSE stream of chat.completion.chunk when stream is true"},
+            "400": {"description": "Invalid request (OpenAI error JSON naming the param)"},
+            "401": {"description": "Missing or wrong API key"},
+            "404": {"description": "Unknown model (model_not_found)"},
+            "413": {"description": "Request body too large"},
+            "429": {"description": "Overloaded; retry after Retry-After seconds"},
+            "503": {"description": "An upstream service is unavailable"},
+        },
+    }
