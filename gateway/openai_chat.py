@@ -99,7 +99,8 @@ def chat_openapi(models: tuple[str, ...]) -> dict:
                     "stream_options": {"type": "object", "properties": {"include_usage": {"type": "boolean"}}},
                     "n": {"type": "integer", "enum": [1]},
                     "user": {"type": "string"},
-                    "chat_template_kwargs": {"type": "object"},
+                    "chat_template_kwargs": {"type": "object", "additionalProperties": {
+                    "type": ["boolean", "number", "string"]}},
                     "return_token_ids": {"type": "boolean"},
                     "response_format": {"type": "object", "properties": {
                         "type": {"type": "string", "enum": ["text", "json_object", "json_schema"]},

@@ -89,8 +89,8 @@ def openapi_properties() -> dict[str, dict]:
             prop = {"oneOf": [{"type": "string"}, {"type": "array", "items": {"type": "string"},
                                                    "maxItems": int(f.hi)}]}
         else:
-            prop = {"type": "object", "additionalProperties": {"type": "number", "minimum": f.lo,
-                                                                "maximum": f.hi}}
+            prop = {"type": "object", "propertyNames": {"pattern": "^[0-9]{1,6}$"},
+                    "additionalProperties": {"type": "number", "minimum": f.lo, "maximum": f.hi}}
         if f.doc or f.default:
             prop["description"] = "; ".join(x for x in (f.doc, f"default: {f.default}") if x)
         out[f.name] = prop
