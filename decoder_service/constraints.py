@@ -115,24 +115,29 @@ class GrammarMask:
         self.vocab_size = vocab_size
         self.eos = np.asarray(eos_ids, dtype=np.int64)
         self._seen: int | None = None
+        self._shifts = None  # mx.arange(32), made on first use on the MLX thread
 
     def __call__(self, context, logits):
         import mlx.core as mx
 
+        mx.async_eval(logits)  # the forward pass runs while the matcher works on the CPU
         n = int(context.shape[-1])
         if self._seen is None:
             self._seen = n
         elif n > self._seen:
-            for t in np.asarray(context[self._seen:]).reshape(-1).tolist():
+            for t in np.asarray(context[self._seen:]).reshape(-1).tolist():  # waits for the last token only
                 self.matcher.consume_token(int(t))
             self._seen = n
         width = logits.shape[-1]
-        allowed = np.zeros(width, dtype=bool)
         if self.matcher.is_error():  # cannot happen while the mask is applied; end the sequence if it does
+            allowed = np.zeros(width, dtype=bool)
             allowed[self.eos[self.eos < width]] = True
-        else:
-            bits = np.unpackbits(np.frombuffer(self.matcher.compute_bitmask(), dtype=np.uint8), bitorder="little")
-            k = min(width, bits.size, self.vocab_size)
-            allowed[:k] = bits[:k].astype(bool)
-        bias = np.where(allowed, 0.0, -np.inf).astype(np.float32)
-        return logits + mx.array(bias).astype(logits.dtype)
+            return logits + mx.array(np.where(allowed, 0.0, -np.inf).astype(np.float32)).astype(logits.dtype)
+        if self._shifts is None:
+            self._shifts = mx.arange(32, dtype=mx.uint32)
+        words = mx.array(np.frombuffer(self.matcher.compute_bitmask(), dtype=np.uint32))
+        bits = (words[:, None] >> self._shifts) & 1  # [words, 32]: bit j of word i is token 32 i + j
+        bits = bits.reshape(-1)[: min(width, self.vocab_size)]
+        if bits.shape[0] < width:
+            bits = mx.concatenate([bits, mx.zeros((width - bits.shape[0],), dtype=bits.dtype)])
+        return mx.where(bits.astype(mx.bool_), logits, mx.array(-mx.inf, dtype=logits.dtype))
