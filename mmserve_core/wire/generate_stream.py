@@ -22,6 +22,10 @@ from collections.abc import Iterable
 import grpc
 
 _WRITE_ENDED = (grpc.aio.AioRpcError, grpc.aio.BaseError, asyncio.InvalidStateError)
+# A decoder from before setup-accepted headers sends them only with its first token, i.e. after the
+# chunks: past this wait (generous: a setup is checked in well under a millisecond, a large grammar
+# in tens) the chunks are sent anyway, so a mixed-version rollout is slower to refuse, never stuck.
+HEADERS_WAIT_S = 5.0
 
 
 async def write_generate(call: grpc.aio.StreamStreamCall, setup, chunks: Iterable) -> None:
@@ -35,7 +39,10 @@ async def write_generate(call: grpc.aio.StreamStreamCall, setup, chunks: Iterabl
         it = iter(chunks)
         first = next(it, None)
         if first is not None:
-            await call.initial_metadata()  # the decoder's "setup accepted" (or the end of the call)
+            try:  # the decoder's "setup accepted" (or the end of the call)
+                await asyncio.wait_for(asyncio.shield(call.initial_metadata()), HEADERS_WAIT_S)
+            except asyncio.TimeoutError:
+                pass
             if call.done():
                 return
             await call.write(first)
