@@ -400,8 +400,12 @@ def write_tiny_checkpoint(
     lm_intermediate_size: int | None = None,
     overrides: dict[str, Any] | None = None,
     clip_bound: float = 8.0,
+    chat_template: str | None = None,
 ) -> Path:
     """Write the checkpoint into ``out`` (replaced if present) and return its path.
+
+    ``chat_template``: the Jinja text to ship instead of the generated one (the real Gemma 4
+    templates in ``../shared/fixtures/gemma4/``), so prompts render as on a real checkpoint.
 
     ``lm_intermediate_size`` widens the language model's MLPs only (towers
     unchanged): a checkpoint whose LM dwarfs its towers, for memory checks.
@@ -430,6 +434,8 @@ def write_tiny_checkpoint(
     }
     (out / "generation_config.json").write_text(json.dumps(gen_cfg, indent=2))
     _write_tokenizer(out, variant)
+    if chat_template is not None:
+        (out / "chat_template.jinja").write_text(chat_template)
     _write_processor_config(out, image_soft_tokens)
     _write_weights(out, config, seed, dtype, clip_bound)
     return out
@@ -452,6 +458,8 @@ def main(argv: list[str] | None = None) -> None:
     ap.add_argument("--image-soft-tokens", type=int, default=280)
     ap.add_argument("--lm-intermediate-size", type=int, default=None,
                     help="widen the LM's MLPs (a big-LM, small-tower checkpoint for memory checks)")
+    ap.add_argument("--chat-template", default=None,
+                    help="a Jinja file to ship as the chat template (e.g. a real Gemma 4 template)")
     args = ap.parse_args(argv)
     out = write_tiny_checkpoint(
         args.out,
@@ -460,6 +468,7 @@ def main(argv: list[str] | None = None) -> None:
         dtype=args.dtype,
         image_soft_tokens=args.image_soft_tokens,
         lm_intermediate_size=args.lm_intermediate_size,
+        chat_template=Path(args.chat_template).read_text() if args.chat_template else None,
     )
     total = sum(f.stat().st_size for f in out.iterdir())
     print(f"wrote {out} ({args.variant}, {args.dtype}): {total} bytes on disk")
