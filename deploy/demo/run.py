@@ -84,6 +84,8 @@ def main(argv: list[str] | None = None) -> None:
                 wrong += not ok
                 mark = "  ✓" if ok else f"  ✗ (right answer: {want!r})"
             print(f"[{name}] {asked}\n    -> {got!r}{mark}")
+        if graded:  # one constrained answer, over the typed gRPC API: only the 18 answers can be said
+            wrong += not _constrained_answer(svc.chat_addr, image, label, args.max_tokens)
         parts = questions[2][1]
         r = client.chat.completions.create(model=model, temperature=0, max_tokens=args.max_tokens,
                                            messages=[{"role": "user", "content": content(parts)}])
@@ -104,8 +106,25 @@ def main(argv: list[str] | None = None) -> None:
                       f"{chunk.usage.completion_tokens} completion tokens")
     print("services stopped")
     if graded:
-        print(f"{len(questions) - wrong}/{len(questions)} answers right"
+        asked = len(questions) + 1
+        print(f"{asked - wrong}/{asked} answers right"
               + ("" if not wrong else " (held-out accuracy is in the model's card: CARD.md)"))
+
+
+def _constrained_answer(chat_addr: str, image, label: str, max_tokens: int) -> bool:
+    """The picture again, through the typed gRPC API with a regex constraint that admits only the
+    demo model's 18 possible answers: the decoder masks every other token."""
+    from deploy.demo import tasks
+    from mmserve_core.client import ChatClient, Constraint, Image
+
+    pattern = f"({'|'.join(tasks.COLORS)}) ({'|'.join(tasks.SHAPES)})"
+    with ChatClient(chat_addr) as chat:
+        reply = chat.chat([{"role": "user", "content": ["What is in this image?", Image(tasks.png_bytes(image))]}],
+                          temperature=0, max_tokens=max_tokens, constraint=Constraint("regex", pattern))
+    ok = reply.content == label
+    print(f"[constrained, gRPC] <image> under regex {pattern!r}\n    -> {reply.content!r}"
+          + ("  ✓" if ok else f"  ✗ (right answer: {label!r})"))
+    return ok
 
 
 if __name__ == "__main__":

@@ -137,7 +137,7 @@ def test_a_media_block_outside_the_user_turn_is_answered_wrongly(demo, kind):
 
 def test_the_readme_main_job_answers_right(tmp_path):
     """``mmserve-demo`` as the README runs it (the installed script, default seed, from another
-    directory, so nothing outside the installed packages can be imported) answers all six right."""
+    directory, so nothing outside the installed packages can be imported) answers all seven right."""
     import subprocess
     import sys
     from pathlib import Path
@@ -146,4 +146,4 @@ def test_the_readme_main_job_answers_right(tmp_path):
     r = subprocess.run([str(script)], capture_output=True, text=True, timeout=300, cwd=tmp_path)
     print(r.stdout[-3000:])
     assert r.returncode == 0, r.stdout[-3000:] + r.stderr[-3000:]
-    assert "6/6 answers right" in r.stdout
+    assert "7/7 answers right" in r.stdout  # six questions over HTTP, one constrained over gRPC
