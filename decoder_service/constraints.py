@@ -24,12 +24,11 @@ from dataclasses import dataclass
 
 import numpy as np
 
-from mmserve_core.wire.errors import InvalidArgument
+from mmserve_core.wire.errors import CONSTRAINT_REFUSAL, InvalidArgument
 from mmserve_core.wire.types import Constraint
 
 MAX_CACHED_GRAMMARS = 256
-# Every refusal of a constraint starts so: the gateway names the request's field from it.
-REFUSAL = "the output constraint"
+REFUSAL = CONSTRAINT_REFUSAL  # every refusal starts so: the gateway names the request's field from it
 # JSON without free-form whitespace: a model (a random-weight one above all) cannot spend its
 # budget on blanks, and the output is what json.dumps(separators=(",", ":")) would give.
 _JSON_OPTIONS = {"whitespace_flexible": False}

@@ -72,14 +72,16 @@ class Done:
 
 
 # ----------------------------------------------------------------------------- shared checks
-def check_towers(messages: list[Message], modalities: set[str], *, code: str = "unsupported_modality") -> None:
-    """Every media part's modality must be one the model serves (its tower and its tokens)."""
+def check_towers(messages: list[Message], modalities: set[str], *, owner: str = "this model") -> None:
+    """Every media part's modality must be one ``owner`` serves: the decoder's media tokens, or
+    the encoder's towers."""
     for m in messages:
         for p in m.parts:
             if p.media is not None and p.media.modality not in modalities:
                 tower = "audio" if p.media.modality == T.AUDIO else "vision"
-                raise HTTPError(400, f"{p.param}: this model has no {tower} tower, so {p.media.modality} "
-                                "input cannot be used", type_="invalid_request_error", param=p.param, code=code)
+                raise HTTPError(400, f"{p.param}: {owner} has no {tower} tower, so {p.media.modality} "
+                                "input cannot be used", type_="invalid_request_error", param=p.param,
+                                code="unsupported_modality")
 
 
 def media_role(role: str, kind: str, param: str) -> None:

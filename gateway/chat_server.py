@@ -19,7 +19,6 @@ from collections.abc import AsyncIterator
 from gateway import chat
 from gateway.config import GatewayConfig
 from gateway.errors import HTTPError, grpc_status, to_http
-from gateway.openai_chat import keep_reasoning
 from gateway.pipeline import Pipeline
 from mmserve_core.runtime.grpc_runtime import add_servicer, create_server, request_id_from, set_serving
 from mmserve_core.runtime.logs import REQUEST_ID_HEADER, get_logger, request_id_var
@@ -82,7 +81,7 @@ class ChatServicer(chat_pb2_grpc.ChatServiceServicer):
         try:
             req = parse_chat_pb(pb)
             gen = await self.pipeline.start(req, rid)
-            keep = keep_reasoning(req, self.cfg)
+            keep = self.pipeline.keep_reasoning(req)
             cid = f"chatcmpl-{uuid.uuid4().hex}"
             async for ev in gen.events():
                 if isinstance(ev, chat.Delta):

@@ -17,7 +17,7 @@ import uuid
 from fastapi import FastAPI, Request
 from fastapi.responses import StreamingResponse
 
-from gateway.chat import ROLES, ChatRequest
+from gateway.chat import ROLES
 from gateway.config import GatewayConfig
 from gateway.errors import HTTPError, to_http
 from gateway.metrics import GatewayMetrics
@@ -28,10 +28,6 @@ from mmserve_core.runtime.logs import REQUEST_ID_HEADER, get_logger, new_request
 from mmserve_core.wire.fields import openapi_properties
 
 log = get_logger(__name__)
-
-
-def keep_reasoning(req: ChatRequest, cfg: GatewayConfig) -> bool:
-    return req.include_reasoning if req.include_reasoning is not None else cfg.reasoning == "separate"
 
 
 async def _read_json(request: Request):
@@ -66,11 +62,11 @@ def add_chat_routes(app: FastAPI, pipeline: Pipeline, metrics: GatewayMetrics, c
         if req.stream:
             return StreamingResponse(
                 sse(gen, cid, created, model, req.include_usage, req.return_token_ids, logprobs,
-                    keep_reasoning(req, cfg)),
+                    pipeline.keep_reasoning(req)),
                 media_type="text/event-stream",
                 headers={"Cache-Control": "no-cache", REQUEST_ID_HEADER: rid},
             )
-        return await complete(gen, cid, created, model, req.return_token_ids, logprobs, keep_reasoning(req, cfg),
+        return await complete(gen, cid, created, model, req.return_token_ids, logprobs, pipeline.keep_reasoning(req),
                               request.is_disconnected)
 
 

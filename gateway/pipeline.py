@@ -26,9 +26,8 @@ from gateway.reasoning import ReasoningParser
 from mmserve_core.prompt import PromptBuilder
 from mmserve_core.wire import codec
 from mmserve_core.wire import types as T
+from mmserve_core.wire.errors import CONSTRAINT_REFUSAL
 from mmserve_core.wire.tensors import split_rows
-
-CONSTRAINT_REFUSAL = "the output constraint"  # how the decoder starts a refusal of a constraint
 
 
 class Generation:
@@ -110,6 +109,10 @@ class Pipeline:
         if self.cfg.model_id:
             return self.cfg.model_id
         return self._info.model_id if self._info else self.cfg.checkpoint.rstrip("/").rsplit("/", 1)[-1]
+
+    def keep_reasoning(self, req: ChatRequest) -> bool:
+        """Whether the thought channel goes back to the client: the request's say, else ``--reasoning``."""
+        return req.include_reasoning if req.include_reasoning is not None else self.cfg.reasoning == "separate"
 
     @property
     def served_models(self) -> tuple[str, ...]:
@@ -201,13 +204,7 @@ class Pipeline:
         encoded: list[T.EncodedItem] = []
         t0 = time.perf_counter()
         if media_parts:
-            mods = await self.encoder_modalities(rid)
-            for p in media_parts:
-                if p.media.modality not in mods:
-                    tower = "audio" if p.media.modality == T.AUDIO else "vision"
-                    raise HTTPError(400, f"{p.param}: the model's encoder has no {tower} tower, so "
-                                    f"{p.media.modality} input cannot be used", type_="invalid_request_error",
-                                    param=p.param, code="unsupported_modality")
+            check_towers(req.messages, await self.encoder_modalities(rid), owner="the model's encoder")
             try:
                 encoded = await self.encoder.encode([p.media for p in media_parts], info.dtype, rid)
             except grpc.aio.AioRpcError as e:

@@ -86,8 +86,9 @@ async def complete(gen: Generation, cid, created, model, return_ids=False, logpr
         return error_response(HTTPError(502, "decoder stream ended without a completion", type_="server_error"))
     _log_done(done, stream=False)
     message = {"role": "assistant", "content": "".join(content)}
-    if "".join(reasoning) and keep_reasoning:
-        message["reasoning_content"] = "".join(reasoning)
+    thought = "".join(reasoning)
+    if thought and keep_reasoning:
+        message["reasoning_content"] = thought
     choice = {
         "index": 0,
         "message": message,

@@ -8,7 +8,7 @@ from __future__ import annotations
 
 from mmserve_core.wire import fields
 from mmserve_core.wire import types as T
-from mmserve_core.wire.errors import InvalidArgument
+from mmserve_core.wire.errors import CONSTRAINT_REFUSAL, InvalidArgument
 from mmserve_core.wire.stubs import chat_pb2, constraint_pb2, decoder_pb2, encoder_pb2, tensor_pb2
 from mmserve_core.wire.tensors import Assembler, RawTensor
 
@@ -148,11 +148,11 @@ def constraint_from_pb(pb: constraint_pb2.OutputConstraint, what: str) -> T.Cons
         return None
     if kind == "json_object":
         if not pb.json_object:
-            raise InvalidArgument(f"{what}.json_object must be true when set")
+            raise InvalidArgument(f"{CONSTRAINT_REFUSAL} ({what}.json_object) must be true when set")
         return T.Constraint("json_object")
     spec = getattr(pb, kind)
     if not spec:
-        raise InvalidArgument(f"{what}.{kind} is empty")
+        raise InvalidArgument(f"{CONSTRAINT_REFUSAL} ({what}.{kind}) is empty")
     return T.Constraint(kind, spec)
 
 

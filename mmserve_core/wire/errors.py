@@ -8,6 +8,10 @@ mapping to gRPC codes lives in ``grpc_runtime`` and to HTTP in
 
 from __future__ import annotations
 
+# How the decoder begins every refusal of an output constraint, so the gateway can name the request
+# field it came from (``response_format``); part of the wire contract between the two.
+CONSTRAINT_REFUSAL = "the output constraint"
+
 
 class ServeError(Exception):
     """Base class: an error whose message is safe and useful to show a caller."""

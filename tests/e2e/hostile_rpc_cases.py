@@ -1,4 +1,5 @@
-"""The RPC-level hostile corpus: what an attacker or a buggy client sends to each service.
+"""The RPC-level hostile corpus: what an attacker or a buggy client sends to each service
+(the raw calls and message builders are in ``rpc_calls``).
 
 Each case is ``Case(name, service, run, expect)``: ``run(env)`` makes the
 call(s) and returns the final status ``(code, details)`` the caller saw;
@@ -9,19 +10,56 @@ in any set: they mean mmserve treated bad input as a bug.
 
 from __future__ import annotations
 
-import io
 import struct
 import threading
 import time
-from collections.abc import Callable, Iterator
+from collections.abc import Callable
 from dataclasses import dataclass
 
 import grpc
 import numpy as np
-from PIL import Image
 
 from deploy.demo.media import shape_png, tone_wav
-from mmserve_core.wire.stubs import chat_pb2, constraint_pb2, decoder_pb2, encoder_pb2, tensor_pb2
+from mmserve_core.wire.stubs import chat_pb2, constraint_pb2, encoder_pb2, tensor_pb2
+from tests.e2e.rpc_calls import (
+    AUD_PH,
+    BOA,
+    BOI,
+    BOS,
+    CHAT,
+    CHAT_UNARY,
+    DEC_INFO,
+    ENC,
+    ENC_INFO,
+    EOA,
+    EOI,
+    EOT,
+    FULL,
+    GEN,
+    HID,
+    IMG_PH,
+    TURN,
+    VID_PH,
+    Env,
+    P,
+    V,
+    audio_item,
+    chat_req,
+    chunk,
+    enc_request,
+    ihdr,
+    image_item,
+    jpeg_icc,
+    png_chunk,
+    png_with,
+    raw_stream,
+    raw_unary,
+    setup,
+    span,
+    user,
+    wav_with,
+    with_exif,
+)
 from tests.helpers import exif_block
 
 C = grpc.StatusCode
@@ -31,19 +69,6 @@ OK_OR_REFUSED = OK | REFUSED
 STALLED = frozenset({C.DEADLINE_EXCEEDED})
 BUSY = frozenset({C.RESOURCE_EXHAUSTED})
 
-V, HID = 512, 64  # the tiny e2b checkpoint's vocabulary and hidden size
-BOS, TURN, EOT = 2, 105, 106
-IMG_PH, AUD_PH, VID_PH, BOI, EOI, BOA, EOA = 252, 253, 249, 250, 254, 251, 255
-TEXT = [BOS, TURN, 10, 11, EOT, TURN]
-P = [BOS, TURN, 10, BOI] + [IMG_PH] * 4 + [EOI, EOT, TURN]  # an image block of 4 rows at offset 4
-GEN = "/mmserve.decoder.v1.DecoderService/Generate"
-ENC = "/mmserve.encoder.v1.EncoderService/Encode"
-ENC_INFO = "/mmserve.encoder.v1.EncoderService/GetEncoderInfo"
-DEC_INFO = "/mmserve.decoder.v1.DecoderService/GetModelInfo"
-CHAT = "/mmserve.chat.v1.ChatService/Complete"
-CHAT_UNARY = "/mmserve.chat.v1.ChatService/CompleteUnary"
-
-
 @dataclass(frozen=True)
 class Case:
     name: str
@@ -52,83 +77,7 @@ class Case:
     expect: frozenset
 
 
-@dataclass
-class Env:
-    """Channels to the three services (sync gRPC, raw bytes in and out)."""
-
-    encoder: grpc.Channel
-    decoder: grpc.Channel
-    chat: grpc.Channel
-
-
-# ----------------------------------------------------------------------------- raw calls
-def _status(fn) -> tuple[grpc.StatusCode, str]:
-    try:
-        fn()
-    except grpc.RpcError as e:
-        return e.code(), e.details() or ""
-    return C.OK, ""
-
-
-def raw_stream(env: Env, channel: str, path: str, messages: list, *, timeout: float = 30,
-               pause_after: int | None = None, pause_s: float = 0.0, cancel_after_s: float | None = None):
-    """Send ``messages`` (protos or raw bytes) on a client stream and read every response.
-
-    ``pause_after`` / ``pause_s``: go quiet after that many messages (a stalled client);
-    ``cancel_after_s``: cancel the call from the client side after that long."""
-    ch = getattr(env, channel)
-    mc = ch.stream_stream(path)
-
-    def reqs() -> Iterator[bytes]:
-        for i, m in enumerate(messages):
-            if pause_after is not None and i == pause_after:
-                time.sleep(pause_s)
-            yield m if isinstance(m, bytes) else m.SerializeToString()
-        if pause_after is not None and pause_after >= len(messages):
-            time.sleep(pause_s)
-
-    def go():
-        call = mc(reqs(), timeout=timeout)
-        if cancel_after_s is not None:
-            threading.Timer(cancel_after_s, call.cancel).start()
-        for _ in call:
-            pass
-
-    return _status(go)
-
-
-def raw_unary(env: Env, channel: str, path: str, payload, *, stream_out: bool, timeout: float = 30):
-    ch = getattr(env, channel)
-    data = payload if isinstance(payload, bytes) else payload.SerializeToString()
-    if stream_out:
-        return _status(lambda: list(ch.unary_stream(path)(data, timeout=timeout)))
-    return _status(lambda: ch.unary_unary(path)(data, timeout=timeout))
-
-
 # ----------------------------------------------------------------------------- decoder messages
-def setup(ids=TEXT, spans=(), **sampling) -> decoder_pb2.GenerateRequest:
-    return decoder_pb2.GenerateRequest(setup=decoder_pb2.GenerateSetup(
-        prompt_token_ids=ids, spans=list(spans),
-        sampling=decoder_pb2.SamplingParams(**({"max_tokens": 2} | sampling))))
-
-
-def span(offset=4, length=4, rows=None, hidden=HID, dtype=tensor_pb2.DTYPE_BFLOAT16,
-         modality=tensor_pb2.MODALITY_IMAGE, shape=None, content_hash="") -> decoder_pb2.EmbeddingSpan:
-    return decoder_pb2.EmbeddingSpan(
-        placement=tensor_pb2.PlaceholderSpan(offset=offset, length=length, modality=modality,
-                                             content_hash=content_hash),
-        tensor=tensor_pb2.TensorSpec(dtype=dtype, shape=shape if shape is not None else
-                                     [rows if rows is not None else length, hidden]))
-
-
-def chunk(i=0, off=0, n=4 * HID * 2, data=None) -> decoder_pb2.GenerateRequest:
-    return decoder_pb2.GenerateRequest(chunk=decoder_pb2.EmbeddingChunk(
-        span_index=i, byte_offset=off, data=data if data is not None else b"\x00" * n))
-
-
-FULL = chunk()  # all 4 bf16 rows of ``span()``
-
-
 def dec(name, messages, expect=REFUSED, **kw) -> Case:
     return Case(name, "decoder", lambda env: raw_stream(env, "decoder", GEN, messages, **kw), expect)
 
@@ -323,18 +272,6 @@ def decoder_cases() -> list[Case]:
 
 
 # ----------------------------------------------------------------------------- encoder
-def enc_request(items, **kw) -> encoder_pb2.EncodeRequest:
-    return encoder_pb2.EncodeRequest(items=items, **kw)
-
-
-def image_item(data: bytes, **kw) -> encoder_pb2.MediaItem:
-    return encoder_pb2.MediaItem(modality=tensor_pb2.MODALITY_IMAGE, data=data, **kw)
-
-
-def audio_item(data: bytes, **kw) -> encoder_pb2.MediaItem:
-    return encoder_pb2.MediaItem(modality=tensor_pb2.MODALITY_AUDIO, data=data, **kw)
-
-
 def enc(name, request, expect=REFUSED) -> Case:
     return Case(name, "encoder", lambda env: raw_unary(env, "encoder", ENC, request, stream_out=True), expect)
 
@@ -355,37 +292,6 @@ EXIF_BLOCKS = {
     "big-endian header, little-endian body": b"MM\x00*" + tiff_ifd([ORIENT6])[4:],
     "garbage": b"\x13\x37" * 40,
 }
-
-
-def with_exif(fmt: str, exif: bytes) -> bytes:
-    img = Image.fromarray(np.tile(np.arange(48, dtype=np.uint8)[None, :, None], (24, 1, 3)))
-    b = io.BytesIO()
-    img.save(b, fmt, exif=(b"Exif\x00\x00" + exif) if fmt == "JPEG" else exif)
-    return b.getvalue()
-
-
-def png_chunk(kind: bytes, body: bytes, crc: int | None = None) -> bytes:
-    import zlib
-
-    c = zlib.crc32(kind + body) if crc is None else crc
-    return struct.pack(">I", len(body)) + kind + body + struct.pack(">I", c)
-
-
-def png_with(extra: bytes) -> bytes:
-    png = shape_png(size=(16, 16))
-    return png[:33] + extra + png[33:]  # after the IHDR chunk
-
-
-def ihdr(w: int, h: int) -> bytes:
-    return b"\x89PNG\r\n\x1a\n" + png_chunk(b"IHDR", struct.pack(">IIBBBBB", w, h, 8, 2, 0, 0, 0))
-
-
-def wav_with(rate=16000, channels=1, bits=16, data_bytes=None, fmt_tag=1, body=b"\x00\x00" * 1600) -> bytes:
-    n = len(body) if data_bytes is None else data_bytes
-    fmt = struct.pack("<HHIIHH", fmt_tag, channels, rate, rate * channels * max(bits, 8) // 8,
-                      channels * max(bits, 8) // 8, bits)
-    return b"RIFF" + struct.pack("<I", 36 + len(body)) + b"WAVEfmt " + struct.pack("<I", 16) + fmt + \
-        b"data" + struct.pack("<I", n) + body
 
 
 def encoder_cases() -> list[Case]:
@@ -425,7 +331,7 @@ def encoder_cases() -> list[Case]:
     cases += [
         enc("PNG with a garbage ICC profile", enc_request([image_item(png_with(
             png_chunk(b"iCCP", b"junk\x00\x00" + b"\x78\x9c" + b"\xff" * 40)))]), OK_OR_REFUSED),
-        enc("JPEG with a garbage ICC profile", enc_request([image_item(_jpeg_icc(b"\xff" * 300))]), OK_OR_REFUSED),
+        enc("JPEG with a garbage ICC profile", enc_request([image_item(jpeg_icc(b"\xff" * 300))]), OK_OR_REFUSED),
         enc("PNG IHDR with a bad CRC", enc_request([image_item(png[:29] + b"\x00\x00\x00\x00" + png[33:])]),
             OK_OR_REFUSED),
         enc("PNG 65535x65535 header", enc_request([image_item(ihdr(65535, 65535) + png[33:])])),
@@ -456,26 +362,9 @@ def encoder_cases() -> list[Case]:
     return cases
 
 
-def _jpeg_icc(profile: bytes) -> bytes:
-    jpeg = shape_png(size=(16, 16), fmt="JPEG")
-    body = b"ICC_PROFILE\x00\x01\x01" + profile
-    return jpeg[:2] + b"\xff\xe2" + struct.pack(">H", len(body) + 2) + body + jpeg[2:]
-
-
 # ----------------------------------------------------------------------------- chat
-def chat_req(messages=None, model="", **params) -> chat_pb2.CompleteUnaryRequest:
-    if messages is None:
-        messages = [chat_pb2.Message(role=chat_pb2.ROLE_USER, parts=[chat_pb2.Part(text="hi")])]
-    return chat_pb2.CompleteUnaryRequest(chat=chat_pb2.ChatRequest(
-        messages=messages, params=chat_pb2.ChatParams(**({"max_tokens": 2} | params)), model=model))
-
-
 def chat(name, request, expect=REFUSED) -> Case:
     return Case(name, "chat", lambda env: raw_unary(env, "chat", CHAT_UNARY, request, stream_out=False), expect)
-
-
-def user(*parts) -> list:
-    return [chat_pb2.Message(role=chat_pb2.ROLE_USER, parts=list(parts))]
 
 
 def chat_cases() -> list[Case]:

@@ -24,6 +24,7 @@ from hypothesis import strategies as st
 from deploy.demo.media import shape_png, tone_wav
 from deploy.processes import start_services
 from tests.e2e import hostile_rpc_cases as H
+from tests.e2e import rpc_calls as R
 
 pytestmark = pytest.mark.e2e
 CASES = H.all_cases()
@@ -44,7 +45,7 @@ def svc(ckpt_e2b):
 def env(svc):
     opts = [("grpc.max_receive_message_length", 64 << 20), ("grpc.max_send_message_length", 64 << 20)]
     chans = [grpc.insecure_channel(a, options=opts) for a in (svc.encoder_addr, svc.decoder_addr, svc.chat_addr)]
-    yield H.Env(*chans)
+    yield R.Env(*chans)
     for c in chans:
         c.close()
 
@@ -54,18 +55,18 @@ def _decoder_metric(svc, name: str) -> float:
     return float(re.search(rf"^{name} ([0-9.e+-]+)$", httpx.get(url, timeout=5).text, re.M).group(1))
 
 
-def _good_call(env: H.Env, service: str) -> None:
+def _good_call(env: R.Env, service: str) -> None:
     if service == "encoder":
-        code, details = H.raw_unary(env, "encoder", H.ENC, H.enc_request([H.image_item(shape_png(size=(32, 32)))]),
+        code, details = R.raw_unary(env, "encoder", R.ENC, R.enc_request([R.image_item(shape_png(size=(32, 32)))]),
                                     stream_out=True)
     elif service == "decoder":
-        code, details = H.raw_stream(env, "decoder", H.GEN, [H.setup(max_tokens=2)])
+        code, details = R.raw_stream(env, "decoder", R.GEN, [R.setup(max_tokens=2)])
     else:
-        code, details = H.raw_unary(env, "chat", H.CHAT_UNARY, H.chat_req(), stream_out=False)
+        code, details = R.raw_unary(env, "chat", R.CHAT_UNARY, R.chat_req(), stream_out=False)
     assert code == grpc.StatusCode.OK, (service, code, details)
 
 
-def _all_serving(env: H.Env) -> None:
+def _all_serving(env: R.Env) -> None:
     for ch in (env.encoder, env.decoder, env.chat):
         r = health_pb2_grpc.HealthStub(ch).Check(health_pb2.HealthCheckRequest(service=""), timeout=5)
         assert r.status == health_pb2.HealthCheckResponse.SERVING
@@ -109,13 +110,13 @@ def _mutate(data: bytes, edits: list[tuple[int, int]]) -> bytes:
 _HEADER_EDITS = st.lists(st.tuples(st.integers(0, 63), st.integers(0, 255)), min_size=1, max_size=6)
 
 
-@pytest.mark.parametrize("name,data,item", [("PNG", _PNG, H.image_item), ("JPEG", _JPEG, H.image_item),
-                                            ("WAV", _WAV, H.audio_item)])
+@pytest.mark.parametrize("name,data,item", [("PNG", _PNG, R.image_item), ("JPEG", _JPEG, R.image_item),
+                                            ("WAV", _WAV, R.audio_item)])
 def test_fuzzed_media_headers(env, name, data, item):
     @FUZZ
     @given(edits=_HEADER_EDITS)
     def run(edits):
-        code, details = H.raw_unary(env, "encoder", H.ENC, H.enc_request([item(_mutate(data, edits))]),
+        code, details = R.raw_unary(env, "encoder", R.ENC, R.enc_request([item(_mutate(data, edits))]),
                                     stream_out=True)
         _check("encoder", code, details, H.OK_OR_REFUSED)
 
@@ -133,7 +134,7 @@ def test_fuzzed_sampling_fields(env):
            repetition_penalty=_F32, presence_penalty=_F32, frequency_penalty=_F32,
            seed=st.integers(0, 2**64 - 1), bias=st.dictionaries(st.integers(-(2**31), 2**31 - 1), _F32, max_size=3))
     def run(temperature, top_p, top_k, min_p, repetition_penalty, presence_penalty, frequency_penalty, seed, bias):
-        code, details = H.raw_stream(env, "decoder", H.GEN, [H.setup(
+        code, details = R.raw_stream(env, "decoder", R.GEN, [R.setup(
             max_tokens=2, temperature=temperature, top_p=top_p, top_k=top_k, min_p=min_p,
             repetition_penalty=repetition_penalty, presence_penalty=presence_penalty,
             frequency_penalty=frequency_penalty, seed=seed, logit_bias=bias)])
@@ -149,8 +150,8 @@ def test_fuzzed_chunk_streams(env):
     @FUZZ
     @given(chunks=st.lists(st.tuples(st.integers(0, 3), st.integers(0, 1024), st.integers(0, 1024)), max_size=5))
     def run(chunks):
-        msgs = [H.setup(H.P, [H.span()])] + [H.chunk(i, off, n) for i, off, n in chunks]
-        code, details = H.raw_stream(env, "decoder", H.GEN, msgs)
+        msgs = [R.setup(R.P, [R.span()])] + [R.chunk(i, off, n) for i, off, n in chunks]
+        code, details = R.raw_stream(env, "decoder", R.GEN, msgs)
         _check("decoder", code, details, H.OK_OR_REFUSED)
 
     run()
@@ -165,10 +166,10 @@ def test_fuzzed_wav_fields(env):
            fmt_tag=st.sampled_from([0, 1, 3, 6, 7, 0xFFFE, 0x1234]))
     def run(rate, channels, bits, fmt_tag):
         try:
-            wav = H.wav_with(rate=rate, channels=channels, bits=bits, fmt_tag=fmt_tag)
+            wav = R.wav_with(rate=rate, channels=channels, bits=bits, fmt_tag=fmt_tag)
         except struct.error:  # a header field that does not fit its width: not sendable as a WAV
             return
-        code, details = H.raw_unary(env, "encoder", H.ENC, H.enc_request([H.audio_item(wav)]), stream_out=True)
+        code, details = R.raw_unary(env, "encoder", R.ENC, R.enc_request([R.audio_item(wav)]), stream_out=True)
         _check("encoder", code, details, H.OK_OR_REFUSED)
 
     run()

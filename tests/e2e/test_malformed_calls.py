@@ -24,19 +24,20 @@ from deploy.demo.media import shape_png, tone_wav
 from deploy.processes import start_decoder, start_services
 from mmserve_core.wire.stubs import chat_pb2, chat_pb2_grpc, decoder_pb2, encoder_pb2, tensor_pb2
 from tests.e2e import hostile_rpc_cases as H
+from tests.e2e import rpc_calls as R
 
 pytestmark = pytest.mark.e2e
 
 
-def _raw(addr: str, messages, path=H.GEN, timeout=30) -> tuple[grpc.StatusCode, str]:
+def _raw(addr: str, messages, path=R.GEN, timeout=30) -> tuple[grpc.StatusCode, str]:
     with grpc.insecure_channel(addr) as ch:
-        return H.raw_stream(H.Env(ch, ch, ch), "decoder", path, messages, timeout=timeout)
+        return R.raw_stream(R.Env(ch, ch, ch), "decoder", path, messages, timeout=timeout)
 
 
 # ----------------------------------------------------------------------------- 1, 3, 6 at the decoder
-@pytest.mark.parametrize("top_k", [H.V - 1, H.V, H.V + 1, 2**31 - 1])
+@pytest.mark.parametrize("top_k", [R.V - 1, R.V, R.V + 1, 2**31 - 1])
 def test_top_k_at_or_above_the_vocabulary_is_served_as_off(services_e2b, top_k):
-    code, details = _raw(services_e2b.decoder_addr, [H.setup(top_k=top_k, temperature=1.0, seed=3, max_tokens=4)])
+    code, details = _raw(services_e2b.decoder_addr, [R.setup(top_k=top_k, temperature=1.0, seed=3, max_tokens=4)])
     assert code == grpc.StatusCode.OK, details
 
 
@@ -48,23 +49,23 @@ def test_top_k_above_the_vocabulary_over_http_and_chat_grpc(services_e2b):
                                           temperature=1.0, seed=5, extra_body={"top_k": 0})
     assert r.choices[0].message.content == same.choices[0].message.content  # top_k >= V is no top-k at all
     with grpc.insecure_channel(services_e2b.chat_addr) as ch:
-        reply = chat_pb2_grpc.ChatServiceStub(ch).CompleteUnary(H.chat_req(top_k=2**31 - 1, temperature=1.0))
+        reply = chat_pb2_grpc.ChatServiceStub(ch).CompleteUnary(R.chat_req(top_k=2**31 - 1, temperature=1.0))
     assert reply.final.usage.completion_tokens >= 1
 
 
 @pytest.mark.parametrize("where", ["first", "after the setup", "after a setup with spans"])
 def test_corrupt_protobuf_on_the_generate_stream_is_invalid_argument(services_e2b, where):
     bad = b"\x0a\xff\xff\xff\xff\x0f"
-    msgs = {"first": [bad], "after the setup": [H.setup(), bad],
-            "after a setup with spans": [H.setup(H.P, [H.span()]), bad]}[where]
+    msgs = {"first": [bad], "after the setup": [R.setup(), bad],
+            "after a setup with spans": [R.setup(R.P, [R.span()]), bad]}[where]
     code, details = _raw(services_e2b.decoder_addr, msgs)
     assert code == grpc.StatusCode.INVALID_ARGUMENT, (code, details)
     assert "not a valid mmserve.decoder.v1.GenerateRequest" in details
 
 
 def test_video_placeholder_in_a_prompt_is_refused(services_e2b):
-    ids = [H.BOS, H.TURN, 10] + [H.VID_PH] * 3 + [H.EOT, H.TURN]
-    code, details = _raw(services_e2b.decoder_addr, [H.setup(ids)])
+    ids = [R.BOS, R.TURN, 10] + [R.VID_PH] * 3 + [R.EOT, R.TURN]
+    code, details = _raw(services_e2b.decoder_addr, [R.setup(ids)])
     assert code == grpc.StatusCode.INVALID_ARGUMENT
     assert "video placeholder" in details and "outside any span" in details
 
@@ -72,9 +73,9 @@ def test_video_placeholder_in_a_prompt_is_refused(services_e2b):
 # ----------------------------------------------------------------------------- 2 at the encoder
 @pytest.mark.parametrize("fmt", ["JPEG", "PNG", "WEBP"])
 def test_exif_orientation_beside_a_malformed_tag_is_applied(services_e2b, fmt):
-    data = H.with_exif(fmt, H.EXIF_BLOCKS["orientation 6 + StripOffsets as text"])
+    data = R.with_exif(fmt, H.EXIF_BLOCKS["orientation 6 + StripOffsets as text"])
     with grpc.insecure_channel(services_e2b.encoder_addr) as ch:
-        code, details = H.raw_unary(H.Env(ch, ch, ch), "encoder", H.ENC, H.enc_request([H.image_item(data)]),
+        code, details = R.raw_unary(R.Env(ch, ch, ch), "encoder", R.ENC, R.enc_request([R.image_item(data)]),
                                     stream_out=True)
     assert code == grpc.StatusCode.OK, details
 
@@ -104,7 +105,7 @@ def test_unknown_model_is_404_model_not_found(services_e2b):
     with pytest.raises(openai.NotFoundError):
         client.models.retrieve("gpt-4o")
     with grpc.insecure_channel(services_e2b.chat_addr) as ch, pytest.raises(grpc.RpcError) as ei:
-        chat_pb2_grpc.ChatServiceStub(ch).CompleteUnary(H.chat_req(model="gpt-4o"))
+        chat_pb2_grpc.ChatServiceStub(ch).CompleteUnary(R.chat_req(model="gpt-4o"))
     assert ei.value.code() == grpc.StatusCode.NOT_FOUND and "gpt-4o" in ei.value.details()
 
 
@@ -141,7 +142,7 @@ def test_a_refusal_while_chunks_are_in_flight_keeps_its_status(short_context):
         stub = chat_pb2_grpc.ChatServiceStub(ch)
         for _ in range(100):
             try:
-                stub.CompleteUnary(H.chat_req(H.user(*grpc_parts), max_tokens=4), timeout=60)
+                stub.CompleteUnary(R.chat_req(R.user(*grpc_parts), max_tokens=4), timeout=60)
                 statuses.append("OK")
             except grpc.RpcError as e:
                 statuses.append(e.code().name)
@@ -179,7 +180,7 @@ _ENDED = (grpc.aio.AioRpcError, grpc.aio.BaseError, asyncio.InvalidStateError)
 async def _timed_generate(method) -> tuple[float, list[int]]:
     """A normal 32-token text request on a raw stream_stream method: (seconds, token ids)."""
     async def one():
-        yield H.setup(max_tokens=32, temperature=0.0, logit_bias=NO_EOS).SerializeToString()
+        yield R.setup(max_tokens=32, temperature=0.0, logit_bias=NO_EOS).SerializeToString()
 
     t0 = time.perf_counter()
     tokens: list[int] = []
@@ -192,7 +193,7 @@ async def _timed_generate(method) -> tuple[float, list[int]]:
 
 async def _stall(channel, setup_msg, half: bytes, results: list, hold_s: float) -> None:
     """Send the setup and half the declared rows, then go quiet; record how the call ended."""
-    call = channel.stream_stream(H.GEN)()
+    call = channel.stream_stream(R.GEN)()
     try:
         await call.write(setup_msg.SerializeToString())
         await call.initial_metadata()
@@ -215,13 +216,13 @@ def test_200_stalled_streams(ckpt_e2b):
     per_stream = ROWS * 64 * 4
     args = ["--stream-idle-timeout-s", "6", "--max-buffered-bytes", str(STALLED * per_stream),
             "--metrics-port", "0"]
-    ids = [H.BOS, H.TURN, 10, H.BOI] + [H.IMG_PH] * ROWS + [H.EOI, H.EOT, H.TURN]
-    big = H.setup(ids, [H.span(length=ROWS, dtype=tensor_pb2.DTYPE_FLOAT32)])
+    ids = [R.BOS, R.TURN, 10, R.BOI] + [R.IMG_PH] * ROWS + [R.EOI, R.EOT, R.TURN]
+    big = R.setup(ids, [R.span(length=ROWS, dtype=tensor_pb2.DTYPE_FLOAT32)])
     half = b"\x00" * (per_stream // 2)
 
     async def scenario(svc) -> dict:
         channels = [grpc.aio.insecure_channel(svc.decoder_addr) for _ in range(4)]
-        plain = channels[0].stream_stream(H.GEN)
+        plain = channels[0].stream_stream(R.GEN)
         before = [await _timed_generate(plain) for _ in range(3)]
         rss0 = _rss(svc.procs["decoder"].pid)
         results: list[str] = []
@@ -233,7 +234,7 @@ def test_200_stalled_streams(ckpt_e2b):
         held = {"open": _metric(svc, "mmserve_decoder_open_streams"),
                 "reserved": _metric(svc, "mmserve_decoder_stream_reserved_bytes"),
                 "rss": _rss(svc.procs["decoder"].pid)}
-        over = channels[1].stream_stream(H.GEN)()
+        over = channels[1].stream_stream(R.GEN)()
         await over.write(big.SerializeToString())
         over_code = await over.code()
         during = await _timed_generate(plain)
@@ -265,6 +266,6 @@ def test_200_stalled_streams(ckpt_e2b):
 
 def test_unknown_enum_values_name_their_field(services_e2b):
     with grpc.insecure_channel(services_e2b.encoder_addr) as ch:
-        code, details = H.raw_unary(H.Env(ch, ch, ch), "encoder", H.ENC, encoder_pb2.EncodeRequest(
-            items=[H.image_item(shape_png(size=(8, 8)))], output_dtype=42), stream_out=True)
+        code, details = R.raw_unary(R.Env(ch, ch, ch), "encoder", R.ENC, encoder_pb2.EncodeRequest(
+            items=[R.image_item(shape_png(size=(8, 8)))], output_dtype=42), stream_out=True)
     assert code == grpc.StatusCode.INVALID_ARGUMENT and "output_dtype = 42" in details

@@ -14,7 +14,7 @@ import pytest
 
 from mmserve_core.client import ChatClient, Constraint
 from mmserve_core.wire.stubs import chat_pb2_grpc
-from tests.e2e import hostile_rpc_cases as H
+from tests.e2e import rpc_calls as R
 
 pytestmark = pytest.mark.e2e
 
@@ -123,7 +123,7 @@ def test_typed_api_constraints_json_schema_and_regex(services_e2b):
                             constraint=Constraint("regex", r"[0-9]{2,4}"))
             assert digits.content.isdigit() and 2 <= len(digits.content) <= 4, digits.content
     with grpc.insecure_channel(services_e2b.chat_addr) as ch, pytest.raises(grpc.RpcError) as ei:
-        req = H.chat_req()
+        req = R.chat_req()
         req.chat.params.constraint.regex = "(?=x)"
         chat_pb2_grpc.ChatServiceStub(ch).CompleteUnary(req)
     assert ei.value.code() == grpc.StatusCode.INVALID_ARGUMENT and "output constraint" in ei.value.details()
