@@ -14,7 +14,9 @@ Pure Python, event-loop thread.
 
 from __future__ import annotations
 
+import json
 import math
+import re
 from dataclasses import dataclass, field
 from typing import Any
 
@@ -22,7 +24,10 @@ from gateway.errors import HTTPError
 from mmserve_core.wire import fields as F
 from mmserve_core.wire import types as T
 
-ROLES = ("system", "developer", "user", "assistant")
+ROLES = ("system", "developer", "user", "assistant", "tool")
+TOOL_CHOICES = ("none", "auto", "required")
+TOOL_NAME = re.compile(r"[A-Za-z0-9_-]{1,64}")  # OpenAI's rule for function names
+MAX_SCHEMA_DEPTH = 48  # a tool's parameters (the template and the grammar builder recurse per level)
 IMAGE_DETAIL_TOKENS = {"auto": 0, "low": 70, "high": 1120}  # OpenAI detail -> Gemma 4 soft-token budget
 AUDIO_FORMATS = {"wav": ("audio/wav",), "mp3": ("audio/mpeg",), "flac": ("audio/flac",), "ogg": ("audio/ogg",)}
 
@@ -45,6 +50,12 @@ class ChatRequest:
     include_reasoning: bool | None = None  # None = the server's default
     chat_template_kwargs: dict[str, Any] = field(default_factory=dict)
     sampling: T.SamplingParams = field(default_factory=T.SamplingParams)
+    tools: list[T.Tool] = field(default_factory=list)
+    tool_choice: str = "auto"  # none | auto | required | function (``tool_name``)
+    tool_name: str | None = None
+    parallel_tool_calls: bool = True
+    strict_tools: bool = False  # a tool asked for strict arguments: enforced even under "auto"
+    constraint_param: str = "response_format"  # the field a constraint refusal is blamed on
 
     @property
     def media(self) -> list[Part]:
@@ -53,22 +64,39 @@ class ChatRequest:
 
 # ----------------------------------------------------------------------------- the events
 @dataclass(frozen=True)
+class ToolCallDelta:
+    """A piece of one tool call: the first for a call carries ``id`` and ``name``, the next ones
+    fragments of its JSON ``arguments`` (OpenAI's streaming shape; fronts reassemble as needed)."""
+
+    index: int
+    id: str | None
+    name: str | None
+    arguments: str
+
+
+@dataclass(frozen=True)
 class Delta:
-    """Tokens generated since the last event: answer text, thought-channel text, ids, logprobs."""
+    """Tokens generated since the last event: answer text, thought-channel text, tool-call pieces,
+    ids, logprobs."""
 
     content: str
     reasoning: str
     token_ids: list[int]
     logprobs: list[T.TokenLogprob]
+    tool_calls: tuple[ToolCallDelta, ...] = ()
 
 
 @dataclass(frozen=True)
 class Done:
-    """The end: finish reason, usage and timings (``completion``), encode time, the prompt ids."""
+    """The end: finish reason, usage and timings (``completion``), encode time, the prompt ids,
+    the complete tool calls.  ``finish_reason`` is the response's (``tool_calls`` when the model
+    called tools), ``completion.finish_reason`` the decoder's."""
 
     completion: T.Completion
     encode_ms: float
     prompt_ids: list[int]
+    tool_calls: tuple[T.ToolCall, ...] = ()
+    finish_reason: str = ""
 
 
 # ----------------------------------------------------------------------------- shared checks
@@ -82,6 +110,62 @@ def check_towers(messages: list[Message], modalities: set[str], *, owner: str = 
                 raise HTTPError(400, f"{p.param}: {owner} has no {tower} tower, so {p.media.modality} "
                                 "input cannot be used", type_="invalid_request_error", param=p.param,
                                 code="unsupported_modality")
+
+
+def check_tools(tools: list[T.Tool]) -> None:
+    """Names as OpenAI allows them, each declared once; parameters a JSON Schema object."""
+    seen: set[str] = set()
+    for i, t in enumerate(tools):
+        param = f"tools[{i}].function"
+        if not TOOL_NAME.fullmatch(t.name):
+            raise bad(f"{param}.name must be 1-64 letters, digits, '_' or '-', got {t.name[:80]!r}", f"{param}.name")
+        if t.name in seen:
+            raise bad(f"{param}.name {t.name!r} is declared twice", f"{param}.name")
+        seen.add(t.name)
+        if t.parameters is not None and not isinstance(t.parameters, dict):
+            raise bad(f"{param}.parameters must be a JSON Schema object", f"{param}.parameters")
+        if _depth(t.parameters) > MAX_SCHEMA_DEPTH:
+            raise bad(f"{param}.parameters nests deeper than {MAX_SCHEMA_DEPTH} levels", f"{param}.parameters")
+        valid_text(t.description, f"{param}.description")
+        valid_text(json.dumps(t.parameters, ensure_ascii=False), f"{param}.parameters")
+
+
+def _depth(v: Any) -> int:
+    """How deep objects and lists nest in ``v`` (iterative: a hostile schema cannot blow the stack)."""
+    deepest, stack = 0, [(v, 1)]
+    while stack:
+        x, d = stack.pop()
+        if isinstance(x, (dict, list)):
+            deepest = max(deepest, d)
+            stack.extend((y, d + 1) for y in (x.values() if isinstance(x, dict) else x))
+    return deepest
+
+
+def check_tool_choice(req: ChatRequest, param: str = "tool_choice") -> None:
+    if req.tool_choice not in (*TOOL_CHOICES, "function"):
+        raise bad(f"{param} must be one of {TOOL_CHOICES} or a named function", param)
+    if not req.tools and req.tool_choice in ("required", "function"):
+        raise bad(f"{param} {req.tool_choice!r} needs tools to choose from", param)
+    if req.tool_choice == "function" and req.tool_name not in {t.name for t in req.tools}:
+        raise bad(f"{param} names {req.tool_name!r}, which is not among the declared tools", param)
+
+
+def check_tool_history(messages: list[Message]) -> None:
+    """Each tool result follows the assistant message that made its call (only other results in
+    between) and names one of that message's call ids; call ids are unique."""
+    ids: set[str] = set()
+    open_calls: dict[str, str] = {}
+    for m in messages:
+        for j, c in enumerate(m.tool_calls):
+            if c.id in ids:
+                raise bad(f"{m.param}.tool_calls[{j}].id {c.id!r} is used twice", f"{m.param}.tool_calls[{j}].id")
+            ids.add(c.id)
+        if m.role == "tool":
+            if m.tool_call_id not in open_calls:
+                raise bad(f"{m.param}.tool_call_id {m.tool_call_id!r} is not a call of the assistant message "
+                          "right before the tool results", f"{m.param}.tool_call_id")
+            continue
+        open_calls = {c.id: c.name for c in m.tool_calls}
 
 
 def media_role(role: str, kind: str, param: str) -> None:

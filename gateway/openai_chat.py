@@ -74,6 +74,7 @@ def chat_openapi(models: tuple[str, ...]) -> dict:
     """The request body as OpenAPI sees it (the handler parses JSON itself, to answer every
     mistake with OpenAI's error shape and a ``param``, so FastAPI cannot infer it): the served
     model names, the fields table, and no other keys (they are refused by name)."""
+    content = {"oneOf": [{"type": "string"}, {"type": "array", "items": {"type": "object"}}]}
     return {
         "requestBody": {
             "required": True,
@@ -83,13 +84,25 @@ def chat_openapi(models: tuple[str, ...]) -> dict:
                 "additionalProperties": False,
                 "properties": {
                     "model": {"type": "string", "enum": list(models)},
-                    "messages": {"type": "array", "minItems": 1, "items": {
-                        "type": "object", "required": ["role"], "additionalProperties": False,
-                        "properties": {
-                            "role": {"type": "string", "enum": list(ROLES)},
-                            "content": {"oneOf": [{"type": "string"}, {"type": "array", "items": {"type": "object"}}]},
-                        },
-                    }},
+                    "messages": {"type": "array", "minItems": 1, "items": {"oneOf": [
+                        {"type": "object", "required": ["role", "content"], "additionalProperties": False,
+                         "properties": {"role": {"type": "string", "enum": [r for r in ROLES
+                                                                            if r not in ("assistant", "tool")]},
+                                        "content": content}},
+                        {"type": "object", "required": ["role"], "additionalProperties": False, "properties": {
+                            "role": {"type": "string", "enum": ["assistant"]},
+                            "content": {"oneOf": [*content["oneOf"], {"type": "null"}]},
+                            "tool_calls": {"type": "array", "description": "the calls this turn made", "items": {
+                                "type": "object", "required": ["id", "function"], "properties": {
+                                    "id": {"type": "string"}, "type": {"type": "string", "enum": ["function"]},
+                                    "function": {"type": "object", "required": ["name"], "properties": {
+                                        "name": {"type": "string"}, "arguments": {"type": "string"}}}}}}}},
+                        {"type": "object", "required": ["role", "tool_call_id", "content"],
+                         "additionalProperties": False, "properties": {
+                             "role": {"type": "string", "enum": ["tool"]},
+                             "tool_call_id": {"type": "string", "description": "the call this is the result of"},
+                             "content": content}},
+                    ]}},
                     **openapi_properties(),
                     "stream": {"type": "boolean"},
                     "stream_options": {"type": "object", "properties": {"include_usage": {"type": "boolean"}}},
@@ -103,6 +116,22 @@ def chat_openapi(models: tuple[str, ...]) -> dict:
                         "json_schema": {"type": "object", "properties": {
                             "name": {"type": "string"}, "schema": {"type": "object"}, "strict": {"type": "boolean"}}},
                     }, "description": "enforced by the decoder token by token (json_object, json_schema)"},
+                    "tools": {"type": "array", "items": {"type": "object", "required": ["type", "function"],
+                                                         "additionalProperties": False, "properties": {
+                        "type": {"type": "string", "enum": ["function"]},
+                        "function": {"type": "object", "required": ["name"], "additionalProperties": False,
+                                     "properties": {"name": {"type": "string", "pattern": "^[A-Za-z0-9_-]{1,64}$"},
+                                                    "description": {"type": "string"},
+                                                    "parameters": {"type": "object"},
+                                                    "strict": {"type": "boolean"}}}}}},
+                    "tool_choice": {"oneOf": [
+                        {"type": "string", "enum": ["none", "auto", "required"]},
+                        {"type": "object", "required": ["type", "function"], "properties": {
+                            "type": {"type": "string", "enum": ["function"]},
+                            "function": {"type": "object", "required": ["name"],
+                                         "properties": {"name": {"type": "string"}}}}}],
+                        "description": "required / a named function: enforced by the decoder (a grammar of the call)"},
+                    "parallel_tool_calls": {"type": "boolean"},
                 },
             }}},
         },

@@ -24,6 +24,9 @@ from gateway.chat import (
     Part,
     audio_part,
     bad,
+    check_tool_choice,
+    check_tool_history,
+    check_tools,
     image_part,
     media_role,
     parse_fields,
@@ -122,8 +125,105 @@ def _messages(msgs: Any, allow_urls: bool) -> list[Message]:
         role = m.get("role")
         if role not in ROLES:
             raise bad(f"{param}.role must be one of {sorted(ROLES)}, got {role!r}", f"{param}.role")
-        messages.append(Message(role, _parts(m.get("content"), role, f"{param}.content", allow_urls), param))
+        calls = _history_calls(m, role, param)
+        content = m.get("content")
+        if role == "tool":
+            if not isinstance(m.get("tool_call_id"), str) or not m["tool_call_id"]:
+                raise bad(f"{param}.tool_call_id must be the id of the call this is the result of",
+                          f"{param}.tool_call_id")
+            parts = _parts(content, role, f"{param}.content", allow_urls)
+            if any(p.kind != "text" for p in parts):
+                raise bad(f"{param}.content: a tool result can only hold text", f"{param}.content")
+        else:
+            if m.get("tool_call_id") is not None:
+                raise bad(f"{param}.tool_call_id is only for role 'tool' messages", f"{param}.tool_call_id")
+            parts = [] if content is None and calls else _parts(content, role, f"{param}.content", allow_urls)
+        messages.append(Message(role, parts, param, tool_calls=calls, tool_call_id=m.get("tool_call_id")))
+    check_tool_history(messages)
     return messages
+
+
+def _history_calls(m: dict, role: str, param: str) -> list[T.ToolCall]:
+    """An assistant message's ``tool_calls`` (arguments must be a JSON object's text)."""
+    raw = m.get("tool_calls")
+    if raw is None:
+        return []
+    if role != "assistant":
+        raise bad(f"{param}.tool_calls is only for assistant messages", f"{param}.tool_calls")
+    if not isinstance(raw, list):
+        raise bad(f"{param}.tool_calls must be a list", f"{param}.tool_calls")
+    calls = []
+    for j, c in enumerate(raw):
+        cp = f"{param}.tool_calls[{j}]"
+        if not isinstance(c, dict):
+            raise bad(f"{cp} must be an object", cp)
+        _refuse_unknown(c, frozenset({"id", "type", "function"}), cp)
+        if c.get("type", "function") != "function":
+            raise bad(f"{cp}.type must be 'function'", f"{cp}.type")
+        fn = c.get("function")
+        if not isinstance(c.get("id"), str) or not c["id"]:
+            raise bad(f"{cp}.id must be a non-empty string", f"{cp}.id")
+        if not isinstance(fn, dict):
+            raise bad(f"{cp}.function must be an object with name and arguments", f"{cp}.function")
+        _refuse_unknown(fn, frozenset({"name", "arguments"}), f"{cp}.function")
+        if not isinstance(fn.get("name"), str) or not fn["name"]:
+            raise bad(f"{cp}.function.name must be a non-empty string", f"{cp}.function.name")
+        args = fn.get("arguments", "{}")
+        try:
+            ok = isinstance(args, str) and isinstance(json.loads(args), dict)
+        except (json.JSONDecodeError, RecursionError):
+            ok = False
+        if not ok:
+            raise bad(f"{cp}.function.arguments must be a JSON object, as text", f"{cp}.function.arguments")
+        calls.append(T.ToolCall(c["id"], valid_text(fn["name"], f"{cp}.function.name"),
+                                valid_text(args, f"{cp}.function.arguments")))
+    return calls
+
+
+def _tools(body: dict) -> tuple[list[T.Tool], bool]:
+    """``tools`` (type ``function``) -> typed tools, and whether any asked for ``strict``."""
+    raw = body.get("tools")
+    if raw is None:
+        return [], False
+    if not isinstance(raw, list):
+        raise bad("tools must be a list", "tools")
+    tools, strict = [], False
+    for i, t in enumerate(raw):
+        param = f"tools[{i}]"
+        if not isinstance(t, dict):
+            raise bad(f"{param} must be an object", param)
+        _refuse_unknown(t, frozenset({"type", "function"}), param)
+        if t.get("type") != "function":
+            raise bad(f"{param}.type must be 'function' (the only kind of tool this server runs)", f"{param}.type")
+        fn = t.get("function")
+        if not isinstance(fn, dict):
+            raise bad(f"{param}.function must be an object", f"{param}.function")
+        _refuse_unknown(fn, frozenset({"name", "description", "parameters", "strict"}), f"{param}.function")
+        name, desc = fn.get("name"), fn.get("description", "")
+        if not isinstance(name, str):
+            raise bad(f"{param}.function.name must be a string", f"{param}.function.name")
+        if not isinstance(desc, str):
+            raise bad(f"{param}.function.description must be a string", f"{param}.function.description")
+        if fn.get("strict") is not None and not isinstance(fn["strict"], bool):
+            raise bad(f"{param}.function.strict must be a boolean", f"{param}.function.strict")
+        strict = strict or bool(fn.get("strict"))
+        tools.append(T.Tool(name, desc, fn.get("parameters")))
+    check_tools(tools)
+    return tools, strict
+
+
+def _tool_choice(body: dict) -> tuple[str, str | None]:
+    tc = body.get("tool_choice")
+    if tc is None:
+        return ("auto" if body.get("tools") else "none"), None
+    if isinstance(tc, str):
+        return tc, None
+    if isinstance(tc, dict) and tc.get("type") == "function" and isinstance(tc.get("function"), dict):
+        _refuse_unknown(tc, frozenset({"type", "function"}), "tool_choice")
+        _refuse_unknown(tc["function"], frozenset({"name"}), "tool_choice.function")
+        return "function", tc["function"].get("name")
+    raise bad("tool_choice must be 'none', 'auto', 'required' or {\"type\": \"function\", \"function\": "
+              "{\"name\": ...}}", "tool_choice")
 
 
 def _flag(body: dict, name: str, default: Any = False) -> Any:
@@ -156,8 +256,9 @@ def _template_kwargs(body: dict) -> dict[str, Any]:
 
 # Every body key this server honours; any other is refused by name (nothing is silently ignored).
 KNOWN_KEYS = frozenset({"model", "messages", "stream", "stream_options", "n", "user", "chat_template_kwargs",
-                        "return_token_ids", "response_format", *(k for f in F.CHAT_FIELDS for k in (f.name, *f.aliases))})
-MESSAGE_KEYS = frozenset({"role", "content"})
+                        "return_token_ids", "response_format", "tools", "tool_choice", "parallel_tool_calls",
+                        *(k for f in F.CHAT_FIELDS for k in (f.name, *f.aliases))})
+MESSAGE_KEYS = frozenset({"role", "content", "tool_calls", "tool_call_id"})
 
 
 def _refuse_unknown(d: dict, known: frozenset, where: str) -> None:
@@ -212,9 +313,14 @@ def parse_chat_request(body: Any, *, allow_urls: bool = False) -> ChatRequest:
     sampling.constraint = _response_format(body)
     model = _string(body, "model")
     _string(body, "user")
-    return ChatRequest(model=model, messages=messages, stream=stream,
-                       include_usage=bool(opts.get("include_usage", False)),
-                       return_token_ids=_flag(body, "return_token_ids"), sampling=sampling,
-                       include_reasoning=options.get("include_reasoning"),
-                       chat_template_kwargs=_template_kwargs(body))
+    tools, strict = _tools(body)
+    choice, name = _tool_choice(body)
+    req = ChatRequest(model=model, messages=messages, stream=stream,
+                      include_usage=bool(opts.get("include_usage", False)),
+                      return_token_ids=_flag(body, "return_token_ids"), sampling=sampling,
+                      include_reasoning=options.get("include_reasoning"),
+                      chat_template_kwargs=_template_kwargs(body), tools=tools, tool_choice=choice, tool_name=name,
+                      parallel_tool_calls=_flag(body, "parallel_tool_calls", True), strict_tools=strict)
+    check_tool_choice(req)
+    return req
 

@@ -23,11 +23,16 @@ from gateway.errors import HTTPError, to_http
 from gateway.fetch import MediaFetcher
 from gateway.logprobs import LogprobFormatter
 from gateway.reasoning import ReasoningParser
+from gateway.tool_calls import ToolCallParser
+from gateway.tool_choice import ToolPlan, finish_reason, markers, plan_tools
 from mmserve_core.prompt import PromptBuilder
+from mmserve_core.runtime.logs import get_logger
 from mmserve_core.wire import codec
 from mmserve_core.wire import types as T
 from mmserve_core.wire.errors import CONSTRAINT_REFUSAL
 from mmserve_core.wire.tensors import split_rows
+
+log = get_logger(__name__)
 
 
 class Generation:
@@ -38,21 +43,38 @@ class Generation:
     failure mid-stream is raised as the ``HTTPError`` it maps to.
     ``cancel()`` stops the sequence (a client that went away)."""
 
-    def __init__(self, call, first, prompt_ids: list[int], encode_ms: float) -> None:
+    def __init__(self, call, first, prompt_ids: list[int], encode_ms: float,
+                 tools: ToolPlan = ToolPlan(parse=False, close_id=None)) -> None:
         self._call, self._first = call, first
         self.prompt_ids, self.encode_ms = prompt_ids, encode_ms
+        self._tools = tools
 
     async def events(self):
+        """The thought channel is split off first, then tool calls out of the answer text: neither
+        the thought nor a call's markup reaches ``content``, and a call never holds thought text."""
         parser = ReasoningParser()
+        calls = ToolCallParser() if self._tools.parse else None
         msg = self._first
         try:
             while msg is not grpc.aio.EOF:
                 ev = codec.generate_response_from_pb(msg)
                 if isinstance(ev, T.TokenEvent):
                     content, reasoning = parser.feed(ev.text)
-                    yield Delta(content, reasoning, list(ev.token_ids), list(ev.logprobs or ()))
+                    deltas: list = []
+                    if calls is not None:
+                        content, deltas = calls.feed(content)
+                    yield Delta(content, reasoning, list(ev.token_ids), list(ev.logprobs or ()), tuple(deltas))
                 else:
-                    yield Done(ev, self.encode_ms, self.prompt_ids)
+                    made: tuple[T.ToolCall, ...] = ()
+                    if calls is not None:
+                        closing = calls.close_call() if ev.stop_token_id == self._tools.close_id else []
+                        rest = calls.finish()
+                        if rest or closing:
+                            yield Delta(rest, "", [], [], tuple(closing))
+                        if calls.malformed:
+                            log.warning("the model wrote a malformed tool call", malformed=calls.malformed)
+                        made = tuple(calls.calls)
+                    yield Done(ev, self.encode_ms, self.prompt_ids, made, finish_reason(ev.finish_reason, len(made)))
                 msg = await self._call.read()
         except grpc.aio.AioRpcError as e:
             raise to_http(e, upstream="decoder") from None
@@ -79,6 +101,7 @@ class Pipeline:
         self._builder: PromptBuilder | None = None
         self._encoder_modalities: set[str] | None = None
         self.logprobs = LogprobFormatter(self.tokenizer)
+        self.tool_markers = markers(self.tokenizer)
         self.fetcher = MediaFetcher(allowlist=list(cfg.url_allowlist), max_bytes=cfg.url_max_bytes,
                                     timeout_s=cfg.url_timeout_s, allow_private=cfg.url_fetch_allow_private)
 
@@ -180,17 +203,18 @@ class Pipeline:
     async def start(self, req: ChatRequest, rid: str) -> Generation:
         """Everything between a parsed request and its first event: model check, media,
         encode, prompt, Generate; errors as ``HTTPError`` (the upstream's code kept)."""
+        tools = plan_tools(req, self.tool_markers)
         ids, spans, encode_ms = await self.prepare(req, rid)
         try:
             call, first = await self.start_generate(ids, spans, req.sampling, rid)
         except grpc.aio.AioRpcError as e:
             err = to_http(e, upstream="decoder")
             if err.status == 400 and err.message.startswith(CONSTRAINT_REFUSAL):
-                err.param = "response_format"  # the decoder could not enforce the request's constraint
+                err.param = req.constraint_param  # the decoder could not enforce the request's constraint
             raise err from None
         if first is grpc.aio.EOF:
             raise HTTPError(502, "decoder closed the stream without a response", type_="server_error")
-        return Generation(call, first, ids, encode_ms)
+        return Generation(call, first, ids, encode_ms, tools)
 
     async def prepare(self, req: ChatRequest, rid: str):
         """Encode media and build ``(ids, span embeddings)`` for the decoder."""
@@ -199,7 +223,7 @@ class Pipeline:
         self.check_limits(req)
         info, builder = await self.model_info(rid)
         check_towers(req.messages, set(builder.media_tokens))
-        rendered = builder.render(req.messages, **req.chat_template_kwargs)
+        rendered = builder.render(req.messages, tools=req.tools, **req.chat_template_kwargs)
         media_parts = req.media
         encoded: list[T.EncodedItem] = []
         t0 = time.perf_counter()

@@ -85,7 +85,11 @@ async def complete(gen: Generation, cid, created, model, return_ids=False, logpr
     if done is None:
         return error_response(HTTPError(502, "decoder stream ended without a completion", type_="server_error"))
     _log_done(done, stream=False)
-    message = {"role": "assistant", "content": "".join(content)}
+    text = "".join(content)
+    message: dict[str, Any] = {"role": "assistant", "content": text if text or not done.tool_calls else None}
+    if done.tool_calls:
+        message["tool_calls"] = [{"id": c.id, "type": "function",
+                                  "function": {"name": c.name, "arguments": c.arguments}} for c in done.tool_calls]
     thought = "".join(reasoning)
     if thought and keep_reasoning:
         message["reasoning_content"] = thought
@@ -93,7 +97,7 @@ async def complete(gen: Generation, cid, created, model, return_ids=False, logpr
         "index": 0,
         "message": message,
         "logprobs": {"content": logprobs.content_json(lps)} if logprobs is not None else None,
-        "finish_reason": done.completion.finish_reason,
+        "finish_reason": done.finish_reason,
     }
     extra = {}
     if return_ids:
@@ -137,6 +141,13 @@ def _chunk(cid, created, model, delta, finish_reason=None, token_ids=None, logpr
     return f"data: {json.dumps(body, separators=(',', ':'))}\n\n"
 
 
+def _tool_call_delta(d) -> dict[str, Any]:
+    """OpenAI's streamed call piece: index, id, type and name first, then argument fragments."""
+    if d.id is not None:
+        return {"index": d.index, "id": d.id, "type": "function", "function": {"name": d.name, "arguments": d.arguments}}
+    return {"index": d.index, "function": {"arguments": d.arguments}}
+
+
 async def sse(gen: Generation, cid, created, model, include_usage, token_ids=False, logprobs=None,
               keep_reasoning=True):
     """One SSE event per ``Delta``.  A delta may carry several tokens (the decoder merges what
@@ -148,15 +159,19 @@ async def sse(gen: Generation, cid, created, model, include_usage, token_ids=Fal
             if isinstance(ev, Delta):
                 lp = ({"content": logprobs.content_json(ev.logprobs)}
                       if logprobs is not None and ev.token_ids else None)
-                delta = {"content": ev.content}
+                delta: dict[str, Any] = {"content": ev.content}
                 if ev.reasoning and keep_reasoning:
                     delta["reasoning_content"] = ev.reasoning
-                if token_ids or lp is not None or ev.content or len(delta) > 1:
+                if ev.tool_calls:
+                    delta["tool_calls"] = [_tool_call_delta(d) for d in ev.tool_calls]
+                    if not ev.content:
+                        del delta["content"]
+                if token_ids or lp is not None or ev.content or len(delta) > 1 or ev.tool_calls:
                     yield _chunk(cid, created, model, delta, token_ids=ev.token_ids if token_ids else None,
                                  logprobs=lp)
                 continue
             _log_done(ev, stream=True)
-            yield _chunk(cid, created, model, {}, ev.completion.finish_reason, timings=timings(ev))
+            yield _chunk(cid, created, model, {}, ev.finish_reason, timings=timings(ev))
             if include_usage:
                 body = {"id": cid, "object": "chat.completion.chunk", "created": created, "model": model,
                         "choices": [], "usage": usage(ev.completion)}

@@ -26,9 +26,10 @@ from __future__ import annotations
 import re
 from dataclasses import dataclass
 
+from mmserve_core import tool_render
 from mmserve_core.wire import types as T
-from mmserve_core.wire.errors import ServeError
-from mmserve_core.wire.types import MediaTokens, Message
+from mmserve_core.wire.errors import InvalidArgument, ServeError
+from mmserve_core.wire.types import MediaTokens, Message, Tool
 
 __all__ = ["BuiltPrompt", "MediaTokens", "PromptBuilder", "Rendered", "TemplateMismatch"]
 
@@ -69,6 +70,11 @@ class PromptBuilder:
         alts += [re.escape(t) for t in self.placeholder_text.values()]
         self._piece_re = re.compile("(" + "|".join(alts) + ")")
         self._trims = self._template_trims()
+        specials = {str(t) for t in getattr(tokenizer, "added_tokens_decoder", {}).values()}
+        specials |= set(tokenizer.all_special_tokens) | {_MARK_OPEN, _MARK_CLOSE}
+        self._control_re = re.compile("|".join(re.escape(t) for t in sorted(specials, key=len, reverse=True) if t))
+        self.tool_style = tool_render.ToolStyle.probe(
+            lambda msgs, **kw: tokenizer.apply_chat_template(msgs, tokenize=False, add_generation_prompt=False, **kw))
 
     def _template_trims(self) -> dict[str, bool]:
         """Does the template ``trim`` string content / list text items?  (Gemma's does.)"""
@@ -84,35 +90,59 @@ class PromptBuilder:
         return out
 
     def template_messages(self, messages: list[Message], texts: list[str]) -> list[dict]:
-        """Messages for the template, each text replaced by a marker (its text appended to ``texts``)."""
+        """Messages for the template, each text replaced by a marker (its text appended to ``texts``);
+        tool calls and results in the shape this template takes (``tool_render``)."""
+        mark = self._marker(texts)
 
-        def mark(text: str, kind: str) -> str:
-            texts.append(text.strip() if self._trims[kind] else text)
-            return f"{_MARK_OPEN}{len(texts) - 1}{_MARK_CLOSE}"
-
-        out = []
-        for m in messages:
-            if m.role in ("system", "developer", "assistant"):
+        def build(m: Message) -> dict:
+            if m.role in ("system", "developer", "assistant", "tool"):
                 text = "".join(p.text for p in m.parts if p.kind == "text")
-                out.append({"role": m.role, "content": mark(text, "string")})
-                continue
+                d: dict = {"role": m.role, "content": mark(text, "string") if text or not m.tool_calls else ""}
+                if m.tool_calls:
+                    d["tool_calls"] = tool_render.template_calls(m, lambda t: mark(t, "raw"), self._plain)
+                if m.role == "tool":
+                    d["tool_call_id"] = m.tool_call_id
+                return d
             content = []
             for p in m.parts:
                 if p.kind == "text":
                     content.append({"type": "text", "text": mark(p.text, "list")})
                 else:
                     content.append({"type": p.kind})
-            out.append({"role": m.role, "content": content})
-        return out
+            return {"role": m.role, "content": content}
 
-    def render(self, messages: list[Message], **template_kwargs) -> Rendered:
+        return tool_render.attach_results(messages, self.tool_style, build)
+
+    def template_tools(self, tools: list[Tool], texts: list[str]) -> list[dict]:
+        if not self.tool_style.declarations:
+            raise InvalidArgument("tools: this model's chat template does not render tool declarations",
+                                  param="tools")
+        mark = self._marker(texts)
+        return tool_render.template_tools(tools, lambda t: mark(t, "raw"), self._plain)
+
+    def _marker(self, texts: list[str]):
+        def mark(text: str, kind: str) -> str:
+            texts.append(text.strip() if self._trims.get(kind) else text)
+            return f"{_MARK_OPEN}{len(texts) - 1}{_MARK_CLOSE}"
+
+        return mark
+
+    def _plain(self, s: str, param: str) -> None:
+        """A client string the template writes bare (a name, a key) must not hold a control token."""
+        hit = self._control_re.search(s)
+        if hit is not None:
+            raise InvalidArgument(f"{param}: {s[:60]!r} contains {hit.group()!r}, which this model reads as a "
+                                  "control token; names and keys cannot hold it", param=param)
+
+    def render(self, messages: list[Message], tools: list[Tool] | None = None, **template_kwargs) -> Rendered:
         """The template's text; every media part's modality must be in ``media_tokens``
         (the caller checks that first, with the error its clients expect)."""
         texts: list[str] = []
-        rendered = self.tokenizer.apply_chat_template(
-            self.template_messages(messages, texts), tokenize=False, add_generation_prompt=True,
-            **template_kwargs,
-        )
+        msgs = self.template_messages(messages, texts)
+        if tools:
+            template_kwargs["tools"] = self.template_tools(tools, texts)
+        rendered = self.tokenizer.apply_chat_template(msgs, tokenize=False, add_generation_prompt=True,
+                                                      **template_kwargs)
         return Rendered(rendered, texts)
 
     def build(self, rendered: Rendered, media: list[tuple[str, str, tuple[int, ...], str]]) -> BuiltPrompt:

@@ -46,7 +46,9 @@ def configure_logging(service: str, *, json_logs: bool | None = None, level: str
     renderer = (
         structlog.processors.JSONRenderer()
         if json_logs
-        else structlog.dev.ConsoleRenderer(colors=False)
+        # plain tracebacks: rich's (the default when rich is installed) renders every frame's
+        # locals, which took minutes for a RecursionError 1,000 frames deep and stalled the loop
+        else structlog.dev.ConsoleRenderer(colors=False, exception_formatter=structlog.dev.plain_traceback)
     )
     structlog.configure(
         processors=[

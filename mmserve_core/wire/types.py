@@ -37,11 +37,31 @@ class Part:
     url: str | None = None  # an http(s) image URL the gateway fetches (only when fetching is on)
 
 
+@dataclass(frozen=True)
+class Tool:
+    """A function the model may call: its name, what it does, the JSON Schema of its arguments."""
+
+    name: str
+    description: str = ""
+    parameters: dict | None = None
+
+
+@dataclass(frozen=True)
+class ToolCall:
+    """A call the model made (or made earlier, in the history): ``arguments`` is a JSON object's text."""
+
+    id: str
+    name: str
+    arguments: str
+
+
 @dataclass
 class Message:
-    role: str  # "system" | "developer" | "user" | "assistant"
+    role: str  # "system" | "developer" | "user" | "assistant" | "tool"
     parts: list[Part]
     param: str
+    tool_calls: list[ToolCall] = field(default_factory=list)  # assistant turns that called tools
+    tool_call_id: str | None = None  # role "tool": the call this is the result of
 
 
 @dataclass(frozen=True)

@@ -71,7 +71,43 @@ HTTP_CASES = [
     ("seed below int64", {**U("x"), "seed": -(2**63) - 1}, None),
     ("top_k beyond int32", {**U("x"), "top_k": 2**31}, None),
     ("unknown model", {**U("x"), "model": "gpt-4o"}, None),
-    ("tools (not honoured yet)", {**U("x"), "tools": [{"type": "function", "function": {"name": "f"}}]}, None),
+    ("tools not a list", {**U("x"), "tools": {"type": "function"}}, None),
+    ("tool without a function", {**U("x"), "tools": [{"type": "function"}]}, None),
+    ("tool name with a control token", {**U("x"), "tools": [{"type": "function", "function": {"name": "<|turn>"}}]},
+     None),
+    ("tool declared twice", {**U("x"), "tools": [{"type": "function", "function": {"name": "f"}}] * 2}, None),
+    ("tool parameters a list", {**U("x"), "tools": [{"type": "function", "function": {"name": "f",
+                                                                                     "parameters": [1]}}]}, None),
+    ("forced tool with a $ref schema", {**U("x"), "tool_choice": "required", "tools": [{"type": "function", "function": {
+        "name": "f", "parameters": {"type": "object", "properties": {"x": {"$ref": "#/x"}}}}}]}, None),
+    ("forced tool with maxItems below minItems", {**U("x"), "tool_choice": "required", "tools": [{
+        "type": "function", "function": {"name": "f", "parameters": {"type": "object", "properties": {
+            "x": {"type": "array", "minItems": 3, "maxItems": 1}}}}}]}, None),
+    ("forced tool with a 20-deep schema", {**U("x"), "tool_choice": "required", "tools": [{
+        "type": "function", "function": {"name": "f", "parameters": json.loads(
+            '{"type":"object","properties":{"x":' * 20 + '{"type":"string"}' + "}}" * 20)}}]}, "ok-or-4xx"),
+    ("forced tool with a 400-deep schema", {**U("x"), "tool_choice": "required", "tools": [{
+        "type": "function", "function": {"name": "f", "parameters": json.loads(
+            '{"type":"object","properties":{"x":' * 400 + '{"type":"string"}' + "}}" * 400)}}]}, None),
+    ("tools with a 400-deep schema", {**U("x"), "tools": [{
+        "type": "function", "function": {"name": "f", "parameters": json.loads(
+            '{"type":"object","properties":{"x":' * 400 + '{"type":"string"}' + "}}" * 400)}}]}, None),
+    ("tool_choice names nothing declared", {**U("x"), "tools": [{"type": "function", "function": {"name": "f"}}],
+                                            "tool_choice": {"type": "function", "function": {"name": "g"}}}, None),
+    ("tool_choice required without tools", {**U("x"), "tool_choice": "required"}, None),
+    ("tool result with no call before it", {"messages": [{"role": "tool", "tool_call_id": "c", "content": "r"}]},
+     None),
+    ("tool result with media", {"messages": [
+        {"role": "assistant", "content": None, "tool_calls": [
+            {"id": "c", "type": "function", "function": {"name": "f", "arguments": "{}"}}]},
+        {"role": "tool", "tool_call_id": "c", "content": [
+            {"type": "image_url", "image_url": {"url": "data:image/png;base64," + B64(PNG)}}]}]}, None),
+    ("call arguments not JSON", {"messages": [{"role": "assistant", "content": None, "tool_calls": [
+        {"id": "c", "type": "function", "function": {"name": "f", "arguments": "{x"}}]}]}, None),
+    ("call ids repeated", {"messages": [{"role": "assistant", "content": None, "tool_calls": [
+        {"id": "c", "type": "function", "function": {"name": "f", "arguments": "{}"}}] * 2}]}, None),
+    ("parallel_tool_calls a string", {**U("x"), "parallel_tool_calls": "no"}, None),
+    ("legacy functions field", {**U("x"), "functions": [{"name": "f"}]}, None),
     ("response_format of an unknown type", {**U("x"), "response_format": {"type": "yaml"}}, None),
     ("response_format schema not an object", {**U("x"), "response_format": {"type": "json_schema",
                                                                             "json_schema": {"schema": 3}}}, None),
