@@ -63,15 +63,7 @@ class ChatRequest:
 
 
 # ----------------------------------------------------------------------------- the events
-@dataclass(frozen=True)
-class ToolCallDelta:
-    """A piece of one tool call: the first for a call carries ``id`` and ``name``, the next ones
-    fragments of its JSON ``arguments`` (OpenAI's streaming shape; fronts reassemble as needed)."""
-
-    index: int
-    id: str | None
-    name: str | None
-    arguments: str
+ToolCallDelta = T.ToolCallDelta
 
 
 @dataclass(frozen=True)

@@ -13,6 +13,7 @@ returned in trailing metadata.  Transport: runs on the gateway's event loop.
 
 from __future__ import annotations
 
+import json
 import uuid
 from collections.abc import AsyncIterator
 
@@ -23,6 +24,7 @@ from gateway.pipeline import Pipeline
 from mmserve_core.runtime.grpc_runtime import add_servicer, create_server, request_id_from, set_serving
 from mmserve_core.runtime.logs import REQUEST_ID_HEADER, get_logger, request_id_var
 from mmserve_core.wire import codec
+from mmserve_core.wire import types as T
 from mmserve_core.wire.errors import ServeError
 from mmserve_core.wire.stubs import chat_pb2, chat_pb2_grpc
 
@@ -46,26 +48,67 @@ def _part(p: chat_pb2.Part, role: str, pp: str) -> chat.Part:
     raise chat.bad(f"{pp}: a part must be text, image or audio", pp)
 
 
+def _json_object(text: str, param: str, *, empty_ok: bool) -> dict | None:
+    if not text and empty_ok:
+        return None
+    try:
+        value = json.loads(text)
+    except (json.JSONDecodeError, RecursionError):
+        value = None
+    if not isinstance(value, dict):
+        raise chat.bad(f"{param} must be a JSON object, as text", param)
+    return value
+
+
+def _message(m: chat_pb2.Message, i: int) -> chat.Message:
+    param = f"messages[{i}]"
+    role = codec.ROLE_FROM_PB.get(m.role)
+    if role is None:
+        raise chat.bad(f"{param}.role must be set (ROLE_SYSTEM, ROLE_DEVELOPER, ROLE_USER, ROLE_ASSISTANT or "
+                       "ROLE_TOOL)", f"{param}.role")
+    parts = [_part(p, role, f"{param}.content[{j}]") for j, p in enumerate(m.parts)]
+    if m.tool_calls and role != "assistant":
+        raise chat.bad(f"{param}.tool_calls is only for ROLE_ASSISTANT messages", f"{param}.tool_calls")
+    if (role == "tool") != bool(m.tool_call_id):
+        raise chat.bad(f"{param}.tool_call_id is required on ROLE_TOOL messages and only there", f"{param}.tool_call_id")
+    if role == "tool" and any(p.kind != "text" for p in parts):
+        raise chat.bad(f"{param}: a tool result can only hold text", f"{param}.parts")
+    calls = []
+    for j, c in enumerate(m.tool_calls):
+        cp = f"{param}.tool_calls[{j}]"
+        if not c.id or not c.name:
+            raise chat.bad(f"{cp} needs an id and a name", cp)
+        _json_object(c.arguments_json or "{}", f"{cp}.arguments_json", empty_ok=False)
+        calls.append(T.ToolCall(c.id, c.name, c.arguments_json or "{}"))
+    return chat.Message(role, parts, param, tool_calls=calls, tool_call_id=m.tool_call_id or None)
+
+
 def parse_chat_pb(pb: chat_pb2.ChatRequest) -> chat.ChatRequest:
     """The typed API's request as the gateway's ``ChatRequest`` (enum values were checked when
     the bytes were parsed)."""
     if not pb.messages:
         raise chat.bad("messages must be a non-empty list", "messages")
-    messages = []
-    for i, m in enumerate(pb.messages):
-        role = codec.ROLE_FROM_PB.get(m.role)
-        if role is None:
-            raise chat.bad(f"messages[{i}].role must be set (ROLE_SYSTEM, ROLE_DEVELOPER, ROLE_USER or ROLE_ASSISTANT)",
-                      f"messages[{i}].role")
-        messages.append(chat.Message(role, [_part(p, role, f"messages[{i}].content[{j}]") for j, p in enumerate(m.parts)],
-                                f"messages[{i}]"))
+    messages = [_message(m, i) for i, m in enumerate(pb.messages)]
+    chat.check_tool_history(messages)
     sampling, options = chat.parse_fields(codec.chat_params_to_values(pb.params))
     if pb.params.HasField("constraint"):
         sampling.constraint = codec.constraint_from_pb(pb.params.constraint, "params.constraint")
     kwargs = {"enable_thinking": pb.params.enable_thinking} if pb.params.HasField("enable_thinking") else {}
-    return chat.ChatRequest(model=pb.model or None, messages=messages, return_token_ids=pb.return_prompt_token_ids,
-                       sampling=sampling, include_reasoning=options.get("include_reasoning"),
-                       chat_template_kwargs=kwargs)
+    tools = [T.Tool(t.name, t.description, _json_object(t.parameters_json, f"tools[{i}].parameters_json",
+                                                        empty_ok=True)) for i, t in enumerate(pb.tools)]
+    chat.check_tools(tools)
+    mode = pb.tool_choice.mode
+    choice = codec.TOOL_CHOICE_FROM_PB.get(mode, "auto" if tools else "none")
+    if pb.tool_choice.function_name and choice != "function":
+        raise chat.bad("tool_choice.function_name is only for TOOL_CHOICE_MODE_FUNCTION", "tool_choice.function_name")
+    req = chat.ChatRequest(model=pb.model or None, messages=messages, return_token_ids=pb.return_prompt_token_ids,
+                           sampling=sampling, include_reasoning=options.get("include_reasoning"),
+                           chat_template_kwargs=kwargs, tools=tools, tool_choice=choice,
+                           tool_name=pb.tool_choice.function_name or None,
+                           parallel_tool_calls=pb.parallel_tool_calls if pb.HasField("parallel_tool_calls") else True,
+                           strict_tools=any(t.strict for t in pb.tools))
+    chat.check_tool_choice(req)
+    return req
 
 
 class ChatServicer(chat_pb2_grpc.ChatServiceServicer):
@@ -87,14 +130,14 @@ class ChatServicer(chat_pb2_grpc.ChatServiceServicer):
                 if isinstance(ev, chat.Delta):
                     lps = self.pipeline.logprobs.content(ev.logprobs) if req.sampling.logprobs else []
                     yield chat_pb2.CompleteResponse(delta=codec.chat_delta_to_pb(
-                        ev.content, ev.reasoning if keep else "", ev.token_ids, lps))
+                        ev.content, ev.reasoning if keep else "", ev.token_ids, lps, ev.tool_calls))
                 else:
                     c = ev.completion
-                    log.info("completed", front="grpc", finish_reason=c.finish_reason,
+                    log.info("completed", front="grpc", finish_reason=ev.finish_reason,
                              prompt_tokens=c.prompt_tokens, completion_tokens=c.completion_tokens)
                     yield chat_pb2.CompleteResponse(final=codec.chat_final_to_pb(
                         cid, self.pipeline.model_id, c, ev.encode_ms,
-                        ev.prompt_ids if pb.return_prompt_token_ids else None))
+                        ev.prompt_ids if pb.return_prompt_token_ids else None, ev.finish_reason, ev.tool_calls))
         except Exception as e:  # noqa: BLE001 - one mapping for every failure
             err = to_http(e, upstream="decoder" if gen is not None else "gateway")
             if err.status >= 500 and not isinstance(e, HTTPError | ServeError):
@@ -113,7 +156,7 @@ class ChatServicer(chat_pb2_grpc.ChatServiceServicer):
         whole = chat_pb2.Delta()
         final = None
         async for ev in self._events(request.chat, context):
-            if ev.WhichOneof("payload") == "delta":
+            if ev.WhichOneof("payload") == "delta":  # the calls are whole in final.tool_calls
                 whole.content += ev.delta.content
                 whole.reasoning_content += ev.delta.reasoning_content
                 whole.token_ids.extend(ev.delta.token_ids)

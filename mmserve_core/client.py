@@ -50,11 +50,11 @@ from mmserve_core.wire.stubs import (
     encoder_pb2_grpc,
 )
 from mmserve_core.wire.tensors import RawTensor, iter_chunks
-from mmserve_core.wire.types import Completion, Constraint, ModelInfo, TokenEvent
+from mmserve_core.wire.types import Completion, Constraint, ModelInfo, TokenEvent, Tool, ToolCall
 
 __all__ = ["AsyncChatClient", "AsyncDecoderClient", "AsyncEncoderClient", "Audio", "ChatClient", "ChatDelta",
            "ChatFinal", "Completion", "Constraint", "DecoderClient", "Encoded", "EncoderClient", "Image", "ModelInfo", "Reply",
-           "TokenEvent", "chat_request"]
+           "TokenEvent", "Tool", "ToolCall", "chat_request"]
 
 _RETRY = {"maxAttempts": 3, "initialBackoff": "0.2s", "maxBackoff": "2s", "backoffMultiplier": 2,
           "retryableStatusCodes": ["UNAVAILABLE"]}
@@ -104,12 +104,14 @@ class Timings:
 
 @dataclass(frozen=True)
 class ChatDelta:
-    """Text (and thought-channel text, token ids, logprobs) generated since the last delta."""
+    """Text (and thought-channel text, token ids, logprobs, tool-call pieces) generated since the
+    last delta."""
 
     content: str
     reasoning_content: str
     token_ids: list[int]
     logprobs: list
+    tool_calls: list[T.ToolCallDelta] = field(default_factory=list)
 
 
 @dataclass(frozen=True)
@@ -122,6 +124,7 @@ class ChatFinal:
     usage: Usage
     timings: Timings
     prompt_token_ids: list[int]
+    tool_calls: list[T.ToolCall] = field(default_factory=list)  # the reply's complete calls
 
 
 @dataclass
@@ -129,28 +132,31 @@ class Reply:
     content: str
     reasoning_content: str
     token_ids: list[int]
-    finish_reason: str
+    finish_reason: str  # "stop" | "length" | "tool_calls"
     usage: Usage
     timings: Timings
     prompt_token_ids: list[int] = field(default_factory=list)
     logprobs: list = field(default_factory=list)
+    tool_calls: list[T.ToolCall] = field(default_factory=list)
 
 
 def _delta(d: chat_pb2.Delta) -> ChatDelta:
-    return ChatDelta(d.content, d.reasoning_content, list(d.token_ids), list(d.logprobs))
+    return ChatDelta(d.content, d.reasoning_content, list(d.token_ids), list(d.logprobs),
+                     [T.ToolCallDelta(t.index, t.id or None, t.name or None, t.arguments) for t in d.tool_calls])
 
 
 def _final(f: chat_pb2.Final) -> ChatFinal:
     u, t = f.usage, f.timings
     return ChatFinal(f.id, f.model, chat_pb2.FinishReason.Name(f.finish_reason).removeprefix("FINISH_REASON_").lower(),
                      Usage(u.prompt_tokens, u.completion_tokens, u.soft_tokens, u.cached_tokens),
-                     Timings(t.encode_ms, t.queued_ms, t.prefill_ms, t.decode_ms), list(f.prompt_token_ids))
+                     Timings(t.encode_ms, t.queued_ms, t.prefill_ms, t.decode_ms), list(f.prompt_token_ids),
+                     [T.ToolCall(c.id, c.name, c.arguments_json) for c in f.tool_calls])
 
 
 def _reply(message: chat_pb2.Delta, final: chat_pb2.Final) -> Reply:
     d, f = _delta(message), _final(final)
     return Reply(d.content, d.reasoning_content, d.token_ids, f.finish_reason, f.usage, f.timings,
-                 f.prompt_token_ids, d.logprobs)
+                 f.prompt_token_ids, d.logprobs, f.tool_calls)
 
 
 def _event(msg: chat_pb2.CompleteResponse) -> ChatDelta | ChatFinal:
@@ -178,23 +184,32 @@ def _set_param(params: chat_pb2.ChatParams, f: fields.Field, value: Any) -> None
         setattr(params, f.proto, value)
 
 
+_TOOL_CHOICE = {v: k for k, v in codec.TOOL_CHOICE_FROM_PB.items()}
+
+
 def chat_request(messages: Sequence[dict], *, model: str = "", enable_thinking: bool | None = None,
                  return_prompt_token_ids: bool = False, constraint: T.Constraint | None = None,
-                 **params: Any) -> chat_pb2.ChatRequest:
+                 tools: Sequence[T.Tool] = (), tool_choice: str | None = None,
+                 parallel_tool_calls: bool | None = None, **params: Any) -> chat_pb2.ChatRequest:
     """Build the typed request.  ``content`` is a string or a list of str / ``Image`` / ``Audio``;
     ``params`` are the fields of ``mmserve_core.wire.fields.CHAT_FIELDS`` (``max_tokens``,
     ``temperature``, ``top_p``, ``top_k``, ``min_p``, ``seed``, ``stop``, ``logit_bias``, the
     penalties, ``logprobs``, ``top_logprobs``, ``include_reasoning``); the gateway checks them.
     ``constraint``: what the reply must match (``Constraint("json_schema", json.dumps(schema))``,
-    ``"json_object"``, ``"regex"``, ``"lark"``), enforced by the decoder."""
+    ``"json_object"``, ``"regex"``, ``"lark"``), enforced by the decoder.
+
+    Tools: ``tools`` are ``Tool(name, description, parameters_schema)``; ``tool_choice`` is
+    ``"none"``, ``"auto"``, ``"required"`` or the name of one tool (forced); an assistant message
+    may carry ``"tool_calls": [ToolCall(id, name, arguments_json)]`` and a ``"role": "tool"``
+    message ``"tool_call_id"`` with its result as ``content``."""
     unknown = sorted(set(params) - set(fields.BY_NAME))
     if unknown:
         raise TypeError(f"unknown chat parameters {unknown}; the fields are {sorted(fields.BY_NAME)}")
     msgs = []
     for m in messages:
-        content = m["content"]
+        content = m.get("content")
         parts = []
-        for p in [content] if isinstance(content, (str, Image, Audio)) else content:
+        for p in [content] if isinstance(content, (str, Image, Audio)) else content or ():
             if isinstance(p, str):
                 parts.append(chat_pb2.Part(text=p))
             elif isinstance(p, Image):
@@ -204,7 +219,8 @@ def chat_request(messages: Sequence[dict], *, model: str = "", enable_thinking: 
                 parts.append(chat_pb2.Part(audio=chat_pb2.AudioPart(data=p.data, format=p.format)))
             else:
                 raise TypeError(f"a content part must be str, Image or Audio, got {type(p).__name__}")
-        msgs.append(chat_pb2.Message(role=_ROLES[m["role"]], parts=parts))
+        msgs.append(chat_pb2.Message(role=_ROLES[m["role"]], parts=parts, tool_call_id=m.get("tool_call_id", ""),
+                                     tool_calls=[codec.tool_call_to_pb(c) for c in m.get("tool_calls", ())]))
     out = chat_pb2.ChatParams()
     for name, value in params.items():
         if value is not None:
@@ -213,8 +229,15 @@ def chat_request(messages: Sequence[dict], *, model: str = "", enable_thinking: 
         out.enable_thinking = enable_thinking
     if constraint is not None:
         out.constraint.CopyFrom(codec.constraint_to_pb(constraint))
-    return chat_pb2.ChatRequest(messages=msgs, params=out, return_prompt_token_ids=return_prompt_token_ids,
-                                model=model)
+    req = chat_pb2.ChatRequest(messages=msgs, params=out, return_prompt_token_ids=return_prompt_token_ids,
+                               model=model, tools=[codec.tool_to_pb(t) for t in tools])
+    if tool_choice is not None:
+        named = tool_choice not in _TOOL_CHOICE
+        req.tool_choice.mode = _TOOL_CHOICE["function" if named else tool_choice]
+        req.tool_choice.function_name = tool_choice if named else ""
+    if parallel_tool_calls is not None:
+        req.parallel_tool_calls = parallel_tool_calls
+    return req
 
 
 def _relay(call) -> Iterator:

@@ -55,6 +55,17 @@ class ToolCall:
     arguments: str
 
 
+@dataclass(frozen=True)
+class ToolCallDelta:
+    """A piece of one call as it is written: the first for a call carries ``id`` and ``name`` (and
+    empty arguments), the next ones fragments of its JSON ``arguments`` (OpenAI's streaming shape)."""
+
+    index: int
+    id: str | None
+    name: str | None
+    arguments: str
+
+
 @dataclass
 class Message:
     role: str  # "system" | "developer" | "user" | "assistant" | "tool"

@@ -109,11 +109,11 @@ def test_unknown_model_is_404_model_not_found(services_e2b):
     assert ei.value.code() == grpc.StatusCode.NOT_FOUND and "gpt-4o" in ei.value.details()
 
 
-@pytest.mark.parametrize("field,value", [("tools", [{"type": "function", "function": {"name": "f"}}]),
-                                         ("tool_choice", "required"), ("parallel_tool_calls", False),
-                                         ("frobnicate", 1)])
+@pytest.mark.parametrize("field,value", [("tool_choice", "required"), ("functions", [{"name": "f"}]),
+                                         ("function_call", "auto"), ("frobnicate", 1)])
 def test_a_field_the_server_cannot_honour_is_refused_by_name(services_e2b, field, value):
-    """Rule 2: never accepted without effect (these were answered 200, unconstrained, before)."""
+    """Rule 2: never accepted without effect (tools are honoured now; a forced call with no tools to
+    call, the legacy function fields and unknown ones are refused)."""
     r = httpx.post(services_e2b.base_url + "/chat/completions", timeout=30, json={
         "model": "m", "messages": [{"role": "user", "content": "hi"}], "max_tokens": 2, field: value})
     assert r.status_code == 400 and r.json()["error"]["param"] == field, r.text
