@@ -119,14 +119,16 @@ class GrammarMask:
     def __call__(self, context, logits):
         import mlx.core as mx
 
-        mx.async_eval(logits)  # the forward pass runs while the matcher works on the CPU
         n = int(context.shape[-1])
         if self._seen is None:
             self._seen = n
         elif n > self._seen:
-            for t in np.asarray(context[self._seen:]).reshape(-1).tolist():  # waits for the last token only
+            # read the new tokens *before* launching this step's forward pass, so the read waits for
+            # the previous sample only (read after the launch, it queues behind the whole forward)
+            for t in np.asarray(context).reshape(-1)[self._seen:].tolist():
                 self.matcher.consume_token(int(t))
             self._seen = n
+        mx.async_eval(logits)  # the forward pass runs while the matcher computes the mask
         width = logits.shape[-1]
         if self.matcher.is_error():  # cannot happen while the mask is applied; end the sequence if it does
             allowed = np.zeros(width, dtype=bool)
