@@ -12,7 +12,11 @@ applied with plain MLX ops, so it runs on the CPU, Metal and CUDA alike
 Thread ownership: ``ConstraintCompiler`` runs on the event loop — grammars
 are checked and compiled there, cached by digest, never on the MLX thread;
 each request gets its own ``LLMatcher`` built there too.  ``GrammarMask``
-is a logits processor called on the MLX thread, one per sequence.
+(one per sequence) and ``BatchMasks`` (one per scheduler) run on the MLX
+thread: a sequence's prefill and solo steps call its ``GrammarMask``; in the
+batch, ``BatchMasks`` masks every constrained row of a step at once — the
+matchers fill one bitmask in parallel (llguidance's executor, off the GIL)
+while the forward pass runs, and one MLX ``where`` applies it.
 """
 
 from __future__ import annotations
@@ -102,6 +106,18 @@ def _grammar(c: Constraint) -> str:
     raise InvalidArgument(f"{REFUSAL} has an unknown kind {c.kind!r}")
 
 
+def _bits(words, width: int, vocab_size: int):
+    """uint32 words [..., W] -> bool [..., width]: bit j of word i is token 32 i + j."""
+    import mlx.core as mx
+
+    bits = (words[..., None] >> mx.arange(32, dtype=mx.uint32)) & 1
+    bits = bits.reshape(*words.shape[:-1], -1)[..., : min(width, vocab_size)]
+    if bits.shape[-1] < width:
+        pad = mx.zeros((*bits.shape[:-1], width - bits.shape[-1]), dtype=bits.dtype)
+        bits = mx.concatenate([bits, pad], axis=-1)
+    return bits.astype(mx.bool_)
+
+
 class GrammarMask:
     """Logits processor for one sequence (MLX thread): feeds the matcher the tokens generated
     since its last call, then adds -inf to every token the grammar does not allow next.
@@ -114,7 +130,17 @@ class GrammarMask:
         self.vocab_size = vocab_size
         self.eos = np.asarray(eos_ids, dtype=np.int64)
         self._seen: int | None = None
-        self._shifts = None  # mx.arange(32), made on first use on the MLX thread
+
+    def consume(self, token: int) -> None:
+        """The batch path: the token this sequence sampled last (``BatchMasks`` reads it)."""
+        self.matcher.consume_token(int(token))
+        if self._seen is not None:
+            self._seen += 1
+
+    def eos_only(self, width: int) -> np.ndarray:
+        allowed = np.zeros(width, dtype=bool)
+        allowed[self.eos[self.eos < width]] = True
+        return allowed
 
     def __call__(self, context, logits):
         import mlx.core as mx
@@ -131,14 +157,48 @@ class GrammarMask:
         mx.async_eval(logits)  # the forward pass runs while the matcher computes the mask
         width = logits.shape[-1]
         if self.matcher.is_error():  # cannot happen while the mask is applied; end the sequence if it does
-            allowed = np.zeros(width, dtype=bool)
-            allowed[self.eos[self.eos < width]] = True
-            return logits + mx.array(np.where(allowed, 0.0, -np.inf).astype(np.float32)).astype(logits.dtype)
-        if self._shifts is None:
-            self._shifts = mx.arange(32, dtype=mx.uint32)
+            return mx.where(mx.array(self.eos_only(width)), logits, mx.array(-mx.inf, dtype=logits.dtype))
         words = mx.array(np.frombuffer(self.matcher.compute_bitmask(), dtype=np.uint32))
-        bits = (words[:, None] >> self._shifts) & 1  # [words, 32]: bit j of word i is token 32 i + j
-        bits = bits.reshape(-1)[: min(width, self.vocab_size)]
-        if bits.shape[0] < width:
-            bits = mx.concatenate([bits, mx.zeros((width - bits.shape[0],), dtype=bits.dtype)])
-        return mx.where(bits.astype(mx.bool_), logits, mx.array(-mx.inf, dtype=logits.dtype))
+        return mx.where(_bits(words, width, self.vocab_size), logits, mx.array(-mx.inf, dtype=logits.dtype))
+
+
+class BatchMasks:
+    """Masks a batch step's constrained rows at once (MLX thread; one per scheduler).
+
+    ``apply(inputs, logits, rows)``: ``inputs`` [B, 1] are the tokens the rows sampled last (not
+    yet consumed by their matchers), ``logits`` [B, 1, V] this step's (not yet evaluated),
+    ``rows`` the ``GrammarMask`` of each row or None.  The tokens are read before the forward pass
+    is launched (so the read waits for the previous sample only), then the matchers consume them
+    and fill one bitmask in parallel while the forward runs; one ``where`` applies it."""
+
+    def __init__(self, threads: int = 2) -> None:
+        self.threads = threads
+        self._executor = None
+
+    def apply(self, inputs, logits, rows: list):
+        import llguidance
+        import llguidance.numpy as lnp
+        import mlx.core as mx
+
+        tokens = np.asarray(inputs).reshape(-1).tolist()
+        mx.async_eval(logits)
+        if self._executor is None:
+            self._executor = llguidance.LLExecutor(self.threads)
+        vocab = next(r.vocab_size for r in rows if r is not None)
+        width, words = logits.shape[-1], (vocab + 31) // 32
+        bitmask = np.full((len(rows), words), -1, dtype=np.int32)  # unconstrained rows: every token
+        work, broken = [], []
+        for i, (r, t) in enumerate(zip(rows, tokens)):
+            if r is None:
+                continue
+            r.consume(t)
+            (broken if r.matcher.is_error() else work).append((r.matcher, i))
+        if work:
+            lnp.fill_next_token_bitmask_par(self._executor, work, bitmask)
+        allowed = _bits(mx.array(bitmask.view(np.uint32)), width, vocab)
+        if broken:  # cannot happen while the mask is applied; such a row may only end
+            fix = np.ones((len(rows), width), dtype=bool)
+            for _, i in broken:
+                fix[i] = rows[i].eos_only(width)
+            allowed = allowed & mx.array(fix)
+        return mx.where(allowed[:, None, :], logits, mx.array(-mx.inf, dtype=logits.dtype))

@@ -29,6 +29,7 @@ from dataclasses import dataclass, field
 
 import mlx.core as mx
 
+from decoder_service.constraints import BatchMasks, GrammarMask
 from decoder_service.detokenizer import IncrementalDetokenizer
 from decoder_service.model import LanguageModelRunner, ResolvedSampling, SpanRows
 from decoder_service.prefix_cache import PrefixCache, keyed_tokens
@@ -89,6 +90,10 @@ class BatchScheduler:
                  metrics=None, prefix_cache: PrefixCache | None = None) -> None:
         self.runner = runner
         self._forward = runner.logits_model()
+        self._masks = BatchMasks()
+        self._grammar_rows: dict[int, GrammarMask] = {}  # batch uid -> its constraint's mask
+        self._new_uids: list[int] = []  # inserted since the last step, in insertion order
+        self._calls: list[list[int]] = []  # the row uids of each model call the coming step makes
         self._solo: _Solo | None = None
         self.prefix = prefix_cache if prefix_cache is not None else PrefixCache(0)
         self.tokenizer = tokenizer
@@ -144,8 +149,28 @@ class BatchScheduler:
         from mlx_lm.generate import BatchGenerator
         from mlx_vlm.generate.ar import generation_stream
 
-        return BatchGenerator(self.runner.logits_model(), stream=generation_stream,
+        self._grammar_rows.clear()
+        self._new_uids.clear()
+        return BatchGenerator(self._batch_forward, stream=generation_stream,
                               completion_batch_size=self.max_active, prefill_batch_size=self.max_active)
+
+    def _batch_forward(self, inputs, cache=None, **kwargs):
+        """The model as the batch calls it, with every constrained row masked in one operation.
+
+        Within one ``BatchGenerator.next()`` the model is called for the running rows first, then
+        (when sequences were inserted) for the new rows alone, before they join; ``_step`` lists
+        those row uids in ``_calls`` just before, so each call knows whose logits it computes."""
+        logits = self._forward(inputs, cache=cache, **kwargs)
+        if inputs.shape[1] != 1:
+            return logits
+        uids = self._calls.pop(0) if self._calls else None
+        if not self._grammar_rows:
+            return logits
+        if uids is None or len(uids) != inputs.shape[0]:
+            raise RuntimeError(f"the batch computed {inputs.shape[0]} rows where the scheduler expected "
+                               f"{None if uids is None else len(uids)}")
+        rows = [self._grammar_rows.get(u) for u in uids]
+        return self._masks.apply(inputs, logits, rows) if any(r is not None for r in rows) else logits
 
     def run(self, _state=None) -> None:
         """The serving loop; returns when ``stop`` is called."""
@@ -202,6 +227,7 @@ class BatchScheduler:
         caches = bg.remove(gone, return_prompt_caches=True)
         for uid in gone:
             a = active.pop(uid)
+            self._grammar_rows.pop(uid, None)
             self._store(a, *caches.get(uid, (None, None)))
             log.info("generation cancelled", tokens=a.generated)
         self.active_count = len(active)
@@ -244,11 +270,17 @@ class BatchScheduler:
         """Hand a sequence to the batch: its cache holds ``fed``; ``token`` is its next input."""
         from mlx_lm.generate import StopSequences
 
+        grammar = a.job.sampling.grammar
+        if not hasattr(bg, "_generation_batch"):  # an mlx-lm whose batch order we cannot read:
+            grammar = None                        # the mask stays a per-row processor
         [uid] = bg.insert(
             [[token]], max_tokens=[a.job.sampling.max_tokens - a.generated], caches=[cache], all_tokens=[fed],
-            samplers=[a.sampler], logits_processors=[a.processors],
+            samplers=[a.sampler], logits_processors=[[p for p in a.processors if p is not grammar]],
             stop_sequences=[StopSequences([[t] for t in sorted(a.job.stop_ids)])],
         )
+        if grammar is not None:  # masked with the batch's others in _batch_forward, not row by row
+            self._grammar_rows[uid] = grammar
+        self._new_uids.append(uid)
         active[uid] = a
         self.active_count = len(active)
 
@@ -319,7 +351,12 @@ class BatchScheduler:
         self.prefix.store(kids[: len(tokens)], cache)
 
     def _step(self, bg, active: dict[int, _Active]) -> None:
+        gen = getattr(bg, "_generation_batch", None)  # mlx-lm's batch, for its row order (read only)
+        running = list(gen.uids) if gen is not None else []
+        self._calls = [c for c in (running, self._new_uids) if c]
+        self._new_uids = []
         _, responses = bg.next()
+        self._calls = []
         for r in responses:
             a = active.get(r.uid)
             if a is None:
@@ -327,6 +364,7 @@ class BatchScheduler:
             a.generated += 1
             if self._deliver(a, int(r.token), r.finish_reason, r.logprobs):
                 active.pop(r.uid, None)
+                self._grammar_rows.pop(r.uid, None)
                 if r.finish_reason is None:  # we stopped it (a stop string); the generator has not
                     cache, tokens = bg.remove([r.uid], return_prompt_caches=True).get(r.uid, (None, None))
                 else:

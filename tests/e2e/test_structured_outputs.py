@@ -127,3 +127,32 @@ def test_typed_api_constraints_json_schema_and_regex(services_e2b):
         req.chat.params.constraint.regex = "(?=x)"
         chat_pb2_grpc.ChatServiceStub(ch).CompleteUnary(req)
     assert ei.value.code() == grpc.StatusCode.INVALID_ARGUMENT and "output constraint" in ei.value.details()
+
+
+def test_concurrent_constrained_and_free_streams_share_the_batch(services_e2b):
+    """Twelve at once — schema replies, forced tool calls and free text in one continuous batch
+    (the masks applied to the whole step at once): every constrained one still validates."""
+    import concurrent.futures
+
+    client = _client(services_e2b)
+    tool = {"type": "function", "function": {"name": "f", "parameters": SCHEMAS[3]}}
+
+    def one(i: int):
+        kw = dict(model="m", messages=[{"role": "user", "content": f"go {i}"}], max_tokens=300, temperature=1.0,
+                  seed=100 + i)
+        if i % 3 == 0:
+            return "free", client.chat.completions.create(**kw)
+        if i % 3 == 1:
+            return SCHEMAS[i], client.chat.completions.create(**kw, response_format={
+                "type": "json_schema", "json_schema": {"name": "s", "schema": SCHEMAS[i]}})
+        return "tool", client.chat.completions.create(**kw, tools=[tool], tool_choice="required")
+
+    with concurrent.futures.ThreadPoolExecutor(12) as pool:
+        results = list(pool.map(one, range(12)))
+    for kind, r in results:
+        msg = r.choices[0].message
+        if kind == "tool":
+            for c in msg.tool_calls:
+                jsonschema.validate(json.loads(c.function.arguments), SCHEMAS[3])
+        elif kind != "free":
+            jsonschema.validate(json.loads(msg.content), kind)

@@ -1,4 +1,5 @@
-"""The decoder's output constraints as logic: compile, refuse, mask (MLX arrays, no model)."""
+"""The decoder's output constraints as logic: compile, refuse, mask — row by row and for a whole batch
+step (MLX arrays, no model)."""
 
 from __future__ import annotations
 
@@ -74,3 +75,31 @@ def test_regex_and_refusals(compiler):
 def test_compiled_grammars_are_cached_by_digest(compiler):
     c = Constraint("regex", "[0-9]+")
     assert compiler.compile(c) is compiler.compile(Constraint("regex", "[0-9]+"))
+
+
+def test_the_batch_masks_equal_each_rows_own_mask(compiler):
+    """``BatchMasks`` (one parallel fill and one ``where`` for the step) allows exactly what each
+    row's own ``GrammarMask`` allows, a row without a constraint keeps every token, and the
+    matchers advance by the tokens the rows sampled."""
+    from decoder_service.constraints import BatchMasks
+
+    specs = [Constraint("json_schema", json.dumps({"type": "object", "properties": {"a": {"type": "integer"}},
+                                                   "required": ["a"]})),
+             Constraint("json_schema", json.dumps({"type": "array", "items": {"enum": ["x", "yz"]}, "minItems": 1}))]
+
+    def mask(c):
+        return GrammarMask(compiler.matcher(compiler.compile(c)), 512, EOS)
+
+    solo, batched = [mask(c) for c in specs], [mask(c) for c in specs]
+    rows = [batched[0], None, batched[1]]  # the middle row is unconstrained
+    contexts = [[2, 105, 10], [2, 105, 10]]
+    rng, masks = np.random.default_rng(0), BatchMasks()
+    for step in range(14):
+        want = [np.isfinite(np.asarray(m(mx.array(ctx), mx.zeros((1, 512))))[0]) for m, ctx in zip(solo, contexts)]
+        if step:  # the batch consumes the tokens sampled last step, then masks
+            last = mx.array([contexts[0][-1], 7, contexts[1][-1]])[:, None]
+            got = np.isfinite(np.asarray(masks.apply(last, mx.zeros((3, 1, 512)), rows)))[:, 0]
+            assert (got[0] == want[0]).all() and (got[2] == want[1]).all() and got[1].all(), step
+        for ctx, w in zip(contexts, want):
+            allowed = [t for t in np.nonzero(w)[0] if t not in EOS] or list(np.nonzero(w)[0])
+            ctx.append(int(rng.choice(allowed)))
