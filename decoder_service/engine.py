@@ -30,11 +30,12 @@ from decoder_service.placement import validate_prompt
 from decoder_service.prefix_cache import PrefixCache, media_key
 from decoder_service.sampling import resolve_sampling
 from decoder_service.scheduler import BatchScheduler, GenerationJob
+from decoder_service.thought_budget import ThoughtBudget
 from mmserve_core.runtime.checkpoint import CheckpointInfo, read_checkpoint
 from mmserve_core.runtime.logs import get_logger
 from mmserve_core.runtime.mlx_thread import MLXWorker
 from mmserve_core.wire import types as T
-from mmserve_core.wire.errors import Unavailable
+from mmserve_core.wire.errors import InvalidArgument, Unavailable
 
 log = get_logger(__name__)
 
@@ -131,11 +132,21 @@ class DecoderEngine:
             vocab_size=self.info.vocab_size,
             generation_config=self.info.generation_config,
         )
+        if sampling.reasoning_budget is not None:
+            resolved = dataclasses.replace(resolved, thought_budget=self._thought_budget(sampling.reasoning_budget))
         if sampling.constraint is None:
             return resolved
         # compiled here (cached by digest), never on the MLX thread; each sequence its own matcher
         matcher = self.constraints.matcher(self.constraints.compile(sampling.constraint))
         return dataclasses.replace(resolved, grammar=GrammarMask(matcher, self.info.vocab_size, self.eos_ids))
+
+    def _thought_budget(self, budget: int) -> ThoughtBudget:
+        ids = [self.tokenizer.convert_tokens_to_ids(t) for t in ("<|channel>", "<channel|>")]
+        if any(i is None or i == self.tokenizer.unk_token_id for i in ids):
+            raise InvalidArgument("sampling.reasoning_budget: this model has no thought channel")
+        if budget < 1:
+            raise InvalidArgument("sampling.reasoning_budget must be at least 1")
+        return ThoughtBudget(budget, *ids)
 
     async def generate(
         self,

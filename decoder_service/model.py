@@ -57,6 +57,7 @@ class ResolvedSampling:
     logprobs: bool = False
     top_logprobs: int = 0
     grammar: object = None  # a constraints.GrammarMask for this sequence (its own matcher), or None
+    thought_budget: object = None  # a thought_budget.ThoughtBudget for this sequence, or None
 
 
 @dataclass(frozen=True)

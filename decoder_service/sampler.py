@@ -76,14 +76,16 @@ def _make(s: ResolvedSampling) -> Sampler:
 
 
 def build_processors(s: ResolvedSampling) -> list:
-    """Logit bias and penalties over prompt + output, then the output constraint's mask (none of
-    them: no per-row processing at all)."""
+    """Logit bias and penalties over prompt + output, the thought budget, then the output
+    constraint's mask (none of them: no per-row processing at all)."""
     processors = make_logits_processors(
         s.logit_bias or None,
         s.repetition_penalty,
         presence_penalty=s.presence_penalty,
         frequency_penalty=s.frequency_penalty,
     )
+    if s.thought_budget is not None:
+        processors = [*processors, s.thought_budget]
     if s.grammar is not None:
         processors = [*processors, s.grammar]
     return processors

@@ -18,6 +18,7 @@ from fastapi.exceptions import RequestValidationError
 from fastapi.responses import JSONResponse, Response
 from starlette.exceptions import HTTPException as StarletteHTTPException
 
+from gateway.anthropic_messages import add_messages_routes
 from gateway.config import GatewayConfig
 from gateway.errors import HTTPError
 from gateway.metrics import GatewayMetrics
@@ -42,6 +43,7 @@ def create_app(cfg: GatewayConfig) -> FastAPI:
     app.add_middleware(RequestIdMiddleware)
     _add_service_routes(app, pipeline, metrics)
     add_chat_routes(app, pipeline, metrics, cfg)
+    add_messages_routes(app, pipeline, metrics, cfg)
     return app
 
 
@@ -70,17 +72,19 @@ def _lifespan(pipeline: Pipeline, metrics: GatewayMetrics, cfg: GatewayConfig):
 def _add_error_handlers(app: FastAPI) -> None:
     @app.exception_handler(StarletteHTTPException)
     async def http_exception(request: Request, exc: StarletteHTTPException):
-        """Routing errors (unknown path, wrong method) in OpenAI's error shape too."""
+        """Routing errors (unknown path, wrong method) in the error shape of the API the path is under."""
         type_ = "not_found_error" if exc.status_code == 404 else "invalid_request_error"
         return error_response(HTTPError(exc.status_code, f"{request.method} {request.url.path}: {exc.detail}",
-                                        type_=type_, code=str(exc.detail).lower().replace(" ", "_")))
+                                        type_=type_, code=str(exc.detail).lower().replace(" ", "_")),
+                              request.url.path)
 
     @app.exception_handler(RequestValidationError)
     async def validation_error(request: Request, exc: RequestValidationError):
         first = exc.errors()[0] if exc.errors() else {}
         loc = ".".join(str(x) for x in first.get("loc", ()) if x not in ("body", "path", "query"))
         return error_response(HTTPError(400, f"{loc or 'request'}: {first.get('msg', 'invalid')}",
-                                        type_="invalid_request_error", param=loc or None, code="invalid_value"))
+                                        type_="invalid_request_error", param=loc or None, code="invalid_value"),
+                              request.url.path)
 
 
 def _add_service_routes(app: FastAPI, pipeline: Pipeline, metrics: GatewayMetrics) -> None:

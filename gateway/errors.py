@@ -45,6 +45,31 @@ class HTTPError(Exception):
         return {"error": {"message": self.message, "type": self.type, "param": self.param, "code": self.code}}
 
 
+# ----------------------------------------------------------------------------- each front's error shape
+# Anthropic's error types by HTTP status (https://docs.anthropic.com/en/api/errors).
+ANTHROPIC_TYPES = {400: "invalid_request_error", 401: "authentication_error", 403: "permission_error",
+                   404: "not_found_error", 413: "request_too_large", 429: "rate_limit_error", 503: "overloaded_error",
+                   529: "overloaded_error"}
+
+
+def anthropic_body(err: HTTPError) -> dict:
+    """``{"type": "error", "error": {"type", "message"}}``; the field at fault stays in the message."""
+    kind = ANTHROPIC_TYPES.get(err.status, "api_error" if err.status >= 500 else "invalid_request_error")
+    return {"type": "error", "error": {"type": kind, "message": err.message}}
+
+
+# Path prefix -> the error body its clients parse; anything else gets OpenAI's shape.
+ERROR_SHAPES: tuple[tuple[str, object], ...] = (("/v1/messages", anthropic_body),)
+
+
+def error_body(path: str, err: HTTPError) -> dict:
+    """The one place an error becomes the body of the API the request spoke (by its path)."""
+    for prefix, shape in ERROR_SHAPES:
+        if path == prefix or path.startswith(prefix + "/"):
+            return shape(err)
+    return err.body()
+
+
 def from_grpc_code(code: grpc.StatusCode, message: str, *, upstream: str,
                    param: str | None = None) -> HTTPError:
     status, type_ = GRPC_TO_HTTP.get(code, (500, "server_error"))

@@ -10,7 +10,7 @@ from __future__ import annotations
 import hmac
 import json
 
-from gateway.errors import HTTPError
+from gateway.errors import HTTPError, error_body
 from mmserve_core.runtime.logs import REQUEST_ID_HEADER, new_request_id, request_id_var
 
 
@@ -44,7 +44,9 @@ class RequestIdMiddleware:
 
 
 class GuardMiddleware:
-    """``Authorization: Bearer`` when an API key is set (401), and a request-body cap (413).
+    """The API key when one is set (401) — ``Authorization: Bearer <key>`` (OpenAI's clients) or
+    ``x-api-key: <key>`` (Anthropic's) — and a request-body cap (413).  Errors take the shape of
+    the API the path belongs to (``errors.error_body``).
 
     ``/health``, ``/metrics`` and the API docs stay open (probes and scrapers carry no key).
     The body cap counts bytes as they arrive, so a chunked upload without
@@ -63,16 +65,17 @@ class GuardMiddleware:
             await self.app(scope, receive, send)
             return
         headers = dict(scope["headers"])
+        path = scope["path"]
         if self.api_key is not None:
             auth = headers.get(b"authorization", b"")
-            token = auth[7:].strip() if auth[:7].lower() == b"bearer " else b""
+            token = auth[7:].strip() if auth[:7].lower() == b"bearer " else headers.get(b"x-api-key", b"").strip()
             if not hmac.compare_digest(token, self.api_key):
-                await _send_error(send, 401, "Incorrect or missing API key: send 'Authorization: Bearer <key>'",
-                                  "invalid_request_error", "invalid_api_key")
+                await _send_error(send, path, 401, "Incorrect or missing API key: send 'Authorization: Bearer <key>' "
+                                  "or 'x-api-key: <key>'", "invalid_request_error", "invalid_api_key")
                 return
         length = headers.get(b"content-length")
         if length is not None and length.isdigit() and int(length) > self.max_body:
-            await _send_error(send, 413, f"request body is {int(length)} bytes, over the limit of "
+            await _send_error(send, path, 413, f"request body is {int(length)} bytes, over the limit of "
                               f"{self.max_body}", "invalid_request_error", "request_too_large")
             return
         seen = 0
@@ -90,7 +93,7 @@ class GuardMiddleware:
         try:
             await self.app(scope, counted, send)
         except BodyTooLarge as e:
-            await _send_error(send, 413, f"request body is over the limit of {e.limit} bytes",
+            await _send_error(send, path, 413, f"request body is over the limit of {e.limit} bytes",
                               "invalid_request_error", "request_too_large")
 
 
@@ -103,8 +106,8 @@ class BodyTooLarge(HTTPError):
         self.limit = limit
 
 
-async def _send_error(send, status: int, message: str, type_: str, code: str) -> None:
-    body = json.dumps({"error": {"message": message, "type": type_, "param": None, "code": code}}).encode()
+async def _send_error(send, path: str, status: int, message: str, type_: str, code: str) -> None:
+    body = json.dumps(error_body(path, HTTPError(status, message, type_=type_, code=code))).encode()
     await send({"type": "http.response.start", "status": status,
                 "headers": [(b"content-type", b"application/json"), (b"content-length", str(len(body)).encode())]})
     await send({"type": "http.response.body", "body": body})

@@ -10,13 +10,13 @@ is built from the same field table the validator reads.  Event loop.
 
 from __future__ import annotations
 
-import json
 import time
 import uuid
 
 from fastapi import FastAPI, Request
 from fastapi.responses import StreamingResponse
 
+from gateway.bodies import read_json
 from gateway.chat import ROLES
 from gateway.config import GatewayConfig
 from gateway.errors import HTTPError, to_http
@@ -30,24 +30,13 @@ from mmserve_core.wire.fields import openapi_properties
 log = get_logger(__name__)
 
 
-async def _read_json(request: Request):
-    try:
-        return json.loads(await request.body())
-    except (json.JSONDecodeError, UnicodeDecodeError) as e:
-        raise HTTPError(400, f"request body is not valid JSON: {e}", type_="invalid_request_error",
-                        code="invalid_json") from None
-    except RecursionError:
-        raise HTTPError(400, "request body nests JSON too deeply", type_="invalid_request_error",
-                        code="invalid_json") from None
-
-
 def add_chat_routes(app: FastAPI, pipeline: Pipeline, metrics: GatewayMetrics, cfg: GatewayConfig) -> None:
     @app.post("/v1/chat/completions", openapi_extra=chat_openapi(pipeline.served_models))
     async def chat_completions(request: Request):
         rid = request_id_var.get() or new_request_id()
         t0 = time.perf_counter()
         try:
-            req = parse_chat_request(await _read_json(request), allow_urls=cfg.url_fetch)
+            req = parse_chat_request(await read_json(request), allow_urls=cfg.url_fetch)
             gen = await pipeline.start(req, rid)
         except Exception as e:  # noqa: BLE001 - every failure becomes OpenAI error JSON
             err = to_http(e)

@@ -17,7 +17,7 @@ from typing import Any
 from fastapi.responses import JSONResponse
 
 from gateway.chat import Delta, Done
-from gateway.errors import HTTPError
+from gateway.errors import HTTPError, error_body
 from gateway.pipeline import Generation
 from mmserve_core.runtime.logs import get_logger
 from mmserve_core.wire import types as T
@@ -25,12 +25,13 @@ from mmserve_core.wire import types as T
 log = get_logger(__name__)
 
 
-def error_response(err: HTTPError) -> JSONResponse:
+def error_response(err: HTTPError, path: str = "") -> JSONResponse:
+    """The error as the body of the API ``path`` belongs to (``errors.error_body``)."""
     if err.status >= 500:
         log.error("request failed", status=err.status, error=err.message)
     else:
         log.info("request rejected", status=err.status, error=err.message, param=err.param)
-    return JSONResponse(err.body(), status_code=err.status, headers=err.headers)
+    return JSONResponse(error_body(path, err), status_code=err.status, headers=err.headers)
 
 
 def usage(c: T.Completion) -> dict[str, Any]:

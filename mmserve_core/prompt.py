@@ -102,6 +102,8 @@ class PromptBuilder:
                     d["tool_calls"] = tool_render.template_calls(m, lambda t: mark(t, "raw"), self._plain)
                 if m.role == "tool":
                     d["tool_call_id"] = m.tool_call_id
+                if m.reasoning:  # the template decides whether an earlier turn's thought is shown
+                    d["reasoning_content"] = mark(m.reasoning, "raw")
                 return d
             content = []
             for p in m.parts:

@@ -173,6 +173,8 @@ def sampling_to_pb(s: T.SamplingParams) -> decoder_pb2.SamplingParams:
             setattr(pb, name, v)
     if s.constraint is not None:
         pb.constraint.CopyFrom(constraint_to_pb(s.constraint))
+    if s.reasoning_budget is not None:
+        pb.reasoning_budget = s.reasoning_budget
     return pb
 
 
@@ -189,6 +191,8 @@ def sampling_from_pb(pb: decoder_pb2.SamplingParams) -> T.SamplingParams:
             setattr(s, name, getattr(pb, name))
     if pb.HasField("constraint"):
         s.constraint = constraint_from_pb(pb.constraint, "sampling.constraint")
+    if pb.HasField("reasoning_budget"):
+        s.reasoning_budget = int(pb.reasoning_budget)
     return s
 
 

@@ -73,6 +73,7 @@ class Message:
     param: str
     tool_calls: list[ToolCall] = field(default_factory=list)  # assistant turns that called tools
     tool_call_id: str | None = None  # role "tool": the call this is the result of
+    reasoning: str = ""  # an assistant turn's thought channel, when the client sends it back
 
 
 @dataclass(frozen=True)
@@ -141,6 +142,7 @@ class SamplingParams:
     logprobs: bool = False
     top_logprobs: int = 0
     constraint: Constraint | None = None
+    reasoning_budget: int | None = None  # at most this many thought-channel tokens, then the answer
 
 
 @dataclass(frozen=True)
