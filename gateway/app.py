@@ -23,6 +23,7 @@ from gateway.config import GatewayConfig
 from gateway.errors import HTTPError
 from gateway.metrics import GatewayMetrics
 from gateway.middleware import GuardMiddleware, RequestIdMiddleware
+from gateway.openai_audio import add_audio_routes
 from gateway.openai_chat import add_chat_routes
 from gateway.pipeline import Pipeline
 from gateway.responses import error_response
@@ -44,6 +45,7 @@ def create_app(cfg: GatewayConfig) -> FastAPI:
     _add_service_routes(app, pipeline, metrics)
     add_chat_routes(app, pipeline, metrics, cfg)
     add_messages_routes(app, pipeline, metrics, cfg)
+    add_audio_routes(app, pipeline, metrics, cfg)
     return app
 
 

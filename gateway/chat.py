@@ -193,19 +193,23 @@ def sniff_audio(data: bytes) -> str | None:
     return None
 
 
-def audio_part(raw: bytes, fmt: str | None, param: str) -> Part:
-    """Audio bytes whose declared format (or, if none, the sniffed one) matches the bytes."""
+def audio_part(raw: bytes, fmt: str | None, param: str, *, fmt_param: str | None = None,
+               data_param: str | None = None) -> Part:
+    """Audio bytes whose declared format (or, if none, the sniffed one) matches the bytes;
+    errors name ``fmt_param`` / ``data_param`` (default: OpenAI's ``input_audio`` fields)."""
+    fmt_param = fmt_param or f"{param}.input_audio.format"
+    data_param = data_param or f"{param}.input_audio.data"
     sniffed = sniff_audio(raw)
     if not fmt:
         fmt = sniffed
+    if sniffed is None and not fmt:
+        raise bad(f"{data_param} is not a WAV, MP3, FLAC or OGG file", data_param)
     if fmt not in AUDIO_FORMATS:
-        raise bad(f"{param}.input_audio.format {fmt!r} is not supported; use 'wav', 'mp3', 'flac' or 'ogg'",
-                  f"{param}.input_audio.format")
+        raise bad(f"{fmt_param} {fmt!r} is not supported; use 'wav', 'mp3', 'flac' or 'ogg'", fmt_param)
     if sniffed is None:
-        raise bad(f"{param}.input_audio.data is not a WAV, MP3, FLAC or OGG file", f"{param}.input_audio.data")
+        raise bad(f"{data_param} is not a WAV, MP3, FLAC or OGG file", data_param)
     if sniffed != fmt:
-        raise bad(f"{param}.input_audio.format is {fmt!r} but the data is {sniffed}",
-                  f"{param}.input_audio.format")
+        raise bad(f"{fmt_param} is {fmt!r} but the data is {sniffed}", fmt_param)
     return Part("audio", param, media=T.MediaInput(T.AUDIO, raw, AUDIO_FORMATS[fmt][0]))
 
 

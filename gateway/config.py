@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import argparse
+import dataclasses
 import os
 from dataclasses import dataclass, field
 
@@ -35,6 +36,11 @@ class GatewayConfig:
     drain_grace_s: float = 30.0
     decoder_affinity: str = "conversation"  # or "none": plain round-robin
     model_aliases: tuple[str, ...] = ()  # names besides model_id that requests may use
+    # /v1/audio/transcriptions: the instruction sent with the clip ({language} when one is given)
+    transcription_instruction: str = "Transcribe the following speech segment into text."
+    transcription_instruction_language: str = "Transcribe the following speech segment in {language} into " \
+                                              "{language} text."
+    responses_store_bytes: int = 64 << 20  # /v1/responses kept for previous_response_id (LRU by bytes)
 
 
 def _env(name: str, default):
@@ -93,6 +99,11 @@ def parse_args(argv: list[str] | None = None) -> GatewayConfig:
                    default=_env("DECODER_AFFINITY", "conversation"),
                    help="with several decoders: send a conversation's turns to one of them (rendezvous hash "
                         "of its first turn), so their prefix cache is reused; 'none' = round-robin")
+    p.add_argument("--transcription-instruction", default=_env("TRANSCRIPTION_INSTRUCTION", None),
+                   help="the text sent with a clip to /v1/audio/transcriptions (default: Gemma's ASR prompt, "
+                        "'Transcribe the following speech segment into text.'); used with or without a language")
+    p.add_argument("--responses-store-bytes", type=int, default=int(_env("RESPONSES_STORE_BYTES", 64 << 20)),
+                   help="memory for stored /v1/responses (previous_response_id, GET); least recently used go first")
     a = p.parse_args(argv)
     cfg = GatewayConfig(a.checkpoint, a.encoder, a.decoder, a.host, a.port, a.model_id, a.rpc_timeout_s,
                          a.reasoning, a.api_key, a.max_body_bytes, a.max_media_items, a.max_audio_seconds,
@@ -102,4 +113,7 @@ def parse_args(argv: list[str] | None = None) -> GatewayConfig:
                          server_tls_from(a), ClientTLS(a.upstream_ca, a.upstream_cert, a.upstream_key),
                          a.drain_grace_s, a.decoder_affinity,
                          tuple(x.strip() for x in a.model_alias.split(",") if x.strip()))
-    return cfg
+    if a.transcription_instruction:  # one instruction for every clip, a language or not
+        cfg = dataclasses.replace(cfg, transcription_instruction=a.transcription_instruction,
+                                  transcription_instruction_language=a.transcription_instruction)
+    return dataclasses.replace(cfg, responses_store_bytes=a.responses_store_bytes)

@@ -182,7 +182,7 @@ class Pipeline:
         total = 0.0
         for p in parts:
             if p.media.modality == T.AUDIO:
-                total += _audio_seconds(p.media.data)
+                total += audio_seconds(p.media.data)
         if total > self.cfg.max_audio_seconds:
             raise HTTPError(400, f"the request's audio lasts {total:.2f} s in total, over the limit of "
                             f"{self.cfg.max_audio_seconds:g} s", type_="invalid_request_error", param="messages",
@@ -259,7 +259,7 @@ def _param_from_items(message: str, parts) -> str | None:
 
 
 
-def _audio_seconds(data: bytes) -> float:
+def audio_seconds(data: bytes) -> float:
     """Duration from the file header (no decoding); 0 if unreadable — the encoder then
     reports what is wrong with the bytes."""
 
