@@ -25,6 +25,7 @@ from gateway.metrics import GatewayMetrics
 from gateway.middleware import GuardMiddleware, RequestIdMiddleware
 from gateway.openai_audio import add_audio_routes
 from gateway.openai_chat import add_chat_routes
+from gateway.openai_responses import add_responses_routes
 from gateway.pipeline import Pipeline
 from gateway.responses import error_response
 from mmserve_core.runtime.logs import get_logger
@@ -46,6 +47,7 @@ def create_app(cfg: GatewayConfig) -> FastAPI:
     add_chat_routes(app, pipeline, metrics, cfg)
     add_messages_routes(app, pipeline, metrics, cfg)
     add_audio_routes(app, pipeline, metrics, cfg)
+    add_responses_routes(app, pipeline, metrics, cfg)
     return app
 
 

@@ -14,6 +14,8 @@ Pure Python, event-loop thread.
 
 from __future__ import annotations
 
+import base64
+import binascii
 import json
 import math
 import re
@@ -179,6 +181,48 @@ def image_part(data: bytes, mime: str, detail: str, param: str, *, detail_param:
     if detail not in IMAGE_DETAIL_TOKENS:
         raise bad(f"{detail_param} must be one of 'auto', 'low', 'high', got {detail!r}", detail_param)
     return Part("image", param, media=T.MediaInput(T.IMAGE, data, mime, IMAGE_DETAIL_TOKENS[detail]))
+
+
+def b64(data: str, param: str) -> bytes:
+    try:
+        return base64.b64decode(data, validate=True)
+    except (binascii.Error, ValueError):
+        raise bad(f"{param} is not valid base64", param) from None
+
+
+def image_content(url: Any, detail: Any, param: str, allow_urls: bool, *, url_param: str,
+                  detail_param: str) -> Part:
+    """An image given as a URL string (OpenAI's chat ``image_url`` and Responses ``input_image``):
+    a base64 ``data:`` URI, or an http(s) URL the gateway fetches when fetching is on."""
+    if not isinstance(url, str) or not url:
+        raise bad(f"{url_param} must be a non-empty string", url_param)
+    if url.startswith("data:"):
+        header, _, payload = url.partition(",")
+        if ";base64" not in header:
+            raise bad("image data: URIs must be base64-encoded", url_param)
+        mime = header[5:].split(";")[0]
+        if mime and not mime.startswith("image/"):
+            raise bad(f"data: URI has media type {mime!r}, expected image/*", url_param)
+        return image_part(b64(payload, url_param), mime, detail, param, detail_param=detail_param)
+    if url.startswith(("http://", "https://")):
+        if not allow_urls:
+            raise bad("fetching image URLs is disabled on this server; send the image as a data: URI", url_param)
+        p = image_part(b"", "", detail, param, detail_param=detail_param)
+        p.url = url
+        return p
+    raise bad(f"{url_param} must be a data: URI", url_param)
+
+
+def audio_content(spec: Any, param: str) -> Part:
+    """OpenAI's ``input_audio`` object: base64 ``data`` (or a data: URI) and its ``format``."""
+    if not isinstance(spec, dict):
+        raise bad(f"{param}.input_audio must be an object with data and format", f"{param}.input_audio")
+    data = spec.get("data")
+    if not isinstance(data, str) or not data:
+        raise bad(f"{param}.input_audio.data must be a non-empty base64 string", f"{param}.input_audio.data")
+    if data.startswith("data:"):
+        data = data.partition(",")[2]
+    return audio_part(b64(data, f"{param}.input_audio.data"), spec.get("format"), param)
 
 
 def sniff_audio(data: bytes) -> str | None:

@@ -12,8 +12,6 @@ Pure Python, event-loop thread.
 
 from __future__ import annotations
 
-import base64
-import binascii
 import json
 from typing import Any
 
@@ -22,12 +20,12 @@ from gateway.chat import (
     ChatRequest,
     Message,
     Part,
-    audio_part,
+    audio_content,
     bad,
     check_tool_choice,
     check_tool_history,
     check_tools,
-    image_part,
+    image_content,
     media_role,
     parse_fields,
     valid_text,
@@ -39,50 +37,6 @@ from mmserve_core.wire import types as T
 RESERVED_TEMPLATE_KWARGS = {"messages", "tools", "documents", "add_generation_prompt", "continue_final_message",
                             "tokenize", "bos_token", "eos_token", "pad_token", "unk_token", "chat_template",
                             "return_dict", "return_assistant_tokens_mask"}
-
-
-def _b64(data: str, param: str) -> bytes:
-    try:
-        return base64.b64decode(data, validate=True)
-    except (binascii.Error, ValueError):
-        raise bad("is not valid base64", param) from None
-
-
-def _image_part(part: dict, param: str, allow_urls: bool) -> Part:
-    spec = part.get("image_url")
-    url = spec.get("url") if isinstance(spec, dict) else spec
-    if not isinstance(url, str) or not url:
-        raise bad(f"{param}.image_url.url must be a non-empty string", f"{param}.image_url.url")
-    detail = spec.get("detail", "auto") if isinstance(spec, dict) else "auto"
-    where = f"{param}.image_url.detail"
-    if url.startswith("data:"):
-        header, _, payload = url.partition(",")
-        if ";base64" not in header:
-            raise bad("image data: URIs must be base64-encoded", f"{param}.image_url.url")
-        mime = header[5:].split(";")[0]
-        if mime and not mime.startswith("image/"):
-            raise bad(f"data: URI has media type {mime!r}, expected image/*", f"{param}.image_url.url")
-        return image_part(_b64(payload, f"{param}.image_url.url"), mime, detail, param, detail_param=where)
-    if url.startswith(("http://", "https://")):
-        if not allow_urls:
-            raise bad("fetching image URLs is disabled on this server; send the image as a data: URI",
-                      f"{param}.image_url.url")
-        p = image_part(b"", "", detail, param, detail_param=where)
-        p.url = url
-        return p
-    raise bad("image_url.url must be a data: URI", f"{param}.image_url.url")
-
-
-def _audio_part(part: dict, param: str) -> Part:
-    spec = part.get("input_audio")
-    if not isinstance(spec, dict):
-        raise bad(f"{param}.input_audio must be an object with data and format", f"{param}.input_audio")
-    data = spec.get("data")
-    if not isinstance(data, str) or not data:
-        raise bad(f"{param}.input_audio.data must be a non-empty base64 string", f"{param}.input_audio.data")
-    if data.startswith("data:"):
-        data = data.partition(",")[2]
-    return audio_part(_b64(data, f"{param}.input_audio.data"), spec.get("format"), param)
 
 
 def _parts(content: Any, role: str, param: str, allow_urls: bool) -> list[Part]:
@@ -104,10 +58,13 @@ def _parts(content: Any, role: str, param: str, allow_urls: bool) -> list[Part]:
             out.append(Part("text", pp, text=valid_text(part["text"], f"{pp}.text")))
         elif kind == "image_url":
             media_role(role, "image", pp)
-            out.append(_image_part(part, pp, allow_urls))
+            spec = part.get("image_url")
+            url, detail = (spec.get("url"), spec.get("detail", "auto")) if isinstance(spec, dict) else (spec, "auto")
+            out.append(image_content(url, detail, pp, allow_urls, url_param=f"{pp}.image_url.url",
+                                     detail_param=f"{pp}.image_url.detail"))
         elif kind == "input_audio":
             media_role(role, "audio", pp)
-            out.append(_audio_part(part, pp))
+            out.append(audio_content(part.get("input_audio"), pp))
         else:
             raise bad(f"{pp}: unsupported content part type {kind!r}; use text, image_url or input_audio", pp)
     return out

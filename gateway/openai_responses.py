@@ -1,0 +1,332 @@
+"""The OpenAI Responses front: ``POST /v1/responses``, ``GET`` / ``DELETE /v1/responses/{id}``,
+``GET /v1/responses/{id}/input_items``.
+
+Why: agent frameworks speak the Responses API — items in, items out, conversations continued by
+``previous_response_id``.  A thin front over the one pipeline: ``responses_schema`` parses,
+the stored conversation of the previous response (``responses_store``) is put before the new
+input, ``Pipeline.start`` runs it, and the typed events become output items — ``reasoning``
+(the thought channel, when ``reasoning.effort`` turned it on), ``message`` (``output_text``),
+``function_call`` — or the semantic event stream (``response.created``, ``…output_item.added``,
+``…output_text.delta``, ``…function_call_arguments.delta``, ``…reasoning_text.delta``,
+``…done`` events, ``response.completed`` / ``response.incomplete``), each with its
+``sequence_number``.  A continuation renders the whole conversation again, and the decoder
+that served its first turn (``--decoder-affinity conversation``) finds its KV in the prefix
+cache, so turn 2 reports ``cached_tokens``.  Event loop.
+"""
+
+from __future__ import annotations
+
+import json
+import time
+import uuid
+from typing import Any
+
+from fastapi import FastAPI, Request
+from fastapi.responses import JSONResponse, StreamingResponse
+
+from gateway.bodies import read_json
+from gateway.chat import Delta, Done, Message, Part
+from gateway.config import GatewayConfig
+from gateway.errors import HTTPError, to_http
+from gateway.metrics import GatewayMetrics
+from gateway.pipeline import Generation, Pipeline
+from gateway.responses import error_response
+from gateway.responses_schema import ResponsesRequest, conversation, parse_responses_request
+from gateway.responses_store import ResponseStore, StoredResponse, namespace
+from mmserve_core.runtime.logs import REQUEST_ID_HEADER, get_logger, new_request_id, request_id_var
+from mmserve_core.wire import types as T
+
+log = get_logger(__name__)
+
+
+def _hex() -> str:
+    return uuid.uuid4().hex[:24]
+
+
+def _credential(request: Request) -> str:
+    auth = request.headers.get("authorization", "")
+    return auth[7:].strip() if auth[:7].lower() == "bearer " else request.headers.get("x-api-key", "")
+
+
+class Output:
+    """The output items of one response as they are built (the same for streamed and not)."""
+
+    def __init__(self) -> None:
+        self.items: list[dict] = []
+        self.kind: str | None = None  # the open item's type
+        self.text: list[str] = []
+        self.thought: list[str] = []
+        self.calls: list[T.ToolCall] = []
+        self.reasoning_tokens = 0
+
+    @property
+    def open(self) -> dict | None:
+        return self.items[-1] if self.kind is not None else None
+
+    def start(self, kind: str, call=None) -> dict:
+        if kind == "reasoning":
+            item = {"id": f"rs_{_hex()}", "type": "reasoning", "summary": [], "content": [], "status": "in_progress"}
+        elif kind == "message":
+            item = {"id": f"msg_{_hex()}", "type": "message", "status": "in_progress", "role": "assistant",
+                    "content": []}
+        else:
+            item = {"id": f"fc_{_hex()}", "type": "function_call", "call_id": call.id, "name": call.name,
+                    "arguments": "", "status": "in_progress"}
+        self.items.append(item)
+        self.kind = kind
+        return item
+
+    def finish(self) -> dict | None:
+        """Close the open item; returns it complete."""
+        item = self.open
+        if item is None:
+            return None
+        if item["type"] == "reasoning":
+            item["content"] = [{"type": "reasoning_text", "text": item.pop("_text", "")}]
+        elif item["type"] == "message":
+            item["content"] = [{"type": "output_text", "text": item.pop("_text", ""), "annotations": [],
+                                "logprobs": []}]
+        item["status"] = "completed"
+        self.kind = None
+        return item
+
+    def assistant_message(self) -> Message:
+        text = "".join(self.text)
+        return Message("assistant", [Part("text", "output", text=text)] if text else [], "output",
+                       tool_calls=list(self.calls), reasoning="".join(self.thought))
+
+
+def response_body(rid: str, rr: ResponsesRequest, model: str, created: int, output: Output | None,
+                  done: Done | None, *, store: bool) -> dict:
+    status = "in_progress" if done is None else "incomplete" if done.finish_reason == "length" else "completed"
+    c = done.completion if done is not None else None
+    echo = rr.echo
+    return {
+        "id": rid, "object": "response", "created_at": created, "status": status, "error": None,
+        "incomplete_details": {"reason": "max_output_tokens"} if status == "incomplete" else None,
+        "instructions": rr.instructions, "max_output_tokens": echo.get("max_output_tokens"), "model": model,
+        "output": [] if output is None or done is None else output.items,
+        "parallel_tool_calls": rr.chat.parallel_tool_calls, "previous_response_id": rr.previous_response_id,
+        "reasoning": echo.get("reasoning") or {"effort": None, "summary": None}, "store": store,
+        "temperature": echo.get("temperature"), "text": echo.get("text") or {"format": {"type": "text"}},
+        "tool_choice": echo.get("tool_choice") or ("auto" if rr.chat.tools else "none"),
+        "tools": echo.get("tools") or [], "top_p": echo.get("top_p"), "truncation": "disabled",
+        "user": echo.get("user"), "metadata": rr.metadata,
+        "usage": None if c is None else {
+            "input_tokens": c.prompt_tokens, "input_tokens_details": {"cached_tokens": c.cached_tokens},
+            "output_tokens": c.completion_tokens,
+            "output_tokens_details": {"reasoning_tokens": output.reasoning_tokens if output else 0},
+            "total_tokens": c.prompt_tokens + c.completion_tokens},
+    }
+
+
+class _Events:
+    """Builds the semantic event stream (and the output items beside it)."""
+
+    def __init__(self, out: Output) -> None:
+        self.out = out
+        self.seq = 0
+
+    def ev(self, kind: str, body: dict) -> str:
+        payload = {"type": kind, "sequence_number": self.seq, **body}
+        self.seq += 1
+        return f"event: {kind}\ndata: {json.dumps(payload, separators=(',', ':'))}\n\n"
+
+    def close(self) -> list[str]:
+        out, item = self.out, self.out.open
+        if item is None:
+            return []
+        i = len(out.items) - 1
+        events = []
+        if item["type"] == "reasoning":
+            events.append(self.ev("response.reasoning_text.done", {"item_id": item["id"], "output_index": i,
+                                                                   "content_index": 0, "text": item.get("_text", "")}))
+        elif item["type"] == "message":
+            text = item.get("_text", "")
+            part = {"type": "output_text", "text": text, "annotations": [], "logprobs": []}
+            events.append(self.ev("response.output_text.done", {"item_id": item["id"], "output_index": i,
+                                                                "content_index": 0, "text": text, "logprobs": []}))
+            events.append(self.ev("response.content_part.done", {"item_id": item["id"], "output_index": i,
+                                                                 "content_index": 0, "part": part}))
+        else:
+            events.append(self.ev("response.function_call_arguments.done", {"item_id": item["id"], "output_index": i,
+                                                                            "arguments": item["arguments"]}))
+        done = out.finish()
+        events.append(self.ev("response.output_item.done", {"output_index": i, "item": done}))
+        return events
+
+    def feed(self, ev: Delta, keep_thought: bool) -> list[str]:
+        out, events = self.out, []
+        pieces: list[tuple[str, Any]] = []
+        if ev.reasoning and keep_thought:
+            pieces.append(("reasoning", ev.reasoning))
+        if ev.content:
+            pieces.append(("message", ev.content))
+        pieces += [("function_call", d) for d in ev.tool_calls]
+        for kind, value in pieces:
+            if kind != out.kind or (kind == "function_call" and value.id is not None):
+                events += self.close()
+                item = out.start(kind, value if kind == "function_call" else None)
+                i = len(out.items) - 1
+                added = {k: v for k, v in item.items() if not k.startswith("_")}
+                events.append(self.ev("response.output_item.added", {"output_index": i, "item": added}))
+                if kind == "message":
+                    events.append(self.ev("response.content_part.added", {
+                        "item_id": item["id"], "output_index": i, "content_index": 0,
+                        "part": {"type": "output_text", "text": "", "annotations": [], "logprobs": []}}))
+            item, i = out.open, len(out.items) - 1
+            if kind == "reasoning":
+                item["_text"] = item.get("_text", "") + value
+                events.append(self.ev("response.reasoning_text.delta", {"item_id": item["id"], "output_index": i,
+                                                                        "content_index": 0, "delta": value}))
+            elif kind == "message":
+                item["_text"] = item.get("_text", "") + value
+                events.append(self.ev("response.output_text.delta", {"item_id": item["id"], "output_index": i,
+                                                                     "content_index": 0, "delta": value,
+                                                                     "logprobs": []}))
+            elif value.arguments:
+                item["arguments"] += value.arguments
+                events.append(self.ev("response.function_call_arguments.delta", {
+                    "item_id": item["id"], "output_index": i, "delta": value.arguments}))
+        return events
+
+
+def _absorb(out: Output, ev: Delta, keep_thought: bool) -> None:
+    out.text.append(ev.content)
+    if ev.reasoning:
+        out.thought.append(ev.reasoning)
+        if not ev.content:
+            out.reasoning_tokens += len(ev.token_ids)
+
+
+class ResponsesFront:
+    def __init__(self, pipeline: Pipeline, metrics: GatewayMetrics, cfg: GatewayConfig) -> None:
+        self.pipeline, self.metrics, self.cfg = pipeline, metrics, cfg
+        self.store = ResponseStore(cfg.responses_store_bytes)
+
+    def _keep(self, ns: str, rid: str, rr: ResponsesRequest, inputs: list[Message], prior: list[Message],
+              out: Output, body: dict) -> bool:
+        if not rr.store:
+            return False
+        items = []
+        for item in rr.input_items:
+            item = dict(item)
+            item.setdefault("id", f"msg_{_hex()}" if item.get("type", "message") == "message" else f"it_{_hex()}")
+            if item.get("type", "message") == "message" and isinstance(item.get("content"), str):
+                item["content"] = [{"type": "input_text", "text": item["content"]}]
+            item.setdefault("type", "message")
+            items.append(item)
+        return self.store.put(ns, rid, StoredResponse(body, items, [*prior, *inputs, out.assistant_message()]))
+
+    async def create(self, request: Request):
+        rid_req = request_id_var.get() or new_request_id()
+        path = request.url.path
+        t0 = time.perf_counter()
+        try:
+            rr = parse_responses_request(await read_json(request), allow_urls=self.cfg.url_fetch)
+            ns = namespace(_credential(request))
+            prior: list[Message] = []
+            if rr.previous_response_id is not None:
+                entry = self.store.get(ns, rr.previous_response_id)
+                if entry is None:
+                    raise HTTPError(404, f"previous response {rr.previous_response_id!r} is not stored here (never "
+                                    "stored, deleted, or evicted)", type_="invalid_request_error",
+                                    param="previous_response_id", code="not_found")
+                prior = entry.conversation
+            inputs = rr.chat.messages
+            rr.chat.messages = conversation(prior, rr)
+            gen = await self.pipeline.start(rr.chat, rid_req)
+        except Exception as e:  # noqa: BLE001 - every failure becomes OpenAI error JSON
+            err = to_http(e)
+            if err.status >= 500 and not isinstance(e, HTTPError):
+                log.exception("responses request failed")
+            self.metrics.requests.labels(str(err.status)).inc()
+            return error_response(err, path)
+        self.metrics.ttft.observe(time.perf_counter() - t0)
+        self.metrics.requests.labels("200").inc()
+        rid, created, model = f"resp_{_hex()}", int(time.time()), self.pipeline.model_id
+        keep_thought = bool(rr.chat.include_reasoning)
+        if rr.chat.stream:
+            return StreamingResponse(self._stream(gen, rid, rr, model, created, ns, inputs, prior, keep_thought),
+                                     media_type="text/event-stream",
+                                     headers={"Cache-Control": "no-cache", REQUEST_ID_HEADER: rid_req})
+        out, events, done = Output(), None, None
+        events = _Events(out)
+        try:
+            async for ev in gen.events():
+                if isinstance(ev, Delta):
+                    _absorb(out, ev, keep_thought)
+                    events.feed(ev, keep_thought)
+                else:
+                    done = ev
+        except HTTPError as e:
+            return error_response(e, path)
+        finally:
+            gen.cancel()
+        events.close()
+        out.calls = list(done.tool_calls) if done else []
+        body = response_body(rid, rr, model, created, out, done, store=rr.store)
+        body["store"] = self._keep(ns, rid, rr, inputs, prior, out, body)
+        log.info("completed", front="responses", status=body["status"], prompt_tokens=done.completion.prompt_tokens,
+                 completion_tokens=done.completion.completion_tokens)
+        return JSONResponse(body)
+
+    async def _stream(self, gen: Generation, rid: str, rr: ResponsesRequest, model: str, created: int, ns: str,
+                      inputs: list[Message], prior: list[Message], keep_thought: bool):
+        out = Output()
+        events = _Events(out)
+        start = response_body(rid, rr, model, created, None, None, store=rr.store)
+        yield events.ev("response.created", {"response": start})
+        yield events.ev("response.in_progress", {"response": start})
+        try:
+            async for ev in gen.events():
+                if isinstance(ev, Delta):
+                    _absorb(out, ev, keep_thought)
+                    for e in events.feed(ev, keep_thought):
+                        yield e
+                    continue
+                for e in events.close():
+                    yield e
+                out.calls = list(ev.tool_calls)
+                body = response_body(rid, rr, model, created, out, ev, store=rr.store)
+                body["store"] = self._keep(ns, rid, rr, inputs, prior, out, body)
+                kind = "response.incomplete" if body["status"] == "incomplete" else "response.completed"
+                yield events.ev(kind, {"response": body})
+        except HTTPError as err:
+            log.error("stream failed", status=err.status, error=err.message)
+            yield events.ev("error", {"code": err.code, "message": err.message, "param": err.param})
+        finally:
+            gen.cancel()
+
+
+def add_responses_routes(app: FastAPI, pipeline: Pipeline, metrics: GatewayMetrics, cfg: GatewayConfig) -> None:
+    front = ResponsesFront(pipeline, metrics, cfg)
+    app.state.responses = front
+
+    def _missing(response_id: str) -> JSONResponse:
+        return error_response(HTTPError(404, f"no stored response {response_id!r}", type_="invalid_request_error",
+                                        param="response_id", code="not_found"), "/v1/responses")
+
+    @app.post("/v1/responses")
+    async def create(request: Request):
+        return await front.create(request)
+
+    @app.get("/v1/responses/{response_id}")
+    async def get(response_id: str, request: Request):
+        entry = front.store.get(namespace(_credential(request)), response_id)
+        return JSONResponse(entry.body) if entry is not None else _missing(response_id)
+
+    @app.delete("/v1/responses/{response_id}")
+    async def delete(response_id: str, request: Request):
+        if not front.store.delete(namespace(_credential(request)), response_id):
+            return _missing(response_id)
+        return JSONResponse({"id": response_id, "object": "response", "deleted": True})
+
+    @app.get("/v1/responses/{response_id}/input_items")
+    async def input_items(response_id: str, request: Request):
+        entry = front.store.get(namespace(_credential(request)), response_id)
+        if entry is None:
+            return _missing(response_id)
+        data = entry.input_items
+        return JSONResponse({"object": "list", "data": data, "first_id": data[0]["id"] if data else None,
+                             "last_id": data[-1]["id"] if data else None, "has_more": False})

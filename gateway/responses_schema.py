@@ -1,0 +1,279 @@
+"""The OpenAI Responses front's parser: a ``/v1/responses`` body -> the typed ``ChatRequest``.
+
+Why: the Responses API sends a conversation as *items* — messages (``input_text``,
+``input_image``, ``input_audio`` parts; ``output_text`` in assistant turns), ``function_call``
+and ``function_call_output`` items, ``reasoning`` items — and continues one by
+``previous_response_id``.  Items become the typed messages every front shares: consecutive
+``function_call`` items are one assistant turn's ``tool_calls``, a ``function_call_output`` a
+role-``tool`` message, a ``reasoning`` item the next assistant turn's reasoning.
+``instructions`` is this request's system message only (as OpenAI documents, it is not carried
+over from a previous response).  Fields and bounds come from the shared table; anything this
+server cannot honour is a 400 naming it.  Pure Python, event-loop thread.
+"""
+
+from __future__ import annotations
+
+import json
+from dataclasses import dataclass, field
+from typing import Any
+
+from gateway.chat import (
+    ChatRequest,
+    Message,
+    Part,
+    audio_content,
+    bad,
+    check_tool_choice,
+    check_tool_history,
+    check_tools,
+    image_content,
+    media_role,
+    parse_fields,
+    valid_text,
+)
+from mmserve_core.wire import types as T
+
+BODY_KEYS = frozenset({"model", "input", "instructions", "tools", "tool_choice", "parallel_tool_calls", "text",
+                       "reasoning", "max_output_tokens", "temperature", "top_p", "store", "previous_response_id",
+                       "metadata", "stream", "user", "truncation", "include"})
+EFFORTS = ("minimal", "low", "medium", "high")
+
+
+@dataclass
+class ResponsesRequest:
+    """The typed request plus what the Responses front itself keeps: the echoed fields and how
+    this turn's items look when listed (``input_items``)."""
+
+    chat: ChatRequest
+    input_items: list[dict]
+    previous_response_id: str | None
+    store: bool
+    instructions: str | None
+    metadata: dict[str, str] = field(default_factory=dict)
+    echo: dict[str, Any] = field(default_factory=dict)  # fields returned as sent (tools, text, ...)
+
+
+def _refuse_unknown(d: dict, known, where: str) -> None:
+    unknown = sorted(k for k in d if k not in known)
+    if unknown:
+        name = f"{where}.{unknown[0]}" if where else unknown[0]
+        raise bad(f"{name} is not supported by this server, so it cannot be honoured; remove it "
+                  f"(supported: {', '.join(sorted(known))})", name)
+
+
+def _parts(content: Any, role: str, param: str, allow_urls: bool) -> list[Part]:
+    if isinstance(content, str):
+        return [Part("text", param, text=valid_text(content, param))]
+    if not isinstance(content, list):
+        raise bad(f"{param} must be a string or a list of content parts", param)
+    out = []
+    for j, part in enumerate(content):
+        pp = f"{param}[{j}]"
+        if not isinstance(part, dict):
+            raise bad(f"{pp} must be an object", pp)
+        kind = part.get("type")
+        if kind in ("input_text", "output_text"):
+            _refuse_unknown(part, {"type", "text", "annotations", "logprobs"} if kind == "output_text"
+                            else {"type", "text"}, pp)
+            if kind == "output_text" and role != "assistant":
+                raise bad(f"{pp}: output_text is for assistant turns", pp)
+            if not isinstance(part.get("text"), str):
+                raise bad(f"{pp}.text must be a string", f"{pp}.text")
+            out.append(Part("text", pp, text=valid_text(part["text"], f"{pp}.text")))
+        elif kind == "input_image":
+            _refuse_unknown(part, {"type", "image_url", "detail"}, pp)
+            media_role(role, "image", pp)
+            out.append(image_content(part.get("image_url"), part.get("detail", "auto"), pp, allow_urls,
+                                     url_param=f"{pp}.image_url", detail_param=f"{pp}.detail"))
+        elif kind == "input_audio":
+            _refuse_unknown(part, {"type", "input_audio"}, pp)
+            media_role(role, "audio", pp)
+            out.append(audio_content(part.get("input_audio"), pp))
+        else:
+            raise bad(f"{pp}: unsupported content part type {kind!r}; use input_text, input_image or input_audio",
+                      pp)
+    return out
+
+
+def _items(raw: Any, allow_urls: bool) -> tuple[list[Message], list[dict]]:
+    """Input items -> (messages, the items as stored for ``input_items``)."""
+    if isinstance(raw, str):
+        raw = [{"type": "message", "role": "user", "content": raw}]
+    if not isinstance(raw, list) or not raw:
+        raise bad("input must be a string or a non-empty list of items", "input")
+    messages: list[Message] = []
+    reasoning = ""
+    for i, item in enumerate(raw):
+        param = f"input[{i}]"
+        if not isinstance(item, dict):
+            raise bad(f"{param} must be an object", param)
+        kind = item.get("type", "message")
+        if kind == "message":
+            _refuse_unknown(item, {"type", "role", "content", "id", "status"}, param)
+            role = item.get("role")
+            if role not in ("user", "system", "developer", "assistant"):
+                raise bad(f"{param}.role must be user, system, developer or assistant, got {role!r}", f"{param}.role")
+            parts = _parts(item.get("content"), role, f"{param}.content", allow_urls)
+            messages.append(Message(role, parts, param, reasoning=reasoning if role == "assistant" else ""))
+            reasoning = "" if role == "assistant" else reasoning
+        elif kind == "function_call":
+            _refuse_unknown(item, {"type", "call_id", "name", "arguments", "id", "status"}, param)
+            for k in ("call_id", "name", "arguments"):
+                if not isinstance(item.get(k), str) or (k != "arguments" and not item[k]):
+                    raise bad(f"{param}.{k} must be a string", f"{param}.{k}")
+            try:
+                ok = isinstance(json.loads(item["arguments"] or "{}"), dict)
+            except (json.JSONDecodeError, RecursionError):
+                ok = False
+            if not ok:
+                raise bad(f"{param}.arguments must be a JSON object, as text", f"{param}.arguments")
+            call = T.ToolCall(item["call_id"], item["name"], item["arguments"] or "{}")
+            last = messages[-1] if messages else None
+            if last is not None and last.role == "assistant" and (last.tool_calls or not last.parts):
+                last.tool_calls.append(call)
+            else:
+                messages.append(Message("assistant", [], param, tool_calls=[call], reasoning=reasoning))
+                reasoning = ""
+        elif kind == "function_call_output":
+            _refuse_unknown(item, {"type", "call_id", "output", "id", "status"}, param)
+            if not isinstance(item.get("call_id"), str) or not isinstance(item.get("output"), str):
+                raise bad(f"{param} needs a string call_id and output", param)
+            messages.append(Message("tool", [Part("text", param, text=valid_text(item["output"], f"{param}.output"))],
+                                    param, tool_call_id=item["call_id"]))
+        elif kind == "reasoning":
+            _refuse_unknown(item, {"type", "id", "summary", "content", "status"}, param)
+            texts = [c.get("text", "") for c in item.get("content") or [] if isinstance(c, dict)]
+            if not all(isinstance(t, str) for t in texts):
+                raise bad(f"{param}.content must hold reasoning_text parts", f"{param}.content")
+            reasoning += "".join(texts)
+        else:
+            raise bad(f"{param}.type {kind!r} is not supported; use message, function_call, function_call_output "
+                      "or reasoning", f"{param}.type")
+    return messages, [dict(item) if isinstance(item, dict) else item for item in raw]
+
+
+def _tools(raw: Any) -> tuple[list[T.Tool], bool]:
+    if raw is None:
+        return [], False
+    if not isinstance(raw, list):
+        raise bad("tools must be a list", "tools")
+    tools, strict = [], False
+    for i, t in enumerate(raw):
+        param = f"tools[{i}]"
+        if not isinstance(t, dict):
+            raise bad(f"{param} must be an object", param)
+        if t.get("type") != "function":
+            raise bad(f"{param}.type {t.get('type')!r}: only function tools run here (no hosted tools)",
+                      f"{param}.type")
+        _refuse_unknown(t, {"type", "name", "description", "parameters", "strict"}, param)
+        if not isinstance(t.get("name"), str) or not isinstance(t.get("description") or "", str):
+            raise bad(f"{param} needs a string name (and description)", f"{param}.name")
+        if t.get("strict") is not None and not isinstance(t["strict"], bool):
+            raise bad(f"{param}.strict must be a boolean", f"{param}.strict")
+        strict = strict or bool(t.get("strict"))
+        tools.append(T.Tool(t["name"], t.get("description") or "", t.get("parameters")))
+    try:
+        check_tools(tools)
+    except Exception as e:  # the shared check names chat-completions' path; say this API's
+        e.param = (getattr(e, "param", None) or "tools").replace(".function", "")
+        e.message = str(getattr(e, "message", e)).replace(".function", "")
+        raise
+    return tools, strict
+
+
+def _format(text: Any) -> T.Constraint | None:
+    if text is None:
+        return None
+    if not isinstance(text, dict):
+        raise bad("text must be an object", "text")
+    _refuse_unknown(text, {"format"}, "text")
+    fmt = text.get("format")
+    if fmt is None:
+        return None
+    if not isinstance(fmt, dict):
+        raise bad("text.format must be an object", "text.format")
+    kind = fmt.get("type")
+    if kind == "text":
+        _refuse_unknown(fmt, {"type"}, "text.format")
+        return None
+    if kind == "json_object":
+        _refuse_unknown(fmt, {"type"}, "text.format")
+        return T.Constraint("json_object")
+    if kind == "json_schema":
+        _refuse_unknown(fmt, {"type", "name", "schema", "strict", "description"}, "text.format")
+        if not isinstance(fmt.get("schema"), dict):
+            raise bad("text.format.schema must be a JSON Schema object", "text.format.schema")
+        return T.Constraint("json_schema", json.dumps(fmt["schema"]))
+    raise bad(f"text.format.type must be text, json_object or json_schema, got {kind!r}", "text.format.type")
+
+
+def parse_responses_request(body: Any, *, allow_urls: bool = False) -> ResponsesRequest:
+    if not isinstance(body, dict):
+        raise bad("request body must be a JSON object", None)
+    _refuse_unknown(body, BODY_KEYS, "")
+    messages, items = _items(body.get("input"), allow_urls)
+    instructions = body.get("instructions")
+    if instructions is not None and not isinstance(instructions, str):
+        raise bad("instructions must be a string", "instructions")
+    for name, want in (("store", bool), ("stream", bool), ("parallel_tool_calls", bool), ("model", str),
+                       ("previous_response_id", str), ("user", str)):
+        if body.get(name) is not None and not isinstance(body[name], want):
+            raise bad(f"{name} must be a {want.__name__}", name)
+    if body.get("truncation") not in (None, "disabled"):
+        raise bad("truncation: only 'disabled' is supported (a prompt over the context is refused, never cut)",
+                  "truncation")
+    if body.get("include"):
+        raise bad("include: no extra output fields are supported", "include")
+    meta = body.get("metadata") or {}
+    if not isinstance(meta, dict) or not all(isinstance(k, str) and isinstance(v, str) for k, v in meta.items()) \
+            or len(meta) > 16:
+        raise bad("metadata must map up to 16 string keys to string values", "metadata")
+    thinking = False
+    reasoning = body.get("reasoning")
+    if reasoning is not None:
+        if not isinstance(reasoning, dict):
+            raise bad("reasoning must be an object", "reasoning")
+        _refuse_unknown(reasoning, {"effort", "summary"}, "reasoning")
+        if reasoning.get("summary") is not None:
+            raise bad("reasoning.summary: summaries of the thought are not produced; the thought itself comes back "
+                      "as a reasoning item", "reasoning.summary")
+        effort = reasoning.get("effort")
+        if effort is not None and effort not in EFFORTS:
+            raise bad(f"reasoning.effort must be one of {EFFORTS}", "reasoning.effort")
+        # Gemma 4 thinks or does not: any effort above "minimal" turns its thought channel on
+        thinking = effort not in (None, "minimal")
+    sampling, _ = parse_fields({"max_tokens": body.get("max_output_tokens"), "temperature": body.get("temperature"),
+                                "top_p": body.get("top_p")})
+    sampling.constraint = _format(body.get("text"))
+    tools, strict = _tools(body.get("tools"))
+    chat = ChatRequest(model=body.get("model"), messages=messages, stream=bool(body.get("stream")), sampling=sampling,
+                       include_reasoning=thinking, tools=tools, strict_tools=strict,
+                       parallel_tool_calls=body.get("parallel_tool_calls", True) is not False,
+                       chat_template_kwargs={"enable_thinking": True} if thinking else {})
+    if sampling.constraint is not None:
+        chat.constraint_param = "text.format"
+    tc = body.get("tool_choice")
+    if tc is None:
+        chat.tool_choice = "auto" if tools else "none"
+    elif isinstance(tc, str):
+        chat.tool_choice = tc
+    elif isinstance(tc, dict) and tc.get("type") == "function":
+        _refuse_unknown(tc, {"type", "name"}, "tool_choice")
+        chat.tool_choice, chat.tool_name = "function", tc.get("name")
+    else:
+        raise bad("tool_choice must be 'none', 'auto', 'required' or {\"type\": \"function\", \"name\": ...}",
+                  "tool_choice")
+    check_tool_choice(chat)
+    echo = {k: body.get(k) for k in ("tools", "tool_choice", "text", "temperature", "top_p", "max_output_tokens",
+                                     "user", "reasoning")}
+    return ResponsesRequest(chat, items, body.get("previous_response_id"), body.get("store", True) is not False,
+                            instructions, dict(meta), echo)
+
+
+def conversation(prior: list[Message], req: ResponsesRequest) -> list[Message]:
+    """The messages the model sees: this request's instructions, the stored conversation, this input."""
+    system = [Message("system", [Part("text", "instructions", text=req.instructions)], "instructions")] \
+        if req.instructions else []
+    messages = [*system, *prior, *req.chat.messages]
+    check_tool_history(messages)
+    return messages
