@@ -171,6 +171,73 @@ def test_http_hostile(services_e2b, name, body, expect):
     _all_serving(services_e2b)
 
 
+AM = lambda content: {"model": "m", "max_tokens": 4, "messages": [{"role": "user", "content": content}]}  # noqa: E731
+RI = lambda items: {"model": "m", "max_output_tokens": 4, "input": items}  # noqa: E731
+# (name, path, body): the Anthropic, Responses and transcription fronts
+FRONT_CASES = [
+    ("messages: not JSON", "/messages", b"{x"),
+    ("messages: no max_tokens", "/messages", {"model": "m", "messages": [{"role": "user", "content": "x"}]}),
+    ("messages: empty messages", "/messages", {"model": "m", "max_tokens": 4, "messages": []}),
+    ("messages: role system in messages", "/messages", {"model": "m", "max_tokens": 4,
+                                                        "messages": [{"role": "system", "content": "x"}]}),
+    ("messages: unknown block", "/messages", AM([{"type": "document", "source": {}}])),
+    ("messages: image bad base64", "/messages", AM([{"type": "image", "source": {
+        "type": "base64", "media_type": "image/png", "data": "@@@"}}])),
+    ("messages: image wrong media type", "/messages", AM([{"type": "image", "source": {
+        "type": "base64", "media_type": "text/html", "data": B64(PNG)}}])),
+    ("messages: corrupt PNG", "/messages", AM([{"type": "image", "source": {
+        "type": "base64", "media_type": "image/png", "data": B64(PNG[:60])}}])),
+    ("messages: image URL while fetching is off", "/messages", AM([{"type": "image", "source": {
+        "type": "url", "url": "http://127.0.0.1:9/x.png"}}])),
+    ("messages: audio lies about its type", "/messages", AM([{"type": "audio", "source": {
+        "type": "base64", "media_type": "audio/flac", "data": B64(WAV)}}])),
+    ("messages: tool_result for no call", "/messages", AM([{"type": "tool_result", "tool_use_id": "t", "content": "r"}])),
+    ("messages: tool_result after text", "/messages", {"model": "m", "max_tokens": 4, "messages": [
+        {"role": "assistant", "content": [{"type": "tool_use", "id": "t", "name": "f", "input": {}}]},
+        {"role": "user", "content": [{"type": "text", "text": "x"},
+                                     {"type": "tool_result", "tool_use_id": "t", "content": "r"}]}]}),
+    ("messages: tool_use input a list", "/messages", {"model": "m", "max_tokens": 4, "messages": [
+        {"role": "assistant", "content": [{"type": "tool_use", "id": "t", "name": "f", "input": [1]}]}]}),
+    ("messages: server tool", "/messages", {**AM("x"), "tools": [{"type": "web_search_20250305", "name": "w"}]}),
+    ("messages: tool_choice names nothing", "/messages", {**AM("x"), "tools": [
+        {"name": "f", "input_schema": {"type": "object"}}], "tool_choice": {"type": "tool", "name": "g"}}),
+    ("messages: thinking budget too small", "/messages", {**AM("x"), "thinking": {"type": "enabled",
+                                                                                  "budget_tokens": 5}}),
+    ("messages: temperature 2", "/messages", {**AM("x"), "temperature": 2}),
+    ("messages: stop_sequences a string", "/messages", {**AM("x"), "stop_sequences": "x"}),
+    ("messages: metadata with extra keys", "/messages", {**AM("x"), "metadata": {"user_id": "u", "x": 1}}),
+    ("messages: unknown model", "/messages", {**AM("x"), "model": "claude-x"}),
+    ("count_tokens: sampling fields", "/messages/count_tokens", {**AM("x")}),
+    ("responses: not JSON", "/responses", b"[1"),
+    ("responses: no input", "/responses", {"model": "m"}),
+    ("responses: unknown item type", "/responses", RI([{"type": "computer_call"}])),
+    ("responses: call arguments not JSON", "/responses", RI([{"type": "function_call", "call_id": "c",
+                                                              "name": "f", "arguments": "{x"}])),
+    ("responses: output_text in a user turn", "/responses", RI([{"role": "user", "content": [
+        {"type": "output_text", "text": "x"}]}])),
+    ("responses: input_image bad data URI", "/responses", RI([{"role": "user", "content": [
+        {"type": "input_image", "image_url": "data:image/png;base64,@@"}]}])),
+    ("responses: hosted tool", "/responses", {**RI("x"), "tools": [{"type": "file_search"}]}),
+    ("responses: reasoning effort unknown", "/responses", {**RI("x"), "reasoning": {"effort": "max"}}),
+    ("responses: metadata too many keys", "/responses", {**RI("x"), "metadata": {str(i): "v" for i in range(17)}}),
+    ("responses: previous id unknown", "/responses", {**RI("x"), "previous_response_id": "resp_x"}),
+    ("transcriptions: JSON body", "/audio/transcriptions", {"file": "x"}),
+]
+
+
+@pytest.mark.parametrize("name,path,body", FRONT_CASES, ids=[c[0] for c in FRONT_CASES])
+def test_other_fronts_hostile(services_e2b, name, path, body):
+    """4xx in the front's own error shape (Anthropic's for /v1/messages), never a 5xx."""
+    r = _post(services_e2b.base_url + path, body, name)
+    assert 400 <= r.status_code < 500, (r.status_code, r.text[:300])
+    err = r.json()
+    if path.startswith("/messages"):
+        assert err["type"] == "error" and err["error"]["type"] and err["error"]["message"]
+    else:
+        assert err["error"]["message"] and err["error"]["type"]
+    _all_serving(services_e2b)
+
+
 def _setup(ids, spans=(), **sampling):
     return decoder_pb2.GenerateSetup(prompt_token_ids=ids, spans=list(spans),
                                      sampling=decoder_pb2.SamplingParams(**({"max_tokens": 2} | sampling)))
