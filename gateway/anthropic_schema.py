@@ -14,8 +14,6 @@ Pure Python, event-loop thread.
 
 from __future__ import annotations
 
-import base64
-import binascii
 import json
 from typing import Any
 
@@ -24,6 +22,7 @@ from gateway.chat import (
     Message,
     Part,
     audio_part,
+    b64,
     bad,
     check_tool_choice,
     check_tool_history,
@@ -31,6 +30,7 @@ from gateway.chat import (
     image_part,
     media_role,
     parse_fields,
+    refuse_unknown,
     valid_text,
 )
 from mmserve_core.wire import types as T
@@ -44,21 +44,10 @@ IMAGE_TYPES = ("image/jpeg", "image/png", "image/gif", "image/webp")
 MIN_THINKING_BUDGET = 1024  # Anthropic's own lower bound
 
 
-def _refuse_unknown(d: dict, known: frozenset | set, where: str) -> None:
-    unknown = sorted(k for k in d if k not in known)
-    if unknown:
-        name = f"{where}.{unknown[0]}" if where else unknown[0]
-        raise bad(f"{name} is not supported by this server, so it cannot be honoured; remove it "
-                  f"(supported: {', '.join(sorted(known))})", name)
-
-
 def _b64(data: Any, param: str) -> bytes:
     if not isinstance(data, str) or not data:
         raise bad(f"{param} must be a non-empty base64 string", param)
-    try:
-        return base64.b64decode(data, validate=True)
-    except (binascii.Error, ValueError):
-        raise bad(f"{param} is not valid base64", param) from None
+    return b64(data, param)
 
 
 # Block keys every block may carry: cache_control is a caching hint, and the decoder's prefix cache
@@ -67,20 +56,20 @@ _COMMON = {"type", "cache_control"}
 
 
 def _image(block: dict, param: str, allow_urls: bool) -> Part:
-    _refuse_unknown(block, _COMMON | {"source"}, param)
+    refuse_unknown(block, _COMMON | {"source"}, param)
     src = block.get("source")
     if not isinstance(src, dict):
         raise bad(f"{param}.source must be an object", f"{param}.source")
     kind = src.get("type")
     if kind == "base64":
-        _refuse_unknown(src, {"type", "media_type", "data"}, f"{param}.source")
+        refuse_unknown(src, {"type", "media_type", "data"}, f"{param}.source")
         mime = src.get("media_type")
         if mime not in IMAGE_TYPES:
             raise bad(f"{param}.source.media_type must be one of {', '.join(IMAGE_TYPES)}", f"{param}.source.media_type")
         return image_part(_b64(src.get("data"), f"{param}.source.data"), mime, "auto", param,
                           detail_param=f"{param}.source")
     if kind == "url":
-        _refuse_unknown(src, {"type", "url"}, f"{param}.source")
+        refuse_unknown(src, {"type", "url"}, f"{param}.source")
         url = src.get("url")
         if not isinstance(url, str) or not url.startswith(("http://", "https://")):
             raise bad(f"{param}.source.url must be an http(s) URL", f"{param}.source.url")
@@ -94,11 +83,11 @@ def _image(block: dict, param: str, allow_urls: bool) -> Part:
 
 
 def _audio(block: dict, param: str) -> Part:
-    _refuse_unknown(block, _COMMON | {"source"}, param)
+    refuse_unknown(block, _COMMON | {"source"}, param)
     src = block.get("source")
     if not isinstance(src, dict) or src.get("type") != "base64":
         raise bad(f"{param}.source must be a base64 source", f"{param}.source")
-    _refuse_unknown(src, {"type", "media_type", "data"}, f"{param}.source")
+    refuse_unknown(src, {"type", "media_type", "data"}, f"{param}.source")
     fmt = AUDIO_TYPES.get(src.get("media_type") or "")
     if fmt is None:
         raise bad(f"{param}.source.media_type must be one of {', '.join(AUDIO_TYPES)}", f"{param}.source.media_type")
@@ -106,7 +95,7 @@ def _audio(block: dict, param: str) -> Part:
 
 
 def _text(block: dict, param: str) -> str:
-    _refuse_unknown(block, _COMMON | {"text"}, param)
+    refuse_unknown(block, _COMMON | {"text"}, param)
     if not isinstance(block.get("text"), str):
         raise bad(f"{param}.text must be a string", f"{param}.text")
     return valid_text(block["text"], f"{param}.text")
@@ -124,7 +113,7 @@ def _blocks(content: Any, param: str) -> list[dict]:
 
 
 def _tool_result(block: dict, param: str) -> Message:
-    _refuse_unknown(block, _COMMON | {"tool_use_id", "content", "is_error"}, param)
+    refuse_unknown(block, _COMMON | {"tool_use_id", "content", "is_error"}, param)
     if not isinstance(block.get("tool_use_id"), str) or not block["tool_use_id"]:
         raise bad(f"{param}.tool_use_id must be the id of the tool_use this answers", f"{param}.tool_use_id")
     if block.get("is_error") is not None and not isinstance(block["is_error"], bool):
@@ -171,12 +160,12 @@ def _assistant(content: Any, param: str) -> Message:
         if kind == "text":
             text.append(_text(b, bp))
         elif kind == "thinking":
-            _refuse_unknown(b, _COMMON | {"thinking", "signature"}, bp)
+            refuse_unknown(b, _COMMON | {"thinking", "signature"}, bp)
             if not isinstance(b.get("thinking"), str):
                 raise bad(f"{bp}.thinking must be a string", f"{bp}.thinking")
             thought.append(valid_text(b["thinking"], f"{bp}.thinking"))
         elif kind == "tool_use":
-            _refuse_unknown(b, _COMMON | {"id", "name", "input"}, bp)
+            refuse_unknown(b, _COMMON | {"id", "name", "input"}, bp)
             if not isinstance(b.get("id"), str) or not b["id"] or not isinstance(b.get("name"), str):
                 raise bad(f"{bp} needs a string id and name", bp)
             if not isinstance(b.get("input", {}), dict):
@@ -218,7 +207,7 @@ def _tools(raw: Any) -> list[T.Tool]:
         if t.get("type", "custom") != "custom":
             raise bad(f"{param}.type {t.get('type')!r}: server tools are not run by this server; declare client "
                       "tools (name, description, input_schema)", f"{param}.type")
-        _refuse_unknown(t, {"type", "name", "description", "input_schema", "cache_control"}, param)
+        refuse_unknown(t, {"type", "name", "description", "input_schema", "cache_control"}, param)
         if not isinstance(t.get("name"), str) or not isinstance(t.get("description", ""), str):
             raise bad(f"{param} needs a string name (and description)", f"{param}.name")
         schema = t.get("input_schema")
@@ -241,7 +230,7 @@ def _tool_choice(raw: Any, req: ChatRequest) -> None:
     if not isinstance(raw, dict):
         raise bad("tool_choice must be an object with a type", "tool_choice")
     kind = raw.get("type")
-    _refuse_unknown(raw, {"type", "name", "disable_parallel_tool_use"} if kind == "tool" else
+    refuse_unknown(raw, {"type", "name", "disable_parallel_tool_use"} if kind == "tool" else
                     {"type", "disable_parallel_tool_use"} if kind in ("auto", "any") else {"type"}, "tool_choice")
     mapping = {"auto": "auto", "any": "required", "tool": "function", "none": "none"}
     if kind not in mapping:
@@ -263,9 +252,9 @@ def _thinking(raw: Any, max_tokens: int | None) -> tuple[bool, int | None]:
         raise bad("thinking must be {\"type\": \"enabled\", \"budget_tokens\": N} or {\"type\": \"disabled\"}",
                   "thinking")
     if raw["type"] == "disabled":
-        _refuse_unknown(raw, {"type"}, "thinking")
+        refuse_unknown(raw, {"type"}, "thinking")
         return False, None
-    _refuse_unknown(raw, {"type", "budget_tokens"}, "thinking")
+    refuse_unknown(raw, {"type", "budget_tokens"}, "thinking")
     budget = raw.get("budget_tokens")
     if isinstance(budget, bool) or not isinstance(budget, int) or budget < MIN_THINKING_BUDGET:
         raise bad(f"thinking.budget_tokens must be an integer of at least {MIN_THINKING_BUDGET}",
@@ -279,7 +268,7 @@ def parse_messages_request(body: Any, *, allow_urls: bool = False, counting: boo
     """Validate a Messages body (``counting``: a ``count_tokens`` body, no sampling) into the typed request."""
     if not isinstance(body, dict):
         raise bad("request body must be a JSON object", None)
-    _refuse_unknown(body, COUNT_KEYS if counting else BODY_KEYS, "")
+    refuse_unknown(body, COUNT_KEYS if counting else BODY_KEYS, "")
     if not counting and body.get("max_tokens") is None:
         raise bad("max_tokens is required", "max_tokens")
     msgs = body.get("messages")
@@ -290,7 +279,7 @@ def parse_messages_request(body: Any, *, allow_urls: bool = False, counting: boo
         param = f"messages[{i}]"
         if not isinstance(m, dict):
             raise bad(f"{param} must be an object", param)
-        _refuse_unknown(m, {"role", "content"}, param)
+        refuse_unknown(m, {"role", "content"}, param)
         role = m.get("role")
         if role == "user":
             messages += _user(m.get("content"), param, allow_urls)
@@ -313,7 +302,7 @@ def parse_messages_request(body: Any, *, allow_urls: bool = False, counting: boo
     if meta is not None:
         if not isinstance(meta, dict):
             raise bad("metadata must be an object", "metadata")
-        _refuse_unknown(meta, {"user_id"}, "metadata")
+        refuse_unknown(meta, {"user_id"}, "metadata")
         if meta.get("user_id") is not None and not isinstance(meta["user_id"], str):
             raise bad("metadata.user_id must be a string", "metadata.user_id")
     stream = body.get("stream", False)

@@ -106,6 +106,15 @@ def check_towers(messages: list[Message], modalities: set[str], *, owner: str = 
                                 code="unsupported_modality")
 
 
+def refuse_unknown(d: dict, known, where: str) -> None:
+    """A key this server does not honour is a 400 naming it (nothing is silently ignored)."""
+    unknown = sorted(k for k in d if k not in known)
+    if unknown:
+        name = f"{where}.{unknown[0]}" if where else unknown[0]
+        raise bad(f"{name} is not supported by this server, so it cannot be honoured; remove it "
+                  f"(supported: {', '.join(sorted(known))})", name)
+
+
 def check_tools(tools: list[T.Tool]) -> None:
     """Names as OpenAI allows them, each declared once; parameters a JSON Schema object."""
     seen: set[str] = set()

@@ -28,6 +28,7 @@ from gateway.chat import (
     image_content,
     media_role,
     parse_fields,
+    refuse_unknown,
     valid_text,
 )
 from mmserve_core.wire import fields as F
@@ -78,7 +79,7 @@ def _messages(msgs: Any, allow_urls: bool) -> list[Message]:
         param = f"messages[{i}]"
         if not isinstance(m, dict):
             raise bad(f"{param} must be an object", param)
-        _refuse_unknown(m, MESSAGE_KEYS, param)
+        refuse_unknown(m, MESSAGE_KEYS, param)
         role = m.get("role")
         if role not in ROLES:
             raise bad(f"{param}.role must be one of {sorted(ROLES)}, got {role!r}", f"{param}.role")
@@ -114,7 +115,7 @@ def _history_calls(m: dict, role: str, param: str) -> list[T.ToolCall]:
         cp = f"{param}.tool_calls[{j}]"
         if not isinstance(c, dict):
             raise bad(f"{cp} must be an object", cp)
-        _refuse_unknown(c, frozenset({"id", "type", "function"}), cp)
+        refuse_unknown(c, frozenset({"id", "type", "function"}), cp)
         if c.get("type", "function") != "function":
             raise bad(f"{cp}.type must be 'function'", f"{cp}.type")
         fn = c.get("function")
@@ -122,7 +123,7 @@ def _history_calls(m: dict, role: str, param: str) -> list[T.ToolCall]:
             raise bad(f"{cp}.id must be a non-empty string", f"{cp}.id")
         if not isinstance(fn, dict):
             raise bad(f"{cp}.function must be an object with name and arguments", f"{cp}.function")
-        _refuse_unknown(fn, frozenset({"name", "arguments"}), f"{cp}.function")
+        refuse_unknown(fn, frozenset({"name", "arguments"}), f"{cp}.function")
         if not isinstance(fn.get("name"), str) or not fn["name"]:
             raise bad(f"{cp}.function.name must be a non-empty string", f"{cp}.function.name")
         args = fn.get("arguments", "{}")
@@ -149,13 +150,13 @@ def _tools(body: dict) -> tuple[list[T.Tool], bool]:
         param = f"tools[{i}]"
         if not isinstance(t, dict):
             raise bad(f"{param} must be an object", param)
-        _refuse_unknown(t, frozenset({"type", "function"}), param)
+        refuse_unknown(t, frozenset({"type", "function"}), param)
         if t.get("type") != "function":
             raise bad(f"{param}.type must be 'function' (the only kind of tool this server runs)", f"{param}.type")
         fn = t.get("function")
         if not isinstance(fn, dict):
             raise bad(f"{param}.function must be an object", f"{param}.function")
-        _refuse_unknown(fn, frozenset({"name", "description", "parameters", "strict"}), f"{param}.function")
+        refuse_unknown(fn, frozenset({"name", "description", "parameters", "strict"}), f"{param}.function")
         name, desc = fn.get("name"), fn.get("description", "")
         if not isinstance(name, str):
             raise bad(f"{param}.function.name must be a string", f"{param}.function.name")
@@ -176,8 +177,8 @@ def _tool_choice(body: dict) -> tuple[str, str | None]:
     if isinstance(tc, str):
         return tc, None
     if isinstance(tc, dict) and tc.get("type") == "function" and isinstance(tc.get("function"), dict):
-        _refuse_unknown(tc, frozenset({"type", "function"}), "tool_choice")
-        _refuse_unknown(tc["function"], frozenset({"name"}), "tool_choice.function")
+        refuse_unknown(tc, frozenset({"type", "function"}), "tool_choice")
+        refuse_unknown(tc["function"], frozenset({"name"}), "tool_choice.function")
         return "function", tc["function"].get("name")
     raise bad("tool_choice must be 'none', 'auto', 'required' or {\"type\": \"function\", \"function\": "
               "{\"name\": ...}}", "tool_choice")
@@ -218,14 +219,6 @@ KNOWN_KEYS = frozenset({"model", "messages", "stream", "stream_options", "n", "u
 MESSAGE_KEYS = frozenset({"role", "content", "tool_calls", "tool_call_id"})
 
 
-def _refuse_unknown(d: dict, known: frozenset, where: str) -> None:
-    unknown = sorted(k for k in d if k not in known)
-    if unknown:
-        name = f"{where}.{unknown[0]}" if where else unknown[0]
-        raise bad(f"{name} is not supported by this server, so it cannot be honoured; remove it "
-                  f"(supported: {', '.join(sorted(known))})", name)
-
-
 def _response_format(body: dict) -> T.Constraint | None:
     """OpenAI's ``response_format``: ``text`` (none), ``json_object``, ``json_schema`` (``strict`` or
     not, it is enforced: the decoder masks every token to the schema)."""
@@ -255,7 +248,7 @@ def parse_chat_request(body: Any, *, allow_urls: bool = False) -> ChatRequest:
     """Validate an OpenAI chat-completions body into the typed request."""
     if not isinstance(body, dict):
         raise bad("request body must be a JSON object", None)
-    _refuse_unknown(body, KNOWN_KEYS, "")
+    refuse_unknown(body, KNOWN_KEYS, "")
     messages = _messages(body.get("messages"), allow_urls)
     n = body.get("n")
     if n is not None and (isinstance(n, bool) or not isinstance(n, int) or n < 1):

@@ -29,6 +29,7 @@ from gateway.chat import (
     image_content,
     media_role,
     parse_fields,
+    refuse_unknown,
     valid_text,
 )
 from mmserve_core.wire import types as T
@@ -53,14 +54,6 @@ class ResponsesRequest:
     echo: dict[str, Any] = field(default_factory=dict)  # fields returned as sent (tools, text, ...)
 
 
-def _refuse_unknown(d: dict, known, where: str) -> None:
-    unknown = sorted(k for k in d if k not in known)
-    if unknown:
-        name = f"{where}.{unknown[0]}" if where else unknown[0]
-        raise bad(f"{name} is not supported by this server, so it cannot be honoured; remove it "
-                  f"(supported: {', '.join(sorted(known))})", name)
-
-
 def _parts(content: Any, role: str, param: str, allow_urls: bool) -> list[Part]:
     if isinstance(content, str):
         return [Part("text", param, text=valid_text(content, param))]
@@ -73,7 +66,7 @@ def _parts(content: Any, role: str, param: str, allow_urls: bool) -> list[Part]:
             raise bad(f"{pp} must be an object", pp)
         kind = part.get("type")
         if kind in ("input_text", "output_text"):
-            _refuse_unknown(part, {"type", "text", "annotations", "logprobs"} if kind == "output_text"
+            refuse_unknown(part, {"type", "text", "annotations", "logprobs"} if kind == "output_text"
                             else {"type", "text"}, pp)
             if kind == "output_text" and role != "assistant":
                 raise bad(f"{pp}: output_text is for assistant turns", pp)
@@ -81,12 +74,12 @@ def _parts(content: Any, role: str, param: str, allow_urls: bool) -> list[Part]:
                 raise bad(f"{pp}.text must be a string", f"{pp}.text")
             out.append(Part("text", pp, text=valid_text(part["text"], f"{pp}.text")))
         elif kind == "input_image":
-            _refuse_unknown(part, {"type", "image_url", "detail"}, pp)
+            refuse_unknown(part, {"type", "image_url", "detail"}, pp)
             media_role(role, "image", pp)
             out.append(image_content(part.get("image_url"), part.get("detail", "auto"), pp, allow_urls,
                                      url_param=f"{pp}.image_url", detail_param=f"{pp}.detail"))
         elif kind == "input_audio":
-            _refuse_unknown(part, {"type", "input_audio"}, pp)
+            refuse_unknown(part, {"type", "input_audio"}, pp)
             media_role(role, "audio", pp)
             out.append(audio_content(part.get("input_audio"), pp))
         else:
@@ -109,7 +102,7 @@ def _items(raw: Any, allow_urls: bool) -> tuple[list[Message], list[dict]]:
             raise bad(f"{param} must be an object", param)
         kind = item.get("type", "message")
         if kind == "message":
-            _refuse_unknown(item, {"type", "role", "content", "id", "status"}, param)
+            refuse_unknown(item, {"type", "role", "content", "id", "status"}, param)
             role = item.get("role")
             if role not in ("user", "system", "developer", "assistant"):
                 raise bad(f"{param}.role must be user, system, developer or assistant, got {role!r}", f"{param}.role")
@@ -117,7 +110,7 @@ def _items(raw: Any, allow_urls: bool) -> tuple[list[Message], list[dict]]:
             messages.append(Message(role, parts, param, reasoning=reasoning if role == "assistant" else ""))
             reasoning = "" if role == "assistant" else reasoning
         elif kind == "function_call":
-            _refuse_unknown(item, {"type", "call_id", "name", "arguments", "id", "status"}, param)
+            refuse_unknown(item, {"type", "call_id", "name", "arguments", "id", "status"}, param)
             for k in ("call_id", "name", "arguments"):
                 if not isinstance(item.get(k), str) or (k != "arguments" and not item[k]):
                     raise bad(f"{param}.{k} must be a string", f"{param}.{k}")
@@ -135,13 +128,13 @@ def _items(raw: Any, allow_urls: bool) -> tuple[list[Message], list[dict]]:
                 messages.append(Message("assistant", [], param, tool_calls=[call], reasoning=reasoning))
                 reasoning = ""
         elif kind == "function_call_output":
-            _refuse_unknown(item, {"type", "call_id", "output", "id", "status"}, param)
+            refuse_unknown(item, {"type", "call_id", "output", "id", "status"}, param)
             if not isinstance(item.get("call_id"), str) or not isinstance(item.get("output"), str):
                 raise bad(f"{param} needs a string call_id and output", param)
             messages.append(Message("tool", [Part("text", param, text=valid_text(item["output"], f"{param}.output"))],
                                     param, tool_call_id=item["call_id"]))
         elif kind == "reasoning":
-            _refuse_unknown(item, {"type", "id", "summary", "content", "status"}, param)
+            refuse_unknown(item, {"type", "id", "summary", "content", "status"}, param)
             texts = [c.get("text", "") for c in item.get("content") or [] if isinstance(c, dict)]
             if not all(isinstance(t, str) for t in texts):
                 raise bad(f"{param}.content must hold reasoning_text parts", f"{param}.content")
@@ -165,7 +158,7 @@ def _tools(raw: Any) -> tuple[list[T.Tool], bool]:
         if t.get("type") != "function":
             raise bad(f"{param}.type {t.get('type')!r}: only function tools run here (no hosted tools)",
                       f"{param}.type")
-        _refuse_unknown(t, {"type", "name", "description", "parameters", "strict"}, param)
+        refuse_unknown(t, {"type", "name", "description", "parameters", "strict"}, param)
         if not isinstance(t.get("name"), str) or not isinstance(t.get("description") or "", str):
             raise bad(f"{param} needs a string name (and description)", f"{param}.name")
         if t.get("strict") is not None and not isinstance(t["strict"], bool):
@@ -186,7 +179,7 @@ def _format(text: Any) -> T.Constraint | None:
         return None
     if not isinstance(text, dict):
         raise bad("text must be an object", "text")
-    _refuse_unknown(text, {"format"}, "text")
+    refuse_unknown(text, {"format"}, "text")
     fmt = text.get("format")
     if fmt is None:
         return None
@@ -194,13 +187,13 @@ def _format(text: Any) -> T.Constraint | None:
         raise bad("text.format must be an object", "text.format")
     kind = fmt.get("type")
     if kind == "text":
-        _refuse_unknown(fmt, {"type"}, "text.format")
+        refuse_unknown(fmt, {"type"}, "text.format")
         return None
     if kind == "json_object":
-        _refuse_unknown(fmt, {"type"}, "text.format")
+        refuse_unknown(fmt, {"type"}, "text.format")
         return T.Constraint("json_object")
     if kind == "json_schema":
-        _refuse_unknown(fmt, {"type", "name", "schema", "strict", "description"}, "text.format")
+        refuse_unknown(fmt, {"type", "name", "schema", "strict", "description"}, "text.format")
         if not isinstance(fmt.get("schema"), dict):
             raise bad("text.format.schema must be a JSON Schema object", "text.format.schema")
         return T.Constraint("json_schema", json.dumps(fmt["schema"]))
@@ -210,7 +203,7 @@ def _format(text: Any) -> T.Constraint | None:
 def parse_responses_request(body: Any, *, allow_urls: bool = False) -> ResponsesRequest:
     if not isinstance(body, dict):
         raise bad("request body must be a JSON object", None)
-    _refuse_unknown(body, BODY_KEYS, "")
+    refuse_unknown(body, BODY_KEYS, "")
     messages, items = _items(body.get("input"), allow_urls)
     instructions = body.get("instructions")
     if instructions is not None and not isinstance(instructions, str):
@@ -233,7 +226,7 @@ def parse_responses_request(body: Any, *, allow_urls: bool = False) -> Responses
     if reasoning is not None:
         if not isinstance(reasoning, dict):
             raise bad("reasoning must be an object", "reasoning")
-        _refuse_unknown(reasoning, {"effort", "summary"}, "reasoning")
+        refuse_unknown(reasoning, {"effort", "summary"}, "reasoning")
         if reasoning.get("summary") is not None:
             raise bad("reasoning.summary: summaries of the thought are not produced; the thought itself comes back "
                       "as a reasoning item", "reasoning.summary")
@@ -258,7 +251,7 @@ def parse_responses_request(body: Any, *, allow_urls: bool = False) -> Responses
     elif isinstance(tc, str):
         chat.tool_choice = tc
     elif isinstance(tc, dict) and tc.get("type") == "function":
-        _refuse_unknown(tc, {"type", "name"}, "tool_choice")
+        refuse_unknown(tc, {"type", "name"}, "tool_choice")
         chat.tool_choice, chat.tool_name = "function", tc.get("name")
     else:
         raise bad("tool_choice must be 'none', 'auto', 'required' or {\"type\": \"function\", \"name\": ...}",

@@ -146,4 +146,4 @@ def test_the_readme_main_job_answers_right(tmp_path):
     r = subprocess.run([str(script)], capture_output=True, text=True, timeout=300, cwd=tmp_path)
     print(r.stdout[-3000:])
     assert r.returncode == 0, r.stdout[-3000:] + r.stderr[-3000:]
-    assert "7/7 answers right" in r.stdout  # six questions over HTTP, one constrained over gRPC
+    assert "8/8 answers right" in r.stdout  # six questions over HTTP, one constrained over gRPC, a transcription
