@@ -10,12 +10,17 @@ from __future__ import annotations
 
 from prometheus_client import CollectorRegistry, Counter, Gauge, Histogram, generate_latest
 
+from mmserve_core.runtime.blas import blas_in_use
+
 _TTFT_BUCKETS = (0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1.0, 2.5, 5.0, 10.0, 30.0)
 
 
 class DecoderMetrics:
     def __init__(self) -> None:
         r = self.registry = CollectorRegistry()
+        # which BLAS MLX's CPU work runs on (openblas / reference / accelerate): label, value 1
+        Gauge("mmserve_decoder_blas", "The BLAS this process runs MLX's CPU work on", ["library"],
+              registry=r).labels(blas_in_use()).set(1)
         self.requests = Counter("mmserve_decoder_requests", "Generate RPCs by outcome (gRPC status name)",
                                 ["outcome"], registry=r)
         self.active = Gauge("mmserve_decoder_active_sequences", "Sequences in the decode batch", registry=r)

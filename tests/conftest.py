@@ -9,11 +9,22 @@ import pytest
 
 from deploy.demo.media import shape_png, tone_wav
 from deploy.processes import start_services
+from mmserve_core.runtime.blas import optimized_library
 from tests.tooling.tiny_checkpoint import write_tiny_checkpoint
 
 # The tests' requests call the model "m": every gateway they start (an OS process inheriting this
 # environment) serves that alias beside the checkpoint's id; any other name is 404 model_not_found.
 os.environ.setdefault("MMSERVE_GATEWAY_MODEL_ALIASES", "m")
+
+# The services run MLX on an optimized BLAS when the machine has one (mmserve_core.runtime.blas).
+# The parity tests compare them with mlx-vlm run in *this* process, and float sums in another order
+# flip a random model's greedy argmax, so the services the tests start run on the BLAS this process
+# runs on: the wheel's own unless pytest itself was started with the library preloaded.
+# tests/e2e/test_blas.py starts services on the optimized BLAS explicitly and checks they give the
+# same greedy tokens.
+_lib = optimized_library()
+if _lib is not None and _lib not in os.environ.get("LD_PRELOAD", ""):
+    os.environ.setdefault("MMSERVE_BLAS", "reference")
 
 
 @pytest.fixture(scope="session")

@@ -104,11 +104,15 @@ def common_settings(a: argparse.Namespace) -> dict:
 
 def main_for(name: str, parse_args, make_engine, start_server, service_name: str,
              argv: list[str] | None = None) -> NoReturn:
-    """A service's ``main``: flags, logging, the TLS check, then ``serve`` until drained."""
+    """A service's ``main``: an optimized BLAS, flags, logging, the TLS check, then ``serve``
+    until drained."""
+    from mmserve_core.runtime.blas import blas_in_use, preload_optimized_blas
     from mmserve_core.runtime.logs import configure_logging
 
+    preload_optimized_blas()  # may re-exec this process (before any model is loaded)
     cfg = parse_args(argv)
     configure_logging(name)
+    log.info("blas", library=blas_in_use(), opt_out="MMSERVE_BLAS=reference")
     cfg.tls.check(cfg.host, f"mmserve-{name}")
     address = f"[{cfg.host}]:{cfg.port}" if ":" in cfg.host else f"{cfg.host}:{cfg.port}"
     run_service(serve(name, make_engine(cfg), start_server, [service_name], address,

@@ -26,7 +26,6 @@ from __future__ import annotations
 
 import argparse
 import json
-import os
 import queue
 import shutil
 import sys
@@ -38,10 +37,10 @@ import numpy as np
 
 from deploy.demo import tasks
 from deploy.demo.checkpoint_path import CHECKPOINT_DIR
+from mmserve_core.runtime.blas import preload_optimized_blas
 
 IMAGE_SOFT_TOKENS = 16  # 192 x 192 pixels, 12 x 12 patches pooled 3 x 3
 AUDIO_ROWS = 25  # 1.0 s at 40 ms per token
-OPENBLAS = "/usr/lib/x86_64-linux-gnu/openblas-pthread/libopenblas.so.0"
 
 # Sizes on top of tests.tooling.tiny_checkpoint's e2b variant (same schema, names and tokens).
 DEMO_OVERRIDES: dict = {
@@ -318,15 +317,6 @@ def save(model, init: Path, out: Path, dtype: str) -> None:
     mx.save_safetensors(str(out / "model.safetensors"), weights, metadata={"format": "mlx"})
 
 
-def _reexec_with_openblas() -> None:
-    """MLX's CPU wheel links a reference BLAS; Debian's OpenBLAS made a step ~3x faster (measured)."""
-    if sys.platform != "linux" or os.environ.get("MMSERVE_NO_OPENBLAS") or "openblas" in os.environ.get(
-            "LD_PRELOAD", "") or not os.path.exists(OPENBLAS):
-        return
-    env = dict(os.environ, LD_PRELOAD=OPENBLAS)
-    os.execve(sys.executable, [sys.executable, "-m", "tests.tooling.demo_training.train", *sys.argv[1:]], env)
-
-
 def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     ap = argparse.ArgumentParser(prog="python -m tests.tooling.demo_training.train", description=__doc__.split("\n\n")[0])
     ap.add_argument("out", nargs="?", default=str(CHECKPOINT_DIR),
@@ -344,7 +334,7 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
 
 
 def main(argv: list[str] | None = None) -> None:
-    _reexec_with_openblas()
+    preload_optimized_blas()  # the wheel's reference BLAS made a step ~3x slower (measured)
     args = parse_args(argv)
     if not tasks.have_espeak():
         sys.exit("mmserve-train-demo needs espeak-ng for the spoken digits (apt-get install espeak-ng / "
