@@ -25,16 +25,17 @@ from fastapi.responses import JSONResponse, StreamingResponse
 
 from gateway.anthropic_schema import parse_messages_request
 from gateway.bodies import read_json
-from gateway.chat import Delta, Done
+from gateway.chat import Delta, Done, delta_pieces
 from gateway.config import GatewayConfig
-from gateway.errors import HTTPError, anthropic_body, to_http
+from gateway.errors import HTTPError, anthropic_body
 from gateway.metrics import GatewayMetrics
 from gateway.pipeline import Generation, Pipeline
-from gateway.responses import error_response
+from gateway.responses import error_response, failure_response
 from mmserve_core.runtime.logs import REQUEST_ID_HEADER, get_logger, new_request_id, request_id_var
 
 log = get_logger(__name__)
 PING_EVERY_S = 10.0
+BLOCK_OF = {"reasoning": "thinking", "text": "text", "tool": "tool_use"}  # a delta piece -> its content block
 
 
 def stop_reason(done: Done) -> tuple[str, str | None]:
@@ -119,13 +120,8 @@ async def stream(gen: Generation, mid: str, model: str, keep_thinking: bool, pro
                                                "usage": {"output_tokens": ev.completion.completion_tokens}})
                 yield _event("message_stop", {})
                 return
-            pieces: list[tuple[str, Any]] = []
-            if ev.reasoning and keep_thinking:
-                pieces.append(("thinking", ev.reasoning))
-            if ev.content:
-                pieces.append(("text", ev.content))
-            pieces += [("tool_use", d) for d in ev.tool_calls]
-            for what, value in pieces:
+            for piece, value in delta_pieces(ev, keep_thinking):
+                what = BLOCK_OF[piece]
                 new_call = what == "tool_use" and value.id is not None
                 if what != kind or new_call:
                     for e in close():
@@ -164,11 +160,7 @@ def add_messages_routes(app: FastAPI, pipeline: Pipeline, metrics: GatewayMetric
             req = parse_messages_request(await read_json(request), allow_urls=cfg.url_fetch)
             gen = await pipeline.start(req, rid)
         except Exception as e:  # noqa: BLE001 - every failure becomes Anthropic error JSON
-            err = to_http(e)
-            if err.status >= 500 and not isinstance(e, HTTPError):
-                log.exception("messages request failed")
-            metrics.requests.labels(str(err.status)).inc()
-            return error_response(err, path)
+            return failure_response(e, path, "messages request", metrics)
         metrics.ttft.observe(time.perf_counter() - t0)
         metrics.requests.labels("200").inc()
         mid, model = f"msg_{uuid.uuid4().hex[:24]}", pipeline.model_id
@@ -193,10 +185,7 @@ def add_messages_routes(app: FastAPI, pipeline: Pipeline, metrics: GatewayMetric
             req = parse_messages_request(await read_json(request), allow_urls=cfg.url_fetch, counting=True)
             ids, _, _ = await pipeline.prepare(req, rid)
         except Exception as e:  # noqa: BLE001 - every failure becomes Anthropic error JSON
-            err = to_http(e)
-            if err.status >= 500 and not isinstance(e, HTTPError):
-                log.exception("count_tokens failed")
-            return error_response(err, request.url.path)
+            return failure_response(e, request.url.path, "count_tokens")
         return JSONResponse({"input_tokens": len(ids)})
 
 

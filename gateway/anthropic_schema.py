@@ -42,6 +42,7 @@ AUDIO_TYPES = {"audio/wav": "wav", "audio/x-wav": "wav", "audio/wave": "wav", "a
                "audio/mp3": "mp3", "audio/flac": "flac", "audio/x-flac": "flac", "audio/ogg": "ogg"}
 IMAGE_TYPES = ("image/jpeg", "image/png", "image/gif", "image/webp")
 MIN_THINKING_BUDGET = 1024  # Anthropic's own lower bound
+SCHEMA_PATH = "tools[{i}].input_schema"
 
 
 def _b64(data: Any, param: str) -> bytes:
@@ -173,7 +174,8 @@ def _assistant(content: Any, param: str) -> Message:
             calls.append(T.ToolCall(b["id"], valid_text(b["name"], f"{bp}.name"),
                                     json.dumps(b.get("input", {}), ensure_ascii=False)))
         else:
-            media_role("assistant", "image" if kind == "image" else "audio", bp) if kind in ("image", "audio") else None
+            if kind in ("image", "audio"):
+                media_role("assistant", kind, bp)  # says media belong in user turns
             raise bad(f"{bp}: unsupported content block type {kind!r} in an assistant turn; use text, thinking or "
                       "tool_use", bp)
     parts = [Part("text", f"{param}.content", text="".join(text))] if text else []
@@ -214,12 +216,7 @@ def _tools(raw: Any) -> list[T.Tool]:
         if not isinstance(schema, dict):
             raise bad(f"{param}.input_schema must be a JSON Schema object", f"{param}.input_schema")
         tools.append(T.Tool(t["name"], t.get("description", ""), schema))
-    try:
-        check_tools(tools)
-    except Exception as e:  # the shared check names OpenAI's path; say Anthropic's
-        e.param = (getattr(e, "param", None) or "tools").replace(".function", "").replace(".parameters", ".input_schema")
-        e.message = str(getattr(e, "message", e)).replace(".function", "").replace(".parameters", ".input_schema")
-        raise
+    check_tools(tools, where="tools[{i}]", schema=SCHEMA_PATH)
     return tools
 
 
@@ -315,6 +312,7 @@ def parse_messages_request(body: Any, *, allow_urls: bool = False, counting: boo
     sampling.reasoning_budget = budget
     req = ChatRequest(model=model, messages=messages, stream=stream, sampling=sampling,
                       include_reasoning=thinking, tools=_tools(body.get("tools")),
-                      chat_template_kwargs={"enable_thinking": True} if thinking else {})
+                      chat_template_kwargs={"enable_thinking": True} if thinking else {},
+                      tool_schema_path=SCHEMA_PATH)
     _tool_choice(body.get("tool_choice"), req)
     return req

@@ -29,6 +29,7 @@ from mmserve_core.wire import types as T
 ROLES = ("system", "developer", "user", "assistant", "tool")
 TOOL_CHOICES = ("none", "auto", "required")
 TOOL_NAME = re.compile(r"[A-Za-z0-9_-]{1,64}")  # OpenAI's rule for function names
+TOOL_SCHEMA_PATH = "tools[{i}].function.parameters"  # OpenAI chat's path to a tool's schema
 MAX_SCHEMA_DEPTH = 48  # a tool's parameters (the template and the grammar builder recurse per level)
 IMAGE_DETAIL_TOKENS = {"auto": 0, "low": 70, "high": 1120}  # OpenAI detail -> Gemma 4 soft-token budget
 AUDIO_FORMATS = {"wav": ("audio/wav",), "mp3": ("audio/mpeg",), "flac": ("audio/flac",), "ogg": ("audio/ogg",)}
@@ -58,6 +59,7 @@ class ChatRequest:
     parallel_tool_calls: bool = True
     strict_tools: bool = False  # a tool asked for strict arguments: enforced even under "auto"
     constraint_param: str = "response_format"  # the field a constraint refusal is blamed on
+    tool_schema_path: str = TOOL_SCHEMA_PATH  # how this front names tool i's schema in errors
 
     @property
     def media(self) -> list[Part]:
@@ -78,6 +80,18 @@ class Delta:
     token_ids: list[int]
     logprobs: list[T.TokenLogprob]
     tool_calls: tuple[ToolCallDelta, ...] = ()
+
+
+def delta_pieces(ev: Delta, keep_reasoning: bool) -> list[tuple[str, Any]]:
+    """A delta's content as the fronts that split it into blocks / items need it, in the order it
+    was written: ``("reasoning", text)`` (when kept), ``("text", text)``, then one ``("tool", piece)``
+    per tool-call piece."""
+    out: list[tuple[str, Any]] = []
+    if ev.reasoning and keep_reasoning:
+        out.append(("reasoning", ev.reasoning))
+    if ev.content:
+        out.append(("text", ev.content))
+    return out + [("tool", d) for d in ev.tool_calls]
 
 
 @dataclass(frozen=True)
@@ -115,22 +129,24 @@ def refuse_unknown(d: dict, known, where: str) -> None:
                   f"(supported: {', '.join(sorted(known))})", name)
 
 
-def check_tools(tools: list[T.Tool]) -> None:
-    """Names as OpenAI allows them, each declared once; parameters a JSON Schema object."""
+def check_tools(tools: list[T.Tool], *, where: str = "tools[{i}].function",
+                schema: str = TOOL_SCHEMA_PATH) -> None:
+    """Names as OpenAI allows them, each declared once; parameters a JSON Schema object.  ``where``
+    and ``schema`` are the front's paths to a tool and to its schema (``{i}``: the tool's index)."""
     seen: set[str] = set()
     for i, t in enumerate(tools):
-        param = f"tools[{i}].function"
+        param, sp = where.format(i=i), schema.format(i=i)
         if not TOOL_NAME.fullmatch(t.name):
             raise bad(f"{param}.name must be 1-64 letters, digits, '_' or '-', got {t.name[:80]!r}", f"{param}.name")
         if t.name in seen:
             raise bad(f"{param}.name {t.name!r} is declared twice", f"{param}.name")
         seen.add(t.name)
         if t.parameters is not None and not isinstance(t.parameters, dict):
-            raise bad(f"{param}.parameters must be a JSON Schema object", f"{param}.parameters")
+            raise bad(f"{sp} must be a JSON Schema object", sp)
         if _depth(t.parameters) > MAX_SCHEMA_DEPTH:
-            raise bad(f"{param}.parameters nests deeper than {MAX_SCHEMA_DEPTH} levels", f"{param}.parameters")
+            raise bad(f"{sp} nests deeper than {MAX_SCHEMA_DEPTH} levels", sp)
         valid_text(t.description, f"{param}.description")
-        valid_text(json.dumps(t.parameters, ensure_ascii=False), f"{param}.parameters")
+        valid_text(json.dumps(t.parameters, ensure_ascii=False), sp)
 
 
 def _depth(v: Any) -> int:

@@ -21,10 +21,10 @@ from fastapi.responses import JSONResponse, PlainTextResponse
 
 from gateway.chat import ChatRequest, Delta, Done, Message, Part, audio_part, bad, parse_fields
 from gateway.config import GatewayConfig
-from gateway.errors import HTTPError, to_http
+from gateway.errors import HTTPError
 from gateway.metrics import GatewayMetrics
 from gateway.pipeline import Pipeline, audio_seconds
-from gateway.responses import error_response
+from gateway.responses import failure_response
 from mmserve_core.runtime.logs import get_logger, new_request_id, request_id_var
 
 log = get_logger(__name__)
@@ -120,11 +120,7 @@ def add_audio_routes(app: FastAPI, pipeline: Pipeline, metrics: GatewayMetrics, 
                 else:
                     done = ev
         except Exception as e:  # noqa: BLE001 - every failure becomes OpenAI error JSON
-            err = to_http(e)
-            if err.status >= 500 and not isinstance(e, HTTPError):
-                log.exception("transcription failed")
-            metrics.requests.labels(str(err.status)).inc()
-            return error_response(err, request.url.path)
+            return failure_response(e, request.url.path, "transcription", metrics)
         metrics.requests.labels("200").inc()
         metrics.ttft.observe(time.perf_counter() - t0)
         transcript = "".join(text).strip()

@@ -19,11 +19,10 @@ from fastapi.responses import StreamingResponse
 from gateway.bodies import read_json
 from gateway.chat import ROLES
 from gateway.config import GatewayConfig
-from gateway.errors import HTTPError, to_http
 from gateway.metrics import GatewayMetrics
 from gateway.openai_schema import parse_chat_request
 from gateway.pipeline import Pipeline
-from gateway.responses import complete, error_response, sse
+from gateway.responses import complete, failure_response, sse
 from mmserve_core.runtime.logs import REQUEST_ID_HEADER, get_logger, new_request_id, request_id_var
 from mmserve_core.wire.fields import openapi_properties
 
@@ -39,11 +38,7 @@ def add_chat_routes(app: FastAPI, pipeline: Pipeline, metrics: GatewayMetrics, c
             req = parse_chat_request(await read_json(request), allow_urls=cfg.url_fetch)
             gen = await pipeline.start(req, rid)
         except Exception as e:  # noqa: BLE001 - every failure becomes OpenAI error JSON
-            err = to_http(e)
-            if err.status >= 500 and not isinstance(e, HTTPError):
-                log.exception("chat completion failed")
-            metrics.requests.labels(str(err.status)).inc()
-            return error_response(err)
+            return failure_response(e, request.url.path, "chat completion", metrics)
         metrics.ttft.observe(time.perf_counter() - t0)
         metrics.requests.labels("200").inc()
         cid, created, model = f"chatcmpl-{uuid.uuid4().hex}", int(time.time()), pipeline.model_id

@@ -19,24 +19,24 @@ from __future__ import annotations
 import json
 import time
 import uuid
-from typing import Any
 
 from fastapi import FastAPI, Request
 from fastapi.responses import JSONResponse, StreamingResponse
 
 from gateway.bodies import read_json
-from gateway.chat import Delta, Done, Message, Part
+from gateway.chat import Delta, Done, Message, Part, delta_pieces
 from gateway.config import GatewayConfig
-from gateway.errors import HTTPError, to_http
+from gateway.errors import HTTPError
 from gateway.metrics import GatewayMetrics
 from gateway.pipeline import Generation, Pipeline
-from gateway.responses import error_response
+from gateway.responses import error_response, failure_response
 from gateway.responses_schema import ResponsesRequest, conversation, parse_responses_request
 from gateway.responses_store import ResponseStore, StoredResponse, namespace
 from mmserve_core.runtime.logs import REQUEST_ID_HEADER, get_logger, new_request_id, request_id_var
 from mmserve_core.wire import types as T
 
 log = get_logger(__name__)
+ITEM_OF = {"reasoning": "reasoning", "text": "message", "tool": "function_call"}  # a delta piece -> its item
 
 
 def _hex() -> str:
@@ -121,13 +121,17 @@ def response_body(rid: str, rr: ResponsesRequest, model: str, created: int, outp
 
 
 class _Events:
-    """Builds the semantic event stream (and the output items beside it)."""
+    """Builds the output items and, when ``stream``, the semantic event stream beside them (one
+    code path for both, so a streamed response is the non-streamed one, event by event)."""
 
-    def __init__(self, out: Output) -> None:
+    def __init__(self, out: Output, stream: bool = True) -> None:
         self.out = out
+        self.stream = stream
         self.seq = 0
 
     def ev(self, kind: str, body: dict) -> str:
+        if not self.stream:  # building the items only: no event text to make
+            return ""
         payload = {"type": kind, "sequence_number": self.seq, **body}
         self.seq += 1
         return f"event: {kind}\ndata: {json.dumps(payload, separators=(',', ':'))}\n\n"
@@ -157,13 +161,8 @@ class _Events:
 
     def feed(self, ev: Delta, keep_thought: bool) -> list[str]:
         out, events = self.out, []
-        pieces: list[tuple[str, Any]] = []
-        if ev.reasoning and keep_thought:
-            pieces.append(("reasoning", ev.reasoning))
-        if ev.content:
-            pieces.append(("message", ev.content))
-        pieces += [("function_call", d) for d in ev.tool_calls]
-        for kind, value in pieces:
+        for piece, value in delta_pieces(ev, keep_thought):
+            kind = ITEM_OF[piece]
             if kind != out.kind or (kind == "function_call" and value.id is not None):
                 events += self.close()
                 item = out.start(kind, value if kind == "function_call" else None)
@@ -191,7 +190,7 @@ class _Events:
         return events
 
 
-def _absorb(out: Output, ev: Delta, keep_thought: bool) -> None:
+def _absorb(out: Output, ev: Delta) -> None:
     out.text.append(ev.content)
     if ev.reasoning:
         out.thought.append(ev.reasoning)
@@ -237,11 +236,7 @@ class ResponsesFront:
             rr.chat.messages = conversation(prior, rr)
             gen = await self.pipeline.start(rr.chat, rid_req)
         except Exception as e:  # noqa: BLE001 - every failure becomes OpenAI error JSON
-            err = to_http(e)
-            if err.status >= 500 and not isinstance(e, HTTPError):
-                log.exception("responses request failed")
-            self.metrics.requests.labels(str(err.status)).inc()
-            return error_response(err, path)
+            return failure_response(e, path, "responses request", self.metrics)
         self.metrics.ttft.observe(time.perf_counter() - t0)
         self.metrics.requests.labels("200").inc()
         rid, created, model = f"resp_{_hex()}", int(time.time()), self.pipeline.model_id
@@ -250,12 +245,12 @@ class ResponsesFront:
             return StreamingResponse(self._stream(gen, rid, rr, model, created, ns, inputs, prior, keep_thought),
                                      media_type="text/event-stream",
                                      headers={"Cache-Control": "no-cache", REQUEST_ID_HEADER: rid_req})
-        out, events, done = Output(), None, None
-        events = _Events(out)
+        out, done = Output(), None
+        events = _Events(out, stream=False)
         try:
             async for ev in gen.events():
                 if isinstance(ev, Delta):
-                    _absorb(out, ev, keep_thought)
+                    _absorb(out, ev)
                     events.feed(ev, keep_thought)
                 else:
                     done = ev
@@ -281,7 +276,7 @@ class ResponsesFront:
         try:
             async for ev in gen.events():
                 if isinstance(ev, Delta):
-                    _absorb(out, ev, keep_thought)
+                    _absorb(out, ev)
                     for e in events.feed(ev, keep_thought):
                         yield e
                     continue

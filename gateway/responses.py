@@ -17,7 +17,7 @@ from typing import Any
 from fastapi.responses import JSONResponse
 
 from gateway.chat import Delta, Done
-from gateway.errors import HTTPError, error_body
+from gateway.errors import HTTPError, error_body, to_http
 from gateway.pipeline import Generation
 from mmserve_core.runtime.logs import get_logger
 from mmserve_core.wire import types as T
@@ -32,6 +32,18 @@ def error_response(err: HTTPError, path: str = "") -> JSONResponse:
     else:
         log.info("request rejected", status=err.status, error=err.message, param=err.param)
     return JSONResponse(error_body(path, err), status_code=err.status, headers=err.headers)
+
+
+def failure_response(exc: BaseException, path: str, what: str, metrics=None) -> JSONResponse:
+    """How every HTTP front answers a request that failed before its response began: the error in
+    the API's own shape (by ``path``), a traceback logged only for a bug, counted by status.
+    Call it inside the ``except`` block (the traceback is the one being handled)."""
+    err = to_http(exc)
+    if err.status >= 500 and not isinstance(exc, HTTPError):
+        log.exception(f"{what} failed")
+    if metrics is not None:
+        metrics.requests.labels(str(err.status)).inc()
+    return error_response(err, path)
 
 
 def usage(c: T.Completion) -> dict[str, Any]:

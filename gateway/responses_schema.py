@@ -38,6 +38,7 @@ BODY_KEYS = frozenset({"model", "input", "instructions", "tools", "tool_choice",
                        "reasoning", "max_output_tokens", "temperature", "top_p", "store", "previous_response_id",
                        "metadata", "stream", "user", "truncation", "include"})
 EFFORTS = ("minimal", "low", "medium", "high")
+SCHEMA_PATH = "tools[{i}].parameters"
 
 
 @dataclass
@@ -165,12 +166,7 @@ def _tools(raw: Any) -> tuple[list[T.Tool], bool]:
             raise bad(f"{param}.strict must be a boolean", f"{param}.strict")
         strict = strict or bool(t.get("strict"))
         tools.append(T.Tool(t["name"], t.get("description") or "", t.get("parameters")))
-    try:
-        check_tools(tools)
-    except Exception as e:  # the shared check names chat-completions' path; say this API's
-        e.param = (getattr(e, "param", None) or "tools").replace(".function", "")
-        e.message = str(getattr(e, "message", e)).replace(".function", "")
-        raise
+    check_tools(tools, where="tools[{i}]", schema=SCHEMA_PATH)
     return tools, strict
 
 
@@ -242,7 +238,8 @@ def parse_responses_request(body: Any, *, allow_urls: bool = False) -> Responses
     chat = ChatRequest(model=body.get("model"), messages=messages, stream=bool(body.get("stream")), sampling=sampling,
                        include_reasoning=thinking, tools=tools, strict_tools=strict,
                        parallel_tool_calls=body.get("parallel_tool_calls", True) is not False,
-                       chat_template_kwargs={"enable_thinking": True} if thinking else {})
+                       chat_template_kwargs={"enable_thinking": True} if thinking else {},
+                       tool_schema_path=SCHEMA_PATH)
     if sampling.constraint is not None:
         chat.constraint_param = "text.format"
     tc = body.get("tool_choice")

@@ -66,7 +66,8 @@ def plan_tools(req: ChatRequest, mk: Markers | None) -> ToolPlan:
     if forced or req.strict_tools or answer is not None:
         thinking = bool(req.chat_template_kwargs.get("enable_thinking"))
         grammar = tool_call_grammar(req.tools, mk, choice=req.tool_choice, name=req.tool_name,
-                                    parallel=req.parallel_tool_calls, thinking=thinking, answer=answer)
+                                    parallel=req.parallel_tool_calls, thinking=thinking, answer=answer,
+                                    schema_path=req.tool_schema_path)
         s.constraint = T.Constraint("lark", grammar)
         req.constraint_param = "tool_choice" if forced else "tools"
         return ToolPlan(parse=True, close_id=None)

@@ -193,7 +193,8 @@ def _bound(s: dict, key: str, param: str, default: int | None) -> int | None:
 
 
 def tool_call_grammar(tools: list[T.Tool], markers: Markers, *, choice: str, name: str | None = None,
-                      parallel: bool = True, thinking: bool = False, answer: T.Constraint | None = None) -> str:
+                      parallel: bool = True, thinking: bool = False, answer: T.Constraint | None = None,
+                      schema_path: str = "tools[{i}].function.parameters") -> str:
     """The Lark grammar of a response under ``choice``:
 
     * ``required`` — one call (or several, with ``parallel``) of any declared tool, nothing else;
@@ -201,7 +202,8 @@ def tool_call_grammar(tools: list[T.Tool], markers: Markers, *, choice: str, nam
     * ``auto`` (strict tools) — answer text, or calls; with ``answer`` (a JSON ``response_format``)
       the answer is that JSON instead of free text.
 
-    ``thinking`` lets a thought channel come first (the request turned thinking on)."""
+    ``thinking`` lets a thought channel come first (the request turned thinking on);
+    ``schema_path`` is how the front names tool ``{i}``'s schema in a refusal."""
     b = _Builder(markers)
     fns = [t for t in tools if choice != "function" or t.name == name]
     alts = []
@@ -210,7 +212,7 @@ def tool_call_grammar(tools: list[T.Tool], markers: Markers, *, choice: str, nam
             continue
         params = t.parameters if t.parameters is not None else {"type": "object", "properties": {},
                                                                  "additionalProperties": False}
-        where = f"tools[{i}].function.parameters"
+        where = schema_path.format(i=i)
         if not isinstance(params, dict) or params.get("type", "object") != "object":
             raise bad(f"{where} must be a JSON Schema of type object", where)
         alts.append(f"{json.dumps('call:' + t.name)} {b.value(params, where)}")
