@@ -24,6 +24,7 @@ class DecoderConfig(ServiceSettings):
     max_open_streams: int = 256
     max_buffered_bytes: int = 1 << 30
     stream_idle_timeout_s: float = 30.0
+    prefill_budget_tokens: int = 512
 
 
 def parse_args(argv: list[str] | None = None) -> DecoderConfig:
@@ -49,6 +50,9 @@ def parse_args(argv: list[str] | None = None) -> DecoderConfig:
     p.add_argument("--stream-idle-timeout-s", type=float, default=float(env("STREAM_IDLE_TIMEOUT_S", 30.0)),
                    help="a Generate stream that sends nothing this long before closing its side ends with "
                         "DEADLINE_EXCEEDED and frees what it buffered")
+    p.add_argument("--prefill-budget-tokens", type=int, default=int(env("PREFILL_BUDGET_TOKENS", 512)),
+                   help="prompt tokens prefilled per decode step while other sequences decode (chunked "
+                        "prefill: bounds how long a long or a burst of prompts delays running streams)")
     add_service_tail_args(p, "decoder")
     a = p.parse_args(argv)
     return DecoderConfig(
@@ -62,4 +66,5 @@ def parse_args(argv: list[str] | None = None) -> DecoderConfig:
         max_open_streams=a.max_open_streams,
         max_buffered_bytes=a.max_buffered_bytes,
         stream_idle_timeout_s=a.stream_idle_timeout_s,
+        prefill_budget_tokens=max(1, a.prefill_budget_tokens),
     )

@@ -167,7 +167,8 @@ class BatchMasks:
 
     ``apply(inputs, logits, rows)``: ``inputs`` [B, 1] are the tokens the rows sampled last (not
     yet consumed by their matchers), ``logits`` [B, 1, V] this step's (not yet evaluated),
-    ``rows`` the ``GrammarMask`` of each row or None.  The tokens are read before the forward pass
+    ``rows`` the ``GrammarMask`` of each row or None, ``skip`` (per row) true where the input is
+    a prompt token (a row's first step after a batched prefill).  The tokens are read before the forward pass
     is launched (so the read waits for the previous sample only), then the matchers consume them
     and fill one bitmask in parallel while the forward runs; one ``where`` applies it."""
 
@@ -175,7 +176,7 @@ class BatchMasks:
         self.threads = threads
         self._executor = None
 
-    def apply(self, inputs, logits, rows: list):
+    def apply(self, inputs, logits, rows: list, skip: list[bool] | None = None):
         import llguidance
         import llguidance.numpy as lnp
         import mlx.core as mx
@@ -191,7 +192,8 @@ class BatchMasks:
         for i, (r, t) in enumerate(zip(rows, tokens)):
             if r is None:
                 continue
-            r.consume(t)
+            if not (skip and skip[i]):
+                r.consume(t)
             (broken if r.matcher.is_error() else work).append((r.matcher, i))
         if work:
             lnp.fill_next_token_bitmask_par(self._executor, work, bitmask)

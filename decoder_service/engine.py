@@ -95,7 +95,8 @@ class DecoderEngine:
         runner = LanguageModelRunner(Path(self.cfg.checkpoint))
         scheduler = BatchScheduler(runner, self.tokenizer, max_active=self.cfg.max_active,
                                    max_queue=self.cfg.max_queue, metrics=self.metrics,
-                                   prefix_cache=PrefixCache(self.cfg.prefix_cache_bytes))
+                                   prefix_cache=PrefixCache(self.cfg.prefix_cache_bytes),
+                                   prefill_budget_tokens=self.cfg.prefill_budget_tokens)
         warm = resolve_sampling(
             T.SamplingParams(temperature=0.0, max_tokens=3),
             prompt_len=2, context_length=self.context_length, vocab_size=self.info.vocab_size,

@@ -1,22 +1,34 @@
-"""Continuous batching on the decoder's MLX thread: prefill one, step all, stream each.
+"""Continuous batching on the decoder's MLX thread: admit many, prefill in chunks, step all.
 
 Why: concurrent conversations must share decode steps.  The decode loop is
 mlx-lm's ``BatchGenerator`` (per-sequence samplers, logits processors, stop
 sequences, batched KV caches that sequences join and leave between steps) —
-we do not write our own.  What it cannot do is the multimodal prompt (soft
-tokens written into the embeddings, per-layer inputs with media zeroed,
-bidirectional image attention), so each new sequence is prefilled alone by
-``LanguageModelRunner.prefill`` exactly as mlx-vlm would, its first token is
-sampled from those logits, and it joins the batch with its filled cache and
-that token as its next input.  Every later token is text fed by id.
+we do not write our own.  Sequences reach it with their prompt's KV filled:
 
-Each loop iteration: drop cancelled sequences (their KV goes with them),
-admit at most one queued request while others are decoding (a long prompt
-delays running streams by one prefill, never more), run one batched decode
-step, and push each sequence's token to its ``TokenChannel``.
+* **text prompts** that arrive while others run, or together, are prefilled
+  together by ``TextPrefill`` (mlx-lm's batch prompt processing), a bounded
+  chunk per loop iteration (``--prefill-budget-tokens``), so a burst fills
+  every free slot in a few steps and a long prompt never stalls the running
+  streams for its whole prefill.  Their first token is sampled by the batch.
+* **media prompts** (soft tokens written into the embeddings, per-layer inputs
+  with media zeroed, bidirectional image attention) are prefilled alone by
+  ``LanguageModelRunner.prefill`` exactly as mlx-vlm would, their first token
+  sampled from those logits.
+* **one request alone** takes the exact path too, and decodes on plain caches
+  (``_Solo``) until company arrives: single-stream latency and mlx-vlm parity.
 
-Thread ownership: ``submit`` and ``stop`` from any thread (a bounded
-``queue.Queue``); ``run`` and everything it calls on the MLX thread.
+Each loop iteration: drop cancelled sequences (their KV goes with them), take
+every queued request a free slot can hold, run one prefill chunk, run one
+batched decode step, and push each sequence's token to its ``TokenChannel``.
+
+Admission: a request is refused (``RESOURCE_EXHAUSTED``) only when
+``--max-active`` sequences are in the decoder and ``--max-queue`` more wait
+behind them — never because the MLX thread has not yet taken a burst off the
+queue while slots were free.
+
+Thread ownership: ``submit`` and ``stop`` from any thread (an unbounded
+``queue.Queue`` behind a locked count); ``run`` and everything it calls on the
+MLX thread.
 """
 
 from __future__ import annotations
@@ -35,6 +47,7 @@ from decoder_service.model import LanguageModelRunner, ResolvedSampling, SpanRow
 from decoder_service.prefix_cache import PrefixCache, keyed_tokens
 from decoder_service.sampler import build_processors, build_sampler
 from decoder_service.stop_strings import StopStringFilter
+from decoder_service.text_prefill import TextPrefill
 from mmserve_core.runtime.logs import get_logger
 from mmserve_core.wire import types as T
 from mmserve_core.wire.errors import ResourceExhausted
@@ -56,6 +69,7 @@ class GenerationJob:
     media: list[tuple[int, int, str]] = field(default_factory=list)  # (offset, length, media key) per span
     cancel: threading.Event = field(default_factory=threading.Event)
     enqueued_at: float = field(default_factory=time.perf_counter)
+    counted: bool = False  # holds a place in the scheduler's admission count (released once)
 
 
 @dataclass
@@ -65,9 +79,9 @@ class _Active:
     stops: StopStringFilter
     kids: list
     started: float
-    first_at: float
+    first_at: float | None = None  # when its first token was delivered
     cached: int = 0
-    generated: int = 1
+    generated: int = 0
     sampler: object = None
     processors: list = field(default_factory=list)
 
@@ -87,9 +101,11 @@ class _Solo:
 
 class BatchScheduler:
     def __init__(self, runner: LanguageModelRunner, tokenizer, *, max_active: int, max_queue: int,
-                 metrics=None, prefix_cache: PrefixCache | None = None) -> None:
+                 metrics=None, prefix_cache: PrefixCache | None = None, prefill_budget_tokens: int = 512) -> None:
         self.runner = runner
         self._forward = runner.logits_model()
+        self._fill = TextPrefill(self._forward, budget_tokens=prefill_budget_tokens)
+        self._fresh: set[int] = set()  # batch uids whose next input is their last prompt token
         self._masks = BatchMasks()
         self._grammar_rows: dict[int, GrammarMask] = {}  # batch uid -> its constraint's mask
         self._new_uids: list[int] = []  # inserted since the last step, in insertion order
@@ -99,20 +115,39 @@ class BatchScheduler:
         self.tokenizer = tokenizer
         self.max_active = max(1, max_active)
         self.metrics = metrics
-        self._queue: queue.Queue = queue.Queue(maxsize=max_queue)
+        self.max_queue = max(0, max_queue)
+        self._queue: queue.Queue = queue.Queue()
+        self._count_lock = threading.Lock()
+        self._in_system = 0  # submitted and not finished: queued, prefilling or generating
         self._stopping = threading.Event()
         self.active_count = 0  # read by metrics / tests from other threads
         self.solo_handoffs = 0  # solo sequences moved into the batch (read by tests from other threads)
 
     # -- any thread -------------------------------------------------------------------
     def submit(self, job: GenerationJob) -> None:
-        try:
-            self._queue.put_nowait(job)
-        except queue.Full:
-            raise ResourceExhausted(
-                f"decoder queue is full ({self._queue.maxsize} requests waiting, {self.active_count} "
-                "generating); retry later"
-            ) from None
+        with self._count_lock:
+            if self._in_system >= self.max_active + self.max_queue:
+                raise ResourceExhausted(
+                    f"decoder queue is full ({self._in_system - self.max_active} requests waiting behind "
+                    f"{self.max_active} generating; --max-queue {self.max_queue}); retry later")
+            self._in_system += 1
+            job.counted = True
+        emit = job.emit
+
+        def counted_emit(ev, _emit=emit) -> None:
+            if isinstance(ev, (T.Completion, BaseException)):
+                self._release(job)
+            _emit(ev)
+
+        job.emit = counted_emit
+        self._queue.put_nowait(job)
+
+    def _release(self, job: GenerationJob) -> None:
+        """``job`` left the scheduler (finished, failed or cancelled): free its place, once."""
+        with self._count_lock:
+            if job.counted:
+                job.counted = False
+                self._in_system -= 1
 
     @property
     def queue_depth(self) -> int:
@@ -151,6 +186,7 @@ class BatchScheduler:
 
         self._grammar_rows.clear()
         self._new_uids.clear()
+        self._fresh.clear()
         return BatchGenerator(self._batch_forward, stream=generation_stream,
                               completion_batch_size=self.max_active, prefill_batch_size=self.max_active)
 
@@ -170,7 +206,10 @@ class BatchScheduler:
             raise RuntimeError(f"the batch computed {inputs.shape[0]} rows where the scheduler expected "
                                f"{None if uids is None else len(uids)}")
         rows = [self._grammar_rows.get(u) for u in uids]
-        return self._masks.apply(inputs, logits, rows) if any(r is not None for r in rows) else logits
+        if not any(r is not None for r in rows):
+            return logits
+        # a row's first step after TextPrefill feeds its last prompt token: nothing to consume
+        return self._masks.apply(inputs, logits, rows, skip=[u in self._fresh for u in uids])
 
     def run(self, _state=None) -> None:
         """The serving loop; returns when ``stop`` is called."""
@@ -180,28 +219,83 @@ class BatchScheduler:
         while not self._stopping.is_set():
             try:
                 self._drop_cancelled(bg, active)
-                busy = bool(active) or self._solo is not None
-                if len(active) + (self._solo is not None) < self.max_active:
-                    job = self._next_job(block=not busy)
-                    if job is not None:
-                        if self._solo is not None:  # company: the solo sequence joins the batch
-                            self._solo_to_batch(bg, active)
-                        self._admit(bg, active, job)
+                self._admit_waiting(bg, active)
+                if len(self._fill):
+                    for a, cache, fed in self._fill.step(busy=bool(active)):
+                        self._insert(bg, active, a, cache, fed, a.job.ids[-1], fresh=True)
                 if self._solo is not None:
                     self._solo_step(bg, active)
                 elif active:
                     self._step(bg, active)
-                self.active_count = len(active) + (self._solo is not None)
+                self.active_count = self._occupied(active)
             except Exception as e:  # noqa: BLE001 - a bug: fail what is running, keep serving
                 log.error("decode step failed", traceback=traceback.format_exc(), active=len(active))
-                for a in [*active.values(), *([self._solo.a] if self._solo else [])]:
+                for a in [*active.values(), *([self._solo.a] if self._solo else []), *self._fill.clear()]:
                     a.job.emit(e)
                 active.clear()
                 self._solo = None
                 self.active_count = 0
                 bg = self._new_generator()
-        for a in [*active.values(), *([self._solo.a] if self._solo else [])]:
+        for a in [*active.values(), *([self._solo.a] if self._solo else []), *self._fill.clear()]:
             a.job.emit(RuntimeError("decoder is shutting down"))
+
+    def _occupied(self, active: dict[int, _Active]) -> int:
+        """Slots taken: decoding in the batch, decoding solo, or prefilling to join."""
+        return len(active) + (self._solo is not None) + len(self._fill)
+
+    def _admit_waiting(self, bg, active: dict[int, _Active]) -> None:
+        """Take every queued request a free slot can hold (waiting for one only when idle).
+
+        One request alone, with nothing else in the decoder, takes the exact path and decodes
+        solo.  Otherwise the solo sequence (if any) joins the batch, media prompts are prefilled
+        exactly, one after another, and text prompts go to ``TextPrefill`` together."""
+        free = self.max_active - self._occupied(active)
+        if free <= 0:
+            return
+        idle = free == self.max_active
+        jobs: list[GenerationJob] = []
+        while len(jobs) < free:
+            job = self._next_job(block=idle and not jobs)
+            if job is None:
+                break
+            jobs.append(job)
+        if not jobs:
+            return
+        if idle and len(jobs) == 1:
+            self._admit(bg, active, jobs[0])
+            return
+        if self._solo is not None:  # company: the solo sequence joins the batch
+            self._solo_to_batch(bg, active)
+        for job in jobs:
+            if job.spans:
+                self._admit(bg, active, job)
+            else:
+                self._start_fill(bg, active, job)
+        self.active_count = self._occupied(active)
+
+    def _start_fill(self, bg, active: dict[int, _Active], job: GenerationJob) -> None:
+        """Queue a text prompt for ``TextPrefill`` from its longest cached prefix."""
+        started = time.perf_counter()
+        try:
+            s = job.sampling
+            sampler, processors = build_sampler(s), build_processors(s)
+            kids = keyed_tokens(job.ids, job.media)
+            cache, hit = self._lookup(kids, job)
+            if cache is None:
+                cache, hit = self.runner.lm.make_cache(), 0
+        except Exception as e:  # noqa: BLE001 - this request's problem only
+            log.error("prefill failed", traceback=traceback.format_exc())
+            job.emit(e)
+            return
+        a = _Active(job, IncrementalDetokenizer(self.tokenizer), StopStringFilter(list(s.stop_strings)),
+                    kids, started, cached=hit, sampler=sampler, processors=processors)
+        if self.metrics is not None:
+            self.metrics.prompt_tokens.inc(len(job.ids))
+            self.metrics.prefix_hit_tokens.inc(hit)
+        if hit >= len(job.ids) - 1:  # all but the last token cached: straight to the batch
+            self._insert(bg, active, a, cache, list(job.ids[:-1]), job.ids[-1], fresh=True)
+        else:
+            self._fill.add(a, job.ids, cache, hit)
 
     def _next_job(self, *, block: bool) -> GenerationJob | None:
         while True:
@@ -212,6 +306,7 @@ class BatchScheduler:
             if job is _WAKE:
                 return None
             if job.cancel.is_set():
+                self._release(job)
                 continue
             return job
 
@@ -220,7 +315,11 @@ class BatchScheduler:
         if solo is not None and solo.a.job.cancel.is_set():
             self._solo = None
             self._store(solo.a, solo.cache, solo.fed)
+            self._release(solo.a.job)
             log.info("generation cancelled", tokens=solo.a.generated)
+        for a in self._fill.drop(lambda a: a.job.cancel.is_set()):
+            self._release(a.job)
+            log.info("generation cancelled while prefilling", tokens=0)
         gone = [uid for uid, a in active.items() if a.job.cancel.is_set()]
         if not gone:
             return
@@ -228,9 +327,11 @@ class BatchScheduler:
         for uid in gone:
             a = active.pop(uid)
             self._grammar_rows.pop(uid, None)
+            self._fresh.discard(uid)
             self._store(a, *caches.get(uid, (None, None)))
+            self._release(a.job)
             log.info("generation cancelled", tokens=a.generated)
-        self.active_count = len(active)
+        self.active_count = self._occupied(active)
 
     def _admit(self, bg, active: dict[int, _Active], job: GenerationJob) -> None:
         """Prefill alone (from the longest cached prefix), sample the first token, join the batch."""
@@ -252,22 +353,23 @@ class BatchScheduler:
             job.emit(e)
             return
         a = _Active(job, IncrementalDetokenizer(self.tokenizer), StopStringFilter(list(s.stop_strings)),
-                    kids, started, time.perf_counter(), cached=hit, sampler=sampler, processors=processors)
+                    kids, started, cached=hit, generated=1, sampler=sampler, processors=processors)
         if self.metrics is not None:
-            self.metrics.ttft.observe(a.first_at - job.enqueued_at)
             self.metrics.prompt_tokens.inc(len(job.ids))
             self.metrics.prefix_hit_tokens.inc(hit)
         if self._deliver(a, first, None, logprobs):
             self._store(a, cache, list(job.ids))
             return
-        if not active and getattr(self, "_solo", None) is None and self._queue.empty():
+        if not active and getattr(self, "_solo", None) is None and not len(self._fill) and self._queue.empty():
             fed = list(job.ids)
             self._solo = _Solo(a, cache, fed, self._launch(a, cache, fed, first))
             return
         self._insert(bg, active, a, cache, list(job.ids), first)
 
-    def _insert(self, bg, active: dict[int, _Active], a: _Active, cache: list, fed: list[int], token: int) -> None:
-        """Hand a sequence to the batch: its cache holds ``fed``; ``token`` is its next input."""
+    def _insert(self, bg, active: dict[int, _Active], a: _Active, cache: list, fed: list[int], token: int,
+                *, fresh: bool = False) -> None:
+        """Hand a sequence to the batch: its cache holds ``fed``; ``token`` is its next input —
+        the last token it sampled, or (``fresh``) its last prompt token."""
         from mlx_lm.generate import StopSequences
 
         grammar = a.job.sampling.grammar
@@ -280,9 +382,11 @@ class BatchScheduler:
         )
         if grammar is not None:  # masked with the batch's others in _batch_forward, not row by row
             self._grammar_rows[uid] = grammar
+        if fresh:
+            self._fresh.add(uid)
         self._new_uids.append(uid)
         active[uid] = a
-        self.active_count = len(active)
+        self.active_count = self._occupied(active)
 
     # -- the solo path -------------------------------------------------------------------
     def _launch(self, a: _Active, cache: list, fed: list[int], token: int) -> tuple:
@@ -357,6 +461,7 @@ class BatchScheduler:
         self._new_uids = []
         _, responses = bg.next()
         self._calls = []
+        self._fresh.clear()  # every row inserted before this step has now taken its first step
         for r in responses:
             a = active.get(r.uid)
             if a is None:
@@ -370,11 +475,15 @@ class BatchScheduler:
                 else:
                     cache, tokens = r.prompt_cache, r.all_tokens
                 self._store(a, cache, tokens)
-        self.active_count = len(active)
+        self.active_count = self._occupied(active)
 
     def _deliver(self, a: _Active, token: int, finish: str | None, logprobs: mx.array) -> bool:
         """Emit one token (or the stop); return True when the sequence is finished."""
         job = a.job
+        if a.first_at is None:
+            a.first_at = time.perf_counter()
+            if self.metrics is not None:
+                self.metrics.ttft.observe(a.first_at - job.enqueued_at)
         if self.metrics is not None:
             self.metrics.generated_tokens.inc()
         if token in job.stop_ids:

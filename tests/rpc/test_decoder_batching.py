@@ -179,6 +179,83 @@ async def test_queue_bound_is_resource_exhausted(ckpt_dense32):
         engine.stop()
 
 
+async def test_a_burst_is_admitted_while_slots_are_free(ckpt_dense32):
+    """``--max-active 4 --max-queue 2``: six requests submitted at once (faster than the MLX
+    thread takes them off the queue) are all served; a seventh is refused.  The old bounded
+    queue refused the third while three slots sat idle."""
+    from mmserve_core.wire.errors import ResourceExhausted
+
+    engine = await _engine(ckpt_dense32, max_active=4, max_queue=2)
+    try:
+        rng = np.random.default_rng(5)
+        no_eos = {t: -100.0 for t in engine.eos_ids}
+        gens = []
+        for _ in range(6):
+            ids, spans = _prompt(rng, with_image=False)
+            s = T.SamplingParams(temperature=0.0, max_tokens=8, logit_bias=no_eos)
+            gens.append(engine.generate(ids, [], engine.validate(ids, [], s), []))
+        # an async generator starts (and submits) on its first step: start all six, then a seventh
+        firsts = [asyncio.ensure_future(g.__anext__()) for g in gens]
+        await asyncio.sleep(0)
+        ids, _ = _prompt(rng, with_image=False)
+        s = T.SamplingParams(temperature=0.0, max_tokens=8)
+        with pytest.raises(ResourceExhausted, match="queue is full"):
+            await engine.generate(ids, [], engine.validate(ids, [], s), []).__anext__()
+        for f, g in zip(firsts, gens):
+            assert isinstance(await f, T.TokenEvent)
+            rest = [ev async for ev in g]
+            assert isinstance(rest[-1], T.Completion) and rest[-1].completion_tokens == 8
+    finally:
+        engine.stop()
+
+
+async def test_text_prompts_arriving_together_are_prefilled_together(dense):
+    """A burst of text prompts (some longer than a prefill chunk while others decode) is
+    prefilled in shared, chunked batches — and every output equals the same request alone."""
+    rng = np.random.default_rng(41)
+    prompts = [[2, 105] + [int(x) for x in rng.integers(10, 240, n)] + [106, 105, 11]
+               for n in (3, 17, 60, 130, 300, 700, 45, 9)]
+    no_eos = {t: -100.0 for t in dense.eos_ids}
+    alone = [await _run(dense, ids, [], max_tokens=12, logit_bias=no_eos) for ids in prompts]
+    steps = dense.scheduler._fill.batched_steps
+    together = await asyncio.gather(*(_run(dense, ids, [], max_tokens=12, logit_bias=no_eos) for ids in prompts))
+    assert dense.scheduler._fill.batched_steps > steps  # they really were prefilled together
+    for (a, da), (b, db) in zip(alone, together):
+        assert a == b and da.completion_tokens == db.completion_tokens == 12
+        assert db.prompt_tokens == da.prompt_tokens
+
+
+async def test_a_long_prompt_does_not_stall_running_streams(ckpt_dense32):
+    """A 1,500-token prompt arriving while a stream decodes is prefilled in chunks of the budget:
+    the running stream keeps getting tokens between them (before: one prefill, every stream
+    waited for all of it)."""
+    engine = await _engine(ckpt_dense32, max_active=4, prefill_budget_tokens=128)
+    try:
+        rng = np.random.default_rng(9)
+        no_eos = {t: -100.0 for t in engine.eos_ids}
+        short = [2, 105, 10, 11, 12, 106, 105, 11]
+        s = T.SamplingParams(temperature=0.0, max_tokens=400, logit_bias=no_eos)
+        arrivals: list[float] = []
+
+        async def running():
+            async for ev in engine.generate(short, [], engine.validate(short, [], s), []):
+                if isinstance(ev, T.TokenEvent):
+                    arrivals.extend([time.perf_counter()] * len(ev.token_ids))
+
+        task = asyncio.ensure_future(running())
+        while len(arrivals) < 5:
+            await asyncio.sleep(0.001)
+        long_ids = [2, 105] + [int(x) for x in rng.integers(10, 240, 1500)] + [106, 105, 11]
+        t_submit = time.perf_counter()
+        tokens, done = await _run(engine, long_ids, [], max_tokens=2, logit_bias=no_eos)
+        t_first = t_submit + done.queued_ms / 1000 + done.prefill_ms / 1000
+        during = [t for t in arrivals if t_submit < t < t_first]
+        assert len(during) >= 6, (len(during), done.prefill_ms)  # ≥ 1500/128 chunks, a decode step after each
+        task.cancel()
+    finally:
+        engine.stop()
+
+
 async def test_cancelled_rpc_leaves_the_batch_within_a_step(ckpt_dense32):
     engine = await _engine(ckpt_dense32, max_active=4)
     server, port, health = await start_decoder_server(engine, "127.0.0.1:0")
