@@ -34,6 +34,7 @@ from decoder_service.model import ResolvedSampling
 from mmserve_core.runtime.heap import release_free_heap
 from mmserve_core.wire import codec
 from mmserve_core.wire import types as T
+from mmserve_core.wire.chunk_frames import ChunkFrame
 from mmserve_core.wire.errors import DeadlineExceeded, InvalidArgument, ResourceExhausted, ServeError
 from mmserve_core.wire.tensors import Assembler, expected_nbytes
 
@@ -164,7 +165,7 @@ class StreamReader:
                 msg = await self.next("the end of the stream")
                 if msg is None:
                     return
-                budget -= msg.ByteSize()
+                budget -= len(msg.data) if isinstance(msg, ChunkFrame) else msg.ByteSize()
 
 
 async def read_generate(reader: StreamReader, engine, admission: StreamAdmission, ticket: Ticket,
@@ -173,9 +174,9 @@ async def read_generate(reader: StreamReader, engine, admission: StreamAdmission
     first = await reader.next("the setup message")
     if first is None:
         raise InvalidArgument("Generate stream closed before the setup message")
-    if first.WhichOneof("payload") != "setup":
+    if _payload(first) != "setup":
         raise InvalidArgument("the first Generate message must be a setup, got "
-                              f"{first.WhichOneof('payload') or 'an empty message'}")
+                              f"{_payload(first) or 'an empty message'}")
     setup = first.setup
     ids = [int(x) for x in setup.prompt_token_ids]
     declared = [codec.span_from_pb(i, s) for i, s in enumerate(setup.spans)]
@@ -194,7 +195,7 @@ async def read_generate(reader: StreamReader, engine, admission: StreamAdmission
         await reader.drain(total - received + (1 << 20))
         raise
     if extra is not None:
-        what = "embedding bytes beyond the declared spans" if extra.WhichOneof("payload") == "chunk" \
+        what = "embedding bytes beyond the declared spans" if _payload(extra) == "chunk" \
             else "a second setup message"
         raise InvalidArgument(f"received {what}; send the setup, every span's chunks, then close the stream")
     spans = [T.SpanEmbedding(span, a.finish()) for (span, _, _), a in zip(declared, assemblers)]
@@ -208,16 +209,22 @@ async def _receive_chunks(reader: StreamReader, assemblers: list[Assembler]) -> 
         msg = await reader.next(f"the embeddings of spans {missing}")
         if msg is None:
             raise InvalidArgument(f"Generate stream ended before the embeddings of spans {missing} were complete")
-        if msg.WhichOneof("payload") != "chunk":
+        if _payload(msg) != "chunk":
             raise InvalidArgument("only embedding chunks may follow the setup message")
-        c = msg.chunk
-        if c.span_index >= len(assemblers):
+        # a ChunkFrame (a view into the received bytes: the usual case) or a parsed message
+        index, offset, data = msg if isinstance(msg, ChunkFrame) else (
+            msg.chunk.span_index, msg.chunk.byte_offset, msg.chunk.data)
+        if index >= len(assemblers):
             raise InvalidArgument(
-                f"chunk for span_index {c.span_index}, but only {len(assemblers)} spans were declared")
-        a = assemblers[c.span_index]
+                f"chunk for span_index {index}, but only {len(assemblers)} spans were declared")
+        a = assemblers[index]
         if a.complete:
-            raise InvalidArgument(f"spans[{c.span_index}]: received more bytes than declared")
-        a.add(c.byte_offset, c.data)
-        msg = c = None  # the assembler holds the bytes now; a stall must not pin a second copy
+            raise InvalidArgument(f"spans[{index}]: received more bytes than declared")
+        a.add(offset, data)
+        msg = data = None  # the assembler holds the bytes now; a stall must not pin a second copy
         if a.complete:
             pending -= 1
+
+
+def _payload(msg) -> str | None:
+    return "chunk" if isinstance(msg, ChunkFrame) else msg.WhichOneof("payload")

@@ -33,9 +33,11 @@ _MODEL = "lm"
 TRIE_BYTES_PER_TOKEN = 256
 
 
-def media_key(data: bytes, dtype: str) -> str:
+def media_key(data, dtype: str) -> str:
     """Digest of one span's embedding bytes (~1 ms per MB)."""
-    return hashlib.blake2b(dtype.encode() + b"|" + data, digest_size=16).hexdigest()
+    h = hashlib.blake2b(dtype.encode() + b"|", digest_size=16)
+    h.update(data)  # bytes or a receive buffer, hashed in place (no joined copy)
+    return h.hexdigest()
 
 
 def keyed_tokens(ids: Sequence[int], spans: Sequence[tuple[int, int, str]]) -> list[Any]:

@@ -14,7 +14,9 @@ def main(argv: list[str] | None = None) -> None:
 
     from gateway.app import create_app
     from gateway.config import parse_args
+    from mmserve_core.runtime.heap import keep_large_buffers_in_heap
 
+    keep_large_buffers_in_heap()  # it receives every embedding from the encoder and relays it on
     cfg = parse_args(argv)
     configure_logging("gateway")
     cfg.tls.check(cfg.host, "mmserve-gateway")

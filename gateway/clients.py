@@ -20,9 +20,10 @@ from gateway.pool import UpstreamPool
 from mmserve_core.runtime.logs import REQUEST_ID_HEADER
 from mmserve_core.wire import codec
 from mmserve_core.wire import types as T
+from mmserve_core.wire.chunk_frames import write_chunk
 from mmserve_core.wire.generate_stream import write_generate
-from mmserve_core.wire.stubs import decoder_pb2, decoder_pb2_grpc, encoder_pb2, encoder_pb2_grpc
-from mmserve_core.wire.tensors import DEFAULT_CHUNK_BYTES, iter_chunks
+from mmserve_core.wire.stubs import DecoderStub, EncoderStub, decoder_pb2, encoder_pb2
+from mmserve_core.wire.tensors import MAX_CHUNK_BYTES, iter_views
 
 
 def _md(request_id: str) -> tuple[tuple[str, str], ...]:
@@ -54,7 +55,7 @@ class EncoderClient:
     """Encoders behind one pool: whole requests fail over on UNAVAILABLE."""
 
     def __init__(self, targets: str, timeout_s: float, credentials=None) -> None:
-        self.pool = UpstreamPool("encoder", targets, encoder_pb2_grpc.EncoderServiceStub, credentials=credentials)
+        self.pool = UpstreamPool("encoder", targets, EncoderStub, credentials=credentials)
         self.timeout_s = timeout_s
 
     def start(self) -> None:
@@ -65,7 +66,8 @@ class EncoderClient:
             encoder_pb2.GetEncoderInfoRequest(), metadata=_md(request_id), timeout=self.timeout_s))
 
     async def encode(self, items: list[T.MediaInput], dtype: str, request_id: str) -> list[T.EncodedItem]:
-        req = encoder_pb2.EncodeRequest(items=codec.media_to_pb(items), output_dtype=codec.DTYPE_TO_PB[dtype])
+        req = encoder_pb2.EncodeRequest(items=codec.media_to_pb(items), output_dtype=codec.DTYPE_TO_PB[dtype],
+                                        max_chunk_bytes=MAX_CHUNK_BYTES)  # each item in one message
 
         async def attempt(stub) -> list[T.EncodedItem]:
             stream = codec.EncodedStream(len(items))
@@ -84,7 +86,7 @@ class DecoderClient:
     after that, tokens have reached the client and a retry would repeat them."""
 
     def __init__(self, targets: str, timeout_s: float, credentials=None) -> None:
-        self.pool = UpstreamPool("decoder", targets, decoder_pb2_grpc.DecoderServiceStub, credentials=credentials)
+        self.pool = UpstreamPool("decoder", targets, DecoderStub, credentials=credentials)
         self.timeout_s = timeout_s
 
     def start(self) -> None:
@@ -115,11 +117,10 @@ class DecoderClient:
             sampling=codec.sampling_to_pb(sampling),
         ))
 
-        def chunks():
+        def chunks():  # serialized straight from the encoder's assembled rows: one copy per byte
             for i, s in enumerate(spans):
-                for off, data in iter_chunks(s.tensor.data, DEFAULT_CHUNK_BYTES):
-                    yield decoder_pb2.GenerateRequest(
-                        chunk=decoder_pb2.EmbeddingChunk(span_index=i, byte_offset=off, data=data))
+                for off, data in iter_views(s.tensor.data, MAX_CHUNK_BYTES):
+                    yield write_chunk(i, off, data)
 
         async def attempt(stub):
             call = stub.Generate(metadata=_md(request_id), timeout=self.timeout_s)

@@ -40,16 +40,17 @@ import numpy as np
 from mmserve_core.runtime.grpc_runtime import CHANNEL_OPTIONS
 from mmserve_core.wire import codec, fields
 from mmserve_core.wire import types as T
+from mmserve_core.wire.chunk_frames import write_chunk
 from mmserve_core.wire.generate_stream import write_generate
 from mmserve_core.wire.stubs import (
+    DecoderStub,
+    EncoderStub,
     chat_pb2,
     chat_pb2_grpc,
     decoder_pb2,
-    decoder_pb2_grpc,
     encoder_pb2,
-    encoder_pb2_grpc,
 )
-from mmserve_core.wire.tensors import RawTensor, iter_chunks
+from mmserve_core.wire.tensors import MAX_CHUNK_BYTES, RawTensor, iter_views
 from mmserve_core.wire.types import Completion, Constraint, ModelInfo, TokenEvent, Tool, ToolCall
 
 __all__ = ["AsyncChatClient", "AsyncDecoderClient", "AsyncEncoderClient", "Audio", "ChatClient", "ChatDelta",
@@ -347,21 +348,23 @@ class Encoded:
 
 def _encode_request(items: Sequence[T.MediaInput], dtype: str | None) -> encoder_pb2.EncodeRequest:
     return encoder_pb2.EncodeRequest(items=codec.media_to_pb(list(items)),
-                                     output_dtype=codec.DTYPE_TO_PB[dtype] if dtype else 0)
+                                     output_dtype=codec.DTYPE_TO_PB[dtype] if dtype else 0,
+                                     max_chunk_bytes=MAX_CHUNK_BYTES)  # each item in one message, no copy
 
 
 def _generate_requests(ids, spans: Sequence[tuple[int, Encoded]], sampling: dict) -> Iterator:
     """The Generate stream: the setup (prompt, spans, sampling), then each span's chunks."""
-    tensors = [RawTensor(e.rows.tobytes(), e.dtype, tuple(e.rows.shape)) for _, e in spans]
+    # views of the caller's arrays: written into the chunk frames directly, never copied to bytes first
+    tensors = [RawTensor(memoryview(np.ascontiguousarray(e.rows)).cast("B"), e.dtype, tuple(e.rows.shape))
+               for _, e in spans]
     yield decoder_pb2.GenerateRequest(setup=decoder_pb2.GenerateSetup(
         prompt_token_ids=list(ids),
         spans=[codec.span_to_pb(T.Span(off, e.rows.shape[0], e.modality, e.content_hash), t)
                for (off, e), t in zip(spans, tensors)],
         sampling=codec.sampling_to_pb(T.SamplingParams(**sampling))))
     for i, t in enumerate(tensors):
-        for off, data in iter_chunks(t.data):
-            yield decoder_pb2.GenerateRequest(chunk=decoder_pb2.EmbeddingChunk(span_index=i, byte_offset=off,
-                                                                               data=data))
+        for off, data in iter_views(t.data, MAX_CHUNK_BYTES):
+            yield write_chunk(i, off, data)
 
 
 def _image(data: bytes, soft_tokens: int) -> T.MediaInput:
@@ -375,7 +378,7 @@ def _audio(data: bytes) -> T.MediaInput:
 class EncoderClient(_Client):
     """``mmserve.encoder.v1``: media bytes in, soft-token rows out (blocking)."""
 
-    _STUB, _AIO, _TIMEOUT_S = encoder_pb2_grpc.EncoderServiceStub, False, 120.0
+    _STUB, _AIO, _TIMEOUT_S = EncoderStub, False, 120.0
 
     def encode_image(self, data: bytes, *, soft_tokens: int = 0, dtype: str | None = None) -> Encoded:
         return self.encode([_image(data, soft_tokens)], dtype)[0]
@@ -396,7 +399,7 @@ class EncoderClient(_Client):
 class DecoderClient(_Client):
     """``mmserve.decoder.v1``: prompt ids + placed rows in, tokens out (blocking)."""
 
-    _STUB, _AIO, _TIMEOUT_S = decoder_pb2_grpc.DecoderServiceStub, False, 600.0
+    _STUB, _AIO, _TIMEOUT_S = DecoderStub, False, 600.0
 
     def model_info(self) -> ModelInfo:
         return codec.model_info_from_pb(
@@ -418,7 +421,7 @@ class DecoderClient(_Client):
 class AsyncEncoderClient(_Client):
     """``mmserve.encoder.v1`` on asyncio."""
 
-    _STUB, _AIO, _TIMEOUT_S = encoder_pb2_grpc.EncoderServiceStub, True, 120.0
+    _STUB, _AIO, _TIMEOUT_S = EncoderStub, True, 120.0
 
     async def encode_image(self, data: bytes, *, soft_tokens: int = 0, dtype: str | None = None) -> Encoded:
         return (await self.encode([_image(data, soft_tokens)], dtype))[0]
@@ -440,7 +443,7 @@ class AsyncEncoderClient(_Client):
 class AsyncDecoderClient(_Client):
     """``mmserve.decoder.v1`` on asyncio."""
 
-    _STUB, _AIO, _TIMEOUT_S = decoder_pb2_grpc.DecoderServiceStub, True, 600.0
+    _STUB, _AIO, _TIMEOUT_S = DecoderStub, True, 600.0
 
     async def model_info(self) -> ModelInfo:
         return codec.model_info_from_pb(

@@ -29,6 +29,7 @@ from grpc_reflection.v1alpha import reflection
 
 from mmserve_core.runtime.logs import REQUEST_ID_HEADER, get_logger, new_request_id, request_id_var
 from mmserve_core.runtime.tls import ServerTLS
+from mmserve_core.wire.chunk_frames import read_chunk
 from mmserve_core.wire.errors import InvalidArgument, ServeError
 
 log = get_logger(__name__)
@@ -120,7 +121,7 @@ def add_servicer(server: grpc.aio.Server, servicer: object, service: ServiceDesc
         resp_cls = message_factory.GetMessageClass(m.output_type)
         impl = getattr(servicer, m.name)
         if m.client_streaming:
-            behaviour = _stream_parsing(impl, req_cls, m.server_streaming)
+            behaviour = _stream_parsing(impl, req_cls, m.server_streaming, _is_chunk_shaped(m.input_type))
         else:
             behaviour = _unary_parsing(impl, req_cls, m.server_streaming)
         make = {
@@ -129,9 +130,27 @@ def add_servicer(server: grpc.aio.Server, servicer: object, service: ServiceDesc
             (True, False): grpc.stream_unary_rpc_method_handler,
             (True, True): grpc.stream_stream_rpc_method_handler,
         }[(m.client_streaming, m.server_streaming)]
-        handlers[m.name] = make(behaviour, request_deserializer=None,
-                                response_serializer=resp_cls.SerializeToString)
+        handlers[m.name] = make(behaviour, request_deserializer=None, response_serializer=_serializer(resp_cls))
     server.add_generic_rpc_handlers((grpc.method_handlers_generic_handler(service.full_name, handlers),))
+
+
+def _serializer(cls):
+    """A handler may yield a message or bytes it serialized itself (``chunk_frames``)."""
+    serialize = cls.SerializeToString
+
+    def serialize_or_pass(r):
+        return r if isinstance(r, bytes) else serialize(r)
+    return serialize_or_pass
+
+
+def _is_chunk_shaped(descriptor) -> bool:
+    """A request whose field 2 is ``chunk {uint32 = 1; uint64 = 2; bytes = 3}``: its chunk
+    messages are read as ``ChunkFrame`` views (``chunk_frames``), not parsed and copied."""
+    f = descriptor.fields_by_number.get(2)
+    if f is None or f.name != "chunk" or f.message_type is None:
+        return False
+    types = {x.number: x.type for x in f.message_type.fields}
+    return types == {1: f.TYPE_UINT32, 2: f.TYPE_UINT64, 3: f.TYPE_BYTES}
 
 
 def _parse(cls, raw: bytes, what: str):
@@ -207,7 +226,7 @@ def _unary_parsing(impl, cls, server_streaming: bool):
     return unary_unary
 
 
-def _stream_parsing(impl, cls, server_streaming: bool):
+def _stream_parsing(impl, cls, server_streaming: bool, chunk_shaped: bool = False):
     async def parsed(raw_iterator):
         # Nothing is kept across an await: a stream that stalls holds only what its handler kept
         # (an ``async for raw in ...`` would pin the last message's bytes, twice over with ``msg``).
@@ -217,7 +236,10 @@ def _stream_parsing(impl, cls, server_streaming: bool):
                 raw = await it.__anext__()
             except StopAsyncIteration:
                 return
-            msg, raw = _parse(cls, raw, f"stream message {n}"), None  # raises INVALID_ARGUMENT in the handler
+            msg = read_chunk(raw) if chunk_shaped else None  # a view into raw: kept alive by msg only
+            if msg is None:
+                msg = _parse(cls, raw, f"stream message {n}")  # raises INVALID_ARGUMENT in the handler
+            raw = None
             yield msg
             msg, n = None, n + 1
 

@@ -35,3 +35,30 @@ def release_free_heap() -> bool:
         return False
     trim(0)
     return True
+
+
+# glibc mallopt parameters (malloc.h)
+_M_TRIM_THRESHOLD, _M_MMAP_THRESHOLD = -1, -3
+MMAP_THRESHOLD_BYTES = 32 << 20  # glibc's ceiling for this parameter on 64-bit
+TRIM_THRESHOLD_BYTES = 256 << 20
+
+
+def keep_large_buffers_in_heap() -> bool:
+    """Serve the embeddings' large transient buffers from the heap, not fresh ``mmap`` pages.
+
+    Why: glibc gives each allocation over its mmap threshold (128 KiB, creeping up to 32 MiB only
+    as blocks are freed) its own ``mmap`` and unmaps it on free, and trims the heap top past
+    128 KiB — so every received 1.5 MB chunk was zero-filled page by page by the kernel, then
+    handed back.  Measured on loopback (4 x 1.57 MB items a response): 650 MB/s before, ~1 GB/s
+    with these two settings.  What they keep is handed back by ``release_free_heap`` once no
+    stream holds bytes.  Process start, any thread; ``False`` where there is no glibc ``mallopt``
+    (macOS, musl), which changes nothing there."""
+    name = ctypes.util.find_library("c")
+    if not name:
+        return False
+    try:
+        mallopt = ctypes.CDLL(name).mallopt
+    except (OSError, AttributeError):
+        return False
+    return bool(mallopt(_M_MMAP_THRESHOLD, MMAP_THRESHOLD_BYTES)) and bool(
+        mallopt(_M_TRIM_THRESHOLD, TRIM_THRESHOLD_BYTES))

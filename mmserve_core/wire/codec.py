@@ -11,6 +11,7 @@ from collections.abc import Sequence
 
 from mmserve_core.wire import fields
 from mmserve_core.wire import types as T
+from mmserve_core.wire.chunk_frames import ChunkFrame
 from mmserve_core.wire.errors import CONSTRAINT_REFUSAL, InvalidArgument
 from mmserve_core.wire.stubs import chat_pb2, constraint_pb2, decoder_pb2, encoder_pb2, tensor_pb2
 from mmserve_core.wire.tensors import Assembler, RawTensor
@@ -89,18 +90,21 @@ class EncodedStream:
         self._headers: dict[int, encoder_pb2.EmbeddingHeader] = {}
         self._parts: dict[int, Assembler] = {}
 
-    def add(self, msg: encoder_pb2.EncodeResponse) -> None:
-        if msg.WhichOneof("payload") == "header":
+    def add(self, msg: encoder_pb2.EncodeResponse | ChunkFrame) -> None:
+        if not isinstance(msg, ChunkFrame) and msg.WhichOneof("payload") == "header":
             h = msg.header
             self._headers[h.item_index] = h
             self._parts[h.item_index] = Assembler(f"encoder item {h.item_index}",
                                                   dtype_from_pb(h.tensor.dtype, "encoder header"),
                                                   tuple(h.tensor.shape))
         else:
-            part = self._parts.get(msg.chunk.item_index)
+            # a ChunkFrame (``EncoderStub``: a view into the received bytes) or a parsed chunk
+            index, offset, data = msg if isinstance(msg, ChunkFrame) else (
+                msg.chunk.item_index, msg.chunk.byte_offset, msg.chunk.data)
+            part = self._parts.get(index)
             if part is None:
-                raise InvalidArgument(f"encoder sent a chunk for item {msg.chunk.item_index} before its header")
-            part.add(msg.chunk.byte_offset, msg.chunk.data)
+                raise InvalidArgument(f"encoder sent a chunk for item {index} before its header")
+            part.add(offset, data)
 
     def items(self) -> list[T.EncodedItem]:
         missing = [i for i in range(self.n_items) if i not in self._headers]

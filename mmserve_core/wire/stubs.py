@@ -28,3 +28,37 @@ __all__ = [
     "constraint_pb2",
     "tensor_pb2",
 ]
+
+
+def _read_encode_response(raw: bytes):
+    """An ``Encode`` response message: a chunk as a zero-copy ``ChunkFrame``, anything else parsed."""
+    from mmserve_core.wire.chunk_frames import read_chunk
+
+    return read_chunk(raw) or encoder_pb2.EncodeResponse.FromString(raw)
+
+
+def _write_generate_request(msg) -> bytes:
+    """A ``Generate`` request message: chunks arrive serialized (``chunk_frames.write_chunk``)."""
+    return msg if isinstance(msg, bytes) else msg.SerializeToString()
+
+
+class EncoderStub(encoder_pb2_grpc.EncoderServiceStub):
+    """The generated stub, with ``Encode``'s chunks read as views, not parsed and copied."""
+
+    def __init__(self, channel) -> None:
+        super().__init__(channel)
+        self.Encode = channel.unary_stream(
+            "/mmserve.encoder.v1.EncoderService/Encode",
+            request_serializer=encoder_pb2.EncodeRequest.SerializeToString,
+            response_deserializer=_read_encode_response, _registered_method=True)
+
+
+class DecoderStub(decoder_pb2_grpc.DecoderServiceStub):
+    """The generated stub, with ``Generate`` taking chunks already serialized (one copy)."""
+
+    def __init__(self, channel) -> None:
+        super().__init__(channel)
+        self.Generate = channel.stream_stream(
+            "/mmserve.decoder.v1.DecoderService/Generate",
+            request_serializer=_write_generate_request,
+            response_deserializer=decoder_pb2.GenerateResponse.FromString, _registered_method=True)

@@ -23,14 +23,17 @@ NUMPY_HOLDER = {
     "float32": np.dtype("<f4"),
 }
 ITEMSIZE = {name: dt.itemsize for name, dt in NUMPY_HOLDER.items()}
-DEFAULT_CHUNK_BYTES = 1 << 20  # 1 MiB: far below gRPC's 4 MiB default
+DEFAULT_CHUNK_BYTES = 1 << 20  # 1 MiB: far below gRPC's 4 MiB default (grpcurl, other clients)
+# Between our own services (64 MiB message limit on every channel and server): one chunk holds
+# any Gemma 4 item (1,120 soft tokens x 5,376 x bf16 = 12 MB), so it is received without a copy.
+MAX_CHUNK_BYTES = 16 << 20
 
 
 @dataclass(frozen=True)
 class RawTensor:
     """A tensor as raw little-endian bytes plus its dtype name and shape."""
 
-    data: bytes
+    data: bytes | bytearray | memoryview  # bytes-like: a received tensor stays on its receive buffer
     dtype: str
     shape: tuple[int, ...]
 
@@ -50,7 +53,7 @@ def split_rows(t: RawTensor, rows: tuple[int, ...]) -> list[RawTensor]:
     row_bytes = len(t.data) // t.shape[0]
     out, off = [], 0
     for r in rows:
-        out.append(RawTensor(t.data[off : off + r * row_bytes], t.dtype, (r, *t.shape[1:])))
+        out.append(RawTensor(bytes(memoryview(t.data)[off : off + r * row_bytes]), t.dtype, (r, *t.shape[1:])))
         off += r * row_bytes
     if off != len(t.data):
         raise ValueError(f"row blocks {list(rows)} do not cover the tensor's {t.shape[0]} rows")
@@ -65,12 +68,12 @@ def expected_nbytes(dtype: str, shape: tuple[int, ...]) -> int:
     return int(np.prod(shape, dtype=np.int64)) * ITEMSIZE[dtype]
 
 
-def iter_chunks(data: bytes, chunk_bytes: int = DEFAULT_CHUNK_BYTES) -> Iterator[tuple[int, bytes]]:
-    """Yield ``(byte_offset, slice)`` pieces of ``data``; an empty tensor yields nothing."""
+def iter_views(data, chunk_bytes: int = DEFAULT_CHUNK_BYTES) -> Iterator[tuple[int, memoryview]]:
+    """Yield ``(byte_offset, view)`` pieces of ``data`` without copying; an empty tensor yields nothing."""
     chunk_bytes = max(1, int(chunk_bytes))
-    view = memoryview(data)
-    for off in range(0, len(data), chunk_bytes):
-        yield off, bytes(view[off : off + chunk_bytes])
+    view = memoryview(data).cast("B")
+    for off in range(0, len(view), chunk_bytes):
+        yield off, view[off : off + chunk_bytes]
 
 
 class Assembler:
@@ -81,31 +84,44 @@ class Assembler:
         self.dtype = dtype
         self.shape = shape
         self.total = expected_nbytes(dtype, shape)
-        self._buf = bytearray()
+        self._buf = None  # the one whole chunk, or a bytearray allocated at the first of several
+        self._n = 0
 
-    def add(self, byte_offset: int, data: bytes) -> None:
-        if byte_offset != len(self._buf):
+    def add(self, byte_offset: int, data) -> None:
+        """Take one chunk (bytes or a view into a received message): kept as it is when it is the
+        whole tensor, else copied into place — the only copy."""
+        if byte_offset != self._n:
             raise InvalidArgument(
-                f"{self.what}: chunk at byte offset {byte_offset}, expected {len(self._buf)}"
+                f"{self.what}: chunk at byte offset {byte_offset}, expected {self._n}"
             )
-        if len(self._buf) + len(data) > self.total:
+        n = len(data)
+        if self._n + n > self.total:
             raise InvalidArgument(
                 f"{self.what}: chunks exceed the declared {self.total} bytes "
                 f"(dtype {self.dtype}, shape {list(self.shape)})"
             )
-        self._buf += data
+        if self._n == 0 and n == self.total:  # the whole tensor in one chunk: keep it, copy nothing
+            self._buf = data
+            self._n = n
+            return
+        if self._buf is None:
+            self._buf = bytearray(self.total)
+        self._buf[self._n : self._n + n] = data
+        self._n += n
 
     @property
     def received(self) -> int:
-        return len(self._buf)
+        return self._n
 
     @property
     def complete(self) -> bool:
-        return len(self._buf) == self.total
+        return self._n == self.total
 
     def finish(self) -> RawTensor:
+        """The tensor, on the received chunk or the assembled buffer itself (no final copy)."""
         if not self.complete:
             raise InvalidArgument(
-                f"{self.what}: received {len(self._buf)} of {self.total} declared bytes"
+                f"{self.what}: received {self._n} of {self.total} declared bytes"
             )
-        return RawTensor(bytes(self._buf), self.dtype, self.shape)
+        buf, self._buf = self._buf if self._buf is not None else b"", None
+        return RawTensor(buf, self.dtype, self.shape)

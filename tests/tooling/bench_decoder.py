@@ -11,9 +11,17 @@ that reading its weights, not Python, dominates a decode step here:
 3. single-stream decode tokens/s against the memory-bandwidth bound (measured read bandwidth ÷
    bytes of weights read per token), for two bandwidths side by side: the hardware's (a
    streaming read outside MLX on all cores) and MLX's own CPU reduction — the first is the
-   machine's limit, the second only what MLX's reduction reaches.
+   machine's limit, the second only what MLX's reduction reaches;
+4. a burst of ``--burst`` concurrent ``Generate`` calls: how many were refused
+   (``RESOURCE_EXHAUSTED``) and how long until every decode slot was generating
+   (target: none refused while a slot is free; all 16 slots busy within 2 s);
+5. the in-process anchor: mlx-lm's own ``BatchGenerator`` on the same checkpoint, in this
+   process, at the same stream counts and prompt shapes, and the services' aggregate as a
+   ratio of it (target: ≥ 0.95 at 8 streams).
 
-The decoder is its own OS process on loopback, spoken to over gRPC.
+The decoder is its own OS process on loopback, spoken to over gRPC.  This process
+runs on the same BLAS as the decoder (it re-execs with OpenBLAS preloaded, as the
+services do), so the anchor is a fair one.
 """
 
 from __future__ import annotations
@@ -119,6 +127,61 @@ async def _aggregate(addr: str, streams: int, tokens: int, eos: list[int]) -> tu
     return total / wall, per_stream
 
 
+async def _burst(addr: str, n: int, tokens: int, eos: list[int], slots: int) -> dict:
+    """``n`` calls at once: refused count, and when the ``slots``-th stream got its first token."""
+    import grpc
+
+    client = _client(addr)
+    rng = np.random.default_rng(77)
+
+    async def one():
+        try:
+            return await _generate(client, _prompt(rng, 32), tokens, eos)
+        except grpc.aio.AioRpcError as e:
+            return e.code()
+
+    t0 = time.perf_counter()
+    runs = await asyncio.gather(*(one() for _ in range(n)))
+    wall = time.perf_counter() - t0
+    await client.close()
+    served = [r for r in runs if not isinstance(r, grpc.StatusCode)]
+    refused = sum(1 for r in runs if r == grpc.StatusCode.RESOURCE_EXHAUSTED)
+    firsts = sorted(r[1][0] - t0 for r in served)
+    return {"refused": refused, "other_errors": n - len(served) - refused, "served": len(served),
+            "all_busy_s": firsts[slots - 1] if len(firsts) >= slots else float("nan"),
+            "wall_s": wall, "tok_s": sum(len(r[2]) for r in served) / wall}
+
+
+def _anchor(ckpt: Path, streams: list[int], tokens: int, eos: list[int]) -> dict[int, float]:
+    """mlx-lm's ``BatchGenerator`` in this process: aggregate tok/s (wall, prefill included, the
+    same prompt shapes and bias as ``_aggregate``) per stream count."""
+    import mlx.core as mx
+    from mlx_lm.generate import BatchGenerator
+    from mlx_lm.sample_utils import make_logits_processors
+
+    from decoder_service.model import LanguageModelRunner
+
+    runner = LanguageModelRunner(ckpt)
+    forward = runner.logits_model()
+    bias = make_logits_processors(logit_bias={t: -100.0 for t in eos})
+    out = {}
+    for c in [2, *streams]:  # the first: warm-up
+        rng = np.random.default_rng(c)
+        bg = BatchGenerator(forward, completion_batch_size=max(streams), prefill_batch_size=max(streams))
+        t0 = time.perf_counter()
+        bg.insert([_prompt(rng, 32) for _ in range(c)], max_tokens=[tokens] * c,
+                  caches=[runner.lm.make_cache() for _ in range(c)], logits_processors=[bias] * c)
+        total, left = 0, c
+        while left:
+            _, responses = bg.next()
+            total += len(responses)
+            left -= sum(1 for r in responses if r.finish_reason is not None)
+        out[c] = total / (time.perf_counter() - t0)
+        bg.close()
+        mx.clear_cache()
+    return out
+
+
 async def _turn2(addr: str, prompt_len: int, eos: list[int], repeats: int) -> tuple[float, float, int]:
     client = _client(addr)
     warm, cold, hit = [], [], 0
@@ -147,7 +210,14 @@ def main(argv: list[str] | None = None) -> None:
     ap.add_argument("--tokens", type=int, default=64, help="tokens per stream")
     ap.add_argument("--streams", default="1,2,4,8,16")
     ap.add_argument("--turn1-tokens", type=int, default=1500)
+    ap.add_argument("--burst", type=int, default=100, help="concurrent calls of the burst (0 = skip)")
+    ap.add_argument("--max-queue", type=int, default=64, help="the decoder's --max-queue for the run")
+    ap.add_argument("--no-anchor", action="store_true", help="skip the in-process BatchGenerator anchor")
     args = ap.parse_args(argv)
+
+    from mmserve_core.runtime.blas import blas_in_use, preload_optimized_blas
+
+    preload_optimized_blas()  # the decoder's BLAS, so the in-process anchor is a fair one
 
     from deploy.processes import start_decoder
     from mmserve_core.runtime.checkpoint import read_checkpoint
@@ -160,16 +230,27 @@ def main(argv: list[str] | None = None) -> None:
     weight_bytes = _lm_bytes_per_token(ckpt)
     streams = [int(s) for s in args.streams.split(",")]
 
-    with start_decoder(ckpt, ["--max-active", str(max(streams))]) as svc:
+    slots = max(streams)
+    with start_decoder(ckpt, ["--max-active", str(slots), "--max-queue", str(args.max_queue)]) as svc:
         asyncio.run(_aggregate(svc.decoder_addr, 2, 8, eos))  # warm-up
         rows = [(c, *asyncio.run(_aggregate(svc.decoder_addr, c, args.tokens, eos))) for c in streams]
         warm_ms, cold_ms, hit = asyncio.run(_turn2(svc.decoder_addr, args.turn1_tokens, eos, 3))
+        burst = asyncio.run(_burst(svc.decoder_addr, args.burst, args.tokens, eos, slots)) if args.burst else None
+    anchor = {} if args.no_anchor else _anchor(ckpt, streams, args.tokens, eos)
     base = rows[0][1]
     print(f"\ncheckpoint: {ckpt}  LM weights read per token: {weight_bytes / 1e6:.1f} MB  "
-          f"tokens/stream={args.tokens}")
-    print(f"{'streams':>7} {'aggregate tok/s':>16} {'per-stream tok/s':>17} {'vs 1 stream':>12}")
+          f"tokens/stream={args.tokens}  BLAS: {blas_in_use()}")
+    print(f"{'streams':>7} {'aggregate tok/s':>16} {'per-stream tok/s':>17} {'vs 1 stream':>12} "
+          f"{'in-process BatchGenerator':>26} {'services / it':>14}")
     for c, agg, per in rows:
-        print(f"{c:>7} {agg:>16.1f} {per:>17.1f} {agg / base:>11.2f}x")
+        ref = anchor.get(c)
+        extra = f" {ref:>26.1f} {agg / ref:>13.2f}x" if ref else ""
+        print(f"{c:>7} {agg:>16.1f} {per:>17.1f} {agg / base:>11.2f}x{extra}")
+    if burst is not None:
+        print(f"\nburst of {args.burst} x {args.tokens} tokens (--max-active {slots} --max-queue {args.max_queue}): "
+              f"{burst['refused']} refused, {burst['other_errors']} other errors, {burst['served']} served; "
+              f"all {slots} slots generating after {burst['all_busy_s']:.2f} s; "
+              f"{burst['tok_s']:.1f} tok/s over {burst['wall_s']:.1f} s")
     print(f"\nturn-2 TTFT: {warm_ms:.1f} ms with turn 1 cached ({hit} tokens reused) vs {cold_ms:.1f} ms cold "
           f"-> {warm_ms / cold_ms:.2f}x")
     bw = _read_bandwidth()

@@ -14,17 +14,28 @@ from encoder_service.media import audio_soft_tokens, decode_audio, decode_image
 from gateway.errors import HTTPError
 from gateway.openai_schema import parse_chat_request
 from mmserve_core.wire.errors import InvalidArgument
-from mmserve_core.wire.tensors import Assembler, iter_chunks
+from mmserve_core.wire.tensors import Assembler, iter_views
 
 
 def test_chunks_reassemble_exactly():
-    data = np.arange(3 * 1000, dtype=np.float32).tobytes()
+    arr = np.arange(3 * 1000, dtype=np.float32)
+    data = arr.tobytes()
     a = Assembler("t", "float32", (3, 1000))
-    chunks = list(iter_chunks(data, 5000))
+    chunks = list(iter_views(data, 5000))
     assert len(chunks) == 3 and all(len(c) <= 5000 for _, c in chunks)
     for off, c in chunks:
         a.add(off, c)
-    assert a.finish().to_numpy().shape == (3, 1000)
+    assert np.array_equal(a.finish().to_numpy().reshape(-1), arr)
+    assert [len(c) for _, c in iter_views(arr, 5000)] == [5000, 5000, 2000]  # any buffer, in bytes
+
+
+def test_one_whole_chunk_is_kept_without_a_copy():
+    data = np.arange(12, dtype=np.float32).tobytes()
+    view = memoryview(data)
+    a = Assembler("t", "float32", (3, 4))
+    a.add(0, view)
+    t = a.finish()
+    assert t.data is view and t.to_numpy()[2, 3] == 11.0
 
 
 def test_assembler_rejects_lies():
