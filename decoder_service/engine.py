@@ -34,6 +34,7 @@ from decoder_service.thought_budget import ThoughtBudget
 from mmserve_core.runtime.checkpoint import CheckpointInfo, read_checkpoint
 from mmserve_core.runtime.logs import get_logger
 from mmserve_core.runtime.mlx_thread import MLXWorker
+from mmserve_core.runtime.wired_memory import wire_weights
 from mmserve_core.wire import types as T
 from mmserve_core.wire.errors import InvalidArgument, Unavailable
 
@@ -93,9 +94,10 @@ class DecoderEngine:
 
             mx.set_cache_limit(self.cfg.mlx_cache_bytes)
         runner = LanguageModelRunner(Path(self.cfg.checkpoint))
+        wire_weights(runner.param_bytes, "language model")
         scheduler = BatchScheduler(runner, self.tokenizer, max_active=self.cfg.max_active,
                                    max_queue=self.cfg.max_queue, metrics=self.metrics,
-                                   prefix_cache=PrefixCache(self.cfg.prefix_cache_bytes),
+                                   prefix_cache=PrefixCache(self.cfg.prefix_cache_bytes, self.cfg.kv_bits),
                                    prefill_budget_tokens=self.cfg.prefill_budget_tokens)
         warm = resolve_sampling(
             T.SamplingParams(temperature=0.0, max_tokens=3),

@@ -15,6 +15,16 @@ A lookup never ends inside a media block (bidirectional image attention
 needs the whole block computed together) and always leaves at least the
 last prompt token to compute, whose logits give the first sample.
 
+``kv_bits`` (``--kv-bits 4|8``): entries are stored as mlx-lm's
+``QuantizedKVCache`` (``KVCache.to_quantized``, group 64, or 32 where a head
+is narrower), so the conversations waiting for their next turn — what grows
+with their length — take ~0.28x (4 bits) of their bf16 bytes, and the same
+byte bound keeps ~3.5x more of them.  A hit is dequantized back to a plain
+``KVCache`` before it joins the batch: mlx-lm's batch has no quantized cache
+(``QuantizedKVCache`` has no ``merge``), so the running sequences' KV stays
+full precision.  Sliding-window layers are kept as they are (mlx-lm cannot
+quantize a ``RotatingKVCache``; they are bounded by the window anyway).
+
 Thread ownership: MLX thread only (the scheduler's).
 """
 
@@ -69,10 +79,36 @@ def _compact(c: Any) -> None:
     c.values = mx.contiguous(values[..., :used, :])
 
 
+def _quantized(c, bits: int):
+    """A full-attention layer's compact KV as a ``QuantizedKVCache`` (others as they are).
+
+    By class name: the caches are mlx-vlm's (``gemma4.make_cache``), built like mlx-lm's."""
+    if type(c).__name__ != "KVCache" or not hasattr(c, "to_quantized") or c.keys is None:
+        return c
+    dim = min(c.keys.shape[-1], c.values.shape[-1])
+    group = 64 if dim % 64 == 0 else 32 if dim % 32 == 0 else None
+    return c.to_quantized(group_size=group, bits=bits) if group else c
+
+
+def _dequantized(c):
+    """A stored ``QuantizedKVCache`` back as the plain ``KVCache`` the batch can merge."""
+    from mlx_vlm.models.cache import KVCache  # the class the Gemma 4 LM's make_cache builds
+
+    if type(c).__name__ != "QuantizedKVCache" or c.keys is None:
+        return c
+    plain = KVCache()
+    n = c.offset
+    plain.keys = mx.dequantize(*c.keys, group_size=c.group_size, bits=c.bits)[..., :n, :]
+    plain.values = mx.dequantize(*c.values, group_size=c.group_size, bits=c.bits)[..., :n, :]
+    plain.offset = n
+    return plain
+
+
 class PrefixCache:
-    def __init__(self, max_bytes: int) -> None:
+    def __init__(self, max_bytes: int, kv_bits: int | None = None) -> None:
         from mlx_lm.models.cache import LRUPromptCache
 
+        self.kv_bits = kv_bits
         self.max_bytes = max_bytes
         self._lru = LRUPromptCache(max_size=1 << 30, max_bytes=max_bytes) if max_bytes > 0 else None
         self._nbytes = 0
@@ -125,8 +161,11 @@ class PrefixCache:
             return None, 0
         for offset, length, _ in spans:  # never stop inside a media block
             if offset < n < offset + length:
-                return self._trimmed(cache, n, offset)
-        return cache, n
+                cache, n = self._trimmed(cache, n, offset)
+                break
+        if cache is not None and self.kv_bits:
+            cache = [_dequantized(c) for c in cache]
+        return (cache, n) if cache is not None else (None, 0)
 
     @staticmethod
     def _trimmed(cache: list[Any], have: int, want: int) -> tuple[list[Any] | None, int]:
@@ -150,6 +189,8 @@ class PrefixCache:
             return
         for c in cache:
             _compact(c)
+        if self.kv_bits:
+            cache = [_quantized(c, self.kv_bits) for c in cache]
         mx.eval([[c.keys, c.values] for c in cache if getattr(c, "keys", None) is not None])
         self._lru.insert_cache(_MODEL, list(kids), cache)
         self._nbytes = self._measure()

@@ -267,7 +267,7 @@ class BatchScheduler:
         if self._solo is not None:  # company: the solo sequence joins the batch
             self._solo_to_batch(bg, active)
         for job in jobs:
-            if job.spans:
+            if job.spans or len(job.ids) < 2:  # media: mlx-vlm's exact prefill; one token: nothing to batch
                 self._admit(bg, active, job)
             else:
                 self._start_fill(bg, active, job)

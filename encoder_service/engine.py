@@ -43,6 +43,7 @@ from encoder_service.metrics import EncoderMetrics
 from mmserve_core.runtime.checkpoint import CheckpointInfo, read_checkpoint
 from mmserve_core.runtime.logs import get_logger
 from mmserve_core.runtime.mlx_thread import MLXWorker
+from mmserve_core.runtime.wired_memory import wire_weights
 from mmserve_core.wire import types as T
 from mmserve_core.wire.errors import FailedPrecondition, InvalidArgument, Unavailable
 from mmserve_core.wire.tensors import RawTensor
@@ -96,6 +97,7 @@ class EncoderEngine:
 
         t0 = time.perf_counter()
         towers = Towers(Path(self.cfg.checkpoint))
+        wire_weights(towers.param_bytes, "towers and projectors")
         proc = Path(self.cfg.checkpoint) / "processor_config.json"
         h = hashlib.blake2b(digest_size=16)
         h.update(towers.identity.encode())

@@ -6,6 +6,8 @@ computations rather than bf16 rounding of two equally valid summation orders.
 
 from __future__ import annotations
 
+import asyncio
+
 import numpy as np
 import pytest
 import pytest_asyncio
@@ -148,3 +150,45 @@ async def test_stored_kv_is_compact_so_the_byte_bound_holds(ckpt_e2b):
         assert grown < 2 * kept + (4 << 20), (grown, kept)
     finally:
         engine.stop()
+
+
+@pytest.mark.parametrize("variant", ["e2b", "dense"])
+async def test_quantized_entries_are_smaller_and_still_hit(variant, tmp_path_factory):
+    """``--kv-bits 8|4``: the stored KV shrinks (full-attention layers quantized, sliding ones as
+    they are), turn 2 still reuses all of turn 1, and it decodes from the dequantized entry.
+    Agreement with full precision is reported by the bench, not asserted here."""
+    ckpt = write_tiny_checkpoint(tmp_path_factory.mktemp("kvq") / variant, variant=variant, dtype="float32")
+    rng = np.random.default_rng(3)
+    turn1 = [2, TURN_OPEN] + [int(x) for x in rng.integers(10, 240, 400)] + [TURN_END, TURN_OPEN, 60]
+    kv_bytes = {}
+    for bits in (None, 8, 4):
+        e = DecoderEngine(DecoderConfig(checkpoint=str(ckpt), port=0, stream_interval_ms=0,
+                                        prefix_cache_bytes=1 << 30, kv_bits=bits))
+        e.start()
+        await e.wait_ready()
+        try:
+            reply, _ = await _run(e, turn1, [])
+            for _ in range(2000):  # stored on the MLX thread just after the completion went out
+                if len(e.scheduler.prefix):
+                    break
+                await asyncio.sleep(0.001)
+            kv_bytes[bits] = e.scheduler.prefix._lru.nbytes  # the KV arrays alone (no trie overhead)
+            turn2 = turn1 + reply + [TURN_END, TURN_OPEN, 33, 34, TURN_END, TURN_OPEN, 60]
+            got, done = await _run(e, turn2, [])
+            assert done.cached_tokens == len(turn1) + len(reply) and len(got) == 12
+            kinds = {type(c).__name__ + str(getattr(c, "bits", "")) for _, cache in _entries(e.scheduler.prefix)
+                     for c in cache}
+            assert (f"QuantizedKVCache{bits}" in kinds) == bool(bits), kinds
+        finally:
+            e.stop()
+    print("stored KV bytes by --kv-bits:", kv_bytes)
+    assert kv_bytes[4] < 0.5 * kv_bytes[None] and kv_bytes[4] < kv_bytes[8] < 0.75 * kv_bytes[None], kv_bytes
+
+
+def _entries(prefix):
+    """(tokens, cache) of every stored entry (mlx-lm's trie, read for the test)."""
+    lru = prefix._lru
+    for tokens in [t for q in lru._lru._lrus.values() for _, t in q]:
+        cache, rest = lru.fetch_nearest_cache("lm", list(tokens))
+        if cache is not None and not rest:
+            yield tokens, cache
