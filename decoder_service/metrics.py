@@ -23,15 +23,20 @@ class DecoderMetrics:
               registry=r).labels(blas_in_use()).set(1)
         self.requests = Counter("mmserve_decoder_requests", "Generate RPCs by outcome (gRPC status name)",
                                 ["outcome"], registry=r)
-        self.active = Gauge("mmserve_decoder_active_sequences", "Sequences in the decode batch", registry=r)
+        self.active = Gauge("mmserve_decoder_active_sequences",
+                            "Decode slots taken: sequences decoding or prefilling to join the batch", registry=r)
         self.queue_depth = Gauge("mmserve_decoder_queue_depth", "Requests waiting for a batch slot", registry=r)
         self.generated_tokens = Counter("mmserve_decoder_generated_tokens",
                                         "Tokens sampled (rate() = aggregate tokens/s)", registry=r)
         self.prompt_tokens = Counter("mmserve_decoder_prompt_tokens", "Prompt tokens prefilled", registry=r)
         self.prefix_hit_tokens = Counter("mmserve_decoder_prefix_cache_hit_tokens",
                                          "Prompt tokens served from the prefix cache", registry=r)
-        self.prefix_cache_bytes = Gauge("mmserve_decoder_prefix_cache_bytes", "KV bytes in the prefix cache",
-                                        registry=r)
+        self.prefix_cache_bytes = Gauge("mmserve_decoder_prefix_cache_bytes",
+                                        "Prefix cache bytes under --prefix-cache-bytes (KV and index)", registry=r)
+        self.prefix_cache_kv_bytes = Gauge("mmserve_decoder_prefix_cache_kv_bytes",
+                                           "KV array bytes in the prefix cache (quantized with --kv-bits)", registry=r)
+        self.prefix_cache_tokens = Gauge("mmserve_decoder_prefix_cache_tokens", "Tokens the prefix cache holds",
+                                         registry=r)
         self.ttft = Histogram("mmserve_decoder_ttft_seconds", "Arrival to first sampled token",
                               buckets=_TTFT_BUCKETS, registry=r)
 
@@ -52,6 +57,8 @@ class DecoderMetrics:
         self.active.set_function(lambda: scheduler.active_count)
         self.queue_depth.set_function(lambda: scheduler.queue_depth)
         self.prefix_cache_bytes.set_function(lambda: scheduler.prefix.nbytes)
+        self.prefix_cache_kv_bytes.set_function(lambda: scheduler.prefix.kv_bytes)
+        self.prefix_cache_tokens.set_function(lambda: scheduler.prefix.tokens)
 
     def text(self) -> str:
         return generate_latest(self.registry).decode()

@@ -110,6 +110,8 @@ class PrefixCache:
 
         self.kv_bits = kv_bits
         self.max_bytes = max_bytes
+        self.kv_bytes = 0  # KV arrays alone; with ``tokens``, kept by ``store`` for the metrics thread
+        self.tokens = 0
         self._lru = LRUPromptCache(max_size=1 << 30, max_bytes=max_bytes) if max_bytes > 0 else None
         self._nbytes = 0
 
@@ -126,7 +128,10 @@ class PrefixCache:
         return self._nbytes
 
     def _measure(self) -> int:
-        return self._lru.nbytes + TRIE_BYTES_PER_TOKEN * self._cached_tokens() if self._lru is not None else 0
+        if self._lru is None:
+            return 0
+        self.kv_bytes, self.tokens = self._lru.nbytes, self._cached_tokens()
+        return self.kv_bytes + TRIE_BYTES_PER_TOKEN * self.tokens
 
     def _cached_tokens(self) -> int:
         # mlx-lm bounds KV bytes only; its entry queue is internal, hence the guarded reach

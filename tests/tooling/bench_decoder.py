@@ -17,7 +17,10 @@ that reading its weights, not Python, dominates a decode step here:
    (target: none refused while a slot is free; all 16 slots busy within 2 s);
 5. the in-process anchor: mlx-lm's own ``BatchGenerator`` on the same checkpoint, in this
    process, at the same stream counts and prompt shapes, and the services' aggregate as a
-   ratio of it (target: ≥ 0.95 at 8 streams).
+   ratio of it (target: ≥ 0.95 at 8 streams);
+6. ``--kv-bits 8`` and ``4``: KV bytes per cached token against full precision (target at 4
+   bits: ≤ 0.3x) and greedy agreement of second turns served from the quantized prefix
+   cache with the same turns at full precision (reported, not a target).
 
 The decoder is its own OS process on loopback, spoken to over gRPC.  This process
 runs on the same BLAS as the decoder (it re-execs with OpenBLAS preloaded, as the
@@ -182,6 +185,53 @@ def _anchor(ckpt: Path, streams: list[int], tokens: int, eos: list[int]) -> dict
     return out
 
 
+async def _kv_turns(addr: str, eos: list[int], conversations: int, turn1_len: int, tokens: int):
+    """Second turns (served from the prefix cache) of ``conversations`` conversations, and the
+    cache's KV bytes per token afterwards (scraped from the decoder's metrics)."""
+    client = _client(addr)
+    out = []
+    for k in range(conversations):
+        turn1 = _prompt(np.random.default_rng(7000 + k), turn1_len)
+        _, _, reply, _ = await _generate(client, turn1, 8, eos)
+        turn2 = turn1 + reply + [106, 105, 12, 13, 14, 106, 105, 11]
+        _, _, toks, done = await _generate(client, turn2, tokens, eos)
+        out.append((toks, done.cached_tokens))
+    await client.close()
+    return out
+
+
+def _kv_bytes_per_token(logs: str) -> float:
+    import re
+    import urllib.request
+
+    url = re.search(r"metrics listening\s+address=(\S+)", logs).group(1)
+    text = urllib.request.urlopen(url, timeout=5).read().decode()
+    kv = float(re.search(r"^mmserve_decoder_prefix_cache_kv_bytes ([0-9.e+-]+)$", text, re.M).group(1))
+    n = float(re.search(r"^mmserve_decoder_prefix_cache_tokens ([0-9.e+-]+)$", text, re.M).group(1))
+    return kv / n if n else float("nan")
+
+
+def _kv_quantization(ckpt: Path, eos: list[int], conversations: int = 6, turn1_len: int = 1000,
+                     tokens: int = 32) -> list[tuple]:
+    from deploy.processes import start_decoder
+
+    runs = {}
+    for bits in (None, 8, 4):
+        args = ["--metrics-port", "0"] + (["--kv-bits", str(bits)] if bits else [])
+        with start_decoder(ckpt, args) as svc:
+            turns = asyncio.run(_kv_turns(svc.decoder_addr, eos, conversations, turn1_len, tokens))
+            runs[bits] = (turns, _kv_bytes_per_token(svc.logs("decoder")))
+    full, full_bpt = runs[None]
+    rows = []
+    for bits in (None, 8, 4):
+        turns, bpt = runs[bits]
+        same = sum(a[0] == b[0] for a, b in zip(turns, full))
+        prefix = statistics.mean(next((i for i, (x, y) in enumerate(zip(a[0], b[0])) if x != y), len(a[0]))
+                                 for a, b in zip(turns, full))
+        rows.append((bits or "full", bpt, bpt / full_bpt, same, len(turns), prefix, min(t[1] for t in turns)))
+    return rows
+
+
 async def _turn2(addr: str, prompt_len: int, eos: list[int], repeats: int) -> tuple[float, float, int]:
     client = _client(addr)
     warm, cold, hit = [], [], 0
@@ -213,6 +263,7 @@ def main(argv: list[str] | None = None) -> None:
     ap.add_argument("--burst", type=int, default=100, help="concurrent calls of the burst (0 = skip)")
     ap.add_argument("--max-queue", type=int, default=64, help="the decoder's --max-queue for the run")
     ap.add_argument("--no-anchor", action="store_true", help="skip the in-process BatchGenerator anchor")
+    ap.add_argument("--no-kv-bits", action="store_true", help="skip the quantized prefix cache section")
     args = ap.parse_args(argv)
 
     from mmserve_core.runtime.blas import blas_in_use, preload_optimized_blas
@@ -237,6 +288,7 @@ def main(argv: list[str] | None = None) -> None:
         warm_ms, cold_ms, hit = asyncio.run(_turn2(svc.decoder_addr, args.turn1_tokens, eos, 3))
         burst = asyncio.run(_burst(svc.decoder_addr, args.burst, args.tokens, eos, slots)) if args.burst else None
     anchor = {} if args.no_anchor else _anchor(ckpt, streams, args.tokens, eos)
+    kv_rows = [] if args.no_kv_bits else _kv_quantization(ckpt, eos)
     base = rows[0][1]
     print(f"\ncheckpoint: {ckpt}  LM weights read per token: {weight_bytes / 1e6:.1f} MB  "
           f"tokens/stream={args.tokens}  BLAS: {blas_in_use()}")
@@ -260,6 +312,12 @@ def main(argv: list[str] | None = None) -> None:
     print(f"{'read bound':>28} {'GB/s':>7} {'bound tok/s':>12} {'single stream':>14}")
     for name, b in ((f"hardware (numpy, {threads} thr)", hw), ("MLX's own reduction", bw)):
         print(f"{name:>28} {b / 1e9:>7.1f} {b / weight_bytes:>12.1f} {single / (b / weight_bytes) * 100:>13.0f}%")
+    if kv_rows:
+        print("\nprefix cache KV, 6 conversations of ~1,000 tokens, turn 2 (32 greedy tokens) from the cache:")
+        print(f"{'--kv-bits':>9} {'KV bytes/token':>15} {'vs full':>8} {'turn 2 same as full':>20} "
+              f"{'mean tokens before a difference':>32} {'min cached tokens':>18}")
+        for bits, bpt, ratio, same, n, prefix, cached in kv_rows:
+            print(f"{bits!s:>9} {bpt:>15.1f} {ratio:>7.2f}x {f'{same}/{n}':>20} {prefix:>32.1f} {cached:>18}")
 
 
 if __name__ == "__main__":
