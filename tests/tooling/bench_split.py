@@ -3,7 +3,7 @@
 For each case (text / image / audio) it streams one greedy completion of
 ``--max-tokens`` tokens (EOS biased off so every run decodes the same count)
 through the gateway → encoder → decoder processes, and the same prompt
-through ``mlx_vlm.stream_generate`` in this process, timing both the same
+through ``mlx_vlm.stream_generate`` in this process (on the services' BLAS), timing both the same
 way at the caller: TTFT = first token's arrival, decode tok/s = tokens after
 the first / time after the first.  Prints a table with the decode ratio
 (target ≥ 0.95).  Not part of the test suite: timings are not asserts.
@@ -136,6 +136,10 @@ def main(argv: list[str] | None = None) -> None:
     ap.add_argument("--max-tokens", type=int, default=64)
     ap.add_argument("--repeats", type=int, default=5)
     args = ap.parse_args(argv)
+
+    from mmserve_core.runtime.blas import preload_optimized_blas
+
+    preload_optimized_blas()  # in-process mlx-vlm on the services' BLAS, or the ratio compares BLASes
 
     from mlx_vlm import load
     from openai import OpenAI
