@@ -4,7 +4,7 @@ Why: decoding token by token breaks multi-byte UTF-8 characters and
 SentencePiece spacing.  We use the prefix/read-offset scheme of TGI and vLLM:
 decode a short window of recent tokens, emit only the new suffix, and hold
 text back while it ends in an incomplete character (U+FFFD).  Works for any
-Hugging Face tokenizer.  Pure Python; used on the decoder's MLX thread.
+Hugging Face tokenizer.  Pure Python; used on the event loop by ``output_text.OutputText``.
 """
 
 from __future__ import annotations

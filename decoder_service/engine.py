@@ -26,6 +26,7 @@ from decoder_service.constraints import ConstraintCompiler, GrammarMask
 from decoder_service.intake import StreamLimits
 from decoder_service.metrics import DecoderMetrics
 from decoder_service.model import ResolvedSampling, SpanRows
+from decoder_service.output_text import OutputText
 from decoder_service.placement import validate_prompt
 from decoder_service.prefix_cache import PrefixCache, media_key
 from decoder_service.sampling import resolve_sampling
@@ -95,7 +96,7 @@ class DecoderEngine:
             mx.set_cache_limit(self.cfg.mlx_cache_bytes)
         runner = LanguageModelRunner(Path(self.cfg.checkpoint))
         wire_weights(runner.param_bytes, "language model")
-        scheduler = BatchScheduler(runner, self.tokenizer, max_active=self.cfg.max_active,
+        scheduler = BatchScheduler(runner, max_active=self.cfg.max_active,
                                    max_queue=self.cfg.max_queue, metrics=self.metrics,
                                    prefix_cache=PrefixCache(self.cfg.prefix_cache_bytes, self.cfg.kv_bits),
                                    prefill_budget_tokens=self.cfg.prefill_budget_tokens)
@@ -171,15 +172,25 @@ class DecoderEngine:
             emit=channel.put,
             media=[(s.span.offset, s.span.length, media_key(s.tensor.data, s.tensor.dtype)) for s in spans],
         )
+        out = OutputText(self.tokenizer, resolved.stop_strings, resolved.logprobs)
         self.scheduler.submit(job)
         try:
             while True:
                 for ev in await channel.get_batch():
                     if isinstance(ev, BaseException):
                         raise ev
-                    yield ev
                     if isinstance(ev, T.Completion):
+                        tail, done = out.finish(ev)
+                        if tail is not None:
+                            yield tail
+                        yield done
                         return
+                    shown = out.feed(ev)
+                    if shown is not None:
+                        yield shown
+                    if out.matched is not None and not job.finish_on_cancel:
+                        job.finish_on_cancel = True  # the scheduler answers with the Completion
+                        job.cancel.set()
         finally:
             job.cancel.set()  # caller gone or done: the sequence leaves the batch before the next step
 

@@ -42,11 +42,9 @@ from dataclasses import dataclass, field
 import mlx.core as mx
 
 from decoder_service.constraints import BatchMasks, GrammarMask
-from decoder_service.detokenizer import IncrementalDetokenizer
 from decoder_service.model import LanguageModelRunner, ResolvedSampling, SpanRows
 from decoder_service.prefix_cache import PrefixCache, keyed_tokens
 from decoder_service.sampler import build_processors, build_sampler
-from decoder_service.stop_strings import StopStringFilter
 from decoder_service.text_prefill import TextPrefill
 from mmserve_core.runtime.logs import get_logger
 from mmserve_core.wire import types as T
@@ -70,13 +68,12 @@ class GenerationJob:
     cancel: threading.Event = field(default_factory=threading.Event)
     enqueued_at: float = field(default_factory=time.perf_counter)
     counted: bool = False  # holds a place in the scheduler's admission count (released once)
+    finish_on_cancel: bool = False  # the consumer matched a stop string: answer the cancel with a Completion
 
 
 @dataclass
 class _Active:
     job: GenerationJob
-    detok: IncrementalDetokenizer
-    stops: StopStringFilter
     kids: list
     started: float
     first_at: float | None = None  # when its first token was delivered
@@ -100,7 +97,7 @@ class _Solo:
 
 
 class BatchScheduler:
-    def __init__(self, runner: LanguageModelRunner, tokenizer, *, max_active: int, max_queue: int,
+    def __init__(self, runner: LanguageModelRunner, *, max_active: int, max_queue: int,
                  metrics=None, prefix_cache: PrefixCache | None = None, prefill_budget_tokens: int = 512) -> None:
         self.runner = runner
         self._forward = runner.logits_model()
@@ -112,7 +109,6 @@ class BatchScheduler:
         self._calls: list[list[int]] = []  # the row uids of each model call the coming step makes
         self._solo: _Solo | None = None
         self.prefix = prefix_cache if prefix_cache is not None else PrefixCache(0)
-        self.tokenizer = tokenizer
         self.max_active = max(1, max_active)
         self.metrics = metrics
         self.max_queue = max(0, max_queue)
@@ -287,8 +283,7 @@ class BatchScheduler:
             log.error("prefill failed", traceback=traceback.format_exc())
             job.emit(e)
             return
-        a = _Active(job, IncrementalDetokenizer(self.tokenizer), StopStringFilter(list(s.stop_strings)),
-                    kids, started, cached=hit, sampler=sampler, processors=processors)
+        a = _Active(job, kids, started, cached=hit, sampler=sampler, processors=processors)
         if self.metrics is not None:
             self.metrics.prompt_tokens.inc(len(job.ids))
             self.metrics.prefix_hit_tokens.inc(hit)
@@ -314,6 +309,7 @@ class BatchScheduler:
         solo = getattr(self, "_solo", None)
         if solo is not None and solo.a.job.cancel.is_set():
             self._solo = None
+            self._finish_cancelled(solo.a)
             self._store(solo.a, solo.cache, solo.fed)
             self._release(solo.a.job)
             log.info("generation cancelled", tokens=solo.a.generated)
@@ -328,10 +324,16 @@ class BatchScheduler:
             a = active.pop(uid)
             self._grammar_rows.pop(uid, None)
             self._fresh.discard(uid)
+            self._finish_cancelled(a)
             self._store(a, *caches.get(uid, (None, None)))
             self._release(a.job)
             log.info("generation cancelled", tokens=a.generated)
         self.active_count = self._occupied(active)
+
+    def _finish_cancelled(self, a: _Active) -> None:
+        """A sequence its consumer ended on a stop string gets its Completion (timings, cache hit)."""
+        if a.job.finish_on_cancel:
+            self._complete(a, "stop")
 
     def _admit(self, bg, active: dict[int, _Active], job: GenerationJob) -> None:
         """Prefill alone (from the longest cached prefix), sample the first token, join the batch."""
@@ -352,8 +354,7 @@ class BatchScheduler:
             log.error("prefill failed", traceback=traceback.format_exc())
             job.emit(e)
             return
-        a = _Active(job, IncrementalDetokenizer(self.tokenizer), StopStringFilter(list(s.stop_strings)),
-                    kids, started, cached=hit, generated=1, sampler=sampler, processors=processors)
+        a = _Active(job, kids, started, cached=hit, generated=1, sampler=sampler, processors=processors)
         if self.metrics is not None:
             self.metrics.prompt_tokens.inc(len(job.ids))
             self.metrics.prefix_hit_tokens.inc(hit)
@@ -490,27 +491,14 @@ class BatchScheduler:
             self._complete(a, "stop", stop_id=token)
             return True
         lps = [_token_logprob(token, logprobs, job.sampling.top_logprobs)] if job.sampling.logprobs else None
-        text, matched = a.stops.feed(a.detok.add(token))
-        job.emit(T.TokenEvent([token], text, lps))
-        if matched is not None:
-            self._complete(a, "stop", stop_string=matched)
-            return True
+        job.emit(T.TokenEvent([token], "", lps))  # ids only: text and stop strings are the consumer's
         if finish is not None or a.generated >= job.sampling.max_tokens:
             self._complete(a, "length")
             return True
         return False
 
-    def _complete(self, a: _Active, finish: str, *, stop_id: int | None = None,
-                  stop_string: str | None = None) -> None:
+    def _complete(self, a: _Active, finish: str, *, stop_id: int | None = None) -> None:
         job = a.job
-        if stop_string is None:  # release what the detokenizer and the stop filter still hold
-            tail, matched = a.stops.feed(a.detok.flush())
-            if matched is not None:
-                finish, stop_string = "stop", matched
-            else:
-                tail += a.stops.flush()
-            if tail:
-                job.emit(T.TokenEvent([], tail, [] if job.sampling.logprobs else None))
         end = time.perf_counter()
         job.emit(T.Completion(
             finish_reason=finish,
@@ -521,7 +509,6 @@ class BatchScheduler:
             prefill_ms=(a.first_at - a.started) * 1000.0,
             decode_ms=(end - a.first_at) * 1000.0,
             stop_token_id=stop_id,
-            stop_string=stop_string,
             cached_tokens=a.cached,
         ))
 

@@ -5,7 +5,7 @@ however the tokenizer split it, and the returned text stops right before
 it.  So text is released only once it can no longer be the start of a stop
 string: the longest suffix that is a proper prefix of some stop string is
 held back (never more), and released when the next delta rules it out.
-Pure Python; used on the decoder's MLX thread, one filter per sequence.
+Pure Python; used on the event loop by ``output_text.OutputText``, one filter per request.
 """
 
 from __future__ import annotations

@@ -315,6 +315,11 @@ async def test_stop_string_across_token_boundaries(dense):
     assert got_text == text[: cut - 1]
     assert done.finish_reason == "stop" and done.stop_string == stop and done.stop_token_id is None
     assert got_toks == toks[: len(got_toks)] and done.completion_tokens == len(got_toks)
+    assert done.decode_ms > 0 and done.prompt_tokens == len(ids)  # the scheduler's completion, rewritten
+    t0 = time.monotonic()
+    while dense.scheduler.active_count and time.monotonic() - t0 < 5:  # matched off the MLX thread,
+        await asyncio.sleep(0.001)                                       # the sequence still leaves
+    assert dense.scheduler.active_count == 0
 
 
 async def test_logprobs_and_top_alternatives(dense):
