@@ -45,12 +45,12 @@ STATUS = {
     "INTERNAL": grpc.StatusCode.INTERNAL,
 }
 
-# Large enough for a 1-megapixel PNG or a 30 s WAV in one Encode request;
-# embeddings themselves always travel in chunks well under 4 MiB.
+# Large enough for a 1-megapixel PNG or a 30 s WAV in one Encode request, and for the 16 MiB
+# embedding chunks our own services exchange (``tensors.MAX_CHUNK_BYTES``; 1 MiB to other callers).
 DEFAULT_MAX_MESSAGE_BYTES = 64 * 1024 * 1024
 
 
-# Client channels: same message ceiling as the servers (chunks stay far below it).
+# Client channels: same message ceiling as the servers (chunks stay below it).
 CHANNEL_OPTIONS = [
     ("grpc.max_receive_message_length", DEFAULT_MAX_MESSAGE_BYTES),
     ("grpc.max_send_message_length", DEFAULT_MAX_MESSAGE_BYTES),
