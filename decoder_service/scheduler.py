@@ -103,6 +103,7 @@ class BatchScheduler:
         self._forward = runner.logits_model()
         self._fill = TextPrefill(self._forward, budget_tokens=prefill_budget_tokens)
         self._fresh: set[int] = set()  # batch uids whose next input is their last prompt token
+        self._in_hand: list[GenerationJob] = []  # taken off the queue, being placed
         self._masks = BatchMasks()
         self._grammar_rows: dict[int, GrammarMask] = {}  # batch uid -> its constraint's mask
         self._new_uids: list[int] = []  # inserted since the last step, in insertion order
@@ -226,14 +227,23 @@ class BatchScheduler:
                 self.active_count = self._occupied(active)
             except Exception as e:  # noqa: BLE001 - a bug: fail what is running, keep serving
                 log.error("decode step failed", traceback=traceback.format_exc(), active=len(active))
-                for a in [*active.values(), *([self._solo.a] if self._solo else []), *self._fill.clear()]:
-                    a.job.emit(e)
+                for job in self._everyone(active):
+                    job.emit(e)
                 active.clear()
                 self._solo = None
                 self.active_count = 0
                 bg = self._new_generator()
-        for a in [*active.values(), *([self._solo.a] if self._solo else []), *self._fill.clear()]:
-            a.job.emit(RuntimeError("decoder is shutting down"))
+        for job in self._everyone(active):
+            job.emit(RuntimeError("decoder is shutting down"))
+
+    def _everyone(self, active: dict[int, _Active]) -> list[GenerationJob]:
+        """Every job the MLX thread holds — batch, solo, prefilling, and those taken off the queue
+        but not yet placed — once each, clearing them all.  A job that already completed gets a
+        second event nobody reads; one that was in hand would otherwise wait forever."""
+        jobs = [a.job for a in [*active.values(), *([self._solo.a] if self._solo else []), *self._fill.clear()]]
+        jobs += self._in_hand
+        self._in_hand = []
+        return list({id(j): j for j in jobs}.values())
 
     def _occupied(self, active: dict[int, _Active]) -> int:
         """Slots taken: decoding in the batch, decoding solo, or prefilling to join."""
@@ -257,16 +267,18 @@ class BatchScheduler:
             jobs.append(job)
         if not jobs:
             return
+        self._in_hand = jobs  # until placed: a step that fails meanwhile fails them too (``_everyone``)
         if idle and len(jobs) == 1:
             self._admit(bg, active, jobs[0])
-            return
-        if self._solo is not None:  # company: the solo sequence joins the batch
-            self._solo_to_batch(bg, active)
-        for job in jobs:
-            if job.spans or len(job.ids) < 2:  # media: mlx-vlm's exact prefill; one token: nothing to batch
-                self._admit(bg, active, job)
-            else:
-                self._start_fill(bg, active, job)
+        else:
+            if self._solo is not None:  # company: the solo sequence joins the batch
+                self._solo_to_batch(bg, active)
+            for job in jobs:
+                if job.spans or len(job.ids) < 2:  # media: mlx-vlm's exact prefill; one token: nothing to batch
+                    self._admit(bg, active, job)
+                else:
+                    self._start_fill(bg, active, job)
+        self._in_hand = []
         self.active_count = self._occupied(active)
 
     def _start_fill(self, bg, active: dict[int, _Active], job: GenerationJob) -> None:

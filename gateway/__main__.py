@@ -6,7 +6,7 @@ import asyncio
 import os
 import socket
 
-from mmserve_core.runtime.logs import configure_logging
+from mmserve_core.runtime.logs import configure_logging, dump_stacks_on_sigusr1
 
 
 def main(argv: list[str] | None = None) -> None:
@@ -17,6 +17,7 @@ def main(argv: list[str] | None = None) -> None:
     from mmserve_core.runtime.heap import keep_large_buffers_in_heap
 
     keep_large_buffers_in_heap()  # it receives every embedding from the encoder and relays it on
+    dump_stacks_on_sigusr1()
     cfg = parse_args(argv)
     configure_logging("gateway")
     cfg.tls.check(cfg.host, "mmserve-gateway")

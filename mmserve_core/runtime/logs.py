@@ -68,3 +68,16 @@ def configure_logging(service: str, *, json_logs: bool | None = None, level: str
 
 def get_logger(name: str | None = None):
     return structlog.get_logger(name)
+
+
+def dump_stacks_on_sigusr1() -> None:
+    """``kill -USR1 <pid>`` writes every thread's Python stack to stderr (the service's log).
+
+    Why: a service that stops answering without an error is diagnosed by where each thread
+    waits — the event loop, the MLX thread, gRPC's pollers — without stopping it or attaching
+    a debugger.  Main thread, at start; not on Windows (no SIGUSR1)."""
+    import faulthandler
+    import signal
+
+    if hasattr(signal, "SIGUSR1"):
+        faulthandler.register(signal.SIGUSR1, all_threads=True)

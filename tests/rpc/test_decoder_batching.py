@@ -256,6 +256,35 @@ async def test_a_long_prompt_does_not_stall_running_streams(ckpt_dense32):
         engine.stop()
 
 
+async def test_a_failed_step_fails_every_request_it_held_even_those_in_hand(ckpt_dense32):
+    """A bug while requests taken off the queue are being placed (here: queueing a text prompt
+    for the batched prefill raises) fails them all with the error — none is left waiting
+    forever — and the decoder serves the next request."""
+    engine = await _engine(ckpt_dense32, max_active=4)
+    try:
+        no_eos = {t: -100.0 for t in engine.eos_ids}
+        ids = [2, 105, 10, 11, 12, 106, 105, 11]
+        solo = asyncio.ensure_future(_run(engine, ids, [], max_tokens=3000, logit_bias=no_eos))
+        while engine.scheduler._solo is None:
+            await asyncio.sleep(0.001)
+        fill = engine.scheduler._fill
+
+        def broken(*a, **k):
+            del fill.add  # the class's own method again
+            raise RuntimeError("injected: a bug while placing new requests")
+
+        fill.add = broken
+        others = [asyncio.ensure_future(_run(engine, ids + [20 + i], [], max_tokens=5)) for i in range(2)]
+        got = await asyncio.wait_for(asyncio.gather(solo, *others, return_exceptions=True), 30)  # none hangs
+        failed = [isinstance(g, RuntimeError) and "injected" in str(g) for g in got]
+        assert failed[0] and any(failed[1:]), got  # the solo one, and the one(s) in hand
+        assert all(f or g[1].completion_tokens == 5 for f, g in zip(failed, got))  # a later one: served
+        tokens, done = await _run(engine, ids, [], max_tokens=4, logit_bias=no_eos)
+        assert done.completion_tokens == 4
+    finally:
+        engine.stop()
+
+
 async def test_cancelled_rpc_leaves_the_batch_within_a_step(ckpt_dense32):
     engine = await _engine(ckpt_dense32, max_active=4)
     server, port, health = await start_decoder_server(engine, "127.0.0.1:0")
