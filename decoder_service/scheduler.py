@@ -13,7 +13,8 @@ we do not write our own.  Sequences reach it with their prompt's KV filled:
 * **media prompts** (soft tokens written into the embeddings, per-layer inputs
   with media zeroed, bidirectional image attention) are prefilled alone by
   ``LanguageModelRunner.prefill`` exactly as mlx-vlm would, their first token
-  sampled from those logits.
+  sampled from those logits — while others decode, about the prefill budget's
+  worth a step (at least one), the rest first in line for the next step.
 * **one request alone** takes the exact path too, and decodes on plain caches
   (``_Solo``) until company arrives: single-stream latency and mlx-vlm parity.
 
@@ -37,6 +38,7 @@ import queue
 import threading
 import time
 import traceback
+from collections import deque
 from dataclasses import dataclass, field
 
 import mlx.core as mx
@@ -104,6 +106,7 @@ class BatchScheduler:
         self._fill = TextPrefill(self._forward, budget_tokens=prefill_budget_tokens)
         self._fresh: set[int] = set()  # batch uids whose next input is their last prompt token
         self._in_hand: list[GenerationJob] = []  # taken off the queue, being placed
+        self._deferred: deque[GenerationJob] = deque()  # media prompts past this step's prefill budget
         self._masks = BatchMasks()
         self._grammar_rows: dict[int, GrammarMask] = {}  # batch uid -> its constraint's mask
         self._new_uids: list[int] = []  # inserted since the last step, in insertion order
@@ -148,7 +151,7 @@ class BatchScheduler:
 
     @property
     def queue_depth(self) -> int:
-        return self._queue.qsize()
+        return self._queue.qsize() + len(self._deferred)
 
     def stop(self) -> None:
         self._stopping.set()
@@ -241,8 +244,9 @@ class BatchScheduler:
         but not yet placed — once each, clearing them all.  A job that already completed gets a
         second event nobody reads; one that was in hand would otherwise wait forever."""
         jobs = [a.job for a in [*active.values(), *([self._solo.a] if self._solo else []), *self._fill.clear()]]
-        jobs += self._in_hand
+        jobs += [*self._in_hand, *self._deferred]
         self._in_hand = []
+        self._deferred.clear()
         return list({id(j): j for j in jobs}.values())
 
     def _occupied(self, active: dict[int, _Active]) -> int:
@@ -273,8 +277,13 @@ class BatchScheduler:
         else:
             if self._solo is not None:  # company: the solo sequence joins the batch
                 self._solo_to_batch(bg, active)
+            spent = 0  # exact prefills are whole: while others decode, at most the budget's worth a step
             for job in jobs:
                 if job.spans or len(job.ids) < 2:  # media: mlx-vlm's exact prefill; one token: nothing to batch
+                    if active and spent and spent + len(job.ids) > self._fill.budget_tokens:
+                        self._deferred.append(job)  # first next step, before the queue
+                        continue
+                    spent += len(job.ids)
                     self._admit(bg, active, job)
                 else:
                     self._start_fill(bg, active, job)
@@ -304,10 +313,15 @@ class BatchScheduler:
         else:
             self._fill.add(a, job.ids, cache, hit)
 
+    def _waiting(self) -> bool:
+        return bool(self._deferred) or not self._queue.empty()
+
     def _next_job(self, *, block: bool) -> GenerationJob | None:
+        """The next live job: those deferred by the prefill budget first, then the queue's."""
         while True:
             try:
-                job = self._queue.get(timeout=0.1) if block else self._queue.get_nowait()
+                job = self._deferred.popleft() if self._deferred else (
+                    self._queue.get(timeout=0.1) if block else self._queue.get_nowait())
             except queue.Empty:
                 return None
             if job is _WAKE:
@@ -373,7 +387,7 @@ class BatchScheduler:
         if self._deliver(a, first, None, logprobs):
             self._store(a, cache, list(job.ids))
             return
-        if not active and getattr(self, "_solo", None) is None and not len(self._fill) and self._queue.empty():
+        if not active and getattr(self, "_solo", None) is None and not len(self._fill) and not self._waiting():
             fed = list(job.ids)
             self._solo = _Solo(a, cache, fed, self._launch(a, cache, fed, first))
             return
@@ -423,7 +437,7 @@ class BatchScheduler:
         nxt, logprobs = solo.pending
         token = int(nxt.item())
         solo.a.generated += 1
-        if self._queue.empty():  # keep the device busy while we deliver: launch the next step first
+        if not self._waiting():  # keep the device busy while we deliver: launch the next step first
             solo.pending = self._launch(solo.a, solo.cache, solo.fed, token)
             if self._deliver(solo.a, token, None, logprobs):
                 self._solo = None

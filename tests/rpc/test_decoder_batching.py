@@ -256,6 +256,40 @@ async def test_a_long_prompt_does_not_stall_running_streams(ckpt_dense32):
         engine.stop()
 
 
+async def test_a_burst_of_media_prompts_is_prefilled_between_decode_steps(ckpt_dense32):
+    """Media prompts are prefilled whole (mlx-vlm's exact path); six arriving at once while a stream
+    decodes are spread over steps by the prefill budget — the running stream gets tokens between
+    them — and each output equals the same request alone."""
+    engine = await _engine(ckpt_dense32, max_active=8, prefill_budget_tokens=16)
+    try:
+        rng = np.random.default_rng(13)
+        no_eos = {t: -100.0 for t in engine.eos_ids}
+        media = [_prompt(rng, with_image=True) for _ in range(6)]
+        alone = [await _run(engine, ids, spans, max_tokens=6, logit_bias=no_eos) for ids, spans in media]
+        short = [2, 105, 10, 11, 12, 106, 105, 11]
+        s = T.SamplingParams(temperature=0.0, max_tokens=2000, logit_bias=no_eos)
+        arrivals: list[float] = []
+
+        async def running():
+            async for ev in engine.generate(short, [], engine.validate(short, [], s), []):
+                if isinstance(ev, T.TokenEvent):
+                    arrivals.extend([time.perf_counter()] * len(ev.token_ids))
+
+        task = asyncio.ensure_future(running())
+        while len(arrivals) < 5:
+            await asyncio.sleep(0.001)
+        t0 = time.perf_counter()
+        together = await asyncio.gather(*(_run(engine, ids, spans, max_tokens=6, logit_bias=no_eos)
+                                          for ids, spans in media))
+        firsts = sorted(t0 + (d.queued_ms + d.prefill_ms) / 1000 for _, d in together)
+        between = [sum(1 for t in arrivals if a < t < b) for a, b in zip(firsts, firsts[1:])]
+        assert sum(n > 0 for n in between) >= 3, between  # decode steps ran between the prefills
+        assert [t for t, _ in together] == [t for t, _ in alone]
+        task.cancel()
+    finally:
+        engine.stop()
+
+
 async def test_a_failed_step_fails_every_request_it_held_even_those_in_hand(ckpt_dense32):
     """A bug while requests taken off the queue are being placed (here: queueing a text prompt
     for the batched prefill raises) fails them all with the error — none is left waiting
