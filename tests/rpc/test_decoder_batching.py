@@ -438,10 +438,10 @@ async def test_a_solo_sequence_joins_the_batch_when_company_arrives(dense):
     rng = np.random.default_rng(31)
     (a_ids, a_spans), (b_ids, b_spans) = _prompt(rng, with_image=True), _prompt(rng, with_image=False)
     no_eos = {t: -100.0 for t in dense.eos_ids}
-    a_alone, _ = await _run(dense, a_ids, a_spans, max_tokens=60, logit_bias=no_eos)
+    a_alone, _ = await _run(dense, a_ids, a_spans, max_tokens=300, logit_bias=no_eos)  # long: still solo when b comes
     b_alone, _ = await _run(dense, b_ids, b_spans, max_tokens=20, logit_bias=no_eos)
     handoffs = dense.scheduler.solo_handoffs
-    task_a = asyncio.ensure_future(_run(dense, a_ids, a_spans, max_tokens=60, logit_bias=no_eos))
+    task_a = asyncio.ensure_future(_run(dense, a_ids, a_spans, max_tokens=300, logit_bias=no_eos))
     while (solo := dense.scheduler._solo) is None or solo.a.generated < 5:  # a few solo steps taken
         await asyncio.sleep(0.001)
     b_got, _ = await _run(dense, b_ids, b_spans, max_tokens=20, logit_bias=no_eos)
