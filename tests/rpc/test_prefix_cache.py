@@ -192,3 +192,26 @@ def _entries(prefix):
         cache, rest = lru.fetch_nearest_cache("lm", list(tokens))
         if cache is not None and not rest:
             yield tokens, cache
+
+
+async def test_a_cached_turn_prefilled_with_company_equals_it_computed_alone(pair):
+    """Turn 2 arriving with other prompts goes through the batched, chunked prefill from its cached
+    prefix — a sliding-window cache that has already rotated (turn 1 is longer than the window) —
+    and gives the tokens the cache-less engine gives for it alone."""
+    cached, plain = pair
+    rng = np.random.default_rng(17)
+    turn1 = [2, TURN_OPEN] + [int(x) for x in rng.integers(10, 240, 300)] + [TURN_END, TURN_OPEN, 60]
+    reply, _ = await _run(cached, turn1, [])
+    turn2 = turn1 + reply + [TURN_END, TURN_OPEN] + [int(x) for x in rng.integers(10, 240, 90)] + [TURN_END, TURN_OPEN, 60]
+    others = [[2, TURN_OPEN] + [int(x) for x in rng.integers(10, 240, n)] + [TURN_END, TURN_OPEN, 60] for n in (40, 150, 7)]
+    for _ in range(2000):  # turn 1's KV is stored just after its completion went out
+        if len(cached.scheduler.prefix):
+            break
+        await asyncio.sleep(0.001)
+    steps = cached.scheduler._fill.batched_steps
+    got = await asyncio.gather(*(_run(cached, p, []) for p in [turn2, *others]))
+    assert cached.scheduler._fill.batched_steps > steps
+    assert got[0][1].cached_tokens == len(turn1) + len(reply)
+    for p, (toks, _) in zip([turn2, *others], got):
+        want, _ = await _run(plain, p, [])
+        assert toks == want
