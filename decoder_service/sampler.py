@@ -6,7 +6,8 @@ sequence, so we build them here from ``ResolvedSampling`` with mlx-vlm's own
 building blocks (the same functions ``mlx_vlm.generate_step`` uses, so greedy
 output matches the reference).  A request with a seed gets its own PRNG key
 stream: its samples do not depend on what else is in the batch, so the same
-seed gives the same output however busy the server is.
+seed gives the same output however busy the server is.  ``token_logprob`` reads a
+sampled token's log-probability and its top alternatives for the response.
 
 Thread ownership: build and call on the decoder's MLX thread.
 """
@@ -25,6 +26,7 @@ from mlx_vlm.sample_utils import (
 )
 
 from decoder_service.model import ResolvedSampling
+from mmserve_core.wire import types as T
 
 Sampler = Callable[[mx.array], mx.array]
 
@@ -89,3 +91,14 @@ def build_processors(s: ResolvedSampling) -> list:
     if s.grammar is not None:
         processors = [*processors, s.grammar]
     return processors
+
+
+def token_logprob(token: int, logprobs: mx.array, k: int) -> T.TokenLogprob:
+    """The sampled token's log-probability and the ``k`` most likely tokens (best first)."""
+    lp = logprobs.reshape(-1)
+    top: list[tuple[int, float]] = []
+    if k:
+        idx = mx.argpartition(-lp, kth=k - 1)[:k]
+        vals = lp[idx].tolist()
+        top = sorted(zip(idx.tolist(), vals), key=lambda p: -p[1])
+    return T.TokenLogprob(token, float(lp[token].item()), [(int(t), float(v)) for t, v in top])

@@ -24,21 +24,17 @@ batched decode step, and push each sequence's token to its ``TokenChannel``.
 
 Admission: a request is refused (``RESOURCE_EXHAUSTED``) only when
 ``--max-active`` sequences are in the decoder and ``--max-queue`` more wait
-behind them — never because the MLX thread has not yet taken a burst off the
-queue while slots were free.
+behind them (``RequestQueue``).
 
-Thread ownership: ``submit`` and ``stop`` from any thread (an unbounded
-``queue.Queue`` behind a locked count); ``run`` and everything it calls on the
-MLX thread.
+Thread ownership: ``submit`` and ``stop`` from any thread (``RequestQueue``);
+``run`` and everything it calls on the MLX thread.
 """
 
 from __future__ import annotations
 
-import queue
 import threading
 import time
 import traceback
-from collections import deque
 from dataclasses import dataclass, field
 
 import mlx.core as mx
@@ -46,14 +42,13 @@ import mlx.core as mx
 from decoder_service.constraints import BatchMasks, GrammarMask
 from decoder_service.model import LanguageModelRunner, ResolvedSampling, SpanRows
 from decoder_service.prefix_cache import PrefixCache, keyed_tokens
-from decoder_service.sampler import build_processors, build_sampler
+from decoder_service.request_queue import RequestQueue
+from decoder_service.sampler import build_processors, build_sampler, token_logprob
 from decoder_service.text_prefill import TextPrefill
 from mmserve_core.runtime.logs import get_logger
 from mmserve_core.wire import types as T
-from mmserve_core.wire.errors import ResourceExhausted
 
 log = get_logger(__name__)
-_WAKE = object()
 
 
 @dataclass
@@ -106,7 +101,6 @@ class BatchScheduler:
         self._fill = TextPrefill(self._forward, budget_tokens=prefill_budget_tokens)
         self._fresh: set[int] = set()  # batch uids whose next input is their last prompt token
         self._in_hand: list[GenerationJob] = []  # taken off the queue, being placed
-        self._deferred: deque[GenerationJob] = deque()  # media prompts past this step's prefill budget
         self._masks = BatchMasks()
         self._grammar_rows: dict[int, GrammarMask] = {}  # batch uid -> its constraint's mask
         self._new_uids: list[int] = []  # inserted since the last step, in insertion order
@@ -115,50 +109,22 @@ class BatchScheduler:
         self.prefix = prefix_cache if prefix_cache is not None else PrefixCache(0)
         self.max_active = max(1, max_active)
         self.metrics = metrics
-        self.max_queue = max(0, max_queue)
-        self._queue: queue.Queue = queue.Queue()
-        self._count_lock = threading.Lock()
-        self._in_system = 0  # submitted and not finished: queued, prefilling or generating
+        self.requests = RequestQueue(self.max_active, max_queue)
         self._stopping = threading.Event()
         self.active_count = 0  # read by metrics / tests from other threads
         self.solo_handoffs = 0  # solo sequences moved into the batch (read by tests from other threads)
 
     # -- any thread -------------------------------------------------------------------
     def submit(self, job: GenerationJob) -> None:
-        with self._count_lock:
-            if self._in_system >= self.max_active + self.max_queue:
-                raise ResourceExhausted(
-                    f"decoder queue is full ({self._in_system - self.max_active} requests waiting behind "
-                    f"{self.max_active} generating; --max-queue {self.max_queue}); retry later")
-            self._in_system += 1
-            job.counted = True
-        emit = job.emit
-
-        def counted_emit(ev, _emit=emit) -> None:
-            if isinstance(ev, (T.Completion, BaseException)):
-                self._release(job)
-            _emit(ev)
-
-        job.emit = counted_emit
-        self._queue.put_nowait(job)
-
-    def _release(self, job: GenerationJob) -> None:
-        """``job`` left the scheduler (finished, failed or cancelled): free its place, once."""
-        with self._count_lock:
-            if job.counted:
-                job.counted = False
-                self._in_system -= 1
+        self.requests.submit(job)
 
     @property
     def queue_depth(self) -> int:
-        return self._queue.qsize() + len(self._deferred)
+        return self.requests.depth
 
     def stop(self) -> None:
         self._stopping.set()
-        try:
-            self._queue.put_nowait(_WAKE)
-        except queue.Full:
-            pass
+        self.requests.wake()
 
     # -- MLX thread ---------------------------------------------------------------------
     def warm_up(self, ids: list[int], sampling: ResolvedSampling) -> None:
@@ -244,9 +210,8 @@ class BatchScheduler:
         but not yet placed — once each, clearing them all.  A job that already completed gets a
         second event nobody reads; one that was in hand would otherwise wait forever."""
         jobs = [a.job for a in [*active.values(), *([self._solo.a] if self._solo else []), *self._fill.clear()]]
-        jobs += [*self._in_hand, *self._deferred]
+        jobs += [*self._in_hand, *self.requests.take_deferred()]
         self._in_hand = []
-        self._deferred.clear()
         return list({id(j): j for j in jobs}.values())
 
     def _occupied(self, active: dict[int, _Active]) -> int:
@@ -265,7 +230,7 @@ class BatchScheduler:
         idle = free == self.max_active
         jobs: list[GenerationJob] = []
         while len(jobs) < free:
-            job = self._next_job(block=idle and not jobs)
+            job = self.requests.next(block=idle and not jobs)
             if job is None:
                 break
             jobs.append(job)
@@ -281,7 +246,7 @@ class BatchScheduler:
             for job in jobs:
                 if job.spans or len(job.ids) < 2:  # media: mlx-vlm's exact prefill; one token: nothing to batch
                     if active and spent and spent + len(job.ids) > self._fill.budget_tokens:
-                        self._deferred.append(job)  # first next step, before the queue
+                        self.requests.defer(job)  # first next step, before the queue
                         continue
                     spent += len(job.ids)
                     self._admit(bg, active, job)
@@ -290,46 +255,36 @@ class BatchScheduler:
         self._in_hand = []
         self.active_count = self._occupied(active)
 
+    def _open(self, job: GenerationJob) -> tuple[_Active, list | None]:
+        """A job's sampler, processors and keyed tokens, and its longest cached prefix (may raise:
+        the request's own problem, answered by the caller)."""
+        s = job.sampling
+        kids = keyed_tokens(job.ids, job.media)
+        cache, hit = self._lookup(kids, job)
+        return _Active(job, kids, time.perf_counter(), cached=hit, sampler=build_sampler(s),
+                       processors=build_processors(s)), cache
+
+    def _count_prompt(self, a: _Active) -> None:
+        if self.metrics is not None:
+            self.metrics.prompt_tokens.inc(len(a.job.ids))
+            self.metrics.prefix_hit_tokens.inc(a.cached)
+
     def _start_fill(self, bg, active: dict[int, _Active], job: GenerationJob) -> None:
         """Queue a text prompt for ``TextPrefill`` from its longest cached prefix."""
-        started = time.perf_counter()
         try:
-            s = job.sampling
-            sampler, processors = build_sampler(s), build_processors(s)
-            kids = keyed_tokens(job.ids, job.media)
-            cache, hit = self._lookup(kids, job)
-            if cache is None:
-                cache, hit = self.runner.lm.make_cache(), 0
+            a, cache = self._open(job)
         except Exception as e:  # noqa: BLE001 - this request's problem only
             log.error("prefill failed", traceback=traceback.format_exc())
             job.emit(e)
             return
-        a = _Active(job, kids, started, cached=hit, sampler=sampler, processors=processors)
-        if self.metrics is not None:
-            self.metrics.prompt_tokens.inc(len(job.ids))
-            self.metrics.prefix_hit_tokens.inc(hit)
+        if cache is None:
+            cache = self.runner.lm.make_cache()
+        self._count_prompt(a)
+        hit = a.cached
         if hit >= len(job.ids) - 1:  # all but the last token cached: straight to the batch
             self._insert(bg, active, a, cache, list(job.ids[:-1]), job.ids[-1], fresh=True)
         else:
             self._fill.add(a, job.ids, cache, hit)
-
-    def _waiting(self) -> bool:
-        return bool(self._deferred) or not self._queue.empty()
-
-    def _next_job(self, *, block: bool) -> GenerationJob | None:
-        """The next live job: those deferred by the prefill budget first, then the queue's."""
-        while True:
-            try:
-                job = self._deferred.popleft() if self._deferred else (
-                    self._queue.get(timeout=0.1) if block else self._queue.get_nowait())
-            except queue.Empty:
-                return None
-            if job is _WAKE:
-                return None
-            if job.cancel.is_set():
-                self._release(job)
-                continue
-            return job
 
     def _drop_cancelled(self, bg, active: dict[int, _Active]) -> None:
         solo = getattr(self, "_solo", None)
@@ -337,10 +292,10 @@ class BatchScheduler:
             self._solo = None
             self._finish_cancelled(solo.a)
             self._store(solo.a, solo.cache, solo.fed)
-            self._release(solo.a.job)
+            self.requests.release(solo.a.job)
             log.info("generation cancelled", tokens=solo.a.generated)
         for a in self._fill.drop(lambda a: a.job.cancel.is_set()):
-            self._release(a.job)
+            self.requests.release(a.job)
             log.info("generation cancelled while prefilling", tokens=0)
         gone = [uid for uid, a in active.items() if a.job.cancel.is_set()]
         if not gone:
@@ -352,7 +307,7 @@ class BatchScheduler:
             self._fresh.discard(uid)
             self._finish_cancelled(a)
             self._store(a, *caches.get(uid, (None, None)))
-            self._release(a.job)
+            self.requests.release(a.job)
             log.info("generation cancelled", tokens=a.generated)
         self.active_count = self._occupied(active)
 
@@ -364,30 +319,24 @@ class BatchScheduler:
     def _admit(self, bg, active: dict[int, _Active], job: GenerationJob) -> None:
         """Prefill alone (from the longest cached prefix), sample the first token, join the batch."""
 
-        started = time.perf_counter()
         try:
-            s = job.sampling
-            sampler, processors = build_sampler(s), build_processors(s)
-            kids = keyed_tokens(job.ids, job.media)
-            cache, hit = self._lookup(kids, job)
-            cache, logits = self.runner.prefill(job.ids, job.spans, cache=cache, start=hit)
+            a, cache = self._open(job)
+            cache, logits = self.runner.prefill(job.ids, job.spans, cache=cache, start=a.cached)
             context = mx.array(job.ids)
-            for p in processors:
+            for p in a.processors:
                 logits = p(context, logits)
             logprobs = logits - mx.logsumexp(logits, axis=-1, keepdims=True)
-            first = int(sampler(logprobs).item())
+            first = int(a.sampler(logprobs).item())
         except Exception as e:  # noqa: BLE001 - this request's problem only
             log.error("prefill failed", traceback=traceback.format_exc())
             job.emit(e)
             return
-        a = _Active(job, kids, started, cached=hit, generated=1, sampler=sampler, processors=processors)
-        if self.metrics is not None:
-            self.metrics.prompt_tokens.inc(len(job.ids))
-            self.metrics.prefix_hit_tokens.inc(hit)
+        a.generated = 1
+        self._count_prompt(a)
         if self._deliver(a, first, None, logprobs):
             self._store(a, cache, list(job.ids))
             return
-        if not active and getattr(self, "_solo", None) is None and not len(self._fill) and not self._waiting():
+        if not active and getattr(self, "_solo", None) is None and not len(self._fill) and not self.requests.waiting():
             fed = list(job.ids)
             self._solo = _Solo(a, cache, fed, self._launch(a, cache, fed, first))
             return
@@ -437,7 +386,7 @@ class BatchScheduler:
         nxt, logprobs = solo.pending
         token = int(nxt.item())
         solo.a.generated += 1
-        if not self._waiting():  # keep the device busy while we deliver: launch the next step first
+        if not self.requests.waiting():  # keep the device busy while we deliver: launch the next step first
             solo.pending = self._launch(solo.a, solo.cache, solo.fed, token)
             if self._deliver(solo.a, token, None, logprobs):
                 self._solo = None
@@ -516,7 +465,7 @@ class BatchScheduler:
         if token in job.stop_ids:
             self._complete(a, "stop", stop_id=token)
             return True
-        lps = [_token_logprob(token, logprobs, job.sampling.top_logprobs)] if job.sampling.logprobs else None
+        lps = [token_logprob(token, logprobs, job.sampling.top_logprobs)] if job.sampling.logprobs else None
         job.emit(T.TokenEvent([token], "", lps))  # ids only: text and stop strings are the consumer's
         if finish is not None or a.generated >= job.sampling.max_tokens:
             self._complete(a, "length")
@@ -541,14 +490,3 @@ class BatchScheduler:
 
 def _is_image(job: GenerationJob, offset: int) -> bool:
     return any(sp.offset == offset and sp.modality == T.IMAGE for sp in job.spans)
-
-
-def _token_logprob(token: int, logprobs: mx.array, k: int) -> T.TokenLogprob:
-    """The sampled token's log-probability and the ``k`` most likely tokens (best first)."""
-    lp = logprobs.reshape(-1)
-    top: list[tuple[int, float]] = []
-    if k:
-        idx = mx.argpartition(-lp, kth=k - 1)[:k]
-        vals = lp[idx].tolist()
-        top = sorted(zip(idx.tolist(), vals), key=lambda p: -p[1])
-    return T.TokenLogprob(token, float(lp[token].item()), [(int(t), float(v)) for t, v in top])

@@ -225,6 +225,23 @@ async def test_text_prompts_arriving_together_are_prefilled_together(dense):
         assert db.prompt_tokens == da.prompt_tokens
 
 
+async def _running_stream(engine, max_tokens: int) -> tuple[asyncio.Future, list[float]]:
+    """A stream decoding in the background, once it has 5 tokens: (its task, each token's arrival)."""
+    short = [2, 105, 10, 11, 12, 106, 105, 11]
+    s = T.SamplingParams(temperature=0.0, max_tokens=max_tokens, logit_bias={t: -100.0 for t in engine.eos_ids})
+    arrivals: list[float] = []
+
+    async def running():
+        async for ev in engine.generate(short, [], engine.validate(short, [], s), []):
+            if isinstance(ev, T.TokenEvent):
+                arrivals.extend([time.perf_counter()] * len(ev.token_ids))
+
+    task = asyncio.ensure_future(running())
+    while len(arrivals) < 5:
+        await asyncio.sleep(0.001)
+    return task, arrivals
+
+
 async def test_a_long_prompt_does_not_stall_running_streams(ckpt_dense32):
     """A 1,500-token prompt arriving while a stream decodes is prefilled in chunks of the budget:
     the running stream keeps getting tokens between them (before: one prefill, every stream
@@ -233,18 +250,7 @@ async def test_a_long_prompt_does_not_stall_running_streams(ckpt_dense32):
     try:
         rng = np.random.default_rng(9)
         no_eos = {t: -100.0 for t in engine.eos_ids}
-        short = [2, 105, 10, 11, 12, 106, 105, 11]
-        s = T.SamplingParams(temperature=0.0, max_tokens=400, logit_bias=no_eos)
-        arrivals: list[float] = []
-
-        async def running():
-            async for ev in engine.generate(short, [], engine.validate(short, [], s), []):
-                if isinstance(ev, T.TokenEvent):
-                    arrivals.extend([time.perf_counter()] * len(ev.token_ids))
-
-        task = asyncio.ensure_future(running())
-        while len(arrivals) < 5:
-            await asyncio.sleep(0.001)
+        task, arrivals = await _running_stream(engine, 400)
         long_ids = [2, 105] + [int(x) for x in rng.integers(10, 240, 1500)] + [106, 105, 11]
         t_submit = time.perf_counter()
         tokens, done = await _run(engine, long_ids, [], max_tokens=2, logit_bias=no_eos)
@@ -266,18 +272,7 @@ async def test_a_burst_of_media_prompts_is_prefilled_between_decode_steps(ckpt_d
         no_eos = {t: -100.0 for t in engine.eos_ids}
         media = [_prompt(rng, with_image=True) for _ in range(6)]
         alone = [await _run(engine, ids, spans, max_tokens=6, logit_bias=no_eos) for ids, spans in media]
-        short = [2, 105, 10, 11, 12, 106, 105, 11]
-        s = T.SamplingParams(temperature=0.0, max_tokens=2000, logit_bias=no_eos)
-        arrivals: list[float] = []
-
-        async def running():
-            async for ev in engine.generate(short, [], engine.validate(short, [], s), []):
-                if isinstance(ev, T.TokenEvent):
-                    arrivals.extend([time.perf_counter()] * len(ev.token_ids))
-
-        task = asyncio.ensure_future(running())
-        while len(arrivals) < 5:
-            await asyncio.sleep(0.001)
+        task, arrivals = await _running_stream(engine, 2000)
         t0 = time.perf_counter()
         together = await asyncio.gather(*(_run(engine, ids, spans, max_tokens=6, logit_bias=no_eos)
                                           for ids, spans in media))

@@ -1,0 +1,97 @@
+"""Requests waiting for the decoder's MLX thread, and the bound on how many the decoder holds.
+
+Why: admission must refuse only when the decoder is really full — ``--max-active`` sequences in
+it and ``--max-queue`` more waiting — never because the MLX thread has not yet taken a burst off
+a bounded queue while slots were free.  So the bound is a locked count of requests *in the
+decoder* (queued, prefilling or generating), released once per request: when its completion or
+error is emitted, or when it is dropped cancelled.  Media prompts held back by a step's prefill
+budget wait here too, first in line.
+
+Thread ownership: ``submit``, ``release``, ``depth`` and ``wake`` from any thread; ``next``,
+``defer``, ``waiting`` and ``take_deferred`` on the MLX thread only.
+"""
+
+from __future__ import annotations
+
+import queue
+import threading
+from collections import deque
+
+from mmserve_core.wire import types as T
+from mmserve_core.wire.errors import ResourceExhausted
+
+_WAKE = object()
+
+
+class RequestQueue:
+    def __init__(self, max_active: int, max_queue: int) -> None:
+        self.max_active = max_active
+        self.max_queue = max(0, max_queue)
+        self._queue: queue.Queue = queue.Queue()
+        self._deferred: deque = deque()  # media prompts past a step's prefill budget (MLX thread)
+        self._lock = threading.Lock()
+        self._in_system = 0
+
+    # -- any thread -------------------------------------------------------------------
+    def submit(self, job) -> None:
+        """Count ``job`` in (or refuse it) and queue it; its completion or error releases it."""
+        with self._lock:
+            if self._in_system >= self.max_active + self.max_queue:
+                raise ResourceExhausted(
+                    f"decoder queue is full ({self._in_system - self.max_active} requests waiting behind "
+                    f"{self.max_active} generating; --max-queue {self.max_queue}); retry later")
+            self._in_system += 1
+            job.counted = True
+        emit = job.emit
+
+        def counted_emit(ev, _emit=emit) -> None:
+            if isinstance(ev, (T.Completion, BaseException)):
+                self.release(job)
+            _emit(ev)
+
+        job.emit = counted_emit
+        self._queue.put_nowait(job)
+
+    def release(self, job) -> None:
+        """``job`` left the decoder (finished, failed or cancelled): free its place, once."""
+        with self._lock:
+            if job.counted:
+                job.counted = False
+                self._in_system -= 1
+
+    @property
+    def depth(self) -> int:
+        return self._queue.qsize() + len(self._deferred)
+
+    def wake(self) -> None:
+        """Make a blocked ``next`` return now (the scheduler is stopping)."""
+        self._queue.put_nowait(_WAKE)
+
+    # -- MLX thread ---------------------------------------------------------------------
+    def next(self, *, block: bool):
+        """The next live job — the deferred first — or None (nothing within 0.1 s, or a wake).
+        Cancelled jobs are released and skipped."""
+        while True:
+            try:
+                job = self._deferred.popleft() if self._deferred else (
+                    self._queue.get(timeout=0.1) if block else self._queue.get_nowait())
+            except queue.Empty:
+                return None
+            if job is _WAKE:
+                return None
+            if job.cancel.is_set():
+                self.release(job)
+                continue
+            return job
+
+    def defer(self, job) -> None:
+        """Hold ``job`` for the next step, ahead of the queue."""
+        self._deferred.append(job)
+
+    def waiting(self) -> bool:
+        return bool(self._deferred) or not self._queue.empty()
+
+    def take_deferred(self) -> list:
+        out = list(self._deferred)
+        self._deferred.clear()
+        return out
