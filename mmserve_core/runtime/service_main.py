@@ -107,11 +107,9 @@ def main_for(name: str, parse_args, make_engine, start_server, service_name: str
     """A service's ``main``: an optimized BLAS, flags, logging, the TLS check, then ``serve``
     until drained."""
     from mmserve_core.runtime.blas import blas_in_use, preload_optimized_blas
-    from mmserve_core.runtime.heap import keep_large_buffers_in_heap
     from mmserve_core.runtime.logs import configure_logging, dump_stacks_on_sigusr1
 
     preload_optimized_blas()  # may re-exec this process (before any model is loaded)
-    keep_large_buffers_in_heap()
     dump_stacks_on_sigusr1()
     cfg = parse_args(argv)
     configure_logging(name)
