@@ -158,8 +158,10 @@ class DecoderEngine:
         spans: list[T.SpanEmbedding],
         resolved: ResolvedSampling,
         extra_stop_ids: list[int],
+        priority: str = "default",
     ) -> AsyncIterator[T.TokenEvent | T.Completion]:
-        """Queue a generation and yield its events; closing the iterator cancels it."""
+        """Queue a generation and yield its events; closing the iterator cancels it.  ``priority``
+        (``T.PRIORITIES``) orders it among the waiting requests while the decoder is full."""
         if self.scheduler is None or self._loop_job is None or self._loop_job.done():
             raise Unavailable("decoder is not serving")
         channel = TokenChannel(asyncio.get_running_loop(), self.cfg.stream_interval_ms / 1000.0)
@@ -171,6 +173,7 @@ class DecoderEngine:
             soft_tokens=sum(s.span.length for s in spans),
             emit=channel.put,
             media=[(s.span.offset, s.span.length, media_key(s.tensor.data, s.tensor.dtype)) for s in spans],
+            priority=T.PRIORITIES.index(priority),
         )
         out = OutputText(self.tokenizer, resolved.stop_strings, resolved.logprobs)
         self.scheduler.submit(job)

@@ -129,6 +129,7 @@ class GenerateInput:
     spans: list[T.SpanEmbedding]
     resolved: ResolvedSampling
     stop_token_ids: list[int]
+    priority: str = "default"  # admission order while the decoder is full (T.PRIORITIES)
 
 
 class StreamReader:
@@ -182,6 +183,9 @@ async def read_generate(reader: StreamReader, engine, admission: StreamAdmission
     declared = [codec.span_from_pb(i, s) for i, s in enumerate(setup.spans)]
     sampling = codec.sampling_from_pb(setup.sampling)
     resolved = engine.validate(ids, declared, sampling)
+    priority = codec.PRIORITY_FROM_PB.get(setup.priority)
+    if priority is None:
+        raise InvalidArgument(f"setup.priority = {setup.priority} is not a mmserve.decoder.v1.Priority value")
     total = sum(expected_nbytes(dtype, shape) for _, dtype, shape in declared)
     admission.reserve(ticket, total)
     await context.send_initial_metadata(())  # "setup accepted": the client may send its chunks now
@@ -199,7 +203,7 @@ async def read_generate(reader: StreamReader, engine, admission: StreamAdmission
             else "a second setup message"
         raise InvalidArgument(f"received {what}; send the setup, every span's chunks, then close the stream")
     spans = [T.SpanEmbedding(span, a.finish()) for (span, _, _), a in zip(declared, assemblers)]
-    return GenerateInput(ids, spans, resolved, sampling.stop_token_ids)
+    return GenerateInput(ids, spans, resolved, sampling.stop_token_ids, priority)
 
 
 async def _receive_chunks(reader: StreamReader, assemblers: list[Assembler]) -> None:

@@ -7,14 +7,20 @@ decoder* (queued, prefilling or generating), released once per request: when its
 error is emitted, or when it is dropped cancelled.  Media prompts held back by a step's prefill
 budget wait here too, first in line.
 
+Waiting requests leave in priority order (``GenerationJob.priority``: OpenAI's ``service_tier``
+``priority`` before ``default`` before ``flex``), first come first served within one priority —
+vLLM's priority scheduling, without preemption: a running sequence keeps its slot.
+
 Thread ownership: ``submit``, ``release``, ``depth`` and ``wake`` from any thread; ``next``,
 ``defer``, ``waiting`` and ``take_deferred`` on the MLX thread only.
 """
 
 from __future__ import annotations
 
-import queue
+import heapq
+import itertools
 import threading
+import time
 from collections import deque
 
 from mmserve_core.wire import types as T
@@ -27,7 +33,9 @@ class RequestQueue:
     def __init__(self, max_active: int, max_queue: int) -> None:
         self.max_active = max_active
         self.max_queue = max(0, max_queue)
-        self._queue: queue.Queue = queue.Queue()
+        self._heap: list[tuple[int, int, object]] = []  # (-priority, arrival, job): a heap under _ready
+        self._ready = threading.Condition(threading.Lock())
+        self._arrival = itertools.count()
         self._deferred: deque = deque()  # media prompts past a step's prefill budget (MLX thread)
         self._lock = threading.Lock()
         self._in_system = 0
@@ -50,7 +58,12 @@ class RequestQueue:
             _emit(ev)
 
         job.emit = counted_emit
-        self._queue.put_nowait(job)
+        self._push(-job.priority, job)
+
+    def _push(self, rank: int, item) -> None:
+        with self._ready:
+            heapq.heappush(self._heap, (rank, next(self._arrival), item))
+            self._ready.notify()
 
     def release(self, job) -> None:
         """``job`` left the decoder (finished, failed or cancelled): free its place, once."""
@@ -61,21 +74,19 @@ class RequestQueue:
 
     @property
     def depth(self) -> int:
-        return self._queue.qsize() + len(self._deferred)
+        return len(self._heap) + len(self._deferred)
 
     def wake(self) -> None:
         """Make a blocked ``next`` return now (the scheduler is stopping)."""
-        self._queue.put_nowait(_WAKE)
+        self._push(-(1 << 30), _WAKE)
 
     # -- MLX thread ---------------------------------------------------------------------
     def next(self, *, block: bool):
         """The next live job — the deferred first — or None (nothing within 0.1 s, or a wake).
         Cancelled jobs are released and skipped."""
         while True:
-            try:
-                job = self._deferred.popleft() if self._deferred else (
-                    self._queue.get(timeout=0.1) if block else self._queue.get_nowait())
-            except queue.Empty:
+            job = self._deferred.popleft() if self._deferred else self._pop(0.1 if block else 0.0)
+            if job is None:
                 return None
             if job is _WAKE:
                 return None
@@ -84,12 +95,23 @@ class RequestQueue:
                 continue
             return job
 
+    def _pop(self, timeout_s: float):
+        """The highest-priority, earliest waiting job, waiting up to ``timeout_s`` for one."""
+        deadline = time.monotonic() + timeout_s
+        with self._ready:
+            while not self._heap:
+                left = deadline - time.monotonic()
+                if left <= 0:
+                    return None
+                self._ready.wait(left)
+            return heapq.heappop(self._heap)[2]
+
     def defer(self, job) -> None:
         """Hold ``job`` for the next step, ahead of the queue."""
         self._deferred.append(job)
 
     def waiting(self) -> bool:
-        return bool(self._deferred) or not self._queue.empty()
+        return bool(self._deferred) or bool(self._heap)
 
     def take_deferred(self) -> list:
         out = list(self._deferred)

@@ -66,6 +66,7 @@ class GenerationJob:
     enqueued_at: float = field(default_factory=time.perf_counter)
     counted: bool = False  # holds a place in the scheduler's admission count (released once)
     finish_on_cancel: bool = False  # the consumer matched a stop string: answer the cancel with a Completion
+    priority: int = 1  # index into T.PRIORITIES: waiting jobs of a higher one are placed first
 
 
 @dataclass
@@ -485,6 +486,8 @@ class BatchScheduler:
             decode_ms=(end - a.first_at) * 1000.0,
             stop_token_id=stop_id,
             cached_tokens=a.cached,
+            # the finished sequence's KV (its whole prompt) goes to the prefix cache (``_store``)
+            cache_write_tokens=len(job.ids) - a.cached if self.prefix.enabled else 0,
         ))
 
 

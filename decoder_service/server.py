@@ -22,6 +22,8 @@ from mmserve_core.wire import types as T
 from mmserve_core.wire.stubs import decoder_pb2, decoder_pb2_grpc
 
 log = get_logger(__name__)
+# GetModelInfoResponse.capabilities: what this decoder honours beyond every version's fields
+CAPABILITIES = frozenset({"priority"})
 SERVICE_NAME = decoder_pb2.DESCRIPTOR.services_by_name["DecoderService"].full_name
 
 
@@ -38,7 +40,8 @@ class DecoderServicer(decoder_pb2_grpc.DecoderServiceServicer):
                 reader = StreamReader(request_iterator, self.admission.limits, m)
                 inp = await read_generate(reader, self.engine, self.admission, ticket, context)
                 self.admission.release(ticket)  # the rows now belong to the engine's job (bounded by its queue)
-                events = self.engine.generate(inp.ids, inp.spans, inp.resolved, inp.stop_token_ids)
+                events = self.engine.generate(inp.ids, inp.spans, inp.resolved, inp.stop_token_ids,
+                                              priority=inp.priority)
                 try:
                     async for ev in events:
                         if isinstance(ev, T.TokenEvent):
@@ -76,6 +79,7 @@ class DecoderServicer(decoder_pb2_grpc.DecoderServiceServicer):
                 bidirectional_vision=info.bidirectional_vision,
                 per_layer_inputs=info.per_layer_inputs,
                 chat_template=self.engine.chat_template,
+                capabilities=sorted(CAPABILITIES),
             )
 
 

@@ -49,10 +49,10 @@ def stop_reason(done: Done) -> tuple[str, str | None]:
     return "end_turn", None
 
 
-def usage(done: Done) -> dict[str, int]:
+def usage(done: Done, tier: str = "standard") -> dict[str, Any]:
     c = done.completion
     return {"input_tokens": c.prompt_tokens - c.cached_tokens, "output_tokens": c.completion_tokens,
-            "cache_read_input_tokens": c.cached_tokens, "cache_creation_input_tokens": 0}
+            "cache_read_input_tokens": c.cached_tokens, "cache_creation_input_tokens": c.cache_write_tokens, "service_tier": tier}
 
 
 def _tool_input(arguments: str) -> Any:

@@ -33,11 +33,13 @@ from gateway.chat import (
     refuse_unknown,
     valid_text,
 )
+from gateway.request_options import ANTHROPIC_TIERS, service_tier
 from mmserve_core.wire import types as T
 
 BODY_KEYS = frozenset({"model", "messages", "max_tokens", "system", "stream", "temperature", "top_p", "top_k",
-                       "stop_sequences", "metadata", "tools", "tool_choice", "thinking"})
-COUNT_KEYS = BODY_KEYS - {"max_tokens", "stream", "temperature", "top_p", "top_k", "stop_sequences", "metadata"}
+                       "stop_sequences", "metadata", "tools", "tool_choice", "thinking", "service_tier"})
+COUNT_KEYS = BODY_KEYS - {"max_tokens", "stream", "temperature", "top_p", "top_k", "stop_sequences", "metadata",
+                          "service_tier"}
 AUDIO_TYPES = {"audio/wav": "wav", "audio/x-wav": "wav", "audio/wave": "wav", "audio/mpeg": "mp3",
                "audio/mp3": "mp3", "audio/flac": "flac", "audio/x-flac": "flac", "audio/ogg": "ogg"}
 IMAGE_TYPES = ("image/jpeg", "image/png", "image/gif", "image/webp")
@@ -310,9 +312,10 @@ def parse_messages_request(body: Any, *, allow_urls: bool = False, counting: boo
         raise bad("model must be a string", "model")
     thinking, budget = _thinking(body.get("thinking"), body.get("max_tokens"))
     sampling.reasoning_budget = budget
+    tier = service_tier(body.get("service_tier"), ANTHROPIC_TIERS)
     req = ChatRequest(model=model, messages=messages, stream=stream, sampling=sampling,
                       include_reasoning=thinking, tools=_tools(body.get("tools")),
                       chat_template_kwargs={"enable_thinking": True} if thinking else {},
-                      tool_schema_path=SCHEMA_PATH)
+                      tool_schema_path=SCHEMA_PATH, priority=tier.priority, service_tier=tier.served)
     _tool_choice(body.get("tool_choice"), req)
     return req

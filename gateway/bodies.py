@@ -22,3 +22,10 @@ async def read_json(request: Request):
     except RecursionError:
         raise HTTPError(400, "request body nests JSON too deeply", type_="invalid_request_error",
                         code="invalid_json") from None
+
+
+def credential(request: Request) -> str:
+    """The credential a request presented (bearer token or ``x-api-key``): stored responses and
+    completions are namespaced by it, so one key never reads another's."""
+    auth = request.headers.get("authorization", "")
+    return auth[7:].strip() if auth[:7].lower() == "bearer " else request.headers.get("x-api-key", "")

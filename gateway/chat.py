@@ -60,6 +60,12 @@ class ChatRequest:
     strict_tools: bool = False  # a tool asked for strict arguments: enforced even under "auto"
     constraint_param: str = "response_format"  # the field a constraint refusal is blamed on
     tool_schema_path: str = TOOL_SCHEMA_PATH  # how this front names tool i's schema in errors
+    priority: str = "default"  # the decoder's admission priority (T.PRIORITIES), from the service tier
+    service_tier: str = "default"  # the tier the reply reports (as the client's API names it)
+    cache_key: str | None = None  # prompt_cache_key: picks the decoder (prefix-cache affinity)
+    metadata: dict[str, str] = field(default_factory=dict)  # stored and echoed
+    store: bool = False  # keep the reply for GET (chat completions; Responses keeps its own flag)
+    truncation: str = "disabled"  # "auto": drop the oldest turns until the prompt fits
 
     @property
     def media(self) -> list[Part]:

@@ -104,17 +104,20 @@ class DecoderClient:
         sampling: T.SamplingParams,
         request_id: str,
         affinity: bytes | None = None,
+        priority: str = "default",
     ):
         """Start a Generate and wait for its first message: ``(call, first)``.
 
         ``affinity``: the conversation's key (``conversation_key``) — its turns go to
-        one decoder, whose prefix cache holds the earlier turns.
+        one decoder, whose prefix cache holds the earlier turns.  ``priority``
+        (``T.PRIORITIES``): its place among waiting requests when the decoder is full.
         Iterate ``call.read()`` for the rest; ``call.cancel()`` stops the sequence."""
 
         setup = decoder_pb2.GenerateRequest(setup=decoder_pb2.GenerateSetup(
             prompt_token_ids=ids,
             spans=[codec.span_to_pb(s.span, s.tensor) for s in spans],
             sampling=codec.sampling_to_pb(sampling),
+            priority=codec.PRIORITY_TO_PB[priority] if priority != "default" else 0,
         ))
 
         def chunks():  # serialized straight from the encoder's assembled rows: one copy per byte

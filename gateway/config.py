@@ -41,6 +41,7 @@ class GatewayConfig:
     transcription_instruction_language: str = "Transcribe the following speech segment in {language} into " \
                                               "{language} text."
     responses_store_bytes: int = 64 << 20  # /v1/responses kept for previous_response_id (LRU by bytes)
+    chat_store_bytes: int = 64 << 20  # chat completions created with store: true (LRU by bytes)
 
 
 def _env(name: str, default):
@@ -104,6 +105,9 @@ def parse_args(argv: list[str] | None = None) -> GatewayConfig:
                         "'Transcribe the following speech segment into text.'); used with or without a language")
     p.add_argument("--responses-store-bytes", type=int, default=int(_env("RESPONSES_STORE_BYTES", 64 << 20)),
                    help="memory for stored /v1/responses (previous_response_id, GET); least recently used go first")
+    p.add_argument("--chat-store-bytes", type=int, default=int(_env("CHAT_STORE_BYTES", 64 << 20)),
+                   help="memory for chat completions created with store: true (GET /v1/chat/completions); "
+                        "least recently used go first")
     a = p.parse_args(argv)
     cfg = GatewayConfig(a.checkpoint, a.encoder, a.decoder, a.host, a.port, a.model_id, a.rpc_timeout_s,
                          a.reasoning, a.api_key, a.max_body_bytes, a.max_media_items, a.max_audio_seconds,
@@ -116,4 +120,5 @@ def parse_args(argv: list[str] | None = None) -> GatewayConfig:
     if a.transcription_instruction:  # one instruction for every clip, a language or not
         cfg = dataclasses.replace(cfg, transcription_instruction=a.transcription_instruction,
                                   transcription_instruction_language=a.transcription_instruction)
-    return dataclasses.replace(cfg, responses_store_bytes=a.responses_store_bytes)
+    return dataclasses.replace(cfg, responses_store_bytes=a.responses_store_bytes,
+                               chat_store_bytes=a.chat_store_bytes)

@@ -7,19 +7,24 @@ language named when one is given) and the audio — and goes through the same pi
 blocks), greedy by default.  ``prompt`` (text of earlier audio, to keep names and style) is
 given to the model after the instruction.  ``response_format`` ``json`` or ``text``; the formats
 that need segment timestamps (``verbose_json``, ``srt``, ``vtt``) and ``timestamp_granularities``
-are refused with 400, as is anything else this server cannot honour.  The answer is bounded by
+are refused with 400, as is anything else this server cannot honour.  ``stream=true`` sends the
+transcript as it is written (``transcript.text.delta`` events, then ``transcript.text.done`` with
+the usage); ``include[]=logprobs`` adds each token's log-probability; ``chunking_strategy: auto``
+is what the encoder does anyway (a clip over 30 s goes in as consecutive 30 s blocks), while a
+``server_vad`` object (VAD thresholds this server has no VAD for) is refused.  The answer is bounded by
 the clip's length (``MAX_TOKENS_PER_SECOND``): a model that runs on is cut there, never left to
 fill the context.  Event loop.
 """
 
 from __future__ import annotations
 
+import json
 import time
 
 from fastapi import FastAPI, Request
-from fastapi.responses import JSONResponse, PlainTextResponse
+from fastapi.responses import JSONResponse, PlainTextResponse, StreamingResponse
 
-from gateway.chat import ChatRequest, Delta, Done, Message, Part, audio_part, bad, parse_fields
+from gateway.chat import ChatRequest, Delta, Message, Part, audio_part, bad, parse_fields
 from gateway.config import GatewayConfig
 from gateway.errors import HTTPError
 from gateway.metrics import GatewayMetrics
@@ -28,7 +33,8 @@ from gateway.responses import failure_response
 from mmserve_core.runtime.logs import get_logger, new_request_id, request_id_var
 
 log = get_logger(__name__)
-FIELDS = {"file", "model", "language", "prompt", "response_format", "temperature"}
+FIELDS = {"file", "model", "language", "prompt", "response_format", "temperature", "stream", "include[]",
+          "include", "chunking_strategy"}
 TIMESTAMP_FORMATS = ("verbose_json", "srt", "vtt")
 MAX_TOKENS_PER_SECOND, MIN_TOKENS = 32, 64
 # ISO-639-1 codes OpenAI's clients send -> the language's name, as the instruction says it
@@ -49,6 +55,23 @@ def _text_field(form, name: str) -> str | None:
     if values and not isinstance(values[0], str):
         raise bad(f"{name} must be a text field, not a file", name)
     return values[0] if values else None
+
+
+def _options(form, req: ChatRequest) -> None:
+    """``stream``, ``include[]``, ``chunking_strategy`` onto the request."""
+    stream = _text_field(form, "stream")
+    if stream is not None and stream.lower() not in ("true", "false"):
+        raise bad("stream must be true or false", "stream")
+    req.stream = stream is not None and stream.lower() == "true"
+    include = [*form.getlist("include[]"), *form.getlist("include")]
+    for v in include:
+        if v != "logprobs":
+            raise bad(f"include: {v!r} is not an option; 'logprobs' is", "include[]")
+    req.sampling.logprobs = bool(include)
+    chunking = _text_field(form, "chunking_strategy")
+    if chunking is not None and chunking != "auto":
+        raise bad("chunking_strategy: only 'auto' (30 s blocks) is available; this server has no voice-activity "
+                  "detection to tune", "chunking_strategy")
 
 
 async def parse_transcription(form, cfg: GatewayConfig) -> tuple[ChatRequest, str]:
@@ -94,8 +117,71 @@ async def parse_transcription(form, cfg: GatewayConfig) -> tuple[ChatRequest, st
     seconds = audio_seconds(raw)
     sampling, _ = parse_fields({"temperature": t, "max_tokens": int(MIN_TOKENS + MAX_TOKENS_PER_SECOND * seconds)})
     model = _text_field(form, "model")
-    return ChatRequest(model=model, messages=[Message("user", parts, "file")], sampling=sampling,
-                       include_reasoning=False), response_format
+    req = ChatRequest(model=model, messages=[Message("user", parts, "file")], sampling=sampling,
+                      include_reasoning=False)
+    _options(form, req)
+    return req, response_format
+
+
+class Transcript:
+    """The transcript as it streams: leading and trailing blanks held back (the whole transcript is
+    stripped, and the deltas add up to it exactly)."""
+
+    def __init__(self) -> None:
+        self.shown: list[str] = []
+        self._pending = ""
+
+    def feed(self, text: str) -> str:
+        text = self._pending + text
+        if not self.shown:
+            text = text.lstrip()
+        body = text.rstrip()
+        self._pending = text[len(body):]
+        if body:
+            self.shown.append(body)
+        return body
+
+    @property
+    def text(self) -> str:
+        return "".join(self.shown)
+
+
+def _usage(c) -> dict | None:
+    return ({"type": "tokens", "input_tokens": c.prompt_tokens, "output_tokens": c.completion_tokens,
+             "total_tokens": c.prompt_tokens + c.completion_tokens} if c else None)
+
+
+async def _events(gen, logprobs):
+    """``transcript.text.delta`` per piece, then ``transcript.text.done``; an upstream failure is an
+    ``error`` event (the response has begun)."""
+    t, lps = Transcript(), []
+    try:
+        async for ev in gen.events():
+            if isinstance(ev, Delta):
+                piece = t.feed(ev.content)
+                body: dict = {"type": "transcript.text.delta", "delta": piece}
+                if logprobs is not None:
+                    body["logprobs"] = [_lp(e) for e in logprobs.content_json(ev.logprobs)]
+                    lps += body["logprobs"]
+                if piece or body.get("logprobs"):
+                    yield _sse(body)
+                continue
+            done = {"type": "transcript.text.done", "text": t.text, "usage": _usage(ev.completion)}
+            if logprobs is not None:
+                done["logprobs"] = lps
+            yield _sse(done)
+    except HTTPError as err:
+        yield _sse({"type": "error", "error": err.body()["error"]})
+    finally:
+        gen.cancel()
+
+
+def _lp(e: dict) -> dict:
+    return {"token": e["token"], "logprob": e["logprob"], "bytes": e["bytes"]}
+
+
+def _sse(body: dict) -> str:
+    return f"data: {json.dumps(body, separators=(',', ':'))}\n\n"
 
 
 def add_audio_routes(app: FastAPI, pipeline: Pipeline, metrics: GatewayMetrics, cfg: GatewayConfig) -> None:
@@ -112,22 +198,29 @@ def add_audio_routes(app: FastAPI, pipeline: Pipeline, metrics: GatewayMetrics, 
                 raise bad(f"the body is not a multipart/form-data form ({type(e).__name__}: {e})", None) from None
             req, response_format = await parse_transcription(form, cfg)
             gen = await pipeline.start(req, rid)
-            text: list[str] = []
-            done: Done | None = None
+            metrics.ttft.observe(time.perf_counter() - t0)
+            logprobs = pipeline.logprobs if req.sampling.logprobs else None
+            if req.stream:
+                metrics.requests.labels("200").inc()
+                return StreamingResponse(_events(gen, logprobs), media_type="text/event-stream",
+                                         headers={"Cache-Control": "no-cache"})
+            t, lps, done = Transcript(), [], None
             async for ev in gen.events():
                 if isinstance(ev, Delta):
-                    text.append(ev.content)
+                    t.feed(ev.content)
+                    lps += ev.logprobs
                 else:
                     done = ev
+            if done is None:
+                raise HTTPError(502, "decoder stream ended without a completion", type_="server_error")
         except Exception as e:  # noqa: BLE001 - every failure becomes OpenAI error JSON
             return failure_response(e, request.url.path, "transcription", metrics)
         metrics.requests.labels("200").inc()
-        metrics.ttft.observe(time.perf_counter() - t0)
-        transcript = "".join(text).strip()
-        c = done.completion if done else None
-        log.info("transcribed", finish_reason=c.finish_reason if c else None, chars=len(transcript))
+        c = done.completion
+        log.info("transcribed", finish_reason=c.finish_reason, chars=len(t.text))
         if response_format == "text":
-            return PlainTextResponse(transcript + "\n")
-        usage = ({"type": "tokens", "input_tokens": c.prompt_tokens, "output_tokens": c.completion_tokens,
-                  "total_tokens": c.prompt_tokens + c.completion_tokens} if c else None)
-        return JSONResponse({"text": transcript, "usage": usage})
+            return PlainTextResponse(t.text + "\n")
+        body = {"text": t.text, "usage": _usage(c)}
+        if logprobs is not None:
+            body["logprobs"] = [_lp(e) for e in logprobs.content_json(lps)]
+        return JSONResponse(body)

@@ -18,11 +18,12 @@ from fastapi.responses import StreamingResponse
 
 from gateway.bodies import read_json
 from gateway.chat import ROLES
+from gateway.chat_store import ChatStore, add_chat_store_routes
 from gateway.config import GatewayConfig
 from gateway.metrics import GatewayMetrics
 from gateway.openai_schema import parse_chat_request
 from gateway.pipeline import Pipeline
-from gateway.responses import complete, failure_response, sse
+from gateway.responses import ChatReply, complete, failure_response, sse
 from mmserve_core.runtime.logs import REQUEST_ID_HEADER, get_logger, new_request_id, request_id_var
 from mmserve_core.wire.fields import openapi_properties
 
@@ -30,28 +31,36 @@ log = get_logger(__name__)
 
 
 def add_chat_routes(app: FastAPI, pipeline: Pipeline, metrics: GatewayMetrics, cfg: GatewayConfig) -> None:
+    chats = ChatStore(cfg.chat_store_bytes)
+    app.state.chat_store = chats
+
     @app.post("/v1/chat/completions", openapi_extra=chat_openapi(pipeline.served_models))
     async def chat_completions(request: Request):
         rid = request_id_var.get() or new_request_id()
         t0 = time.perf_counter()
         try:
-            req = parse_chat_request(await read_json(request), allow_urls=cfg.url_fetch)
+            body = await read_json(request)
+            req = parse_chat_request(body, allow_urls=cfg.url_fetch)
+            if isinstance(body.get("safety_identifier"), str):
+                log.info("end user", safety_identifier=body["safety_identifier"])
             gen = await pipeline.start(req, rid)
         except Exception as e:  # noqa: BLE001 - every failure becomes OpenAI error JSON
             return failure_response(e, request.url.path, "chat completion", metrics)
         metrics.ttft.observe(time.perf_counter() - t0)
         metrics.requests.labels("200").inc()
-        cid, created, model = f"chatcmpl-{uuid.uuid4().hex}", int(time.time()), pipeline.model_id
-        logprobs = pipeline.logprobs if req.sampling.logprobs else None
+        reply = ChatReply(f"chatcmpl-{uuid.uuid4().hex}", int(time.time()), pipeline.model_id, req.service_tier,
+                          req.return_token_ids, pipeline.logprobs if req.sampling.logprobs else None,
+                          pipeline.keep_reasoning(req))
+        keep = (lambda done: chats.keep(request, done, body["messages"], req.metadata)) if req.store else None
         if req.stream:
             return StreamingResponse(
-                sse(gen, cid, created, model, req.include_usage, req.return_token_ids, logprobs,
-                    pipeline.keep_reasoning(req)),
+                sse(gen, reply, req.include_usage, on_complete=keep),
                 media_type="text/event-stream",
                 headers={"Cache-Control": "no-cache", REQUEST_ID_HEADER: rid},
             )
-        return await complete(gen, cid, created, model, req.return_token_ids, logprobs, pipeline.keep_reasoning(req),
-                              request.is_disconnected)
+        return await complete(gen, reply, request.is_disconnected, on_complete=keep)
+
+    add_chat_store_routes(app, chats)
 
 
 def chat_openapi(models: tuple[str, ...]) -> dict:
@@ -116,6 +125,19 @@ def chat_openapi(models: tuple[str, ...]) -> dict:
                                          "properties": {"name": {"type": "string"}}}}}],
                         "description": "required / a named function: enforced by the decoder (a grammar of the call)"},
                     "parallel_tool_calls": {"type": "boolean"},
+                    "store": {"type": "boolean", "description": "keep the completion for GET /v1/chat/completions"},
+                    "metadata": {"type": "object", "maxProperties": 16, "additionalProperties": {
+                        "type": "string", "maxLength": 512}, "description": "stored with the completion"},
+                    "reasoning_effort": {"type": "string", "enum": ["none", "minimal", "low", "medium", "high",
+                                                                    "xhigh", "max"],
+                                         "description": "none/minimal: thinking off; else on, with a thought "
+                                                        "budget that grows with the effort"},
+                    "service_tier": {"type": "string", "enum": ["auto", "default", "flex", "scale", "priority",
+                                                                "fast"],
+                                     "description": "the decoder's admission priority: priority > default > flex"},
+                    "prompt_cache_key": {"type": "string", "minLength": 1, "maxLength": 1024,
+                                         "description": "requests sharing it go to one decoder (its prefix cache)"},
+                    "safety_identifier": {"type": "string", "description": "logged with the request"},
                 },
             }}},
         },

@@ -23,7 +23,7 @@ import uuid
 from fastapi import FastAPI, Request
 from fastapi.responses import JSONResponse, StreamingResponse
 
-from gateway.bodies import read_json
+from gateway.bodies import credential, read_json
 from gateway.chat import Delta, Done, Message, Part, delta_pieces
 from gateway.config import GatewayConfig
 from gateway.errors import HTTPError
@@ -43,9 +43,24 @@ def _hex() -> str:
     return uuid.uuid4().hex[:24]
 
 
-def _credential(request: Request) -> str:
-    auth = request.headers.get("authorization", "")
-    return auth[7:].strip() if auth[:7].lower() == "bearer " else request.headers.get("x-api-key", "")
+def _is_object(text: str) -> bool:
+    try:
+        return isinstance(json.loads(text), dict)
+    except (json.JSONDecodeError, RecursionError):
+        return False
+
+
+def _continuable(prior: list[Message], previous_id: str) -> list[Message]:
+    """A stored conversation whose last call was cut off (its arguments are not a JSON object) cannot
+    be continued: the call the client answers does not exist in full."""
+    for m in prior:
+        for c in m.tool_calls:
+            if not _is_object(c.arguments or "{}"):
+                raise HTTPError(400, f"previous response {previous_id!r} ends in function call {c.id!r} whose "
+                                "arguments were cut off (max_output_tokens), so it cannot be continued; start from "
+                                "its input with a larger max_output_tokens", type_="invalid_request_error",
+                                param="previous_response_id", code="invalid_value")
+    return prior
 
 
 class Output:
@@ -86,7 +101,8 @@ class Output:
         elif item["type"] == "message":
             item["content"] = [{"type": "output_text", "text": item.pop("_text", ""), "annotations": [],
                                 "logprobs": []}]
-        item["status"] = "completed"
+        item["status"] = "completed" if item["type"] != "function_call" or _is_object(item["arguments"]) \
+            else "incomplete"  # a call cut off by max_output_tokens
         self.kind = None
         return item
 
@@ -101,7 +117,7 @@ def response_body(rid: str, rr: ResponsesRequest, model: str, created: int, outp
     status = "in_progress" if done is None else "incomplete" if done.finish_reason == "length" else "completed"
     c = done.completion if done is not None else None
     echo = rr.echo
-    return {
+    body = {
         "id": rid, "object": "response", "created_at": created, "status": status, "error": None,
         "incomplete_details": {"reason": "max_output_tokens"} if status == "incomplete" else None,
         "instructions": rr.instructions, "max_output_tokens": echo.get("max_output_tokens"), "model": model,
@@ -110,14 +126,22 @@ def response_body(rid: str, rr: ResponsesRequest, model: str, created: int, outp
         "reasoning": echo.get("reasoning") or {"effort": None, "summary": None}, "store": store,
         "temperature": echo.get("temperature"), "text": echo.get("text") or {"format": {"type": "text"}},
         "tool_choice": echo.get("tool_choice") or ("auto" if rr.chat.tools else "none"),
-        "tools": echo.get("tools") or [], "top_p": echo.get("top_p"), "truncation": "disabled",
-        "user": echo.get("user"), "metadata": rr.metadata,
-        "usage": None if c is None else {
-            "input_tokens": c.prompt_tokens, "input_tokens_details": {"cached_tokens": c.cached_tokens},
+        "tools": echo.get("tools") or [], "top_p": echo.get("top_p"), "truncation": rr.chat.truncation,
+        "metadata": rr.metadata, "service_tier": rr.chat.service_tier,
+        "prompt_cache_key": rr.chat.cache_key,
+    }
+    # omitted rather than null where OpenAI's schema has no null: the user string, usage before the end
+    for k in ("user", "safety_identifier"):
+        if echo.get(k) is not None:
+            body[k] = echo[k]
+    if c is not None:
+        body["usage"] = {
+            "input_tokens": c.prompt_tokens,
+            "input_tokens_details": {"cached_tokens": c.cached_tokens, "cache_write_tokens": c.cache_write_tokens},
             "output_tokens": c.completion_tokens,
             "output_tokens_details": {"reasoning_tokens": output.reasoning_tokens if output else 0},
-            "total_tokens": c.prompt_tokens + c.completion_tokens},
-    }
+            "total_tokens": c.prompt_tokens + c.completion_tokens}
+    return body
 
 
 class _Events:
@@ -153,8 +177,8 @@ class _Events:
             events.append(self.ev("response.content_part.done", {"item_id": item["id"], "output_index": i,
                                                                  "content_index": 0, "part": part}))
         else:
-            events.append(self.ev("response.function_call_arguments.done", {"item_id": item["id"], "output_index": i,
-                                                                            "arguments": item["arguments"]}))
+            events.append(self.ev("response.function_call_arguments.done", {
+                "item_id": item["id"], "output_index": i, "name": item["name"], "arguments": item["arguments"]}))
         done = out.finish()
         events.append(self.ev("response.output_item.done", {"output_index": i, "item": done}))
         return events
@@ -223,7 +247,7 @@ class ResponsesFront:
         t0 = time.perf_counter()
         try:
             rr = parse_responses_request(await read_json(request), allow_urls=self.cfg.url_fetch)
-            ns = namespace(_credential(request))
+            ns = namespace(credential(request))
             prior: list[Message] = []
             if rr.previous_response_id is not None:
                 entry = self.store.get(ns, rr.previous_response_id)
@@ -231,7 +255,7 @@ class ResponsesFront:
                     raise HTTPError(404, f"previous response {rr.previous_response_id!r} is not stored here (never "
                                     "stored, deleted, or evicted)", type_="invalid_request_error",
                                     param="previous_response_id", code="not_found")
-                prior = entry.conversation
+                prior = _continuable(entry.conversation, rr.previous_response_id)
             inputs = rr.chat.messages
             rr.chat.messages = conversation(prior, rr)
             gen = await self.pipeline.start(rr.chat, rid_req)
@@ -308,18 +332,18 @@ def add_responses_routes(app: FastAPI, pipeline: Pipeline, metrics: GatewayMetri
 
     @app.get("/v1/responses/{response_id}")
     async def get(response_id: str, request: Request):
-        entry = front.store.get(namespace(_credential(request)), response_id)
+        entry = front.store.get(namespace(credential(request)), response_id)
         return JSONResponse(entry.body) if entry is not None else _missing(response_id)
 
     @app.delete("/v1/responses/{response_id}")
     async def delete(response_id: str, request: Request):
-        if not front.store.delete(namespace(_credential(request)), response_id):
+        if not front.store.delete(namespace(credential(request)), response_id):
             return _missing(response_id)
         return JSONResponse({"id": response_id, "object": "response", "deleted": True})
 
     @app.get("/v1/responses/{response_id}/input_items")
     async def input_items(response_id: str, request: Request):
-        entry = front.store.get(namespace(_credential(request)), response_id)
+        entry = front.store.get(namespace(credential(request)), response_id)
         if entry is None:
             return _missing(response_id)
         data = entry.input_items

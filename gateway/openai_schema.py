@@ -31,6 +31,14 @@ from gateway.chat import (
     refuse_unknown,
     valid_text,
 )
+from gateway.request_options import (
+    OPENAI_TIERS,
+    apply_effort,
+    cache_key,
+    metadata,
+    reasoning_effort,
+    service_tier,
+)
 from mmserve_core.wire import fields as F
 from mmserve_core.wire import types as T
 
@@ -215,6 +223,8 @@ def _template_kwargs(body: dict) -> dict[str, Any]:
 # Every body key this server honours; any other is refused by name (nothing is silently ignored).
 KNOWN_KEYS = frozenset({"model", "messages", "stream", "stream_options", "n", "user", "chat_template_kwargs",
                         "return_token_ids", "response_format", "tools", "tool_choice", "parallel_tool_calls",
+                        "store", "metadata", "reasoning_effort", "service_tier", "prompt_cache_key",
+                        "safety_identifier",
                         *(k for f in F.CHAT_FIELDS for k in (f.name, *f.aliases))})
 MESSAGE_KEYS = frozenset({"role", "content", "tool_calls", "tool_call_id"})
 
@@ -263,14 +273,22 @@ def parse_chat_request(body: Any, *, allow_urls: bool = False) -> ChatRequest:
     sampling.constraint = _response_format(body)
     model = _string(body, "model")
     _string(body, "user")
+    _string(body, "safety_identifier")  # logged with the request (gateway.openai_chat)
     tools, strict = _tools(body)
     choice, name = _tool_choice(body)
+    tier = service_tier(body.get("service_tier"), OPENAI_TIERS)
+    kwargs = _template_kwargs(body)
+    apply_effort(reasoning_effort(body.get("reasoning_effort"), "reasoning_effort"), kwargs, sampling,
+                 "reasoning_effort")
     req = ChatRequest(model=model, messages=messages, stream=stream,
                       include_usage=bool(opts.get("include_usage", False)),
                       return_token_ids=_flag(body, "return_token_ids"), sampling=sampling,
                       include_reasoning=options.get("include_reasoning"),
-                      chat_template_kwargs=_template_kwargs(body), tools=tools, tool_choice=choice, tool_name=name,
-                      parallel_tool_calls=_flag(body, "parallel_tool_calls", True), strict_tools=strict)
+                      chat_template_kwargs=kwargs, tools=tools, tool_choice=choice, tool_name=name,
+                      parallel_tool_calls=_flag(body, "parallel_tool_calls", True), strict_tools=strict,
+                      priority=tier.priority, service_tier=tier.served,
+                      cache_key=cache_key(body.get("prompt_cache_key")), metadata=metadata(body.get("metadata")),
+                      store=_flag(body, "store"))
     check_tool_choice(req)
     return req
 

@@ -10,13 +10,14 @@ from __future__ import annotations
 
 import asyncio
 import dataclasses
+import hashlib
 import io
 import time
 
 import grpc
 import soundfile as sf
 
-from gateway.chat import ChatRequest, Delta, Done, check_towers
+from gateway.chat import ChatRequest, Delta, Done, bad, check_towers
 from gateway.clients import DecoderClient, EncoderClient, conversation_key
 from gateway.config import GatewayConfig
 from gateway.errors import HTTPError, to_http
@@ -188,17 +189,23 @@ class Pipeline:
                             f"{self.cfg.max_audio_seconds:g} s", type_="invalid_request_error", param="messages",
                             code="audio_too_long")
 
-    async def start_generate(self, ids: list[int], spans: list[T.SpanEmbedding], sampling: T.SamplingParams,
-                             rid: str):
-        """Start the decoder's Generate (both fronts): ``(call, first message)``.
+    async def start_generate(self, ids: list[int], spans: list[T.SpanEmbedding], req: ChatRequest, rid: str):
+        """Start the decoder's Generate (every front): ``(call, first message)``.
 
         With several decoders, a conversation's turns go to one of them
         (``--decoder-affinity conversation``), so turn 2 finds turn 1 in that
-        decoder's prefix cache instead of recomputing it on another."""
+        decoder's prefix cache instead of recomputing it on another; a request's
+        ``prompt_cache_key`` is that key when given (requests sharing it share a decoder).
+        The service tier becomes the decoder's admission priority."""
         key = None
-        if self.cfg.decoder_affinity == "conversation" and self._info is not None:
+        if req.cache_key is not None:
+            key = hashlib.blake2b(req.cache_key.encode(), digest_size=16, person=b"prompt_cache_key").digest()
+        elif self.cfg.decoder_affinity == "conversation" and self._info is not None:
             key = conversation_key(ids, spans, set(self._info.eos_token_ids))
-        return await self.decoder.start_generate(ids, spans, sampling, rid, affinity=key)
+        if req.priority != "default" and self._info is not None and "priority" not in self._info.capabilities:
+            raise bad(f"service_tier {req.service_tier!r}: the decoder serving this model is a version without "
+                      "admission priorities, so the tier cannot be honoured", "service_tier")
+        return await self.decoder.start_generate(ids, spans, req.sampling, rid, affinity=key, priority=req.priority)
 
     async def start(self, req: ChatRequest, rid: str) -> Generation:
         """Everything between a parsed request and its first event: model check, media,
@@ -206,7 +213,7 @@ class Pipeline:
         tools = plan_tools(req, self.tool_markers)
         ids, spans, encode_ms = await self.prepare(req, rid)
         try:
-            call, first = await self.start_generate(ids, spans, req.sampling, rid)
+            call, first = await self.start_generate(ids, spans, req, rid)
         except grpc.aio.AioRpcError as e:
             err = to_http(e, upstream="decoder")
             if err.status == 400 and err.message.startswith(CONSTRAINT_REFUSAL):
@@ -239,13 +246,47 @@ class Pipeline:
                     err.message = param + err.message[err.message.find("]") + 1 :]
                 raise err from None
         encode_ms = (time.perf_counter() - t0) * 1000.0
-        built = builder.build(
-            rendered,
-            [(e.modality, p.param, e.block_rows, e.content_hash) for e, p in zip(encoded, media_parts)],
-        )
-        block_tensors = [t for e in encoded for t in split_rows(e.tensor, e.block_rows)]
+        by_part = {id(p): e for p, e in zip(media_parts, encoded)}
+        messages = req.messages
+        while True:
+            kept = [by_part[id(p)] for m in messages for p in m.parts if p.media is not None]
+            parts = [p for m in messages for p in m.parts if p.media is not None]
+            built = builder.build(rendered, [(e.modality, p.param, e.block_rows, e.content_hash)
+                                             for e, p in zip(kept, parts)])
+            if req.truncation != "auto" or _fits(len(built.ids), req.sampling.max_tokens, info.context_length):
+                break
+            shorter = drop_oldest_turn(messages)
+            if shorter is None:  # only the last turn is left: the decoder refuses it with the lengths
+                break
+            messages = shorter
+            rendered = builder.render(messages, tools=req.tools, **req.chat_template_kwargs)
+        if messages is not req.messages:
+            log.info("truncated the conversation to fit the context", dropped_messages=len(req.messages) - len(messages),
+                     prompt_tokens=len(built.ids))
+            req.messages = messages
+        block_tensors = [t for e in kept for t in split_rows(e.tensor, e.block_rows)]
         spans = [T.SpanEmbedding(s, t) for s, t in zip(built.spans, block_tensors, strict=True)]
         return built.ids, spans, encode_ms
+
+
+def _fits(prompt_tokens: int, max_tokens: int | None, context_length: int) -> bool:
+    """Whether the prompt leaves room for the reply (``max_tokens`` of it, or one token)."""
+    return prompt_tokens + (max_tokens or 1) <= context_length
+
+
+def drop_oldest_turn(messages: list[T.Message]) -> list[T.Message] | None:
+    """``truncation: "auto"``, as OpenAI documents it: the conversation without its oldest turn —
+    system / developer messages kept, the first remaining message dropped, then whatever cannot open a
+    conversation (assistant replies, tool results: a result without its call would be refused) up to
+    the next user message.  None when no user message would remain."""
+    turns = [i for i, m in enumerate(messages) if m.role not in ("system", "developer")]
+    j = 1
+    while j < len(turns) and messages[turns[j]].role != "user":
+        j += 1
+    if j >= len(turns):
+        return None
+    drop = set(turns[:j])
+    return [m for i, m in enumerate(messages) if i not in drop]
 
 
 def _param_from_items(message: str, parts) -> str | None:

@@ -12,6 +12,7 @@ from __future__ import annotations
 
 import asyncio
 import json
+from dataclasses import dataclass
 from typing import Any
 
 from fastapi.responses import JSONResponse
@@ -71,63 +72,100 @@ def _log_done(done: Done, stream: bool) -> None:
              completion_tokens=c.completion_tokens)
 
 
-async def complete(gen: Generation, cid, created, model, return_ids=False, logprobs=None,
-                   keep_reasoning=True, disconnected=None):
+@dataclass(frozen=True)
+class ChatReply:
+    """What a ``chat.completion`` names besides the events: its id, time, model and options."""
+
+    cid: str
+    created: int
+    model: str
+    service_tier: str = "default"
+    return_ids: bool = False
+    logprobs: Any = None  # a LogprobFormatter when the request asked for logprobs
+    keep_reasoning: bool = True
+
+
+class Collected:
+    """A generation's events gathered into one reply (the non-streamed answer, and a streamed
+    one's stored copy)."""
+
+    def __init__(self) -> None:
+        self.content: list[str] = []
+        self.reasoning: list[str] = []
+        self.token_ids: list[int] = []
+        self.lps: list[T.TokenLogprob] = []
+        self.done: Done | None = None
+
+    def add(self, ev) -> None:
+        if isinstance(ev, Delta):
+            self.content.append(ev.content)
+            self.reasoning.append(ev.reasoning)
+            self.token_ids.extend(ev.token_ids)
+            self.lps.extend(ev.logprobs)
+        else:
+            self.done = ev
+
+
+def completion_body(r: ChatReply, got: Collected) -> dict[str, Any]:
+    """The ``chat.completion`` object (OpenAI's ``CreateChatCompletionResponse``)."""
+    done = got.done
+    assert done is not None
+    text = "".join(got.content)
+    message: dict[str, Any] = {"role": "assistant", "content": text if text or not done.tool_calls else None,
+                               "refusal": None}
+    if done.tool_calls:
+        message["tool_calls"] = [{"id": c.id, "type": "function",
+                                  "function": {"name": c.name, "arguments": c.arguments}} for c in done.tool_calls]
+    thought = "".join(got.reasoning)
+    if thought and r.keep_reasoning:
+        message["reasoning_content"] = thought
+    choice = {
+        "index": 0,
+        "message": message,
+        "logprobs": ({"content": r.logprobs.content_json(got.lps), "refusal": None}
+                     if r.logprobs is not None else None),
+        "finish_reason": done.finish_reason,
+    }
+    extra = {}
+    if r.return_ids:
+        choice["token_ids"] = got.token_ids
+        if done.completion.stop_token_id is not None:
+            choice["stop_token_id"] = done.completion.stop_token_id
+        extra["prompt_token_ids"] = done.prompt_ids
+    return {
+        "id": r.cid,
+        "object": "chat.completion",
+        "created": r.created,
+        "model": r.model,
+        "choices": [choice],
+        "usage": usage(done.completion),
+        "service_tier": r.service_tier,
+        "timings": timings(done),
+        **extra,
+    }
+
+
+async def complete(gen: Generation, r: ChatReply, disconnected=None, on_complete=None):
     """Collect the events into one ``chat.completion``.  ``disconnected`` (an async predicate) is
-    polled meanwhile: a client that gives up cancels its decoder sequence."""
-    content: list[str] = []
-    reasoning: list[str] = []
-    token_ids: list[int] = []
-    lps: list[T.TokenLogprob] = []
-    done: Done | None = None
+    polled meanwhile: a client that gives up cancels its decoder sequence.  ``on_complete`` gets
+    the body (``store: true``)."""
+    got = Collected()
     watcher = asyncio.ensure_future(_cancel_on_disconnect(gen, disconnected)) if disconnected else None
     try:
         async for ev in gen.events():
-            if isinstance(ev, Delta):
-                content.append(ev.content)
-                reasoning.append(ev.reasoning)
-                token_ids.extend(ev.token_ids)
-                lps.extend(ev.logprobs)
-            else:
-                done = ev
+            got.add(ev)
     except HTTPError as e:
         return error_response(e)
     finally:
         if watcher is not None:
             watcher.cancel()
-    if done is None:
+    if got.done is None:
         return error_response(HTTPError(502, "decoder stream ended without a completion", type_="server_error"))
-    _log_done(done, stream=False)
-    text = "".join(content)
-    message: dict[str, Any] = {"role": "assistant", "content": text if text or not done.tool_calls else None}
-    if done.tool_calls:
-        message["tool_calls"] = [{"id": c.id, "type": "function",
-                                  "function": {"name": c.name, "arguments": c.arguments}} for c in done.tool_calls]
-    thought = "".join(reasoning)
-    if thought and keep_reasoning:
-        message["reasoning_content"] = thought
-    choice = {
-        "index": 0,
-        "message": message,
-        "logprobs": {"content": logprobs.content_json(lps)} if logprobs is not None else None,
-        "finish_reason": done.finish_reason,
-    }
-    extra = {}
-    if return_ids:
-        choice["token_ids"] = token_ids
-        if done.completion.stop_token_id is not None:
-            choice["stop_token_id"] = done.completion.stop_token_id
-        extra["prompt_token_ids"] = done.prompt_ids
-    return JSONResponse({
-        "id": cid,
-        "object": "chat.completion",
-        "created": created,
-        "model": model,
-        "choices": [choice],
-        "usage": usage(done.completion),
-        "timings": timings(done),
-        **extra,
-    })
+    _log_done(got.done, stream=False)
+    body = completion_body(r, got)
+    if on_complete is not None:
+        on_complete(body)
+    return JSONResponse(body)
 
 
 async def _cancel_on_disconnect(gen: Generation, disconnected, interval_s: float = 0.25) -> None:
@@ -139,56 +177,69 @@ async def _cancel_on_disconnect(gen: Generation, disconnected, interval_s: float
         await asyncio.sleep(interval_s)
 
 
-def _chunk(cid, created, model, delta, finish_reason=None, token_ids=None, logprobs=None, **extra) -> str:
+def _chunk(r: ChatReply, delta, finish_reason=None, token_ids=None, logprobs=None, **extra) -> str:
     choice = {"index": 0, "delta": delta, "logprobs": logprobs, "finish_reason": finish_reason}
     if token_ids is not None:
         choice["token_ids"] = token_ids
     body = {
-        "id": cid,
+        "id": r.cid,
         "object": "chat.completion.chunk",
-        "created": created,
-        "model": model,
+        "created": r.created,
+        "model": r.model,
+        "service_tier": r.service_tier,
         "choices": [choice],
         **extra,
     }
     return f"data: {json.dumps(body, separators=(',', ':'))}\n\n"
 
 
-def _tool_call_delta(d) -> dict[str, Any]:
-    """OpenAI's streamed call piece: index, id, type and name first, then argument fragments."""
-    if d.id is not None:
-        return {"index": d.index, "id": d.id, "type": "function", "function": {"name": d.name, "arguments": d.arguments}}
-    return {"index": d.index, "function": {"arguments": d.arguments}}
+def tool_call_deltas(pieces) -> list[dict[str, Any]]:
+    """OpenAI's streamed call pieces, **one entry per call index** in a chunk: the index, id, type
+    and name when the call starts, then its argument fragments (pieces of one call that arrived in
+    one delta are joined — clients such as instructor read ``tool_calls[0]`` as the whole piece)."""
+    out: list[dict[str, Any]] = []
+    for d in pieces:
+        if out and out[-1]["index"] == d.index and d.id is None:
+            out[-1]["function"]["arguments"] += d.arguments
+        elif d.id is not None:
+            out.append({"index": d.index, "id": d.id, "type": "function",
+                        "function": {"name": d.name, "arguments": d.arguments}})
+        else:
+            out.append({"index": d.index, "function": {"arguments": d.arguments}})
+    return out
 
 
-async def sse(gen: Generation, cid, created, model, include_usage, token_ids=False, logprobs=None,
-              keep_reasoning=True):
+async def sse(gen: Generation, r: ChatReply, include_usage: bool, on_complete=None):
     """One SSE event per ``Delta``.  A delta may carry several tokens (the decoder merges what
     this stream has not read yet), as OpenAI's own streams do; with ``return_token_ids`` the
-    chunk lists them."""
-    yield _chunk(cid, created, model, {"role": "assistant", "content": ""})
+    chunk lists them.  ``on_complete`` gets the whole reply as one ``chat.completion``
+    (``store: true``)."""
+    got = Collected()
+    yield _chunk(r, {"role": "assistant", "content": ""})
     try:
         async for ev in gen.events():
+            got.add(ev)
             if isinstance(ev, Delta):
-                lp = ({"content": logprobs.content_json(ev.logprobs)}
-                      if logprobs is not None and ev.token_ids else None)
+                lp = ({"content": r.logprobs.content_json(ev.logprobs), "refusal": None}
+                      if r.logprobs is not None and ev.token_ids else None)
                 delta: dict[str, Any] = {"content": ev.content}
-                if ev.reasoning and keep_reasoning:
+                if ev.reasoning and r.keep_reasoning:
                     delta["reasoning_content"] = ev.reasoning
                 if ev.tool_calls:
-                    delta["tool_calls"] = [_tool_call_delta(d) for d in ev.tool_calls]
+                    delta["tool_calls"] = tool_call_deltas(ev.tool_calls)
                     if not ev.content:
                         del delta["content"]
-                if token_ids or lp is not None or ev.content or len(delta) > 1 or ev.tool_calls:
-                    yield _chunk(cid, created, model, delta, token_ids=ev.token_ids if token_ids else None,
-                                 logprobs=lp)
+                if r.return_ids or lp is not None or ev.content or len(delta) > 1 or ev.tool_calls:
+                    yield _chunk(r, delta, token_ids=ev.token_ids if r.return_ids else None, logprobs=lp)
                 continue
             _log_done(ev, stream=True)
-            yield _chunk(cid, created, model, {}, ev.finish_reason, timings=timings(ev))
+            yield _chunk(r, {}, ev.finish_reason, timings=timings(ev))
             if include_usage:
-                body = {"id": cid, "object": "chat.completion.chunk", "created": created, "model": model,
-                        "choices": [], "usage": usage(ev.completion)}
+                body = {"id": r.cid, "object": "chat.completion.chunk", "created": r.created, "model": r.model,
+                        "service_tier": r.service_tier, "choices": [], "usage": usage(ev.completion)}
                 yield f"data: {json.dumps(body, separators=(',', ':'))}\n\n"
+            if on_complete is not None:
+                on_complete(completion_body(r, got))
     except HTTPError as err:
         log.error("stream failed", status=err.status, error=err.message)
         yield f"data: {json.dumps(err.body())}\n\n"

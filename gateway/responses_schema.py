@@ -32,12 +32,20 @@ from gateway.chat import (
     refuse_unknown,
     valid_text,
 )
+from gateway.request_options import (
+    OPENAI_TIERS,
+    apply_effort,
+    cache_key,
+    metadata,
+    reasoning_effort,
+    service_tier,
+)
 from mmserve_core.wire import types as T
 
 BODY_KEYS = frozenset({"model", "input", "instructions", "tools", "tool_choice", "parallel_tool_calls", "text",
                        "reasoning", "max_output_tokens", "temperature", "top_p", "store", "previous_response_id",
-                       "metadata", "stream", "user", "truncation", "include"})
-EFFORTS = ("minimal", "low", "medium", "high")
+                       "metadata", "stream", "user", "truncation", "include", "service_tier", "prompt_cache_key",
+                       "safety_identifier"})
 SCHEMA_PATH = "tools[{i}].parameters"
 
 
@@ -208,16 +216,13 @@ def parse_responses_request(body: Any, *, allow_urls: bool = False) -> Responses
                        ("previous_response_id", str), ("user", str)):
         if body.get(name) is not None and not isinstance(body[name], want):
             raise bad(f"{name} must be a {want.__name__}", name)
-    if body.get("truncation") not in (None, "disabled"):
-        raise bad("truncation: only 'disabled' is supported (a prompt over the context is refused, never cut)",
-                  "truncation")
+    truncation = body.get("truncation") or "disabled"
+    if truncation not in ("disabled", "auto"):
+        raise bad(f"truncation must be 'auto' or 'disabled', got {truncation!r}", "truncation")
     if body.get("include"):
         raise bad("include: no extra output fields are supported", "include")
-    meta = body.get("metadata") or {}
-    if not isinstance(meta, dict) or not all(isinstance(k, str) and isinstance(v, str) for k, v in meta.items()) \
-            or len(meta) > 16:
-        raise bad("metadata must map up to 16 string keys to string values", "metadata")
-    thinking = False
+    meta = metadata(body.get("metadata"))
+    effort = None
     reasoning = body.get("reasoning")
     if reasoning is not None:
         if not isinstance(reasoning, dict):
@@ -226,20 +231,23 @@ def parse_responses_request(body: Any, *, allow_urls: bool = False) -> Responses
         if reasoning.get("summary") is not None:
             raise bad("reasoning.summary: summaries of the thought are not produced; the thought itself comes back "
                       "as a reasoning item", "reasoning.summary")
-        effort = reasoning.get("effort")
-        if effort is not None and effort not in EFFORTS:
-            raise bad(f"reasoning.effort must be one of {EFFORTS}", "reasoning.effort")
-        # Gemma 4 thinks or does not: any effort above "minimal" turns its thought channel on
-        thinking = effort not in (None, "minimal")
+        effort = reasoning_effort(reasoning.get("effort"), "reasoning.effort")
+    thinking = effort is not None and effort.thinking
     sampling, _ = parse_fields({"max_tokens": body.get("max_output_tokens"), "temperature": body.get("temperature"),
                                 "top_p": body.get("top_p")})
+    kwargs: dict = {}
+    apply_effort(effort, kwargs, sampling, "reasoning.effort")
+    tier = service_tier(body.get("service_tier"), OPENAI_TIERS)
+    if body.get("safety_identifier") is not None and not isinstance(body["safety_identifier"], str):
+        raise bad("safety_identifier must be a string", "safety_identifier")
     sampling.constraint = _format(body.get("text"))
     tools, strict = _tools(body.get("tools"))
     chat = ChatRequest(model=body.get("model"), messages=messages, stream=bool(body.get("stream")), sampling=sampling,
                        include_reasoning=thinking, tools=tools, strict_tools=strict,
                        parallel_tool_calls=body.get("parallel_tool_calls", True) is not False,
-                       chat_template_kwargs={"enable_thinking": True} if thinking else {},
-                       tool_schema_path=SCHEMA_PATH)
+                       chat_template_kwargs=kwargs if thinking else {}, tool_schema_path=SCHEMA_PATH,
+                       priority=tier.priority, service_tier=tier.served,
+                       cache_key=cache_key(body.get("prompt_cache_key")), metadata=meta, truncation=truncation)
     if sampling.constraint is not None:
         chat.constraint_param = "text.format"
     tc = body.get("tool_choice")
@@ -255,9 +263,9 @@ def parse_responses_request(body: Any, *, allow_urls: bool = False) -> Responses
                   "tool_choice")
     check_tool_choice(chat)
     echo = {k: body.get(k) for k in ("tools", "tool_choice", "text", "temperature", "top_p", "max_output_tokens",
-                                     "user", "reasoning")}
+                                     "user", "reasoning", "prompt_cache_key", "safety_identifier")}
     return ResponsesRequest(chat, items, body.get("previous_response_id"), body.get("store", True) is not False,
-                            instructions, dict(meta), echo)
+                            instructions, meta, echo)
 
 
 def conversation(prior: list[Message], req: ResponsesRequest) -> list[Message]:

@@ -1,4 +1,5 @@
-"""Stored ``/v1/responses``: what ``previous_response_id``, ``GET``, ``DELETE`` and ``input_items`` read.
+"""Stored ``/v1/responses`` (what ``previous_response_id``, ``GET``, ``DELETE`` and ``input_items``
+read) and stored chat completions (``store: true``: ``GET /v1/chat/completions`` and its kin).
 
 Why: a Responses client continues a conversation by naming the last response, not by resending
 it, so the gateway keeps each stored response's conversation (typed messages, media bytes
@@ -25,6 +26,7 @@ class StoredResponse:
     conversation: list[T.Message]  # everything a continuation starts from (instructions excluded)
     nbytes: int = 0
     deleted: bool = field(default=False)
+    seq: int = 0  # order of creation (listing)
 
 
 def _size(s: StoredResponse) -> int:
@@ -46,13 +48,20 @@ class ResponseStore:
         self._items: OrderedDict[tuple[str, str], StoredResponse] = OrderedDict()
         self.nbytes = 0
         self.evicted = 0
+        self._created = 0
 
     def put(self, ns: str, rid: str, entry: StoredResponse) -> bool:
         """Keep ``entry``; False when it alone is over the budget (not kept)."""
         entry.nbytes = _size(entry)
         if entry.nbytes > self.max_bytes:
             return False
+        old = self._items.get((ns, rid))
         self.delete(ns, rid)
+        if old is not None:
+            entry.seq = old.seq  # an update keeps its place in listings
+        else:
+            self._created += 1
+            entry.seq = self._created
         self._items[(ns, rid)] = entry
         self.nbytes += entry.nbytes
         while self.nbytes > self.max_bytes:
@@ -73,6 +82,10 @@ class ResponseStore:
             return False
         self.nbytes -= entry.nbytes
         return True
+
+    def entries(self, ns: str) -> list[tuple[str, StoredResponse]]:
+        """``ns``'s entries, oldest stored first (listing; does not touch their recency)."""
+        return sorted(((rid, e) for (n, rid), e in self._items.items() if n == ns), key=lambda x: x[1].seq)
 
     def __len__(self) -> int:
         return len(self._items)

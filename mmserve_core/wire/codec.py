@@ -24,6 +24,9 @@ DTYPE_TO_PB = {
 DTYPE_FROM_PB = {v: k for k, v in DTYPE_TO_PB.items()}
 MODALITY_TO_PB = {T.IMAGE: tensor_pb2.MODALITY_IMAGE, T.AUDIO: tensor_pb2.MODALITY_AUDIO}
 MODALITY_FROM_PB = {v: k for k, v in MODALITY_TO_PB.items()}
+PRIORITY_TO_PB = {"low": decoder_pb2.PRIORITY_LOW, "default": decoder_pb2.PRIORITY_DEFAULT,
+                  "high": decoder_pb2.PRIORITY_HIGH}
+PRIORITY_FROM_PB = {**{v: k for k, v in PRIORITY_TO_PB.items()}, decoder_pb2.PRIORITY_UNSPECIFIED: "default"}
 FINISH_TO_PB = {"stop": decoder_pb2.FINISH_REASON_STOP, "length": decoder_pb2.FINISH_REASON_LENGTH}
 FINISH_FROM_PB = {v: k for k, v in FINISH_TO_PB.items()}
 
@@ -124,6 +127,7 @@ def model_info_from_pb(r: decoder_pb2.GetModelInfoResponse) -> T.ModelInfo:
                                                                    m.end_token_id) for m in r.modalities},
         vocab_size=r.vocab_size,
         chat_template=r.chat_template,
+        capabilities=frozenset(r.capabilities),
     )
 
 
@@ -254,6 +258,7 @@ def completion_to_pb(c: T.Completion) -> decoder_pb2.GenerateResponse:
                 completion_tokens=c.completion_tokens,
                 soft_tokens=c.soft_tokens,
                 cached_tokens=c.cached_tokens,
+                cache_write_tokens=c.cache_write_tokens,
             ),
             timings=decoder_pb2.Timings(
                 queued_ms=c.queued_ms, prefill_ms=c.prefill_ms, decode_ms=c.decode_ms
@@ -276,6 +281,7 @@ def completion_from_pb(pb: decoder_pb2.GenerateComplete) -> T.Completion:
         stop_token_id=pb.stop_token_id if pb.HasField("stop_token_id") else None,
         stop_string=pb.stop_string or None,
         cached_tokens=pb.usage.cached_tokens,
+        cache_write_tokens=pb.usage.cache_write_tokens,
     )
 
 

@@ -166,6 +166,11 @@ class ModelInfo:
     media_tokens: dict[str, MediaTokens]  # modality -> its token ids
     vocab_size: int = 0
     chat_template: str = ""
+    capabilities: frozenset[str] = frozenset()  # what this decoder honours beyond every version's fields
+
+
+# Admission order in a full decoder (OpenAI's service tiers map onto these): high, then default, then low.
+PRIORITIES = ("low", "default", "high")
 
 
 @dataclass(frozen=True)
@@ -198,3 +203,4 @@ class Completion:
     stop_token_id: int | None = None
     stop_string: str | None = None
     cached_tokens: int = 0  # prompt tokens whose KV came from the prefix cache
+    cache_write_tokens: int = 0  # prompt tokens this request added to the prefix cache
