@@ -8,7 +8,8 @@ Why: each of them must have its effect, or be refused — none may be a hint in 
   or with a JSON ``response_format`` beside the tools, the whole response is a grammar
   (answer or calls), so strict arguments always validate;
 * ``required`` / a named function — the response is one call (or several) under the grammar
-  of ``tool_grammar``, so it always parses and validates;
+  of ``tool_grammar``, so it always parses and validates; a JSON ``response_format`` beside it
+  binds the answer after the tool results (the next request), as OpenAI reads it;
 * ``parallel_tool_calls: false`` — a grammar allows one call; unconstrained, the decoder stops
   on the call's close token, so a second call never starts.
 
@@ -58,11 +59,13 @@ def plan_tools(req: ChatRequest, mk: Markers | None) -> ToolPlan:
         return ToolPlan(parse=False, close_id=None)
     answer = s.constraint
     forced = req.tool_choice in ("required", "function")
-    if forced and answer is not None:
-        raise bad("response_format cannot be combined with a forced tool call (tool_choice "
-                  f"{req.tool_choice!r}): the response is the call", "response_format")
     if answer is not None and answer.kind not in ("json_schema", "json_object"):
-        raise bad("tools with a regex or grammar constraint cannot be combined", "tools")
+        raise bad(f"{req.constraint_param}: a regex or grammar constraint cannot be combined with tools",
+                  req.constraint_param)
+    if forced:
+        # this reply is the call (OpenAI's reading too): the format binds the text answer a later
+        # request makes after the tool results, where the client sends it again
+        answer = None
     if forced or req.strict_tools or answer is not None:
         thinking = bool(req.chat_template_kwargs.get("enable_thinking"))
         grammar = tool_call_grammar(req.tools, mk, choice=req.tool_choice, name=req.tool_name,

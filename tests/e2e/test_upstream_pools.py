@@ -50,6 +50,20 @@ def test_requests_spread_over_both_of_each(pools):
         assert len(used) == 2, (service, calls)
 
 
+def test_a_prompt_cache_key_pins_requests_to_one_decoder(pools):
+    """Different conversations sharing a ``prompt_cache_key`` all go to one decoder (its prefix cache
+    holds what they share); without the key, the same six spread over both (the test above)."""
+    client = openai.OpenAI(base_url=pools["url"] + "/v1", api_key="x", max_retries=0)
+    for key in ("tenant-a", "tenant-b"):
+        before = _calls(pools["url"])
+        for i in range(6):
+            client.chat.completions.create(model="m", max_tokens=1, prompt_cache_key=key,
+                                           messages=[{"role": "user", "content": f"question {i} of {key}"}])
+        after = _calls(pools["url"])
+        used = {addr for (svc, addr), n in after.items() if svc == "decoder" and n > before.get((svc, addr), 0)}
+        assert len(used) == 1, (key, before, after)
+
+
 def test_a_client_that_disconnects_cancels_its_stream(pools, services_e2b):
     with httpx.stream("POST", pools["url"] + "/v1/chat/completions", timeout=30, json={
             "messages": [{"role": "user", "content": "go on"}], "max_tokens": 3000, "stream": True,

@@ -443,3 +443,48 @@ async def test_a_solo_sequence_joins_the_batch_when_company_arrives(dense):
     a_got, _ = await task_a
     assert dense.scheduler.solo_handoffs == handoffs + 1  # a really moved from its solo loop into the batch
     assert a_got == a_alone and b_got == b_alone
+
+
+async def test_service_tiers_order_admission_when_the_decoder_is_full(ckpt_dense32):
+    """``--max-active 1``: while one sequence runs, two ``flex`` requests and then two ``priority``
+    ones wait (sent over gRPC with ``GenerateSetup.priority``); once the slot frees, both priority
+    ones are served before either earlier flex one, and the default-tier request sent between them
+    goes before the flex ones too.  Within one tier, first come first served."""
+    engine = await _engine(ckpt_dense32, max_active=1, max_queue=8)
+    server, port, health = await start_decoder_server(engine, "127.0.0.1:0")
+    await set_serving(health, [DECODER], True)
+    started: list[str] = []
+    try:
+        async with grpc.aio.insecure_channel(f"127.0.0.1:{port}") as ch:
+            stub = decoder_pb2_grpc.DecoderServiceStub(ch)
+            no_eos = {t: -100 for t in engine.eos_ids}
+
+            async def run(name: str, priority: int, max_tokens: int) -> None:
+                setup = decoder_pb2.GenerateSetup(
+                    prompt_token_ids=[2, 105, 10, 11, 12, 106, 105, 11], priority=priority,
+                    sampling=decoder_pb2.SamplingParams(temperature=0, max_tokens=max_tokens, logit_bias=no_eos))
+
+                async def reqs():
+                    yield decoder_pb2.GenerateRequest(setup=setup)
+
+                async for msg in stub.Generate(reqs()):
+                    if msg.WhichOneof("payload") == "token" and name not in started:
+                        started.append(name)
+
+            first = asyncio.ensure_future(run("running", decoder_pb2.PRIORITY_DEFAULT, 60))
+            while engine.scheduler.active_count == 0:
+                await asyncio.sleep(0.002)
+            waiting = []
+            for name, prio in (("flex1", decoder_pb2.PRIORITY_LOW), ("flex2", decoder_pb2.PRIORITY_LOW),
+                               ("default", decoder_pb2.PRIORITY_UNSPECIFIED),
+                               ("prio1", decoder_pb2.PRIORITY_HIGH), ("prio2", decoder_pb2.PRIORITY_HIGH)):
+                waiting.append(asyncio.ensure_future(run(name, prio, 3)))
+                depth = len(waiting)
+                while engine.scheduler.queue_depth < depth:  # queued in this order (polled)
+                    await asyncio.sleep(0.001)
+            assert engine.scheduler.active_count == 1 and "flex1" not in started
+            await asyncio.gather(first, *waiting)
+        assert started == ["running", "prio1", "prio2", "default", "flex1", "flex2"]
+    finally:
+        await server.stop(0)
+        engine.stop()
