@@ -42,10 +42,14 @@ from gateway.request_options import (
 )
 from mmserve_core.wire import types as T
 
+# sampling fields OpenAI's Responses API lacks but its chat API has (vLLM takes them too): same table,
+# same bounds as chat completions
+EXTENSIONS = ("logit_bias", "seed", "top_k", "min_p", "stop", "presence_penalty", "frequency_penalty",
+              "repetition_penalty")
 BODY_KEYS = frozenset({"model", "input", "instructions", "tools", "tool_choice", "parallel_tool_calls", "text",
                        "reasoning", "max_output_tokens", "temperature", "top_p", "store", "previous_response_id",
                        "metadata", "stream", "user", "truncation", "include", "service_tier", "prompt_cache_key",
-                       "safety_identifier"})
+                       "safety_identifier", *EXTENSIONS})
 SCHEMA_PATH = "tools[{i}].parameters"
 
 
@@ -234,7 +238,7 @@ def parse_responses_request(body: Any, *, allow_urls: bool = False) -> Responses
         effort = reasoning_effort(reasoning.get("effort"), "reasoning.effort")
     thinking = effort is not None and effort.thinking
     sampling, _ = parse_fields({"max_tokens": body.get("max_output_tokens"), "temperature": body.get("temperature"),
-                                "top_p": body.get("top_p")})
+                                "top_p": body.get("top_p"), **{k: body.get(k) for k in EXTENSIONS}})
     kwargs: dict = {}
     apply_effort(effort, kwargs, sampling, "reasoning.effort")
     tier = service_tier(body.get("service_tier"), OPENAI_TIERS)
