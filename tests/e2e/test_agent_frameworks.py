@@ -63,8 +63,15 @@ def _async_client(svc):
 # ---------------------------------------------------------------------------------------- openai-agents
 @pytest.mark.parametrize("api", ["responses", "chat"])
 def test_openai_agents(services_e2b, api, bias):
-    from agents import (Agent, ModelSettings, OpenAIChatCompletionsModel, OpenAIResponsesModel, Runner,
-                        function_tool, set_tracing_disabled)
+    from agents import (
+        Agent,
+        ModelSettings,
+        OpenAIChatCompletionsModel,
+        OpenAIResponsesModel,
+        Runner,
+        function_tool,
+        set_tracing_disabled,
+    )
     from agents.items import ToolCallOutputItem
     from openai.types.shared import Reasoning
 
