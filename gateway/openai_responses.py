@@ -238,6 +238,8 @@ class ResponsesFront:
             if item.get("type", "message") == "message" and isinstance(item.get("content"), str):
                 item["content"] = [{"type": "input_text", "text": item["content"]}]
             item.setdefault("type", "message")
+            if item["type"] in ("function_call", "function_call_output", "message"):
+                item.setdefault("status", "completed")
             items.append(item)
         return self.store.put(ns, rid, StoredResponse(body, items, [*prior, *inputs, out.assistant_message()]))
 

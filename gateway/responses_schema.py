@@ -176,7 +176,7 @@ def _tools(raw: Any) -> tuple[list[T.Tool], bool]:
             raise bad(f"{param} needs a string name (and description)", f"{param}.name")
         if t.get("strict") is not None and not isinstance(t["strict"], bool):
             raise bad(f"{param}.strict must be a boolean", f"{param}.strict")
-        strict = strict or bool(t.get("strict"))
+        strict = strict or t.get("strict") is not False  # the Responses API's documented default: strict
         tools.append(T.Tool(t["name"], t.get("description") or "", t.get("parameters")))
     check_tools(tools, where="tools[{i}]", schema=SCHEMA_PATH)
     return tools, strict
@@ -266,8 +266,12 @@ def parse_responses_request(body: Any, *, allow_urls: bool = False) -> Responses
         raise bad("tool_choice must be 'none', 'auto', 'required' or {\"type\": \"function\", \"name\": ...}",
                   "tool_choice")
     check_tool_choice(chat)
-    echo = {k: body.get(k) for k in ("tools", "tool_choice", "text", "temperature", "top_p", "max_output_tokens",
+    echo = {k: body.get(k) for k in ("tool_choice", "text", "temperature", "top_p", "max_output_tokens",
                                      "user", "reasoning", "prompt_cache_key", "safety_identifier")}
+    # tools as the Response object lists them: every field present, strict as it was applied
+    echo["tools"] = [{"type": "function", "name": t["name"], "description": t.get("description"),
+                      "parameters": t.get("parameters"), "strict": t.get("strict") is not False}
+                     for t in body.get("tools") or []]
     return ResponsesRequest(chat, items, body.get("previous_response_id"), body.get("store", True) is not False,
                             instructions, meta, echo)
 

@@ -144,8 +144,11 @@ def test_responses_conform(services_e2b, spec):
         assert call["status"] == "completed", call  # one bounded call fits: continued below
         ck.json("response+reasoning", "Response", post(reasoning={"effort": "low"}, user="u"))
         fc = next(i for i in call["output"] if i["type"] == "function_call")
-        ck.json("response+tool_result", "Response", post(previous_response_id=call["id"], tools=RTOOLS, input=[
-            {"type": "function_call_output", "call_id": fc["call_id"], "output": "sunny"}]))
+        after = ck.json("response+tool_result", "Response", post(previous_response_id=call["id"], input=[
+            {"type": "function_call_output", "call_id": fc["call_id"], "output": "sunny"}], tools=[
+            {k: v for k, v in RTOOLS[0].items() if k != "strict"}]))  # strict omitted: echoed as applied
+        assert after["tools"][0]["strict"] is True
+        ck.json("response.input_items+output", "ResponseItemList", c.get(f"/v1/responses/{after['id']}/input_items"))
         for kind, body in (("stream", {}), ("stream+tool", {"tools": RTOOLS, "tool_choice": "required",
                                                               "max_output_tokens": 40}),
                            ("stream+reasoning", {"reasoning": {"effort": "medium"}})):

@@ -136,7 +136,7 @@ def test_image_and_audio_items(services_e2b):
 
 @pytest.mark.parametrize("body, status, param", [
     ({"frobnicate": 1}, 400, "frobnicate"),
-    ({"truncation": "auto"}, 400, "truncation"),
+    ({"truncation": "middle"}, 400, "truncation"),
     ({"reasoning": {"effort": "high", "summary": "auto"}}, 400, "reasoning.summary"),
     ({"include": ["reasoning.encrypted_content"]}, 400, "include"),
     ({"tools": [{"type": "web_search"}]}, 400, "tools[0].type"),
