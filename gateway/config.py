@@ -3,7 +3,6 @@
 from __future__ import annotations
 
 import argparse
-import dataclasses
 import os
 from dataclasses import dataclass, field
 
@@ -109,16 +108,17 @@ def parse_args(argv: list[str] | None = None) -> GatewayConfig:
                    help="memory for chat completions created with store: true (GET /v1/chat/completions); "
                         "least recently used go first")
     a = p.parse_args(argv)
-    cfg = GatewayConfig(a.checkpoint, a.encoder, a.decoder, a.host, a.port, a.model_id, a.rpc_timeout_s,
-                         a.reasoning, a.api_key, a.max_body_bytes, a.max_media_items, a.max_audio_seconds,
-                         a.url_fetch, tuple(x.strip() for x in a.url_allowlist.split(",") if x.strip()),
-                         a.url_max_bytes, a.url_timeout_s, a.url_fetch_allow_private,
-                         a.grpc_host or a.host, None if a.grpc_port < 0 else a.grpc_port,
-                         server_tls_from(a), ClientTLS(a.upstream_ca, a.upstream_cert, a.upstream_key),
-                         a.drain_grace_s, a.decoder_affinity,
-                         tuple(x.strip() for x in a.model_alias.split(",") if x.strip()))
-    if a.transcription_instruction:  # one instruction for every clip, a language or not
-        cfg = dataclasses.replace(cfg, transcription_instruction=a.transcription_instruction,
-                                  transcription_instruction_language=a.transcription_instruction)
-    return dataclasses.replace(cfg, responses_store_bytes=a.responses_store_bytes,
-                               chat_store_bytes=a.chat_store_bytes)
+    split = lambda v: tuple(x.strip() for x in v.split(",") if x.strip())  # noqa: E731
+    instruction = {"transcription_instruction": a.transcription_instruction,  # one for every clip
+                   "transcription_instruction_language": a.transcription_instruction} \
+        if a.transcription_instruction else {}
+    return GatewayConfig(
+        checkpoint=a.checkpoint, encoder=a.encoder, decoder=a.decoder, host=a.host, port=a.port,
+        model_id=a.model_id, rpc_timeout_s=a.rpc_timeout_s, reasoning=a.reasoning, api_key=a.api_key,
+        max_body_bytes=a.max_body_bytes, max_media_items=a.max_media_items, max_audio_seconds=a.max_audio_seconds,
+        url_fetch=a.url_fetch, url_allowlist=split(a.url_allowlist), url_max_bytes=a.url_max_bytes,
+        url_timeout_s=a.url_timeout_s, url_fetch_allow_private=a.url_fetch_allow_private,
+        grpc_host=a.grpc_host or a.host, grpc_port=None if a.grpc_port < 0 else a.grpc_port,
+        tls=server_tls_from(a), upstream_tls=ClientTLS(a.upstream_ca, a.upstream_cert, a.upstream_key),
+        drain_grace_s=a.drain_grace_s, decoder_affinity=a.decoder_affinity, model_aliases=split(a.model_alias),
+        responses_store_bytes=a.responses_store_bytes, chat_store_bytes=a.chat_store_bytes, **instruction)
