@@ -33,7 +33,8 @@ _HOLDER = {"bfloat16": mx.uint16, "float16": mx.float16, "float32": mx.float32}
 
 @dataclass(frozen=True)
 class SpanRows:
-    """Soft-token rows for ``ids[offset:offset+rows]``; ``data`` holds wire bytes."""
+    """Soft-token rows for ``ids[offset:offset+rows]``; ``array`` holds the wire values (bfloat16 as its
+    uint16 bit patterns, decoded to MLX on the MLX thread)."""
 
     offset: int
     array: np.ndarray  # [rows, hidden]; bfloat16 as uint16 bit patterns

@@ -288,7 +288,7 @@ class BatchScheduler:
             self._fill.add(a, job.ids, cache, hit)
 
     def _drop_cancelled(self, bg, active: dict[int, _Active]) -> None:
-        solo = getattr(self, "_solo", None)
+        solo = self._solo
         if solo is not None and solo.a.job.cancel.is_set():
             self._solo = None
             self._finish_cancelled(solo.a)
@@ -337,7 +337,7 @@ class BatchScheduler:
         if self._deliver(a, first, None, logprobs):
             self._store(a, cache, list(job.ids))
             return
-        if not active and getattr(self, "_solo", None) is None and not len(self._fill) and not self.requests.waiting():
+        if not active and self._solo is None and not len(self._fill) and not self.requests.waiting():
             fed = list(job.ids)
             self._solo = _Solo(a, cache, fed, self._launch(a, cache, fed, first))
             return

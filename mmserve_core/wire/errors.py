@@ -54,12 +54,6 @@ class DeadlineExceeded(ServeError):
     status = "DEADLINE_EXCEEDED"
 
 
-class NotFound(ServeError):
-    """The request names something this server does not have (e.g. a model id)."""
-
-    status = "NOT_FOUND"
-
-
 class Cancelled(ServeError):
     """The caller went away."""
 
