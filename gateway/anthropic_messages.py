@@ -14,24 +14,23 @@ Errors come out in Anthropic's shape (``errors.error_body`` by path).  Event loo
 
 from __future__ import annotations
 
-import asyncio
 import json
 import time
 import uuid
 from typing import Any
 
 from fastapi import FastAPI, Request
-from fastapi.responses import JSONResponse, StreamingResponse
+from fastapi.responses import JSONResponse
 
 from gateway.anthropic_schema import parse_messages_request
 from gateway.bodies import read_json
-from gateway.chat import Delta, Done, delta_pieces
+from gateway.chat import Done, delta_pieces
 from gateway.config import GatewayConfig
-from gateway.errors import HTTPError, anthropic_body
+from gateway.errors import HTTPError, anthropic_body, error_response, failure_response
 from gateway.metrics import GatewayMetrics
 from gateway.pipeline import Generation, Pipeline
-from gateway.responses import error_response, failure_response
-from mmserve_core.runtime.logs import REQUEST_ID_HEADER, get_logger, new_request_id, request_id_var
+from gateway.reply import Folded, Started, begin, fold, no_done, sse
+from mmserve_core.runtime.logs import get_logger, new_request_id, request_id_var
 
 log = get_logger(__name__)
 PING_EVERY_S = 10.0
@@ -62,30 +61,22 @@ def _tool_input(arguments: str) -> Any:
         return {"_raw_arguments": arguments}
 
 
-async def message(gen: Generation, mid: str, model: str, keep_thinking: bool) -> JSONResponse:
-    text: list[str] = []
-    thought: list[str] = []
-    done: Done | None = None
-    async for ev in gen.events():
-        if isinstance(ev, Delta):
-            text.append(ev.content)
-            thought.append(ev.reasoning)
-        else:
-            done = ev
-    if done is None:
-        raise HTTPError(502, "decoder stream ended without a completion", type_="server_error")
+def message(got: Folded, mid: str, model: str, keep_thinking: bool) -> dict:
+    """The ``message`` object of a whole generation."""
+    done = got.done
+    assert done is not None
     blocks: list[dict] = []
-    if keep_thinking and "".join(thought):
-        blocks.append({"type": "thinking", "thinking": "".join(thought), "signature": ""})
-    if "".join(text):
-        blocks.append({"type": "text", "text": "".join(text)})
+    if keep_thinking and got.thought:
+        blocks.append({"type": "thinking", "thinking": got.thought, "signature": ""})
+    if got.text:
+        blocks.append({"type": "text", "text": got.text})
     blocks += [{"type": "tool_use", "id": c.id, "name": c.name, "input": _tool_input(c.arguments)}
                for c in done.tool_calls]
     reason, seq = stop_reason(done)
     log.info("completed", front="anthropic", stop_reason=reason, prompt_tokens=done.completion.prompt_tokens,
              completion_tokens=done.completion.completion_tokens)
-    return JSONResponse({"id": mid, "type": "message", "role": "assistant", "model": model, "content": blocks,
-                         "stop_reason": reason, "stop_sequence": seq, "usage": usage(done)})
+    return {"id": mid, "type": "message", "role": "assistant", "model": model, "content": blocks,
+            "stop_reason": reason, "stop_sequence": seq, "usage": usage(done)}
 
 
 def _event(kind: str, body: dict) -> str:
@@ -143,39 +134,31 @@ async def stream(gen: Generation, mid: str, model: str, keep_thinking: bool, pro
             if time.monotonic() - last_ping > PING_EVERY_S:
                 last_ping = time.monotonic()
                 yield _event("ping", {})
+        raise no_done()  # the loop returns at the Done: here the decoder's stream ended without one
     except HTTPError as err:
         log.error("stream failed", status=err.status, error=err.message)
         yield _event("error", {"error": anthropic_body(err)["error"]})
-    finally:
-        gen.cancel()
 
 
 def add_messages_routes(app: FastAPI, pipeline: Pipeline, metrics: GatewayMetrics, cfg: GatewayConfig) -> None:
     @app.post("/v1/messages")
     async def messages(request: Request):
-        rid = request_id_var.get() or new_request_id()
-        t0 = time.perf_counter()
-        path = request.url.path
-        try:
+        async def parse():
             req = parse_messages_request(await read_json(request), allow_urls=cfg.url_fetch)
-            gen = await pipeline.start(req, rid)
-        except Exception as e:  # noqa: BLE001 - every failure becomes Anthropic error JSON
-            return failure_response(e, path, "messages request", metrics)
-        metrics.ttft.observe(time.perf_counter() - t0)
-        metrics.requests.labels("200").inc()
+            return req, req
+
+        started = await begin(request, pipeline, metrics, "messages request", parse)
+        if not isinstance(started, Started):
+            return started
+        req, gen = started.parsed, started.gen
         mid, model = f"msg_{uuid.uuid4().hex[:24]}", pipeline.model_id
         keep = bool(req.include_reasoning)
         if req.stream:
-            return StreamingResponse(stream(gen, mid, model, keep, len(gen.prompt_ids)),
-                                     media_type="text/event-stream",
-                                     headers={"Cache-Control": "no-cache", REQUEST_ID_HEADER: rid})
-        watcher = asyncio.ensure_future(_cancel_on_disconnect(gen, request))
+            return sse(stream(gen, mid, model, keep, len(gen.prompt_ids)), started.rid, gen)
         try:
-            return await message(gen, mid, model, keep)
+            return JSONResponse(message(await fold(gen, request.is_disconnected), mid, model, keep))
         except HTTPError as e:
-            return error_response(e, path)
-        finally:
-            watcher.cancel()
+            return error_response(e, request.url.path)
 
     @app.post("/v1/messages/count_tokens")
     async def count_tokens(request: Request):
@@ -187,11 +170,3 @@ def add_messages_routes(app: FastAPI, pipeline: Pipeline, metrics: GatewayMetric
         except Exception as e:  # noqa: BLE001 - every failure becomes Anthropic error JSON
             return failure_response(e, request.url.path, "count_tokens")
         return JSONResponse({"input_tokens": len(ids)})
-
-
-async def _cancel_on_disconnect(gen: Generation, request: Request, interval_s: float = 0.25) -> None:
-    while not gen.done():
-        if await request.is_disconnected():
-            gen.cancel()
-            return
-        await asyncio.sleep(interval_s)

@@ -21,6 +21,7 @@ from gateway import chat
 from gateway.config import GatewayConfig
 from gateway.errors import HTTPError, grpc_status, to_http
 from gateway.pipeline import Pipeline
+from gateway.reply import fold, no_done
 from mmserve_core.runtime.grpc_runtime import add_servicer, create_server, request_id_from, set_serving
 from mmserve_core.runtime.logs import REQUEST_ID_HEADER, get_logger, request_id_var
 from mmserve_core.wire import codec
@@ -116,54 +117,69 @@ class ChatServicer(chat_pb2_grpc.ChatServiceServicer):
         self.pipeline = pipeline
         self.cfg = cfg
 
-    async def _events(self, pb: chat_pb2.ChatRequest, context) -> AsyncIterator[chat_pb2.CompleteResponse]:
+    def _final(self, pb: chat_pb2.ChatRequest, cid: str, done: chat.Done) -> chat_pb2.Final:
+        c = done.completion
+        log.info("completed", front="grpc", finish_reason=done.finish_reason, prompt_tokens=c.prompt_tokens,
+                 completion_tokens=c.completion_tokens)
+        return codec.chat_final_to_pb(cid, self.pipeline.model_id, c, done.encode_ms,
+                                      done.prompt_ids if pb.return_prompt_token_ids else None, done.finish_reason,
+                                      done.tool_calls)
+
+    async def _fail(self, context, e: Exception, started: bool) -> None:
+        """Every failure as its status code (the one HTTP ↔ gRPC table); a traceback only for a bug."""
+        err = to_http(e, upstream="decoder" if started else "gateway")
+        if err.status >= 500 and not isinstance(e, HTTPError | ServeError):
+            log.exception("chat rpc failed")
+        await context.abort(grpc_status(err), err.message)
+
+    async def Complete(self, request: chat_pb2.CompleteRequest, context) -> AsyncIterator[chat_pb2.CompleteResponse]:
         rid = request_id_from(context)
         token = request_id_var.set(rid)
         context.set_trailing_metadata(((REQUEST_ID_HEADER, rid),))
-        gen = None
+        pb, gen = request.chat, None
         try:
             req = parse_chat_pb(pb)
             gen = await self.pipeline.start(req, rid)
             keep = self.pipeline.keep_reasoning(req)
             cid = f"chatcmpl-{uuid.uuid4().hex}"
             async for ev in gen.events():
-                if isinstance(ev, chat.Delta):
-                    lps = self.pipeline.logprobs.content(ev.logprobs) if req.sampling.logprobs else []
-                    yield chat_pb2.CompleteResponse(delta=codec.chat_delta_to_pb(
-                        ev.content, ev.reasoning if keep else "", ev.token_ids, lps, ev.tool_calls))
-                else:
-                    c = ev.completion
-                    log.info("completed", front="grpc", finish_reason=ev.finish_reason,
-                             prompt_tokens=c.prompt_tokens, completion_tokens=c.completion_tokens)
-                    yield chat_pb2.CompleteResponse(final=codec.chat_final_to_pb(
-                        cid, self.pipeline.model_id, c, ev.encode_ms,
-                        ev.prompt_ids if pb.return_prompt_token_ids else None, ev.finish_reason, ev.tool_calls))
+                if isinstance(ev, chat.Done):
+                    yield chat_pb2.CompleteResponse(final=self._final(pb, cid, ev))
+                    return
+                lps = self.pipeline.logprobs.content(ev.logprobs) if req.sampling.logprobs else []
+                yield chat_pb2.CompleteResponse(delta=codec.chat_delta_to_pb(
+                    ev.content, ev.reasoning if keep else "", ev.token_ids, lps, ev.tool_calls))
+            raise no_done()
         except Exception as e:  # noqa: BLE001 - one mapping for every failure
-            err = to_http(e, upstream="decoder" if gen is not None else "gateway")
-            if err.status >= 500 and not isinstance(e, HTTPError | ServeError):
-                log.exception("chat rpc failed")
-            await context.abort(grpc_status(err), err.message)
+            await self._fail(context, e, gen is not None)
         finally:
             if gen is not None:
                 gen.cancel()
             request_id_var.reset(token)
 
-    async def Complete(self, request: chat_pb2.CompleteRequest, context) -> AsyncIterator[chat_pb2.CompleteResponse]:
-        async for ev in self._events(request.chat, context):
-            yield ev
-
     async def CompleteUnary(self, request: chat_pb2.CompleteUnaryRequest, context) -> chat_pb2.CompleteUnaryResponse:
-        whole = chat_pb2.Delta()
-        final = None
-        async for ev in self._events(request.chat, context):
-            if ev.WhichOneof("payload") == "delta":  # the calls are whole in final.tool_calls
-                whole.content += ev.delta.content
-                whole.reasoning_content += ev.delta.reasoning_content
-                whole.token_ids.extend(ev.delta.token_ids)
-                whole.logprobs.extend(ev.delta.logprobs)
-            else:
-                final = ev.final
-        return chat_pb2.CompleteUnaryResponse(message=whole, final=final)
+        """The whole reply from one fold of the events (the calls are whole in ``final.tool_calls``)."""
+        rid = request_id_from(context)
+        token = request_id_var.set(rid)
+        context.set_trailing_metadata(((REQUEST_ID_HEADER, rid),))
+        pb, gen = request.chat, None
+        try:
+            req = parse_chat_pb(pb)
+            gen = await self.pipeline.start(req, rid)
+            got = await fold(gen, lambda: _gone(context))
+            lps = self.pipeline.logprobs.content(got.logprobs) if req.sampling.logprobs else []
+            message = codec.chat_delta_to_pb(got.text, got.thought if self.pipeline.keep_reasoning(req) else "",
+                                             got.token_ids, lps, ())
+            return chat_pb2.CompleteUnaryResponse(message=message,
+                                                  final=self._final(pb, f"chatcmpl-{uuid.uuid4().hex}", got.done))
+        except Exception as e:  # noqa: BLE001 - one mapping for every failure
+            await self._fail(context, e, gen is not None)
+        finally:
+            request_id_var.reset(token)
+
+
+async def _gone(context) -> bool:
+    return context.done() or context.cancelled()
 
 
 async def start_chat_server(pipeline: Pipeline, cfg: GatewayConfig):

@@ -9,8 +9,12 @@ codes are mapped the same way everywhere.  Event-loop thread.
 from __future__ import annotations
 
 import grpc
+from fastapi.responses import JSONResponse
 
+from mmserve_core.runtime.logs import get_logger
 from mmserve_core.wire.errors import ServeError
+
+log = get_logger(__name__)
 
 # gRPC status -> (HTTP status, OpenAI error type)
 GRPC_TO_HTTP: dict[grpc.StatusCode, tuple[int, str]] = {
@@ -116,3 +120,24 @@ def to_http(exc: BaseException, *, upstream: str = "gateway") -> HTTPError:
             details = f"the {upstream} service is unavailable: {details}"
         return from_grpc_code(code, details, upstream=upstream)
     return HTTPError(500, f"internal error: {type(exc).__name__}", type_="server_error", code="internal")
+
+
+def error_response(err: HTTPError, path: str = "") -> JSONResponse:
+    """The error as the body of the API ``path`` belongs to (``errors.error_body``)."""
+    if err.status >= 500:
+        log.error("request failed", status=err.status, error=err.message)
+    else:
+        log.info("request rejected", status=err.status, error=err.message, param=err.param)
+    return JSONResponse(error_body(path, err), status_code=err.status, headers=err.headers)
+
+
+def failure_response(exc: BaseException, path: str, what: str, metrics=None) -> JSONResponse:
+    """How every HTTP front answers a request that failed before its response began: the error in
+    the API's own shape (by ``path``), a traceback logged only for a bug, counted by status.
+    Call it inside the ``except`` block (the traceback is the one being handled)."""
+    err = to_http(exc)
+    if err.status >= 500 and not isinstance(exc, HTTPError):
+        log.exception(f"{what} failed")
+    if metrics is not None:
+        metrics.requests.labels(str(err.status)).inc()
+    return error_response(err, path)

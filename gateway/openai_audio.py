@@ -19,18 +19,17 @@ fill the context.  Event loop.
 from __future__ import annotations
 
 import json
-import time
 
 from fastapi import FastAPI, Request
-from fastapi.responses import JSONResponse, PlainTextResponse, StreamingResponse
+from fastapi.responses import JSONResponse, PlainTextResponse
 
 from gateway.chat import ChatRequest, Delta, Message, Part, audio_part, bad, parse_fields
 from gateway.config import GatewayConfig
-from gateway.errors import HTTPError
+from gateway.errors import HTTPError, error_response
 from gateway.metrics import GatewayMetrics
 from gateway.pipeline import Pipeline, audio_seconds
-from gateway.responses import failure_response
-from mmserve_core.runtime.logs import get_logger, new_request_id, request_id_var
+from gateway.reply import Started, begin, fold, no_done, sse
+from mmserve_core.runtime.logs import get_logger
 
 log = get_logger(__name__)
 FIELDS = {"file", "model", "language", "prompt", "response_format", "temperature", "stream", "include[]",
@@ -170,10 +169,10 @@ async def _events(gen, logprobs):
             if logprobs is not None:
                 done["logprobs"] = lps
             yield _sse(done)
+            return
+        raise no_done()
     except HTTPError as err:
         yield _sse({"type": "error", "error": err.body()["error"]})
-    finally:
-        gen.cancel()
 
 
 def _lp(e: dict) -> dict:
@@ -187,9 +186,7 @@ def _sse(body: dict) -> str:
 def add_audio_routes(app: FastAPI, pipeline: Pipeline, metrics: GatewayMetrics, cfg: GatewayConfig) -> None:
     @app.post("/v1/audio/transcriptions")
     async def transcriptions(request: Request):
-        rid = request_id_var.get() or new_request_id()
-        t0 = time.perf_counter()
-        try:
+        async def parse():
             try:
                 form = await request.form()
             except Exception as e:  # noqa: BLE001 - whatever the multipart parser says of bad bytes
@@ -197,30 +194,26 @@ def add_audio_routes(app: FastAPI, pipeline: Pipeline, metrics: GatewayMetrics, 
                     raise
                 raise bad(f"the body is not a multipart/form-data form ({type(e).__name__}: {e})", None) from None
             req, response_format = await parse_transcription(form, cfg)
-            gen = await pipeline.start(req, rid)
-            metrics.ttft.observe(time.perf_counter() - t0)
-            logprobs = pipeline.logprobs if req.sampling.logprobs else None
-            if req.stream:
-                metrics.requests.labels("200").inc()
-                return StreamingResponse(_events(gen, logprobs), media_type="text/event-stream",
-                                         headers={"Cache-Control": "no-cache"})
-            t, lps, done = Transcript(), [], None
-            async for ev in gen.events():
-                if isinstance(ev, Delta):
-                    t.feed(ev.content)
-                    lps += ev.logprobs
-                else:
-                    done = ev
-            if done is None:
-                raise HTTPError(502, "decoder stream ended without a completion", type_="server_error")
-        except Exception as e:  # noqa: BLE001 - every failure becomes OpenAI error JSON
-            return failure_response(e, request.url.path, "transcription", metrics)
-        metrics.requests.labels("200").inc()
-        c = done.completion
+            return (req, response_format), req
+
+        started = await begin(request, pipeline, metrics, "transcription", parse)
+        if not isinstance(started, Started):
+            return started
+        (req, response_format), gen = started.parsed, started.gen
+        logprobs = pipeline.logprobs if req.sampling.logprobs else None
+        if req.stream:
+            return sse(_events(gen, logprobs), started.rid, gen)
+        try:
+            got = await fold(gen, request.is_disconnected)
+        except HTTPError as e:
+            return error_response(e, request.url.path)
+        t = Transcript()
+        t.feed(got.text)
+        c = got.done.completion
         log.info("transcribed", finish_reason=c.finish_reason, chars=len(t.text))
         if response_format == "text":
             return PlainTextResponse(t.text + "\n")
         body = {"text": t.text, "usage": _usage(c)}
         if logprobs is not None:
-            body["logprobs"] = [_lp(e) for e in logprobs.content_json(lps)]
+            body["logprobs"] = [_lp(e) for e in logprobs.content_json(got.logprobs)]
         return JSONResponse(body)

@@ -14,17 +14,19 @@ import time
 import uuid
 
 from fastapi import FastAPI, Request
-from fastapi.responses import StreamingResponse
+from fastapi.responses import JSONResponse
 
 from gateway.bodies import read_json
 from gateway.chat import ROLES
 from gateway.chat_store import ChatStore, add_chat_store_routes
 from gateway.config import GatewayConfig
+from gateway.errors import HTTPError, error_response
 from gateway.metrics import GatewayMetrics
 from gateway.openai_schema import parse_chat_request
 from gateway.pipeline import Pipeline
-from gateway.responses import ChatReply, complete, failure_response, sse
-from mmserve_core.runtime.logs import REQUEST_ID_HEADER, get_logger, new_request_id, request_id_var
+from gateway.reply import Started, begin, fold, sse
+from gateway.responses import ChatReply, chunks, completion_body
+from mmserve_core.runtime.logs import get_logger
 from mmserve_core.wire.fields import openapi_properties
 
 log = get_logger(__name__)
@@ -36,29 +38,31 @@ def add_chat_routes(app: FastAPI, pipeline: Pipeline, metrics: GatewayMetrics, c
 
     @app.post("/v1/chat/completions", openapi_extra=chat_openapi(pipeline.served_models))
     async def chat_completions(request: Request):
-        rid = request_id_var.get() or new_request_id()
-        t0 = time.perf_counter()
-        try:
+        async def parse():
             body = await read_json(request)
             req = parse_chat_request(body, allow_urls=cfg.url_fetch)
             if isinstance(body.get("safety_identifier"), str):
                 log.info("end user", safety_identifier=body["safety_identifier"])
-            gen = await pipeline.start(req, rid)
-        except Exception as e:  # noqa: BLE001 - every failure becomes OpenAI error JSON
-            return failure_response(e, request.url.path, "chat completion", metrics)
-        metrics.ttft.observe(time.perf_counter() - t0)
-        metrics.requests.labels("200").inc()
+            return (body, req), req
+
+        started = await begin(request, pipeline, metrics, "chat completion", parse)
+        if not isinstance(started, Started):
+            return started
+        (body, req), gen = started.parsed, started.gen
         reply = ChatReply(f"chatcmpl-{uuid.uuid4().hex}", int(time.time()), pipeline.model_id, req.service_tier,
                           req.return_token_ids, pipeline.logprobs if req.sampling.logprobs else None,
                           pipeline.keep_reasoning(req))
         keep = (lambda done: chats.keep(request, done, body["messages"], req.metadata)) if req.store else None
         if req.stream:
-            return StreamingResponse(
-                sse(gen, reply, req.include_usage, on_complete=keep),
-                media_type="text/event-stream",
-                headers={"Cache-Control": "no-cache", REQUEST_ID_HEADER: rid},
-            )
-        return await complete(gen, reply, request.is_disconnected, on_complete=keep)
+            return sse(chunks(gen, reply, req.include_usage, on_complete=keep), started.rid, gen)
+        try:
+            whole = completion_body(reply, await fold(gen, request.is_disconnected))
+        except HTTPError as e:
+            return error_response(e, request.url.path)
+        log.info("completed", finish_reason=whole["choices"][0]["finish_reason"], **whole["usage"])
+        if keep is not None:
+            keep(whole)
+        return JSONResponse(whole)
 
     add_chat_store_routes(app, chats)
 

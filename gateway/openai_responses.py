@@ -19,21 +19,21 @@ from __future__ import annotations
 import json
 import time
 import uuid
+from dataclasses import dataclass
 
 from fastapi import FastAPI, Request
-from fastapi.responses import JSONResponse, StreamingResponse
+from fastapi.responses import JSONResponse
 
 from gateway.bodies import credential, read_json
-from gateway.chat import Delta, Done, Message, Part, delta_pieces
+from gateway.chat import Delta, Message, Part, delta_pieces
 from gateway.config import GatewayConfig
-from gateway.errors import HTTPError
+from gateway.errors import HTTPError, error_response
 from gateway.metrics import GatewayMetrics
 from gateway.pipeline import Generation, Pipeline
-from gateway.responses import error_response, failure_response
+from gateway.reply import Folded, Started, begin, fold, no_done, sse
 from gateway.responses_schema import ResponsesRequest, conversation, parse_responses_request
 from gateway.responses_store import ResponseStore, StoredResponse, namespace
-from mmserve_core.runtime.logs import REQUEST_ID_HEADER, get_logger, new_request_id, request_id_var
-from mmserve_core.wire import types as T
+from mmserve_core.runtime.logs import get_logger
 
 log = get_logger(__name__)
 ITEM_OF = {"reasoning": "reasoning", "text": "message", "tool": "function_call"}  # a delta piece -> its item
@@ -69,10 +69,6 @@ class Output:
     def __init__(self) -> None:
         self.items: list[dict] = []
         self.kind: str | None = None  # the open item's type
-        self.text: list[str] = []
-        self.thought: list[str] = []
-        self.calls: list[T.ToolCall] = []
-        self.reasoning_tokens = 0
 
     @property
     def open(self) -> dict | None:
@@ -106,14 +102,18 @@ class Output:
         self.kind = None
         return item
 
-    def assistant_message(self) -> Message:
-        text = "".join(self.text)
-        return Message("assistant", [Part("text", "output", text=text)] if text else [], "output",
-                       tool_calls=list(self.calls), reasoning="".join(self.thought))
+
+
+def assistant_message(got: Folded) -> Message:
+    """The turn as a continuation (``previous_response_id``) replays it."""
+    text = got.text
+    return Message("assistant", [Part("text", "output", text=text)] if text else [], "output",
+                   tool_calls=list(got.done.tool_calls) if got.done else [], reasoning=got.thought)
 
 
 def response_body(rid: str, rr: ResponsesRequest, model: str, created: int, output: Output | None,
-                  done: Done | None, *, store: bool) -> dict:
+                  got: Folded | None, *, store: bool) -> dict:
+    done = got.done if got is not None else None
     status = "in_progress" if done is None else "incomplete" if done.finish_reason == "length" else "completed"
     c = done.completion if done is not None else None
     echo = rr.echo
@@ -139,7 +139,7 @@ def response_body(rid: str, rr: ResponsesRequest, model: str, created: int, outp
             "input_tokens": c.prompt_tokens,
             "input_tokens_details": {"cached_tokens": c.cached_tokens, "cache_write_tokens": c.cache_write_tokens},
             "output_tokens": c.completion_tokens,
-            "output_tokens_details": {"reasoning_tokens": output.reasoning_tokens if output else 0},
+            "output_tokens_details": {"reasoning_tokens": got.reasoning_tokens if got else 0},
             "total_tokens": c.prompt_tokens + c.completion_tokens}
     return body
 
@@ -214,12 +214,21 @@ class _Events:
         return events
 
 
-def _absorb(out: Output, ev: Delta) -> None:
-    out.text.append(ev.content)
-    if ev.reasoning:
-        out.thought.append(ev.reasoning)
-        if not ev.content:
-            out.reasoning_tokens += len(ev.token_ids)
+@dataclass
+class _Turn:
+    """One response being made: its id and time, the parsed request, and the conversation it continues."""
+
+    rid: str
+    rr: ResponsesRequest
+    model: str
+    created: int
+    ns: str  # the store namespace (the presented credential's)
+    inputs: list[Message]
+    prior: list[Message]
+
+    @property
+    def keep_thought(self) -> bool:
+        return bool(self.rr.chat.include_reasoning)
 
 
 class ResponsesFront:
@@ -227,8 +236,8 @@ class ResponsesFront:
         self.pipeline, self.metrics, self.cfg = pipeline, metrics, cfg
         self.store = ResponseStore(cfg.responses_store_bytes)
 
-    def _keep(self, ns: str, rid: str, rr: ResponsesRequest, inputs: list[Message], prior: list[Message],
-              out: Output, body: dict) -> bool:
+    def _keep(self, turn: _Turn, got: Folded, body: dict) -> bool:
+        rr = turn.rr
         if not rr.store:
             return False
         items = []
@@ -241,13 +250,20 @@ class ResponsesFront:
             if item["type"] in ("function_call", "function_call_output", "message"):
                 item.setdefault("status", "completed")
             items.append(item)
-        return self.store.put(ns, rid, StoredResponse(body, items, [*prior, *inputs, out.assistant_message()]))
+        conv = [*turn.prior, *turn.inputs, assistant_message(got)]
+        return self.store.put(turn.ns, turn.rid, StoredResponse(body, items, conv))
+
+    def _finish(self, turn: _Turn, out: Output, got: Folded) -> dict:
+        """The completed response object, stored when asked (``store`` says whether it was kept)."""
+        body = response_body(turn.rid, turn.rr, turn.model, turn.created, out, got, store=turn.rr.store)
+        body["store"] = self._keep(turn, got, body)
+        c = got.done.completion
+        log.info("completed", front="responses", status=body["status"], prompt_tokens=c.prompt_tokens,
+                 completion_tokens=c.completion_tokens)
+        return body
 
     async def create(self, request: Request):
-        rid_req = request_id_var.get() or new_request_id()
-        path = request.url.path
-        t0 = time.perf_counter()
-        try:
+        async def parse():
             rr = parse_responses_request(await read_json(request), allow_urls=self.cfg.url_fetch)
             ns = namespace(credential(request))
             prior: list[Message] = []
@@ -260,64 +276,49 @@ class ResponsesFront:
                 prior = _continuable(entry.conversation, rr.previous_response_id)
             inputs = rr.chat.messages
             rr.chat.messages = conversation(prior, rr)
-            gen = await self.pipeline.start(rr.chat, rid_req)
-        except Exception as e:  # noqa: BLE001 - every failure becomes OpenAI error JSON
-            return failure_response(e, path, "responses request", self.metrics)
-        self.metrics.ttft.observe(time.perf_counter() - t0)
-        self.metrics.requests.labels("200").inc()
-        rid, created, model = f"resp_{_hex()}", int(time.time()), self.pipeline.model_id
-        keep_thought = bool(rr.chat.include_reasoning)
-        if rr.chat.stream:
-            return StreamingResponse(self._stream(gen, rid, rr, model, created, ns, inputs, prior, keep_thought),
-                                     media_type="text/event-stream",
-                                     headers={"Cache-Control": "no-cache", REQUEST_ID_HEADER: rid_req})
-        out, done = Output(), None
-        events = _Events(out, stream=False)
-        try:
-            async for ev in gen.events():
-                if isinstance(ev, Delta):
-                    _absorb(out, ev)
-                    events.feed(ev, keep_thought)
-                else:
-                    done = ev
-        except HTTPError as e:
-            return error_response(e, path)
-        finally:
-            gen.cancel()
-        events.close()
-        out.calls = list(done.tool_calls) if done else []
-        body = response_body(rid, rr, model, created, out, done, store=rr.store)
-        body["store"] = self._keep(ns, rid, rr, inputs, prior, out, body)
-        log.info("completed", front="responses", status=body["status"], prompt_tokens=done.completion.prompt_tokens,
-                 completion_tokens=done.completion.completion_tokens)
-        return JSONResponse(body)
+            turn = _Turn(f"resp_{_hex()}", rr, self.pipeline.model_id, int(time.time()), ns, inputs, prior)
+            return turn, rr.chat
 
-    async def _stream(self, gen: Generation, rid: str, rr: ResponsesRequest, model: str, created: int, ns: str,
-                      inputs: list[Message], prior: list[Message], keep_thought: bool):
+        started = await begin(request, self.pipeline, self.metrics, "responses request", parse)
+        if not isinstance(started, Started):
+            return started
+        turn, gen = started.parsed, started.gen
+        if turn.rr.chat.stream:
+            return sse(self._stream(gen, turn), started.rid, gen)
+        try:
+            got = await fold(gen, request.is_disconnected)
+        except HTTPError as e:
+            return error_response(e, request.url.path)
         out = Output()
+        events = _Events(out, stream=False)
+        for d in got.deltas:
+            events.feed(d, turn.keep_thought)
+        events.close()
+        return JSONResponse(self._finish(turn, out, got))
+
+    async def _stream(self, gen: Generation, turn: _Turn):
+        out, got = Output(), Folded()
         events = _Events(out)
-        start = response_body(rid, rr, model, created, None, None, store=rr.store)
+        start = response_body(turn.rid, turn.rr, turn.model, turn.created, None, None, store=turn.rr.store)
         yield events.ev("response.created", {"response": start})
         yield events.ev("response.in_progress", {"response": start})
         try:
             async for ev in gen.events():
+                got.add(ev)
                 if isinstance(ev, Delta):
-                    _absorb(out, ev)
-                    for e in events.feed(ev, keep_thought):
+                    for e in events.feed(ev, turn.keep_thought):
                         yield e
                     continue
                 for e in events.close():
                     yield e
-                out.calls = list(ev.tool_calls)
-                body = response_body(rid, rr, model, created, out, ev, store=rr.store)
-                body["store"] = self._keep(ns, rid, rr, inputs, prior, out, body)
+                body = self._finish(turn, out, got)
                 kind = "response.incomplete" if body["status"] == "incomplete" else "response.completed"
                 yield events.ev(kind, {"response": body})
+            if got.done is None:
+                raise no_done()
         except HTTPError as err:
             log.error("stream failed", status=err.status, error=err.message)
             yield events.ev("error", {"code": err.code, "message": err.message, "param": err.param})
-        finally:
-            gen.cancel()
 
 
 def add_responses_routes(app: FastAPI, pipeline: Pipeline, metrics: GatewayMetrics, cfg: GatewayConfig) -> None:

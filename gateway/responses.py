@@ -10,41 +10,18 @@ connection.  No protobuf here.  Event-loop thread.
 
 from __future__ import annotations
 
-import asyncio
 import json
 from dataclasses import dataclass
 from typing import Any
 
-from fastapi.responses import JSONResponse
-
 from gateway.chat import Delta, Done
-from gateway.errors import HTTPError, error_body, to_http
+from gateway.errors import HTTPError
 from gateway.pipeline import Generation
+from gateway.reply import Folded, no_done
 from mmserve_core.runtime.logs import get_logger
 from mmserve_core.wire import types as T
 
 log = get_logger(__name__)
-
-
-def error_response(err: HTTPError, path: str = "") -> JSONResponse:
-    """The error as the body of the API ``path`` belongs to (``errors.error_body``)."""
-    if err.status >= 500:
-        log.error("request failed", status=err.status, error=err.message)
-    else:
-        log.info("request rejected", status=err.status, error=err.message, param=err.param)
-    return JSONResponse(error_body(path, err), status_code=err.status, headers=err.headers)
-
-
-def failure_response(exc: BaseException, path: str, what: str, metrics=None) -> JSONResponse:
-    """How every HTTP front answers a request that failed before its response began: the error in
-    the API's own shape (by ``path``), a traceback logged only for a bug, counted by status.
-    Call it inside the ``except`` block (the traceback is the one being handled)."""
-    err = to_http(exc)
-    if err.status >= 500 and not isinstance(exc, HTTPError):
-        log.exception(f"{what} failed")
-    if metrics is not None:
-        metrics.requests.labels(str(err.status)).inc()
-    return error_response(err, path)
 
 
 def usage(c: T.Completion) -> dict[str, Any]:
@@ -66,12 +43,6 @@ def timings(done: Done) -> dict[str, float]:
     }
 
 
-def _log_done(done: Done, stream: bool) -> None:
-    c = done.completion
-    log.info("completed", stream=stream, finish_reason=c.finish_reason, prompt_tokens=c.prompt_tokens,
-             completion_tokens=c.completion_tokens)
-
-
 @dataclass(frozen=True)
 class ChatReply:
     """What a ``chat.completion`` names besides the events: its id, time, model and options."""
@@ -85,44 +56,23 @@ class ChatReply:
     keep_reasoning: bool = True
 
 
-class Collected:
-    """A generation's events gathered into one reply (the non-streamed answer, and a streamed
-    one's stored copy)."""
-
-    def __init__(self) -> None:
-        self.content: list[str] = []
-        self.reasoning: list[str] = []
-        self.token_ids: list[int] = []
-        self.lps: list[T.TokenLogprob] = []
-        self.done: Done | None = None
-
-    def add(self, ev) -> None:
-        if isinstance(ev, Delta):
-            self.content.append(ev.content)
-            self.reasoning.append(ev.reasoning)
-            self.token_ids.extend(ev.token_ids)
-            self.lps.extend(ev.logprobs)
-        else:
-            self.done = ev
-
-
-def completion_body(r: ChatReply, got: Collected) -> dict[str, Any]:
+def completion_body(r: ChatReply, got: Folded) -> dict[str, Any]:
     """The ``chat.completion`` object (OpenAI's ``CreateChatCompletionResponse``)."""
     done = got.done
     assert done is not None
-    text = "".join(got.content)
+    text = got.text
     message: dict[str, Any] = {"role": "assistant", "content": text if text or not done.tool_calls else None,
                                "refusal": None}
     if done.tool_calls:
         message["tool_calls"] = [{"id": c.id, "type": "function",
                                   "function": {"name": c.name, "arguments": c.arguments}} for c in done.tool_calls]
-    thought = "".join(got.reasoning)
+    thought = got.thought
     if thought and r.keep_reasoning:
         message["reasoning_content"] = thought
     choice = {
         "index": 0,
         "message": message,
-        "logprobs": ({"content": r.logprobs.content_json(got.lps), "refusal": None}
+        "logprobs": ({"content": r.logprobs.content_json(got.logprobs), "refusal": None}
                      if r.logprobs is not None else None),
         "finish_reason": done.finish_reason,
     }
@@ -143,38 +93,6 @@ def completion_body(r: ChatReply, got: Collected) -> dict[str, Any]:
         "timings": timings(done),
         **extra,
     }
-
-
-async def complete(gen: Generation, r: ChatReply, disconnected=None, on_complete=None):
-    """Collect the events into one ``chat.completion``.  ``disconnected`` (an async predicate) is
-    polled meanwhile: a client that gives up cancels its decoder sequence.  ``on_complete`` gets
-    the body (``store: true``)."""
-    got = Collected()
-    watcher = asyncio.ensure_future(_cancel_on_disconnect(gen, disconnected)) if disconnected else None
-    try:
-        async for ev in gen.events():
-            got.add(ev)
-    except HTTPError as e:
-        return error_response(e)
-    finally:
-        if watcher is not None:
-            watcher.cancel()
-    if got.done is None:
-        return error_response(HTTPError(502, "decoder stream ended without a completion", type_="server_error"))
-    _log_done(got.done, stream=False)
-    body = completion_body(r, got)
-    if on_complete is not None:
-        on_complete(body)
-    return JSONResponse(body)
-
-
-async def _cancel_on_disconnect(gen: Generation, disconnected, interval_s: float = 0.25) -> None:
-    while not gen.done():
-        if await disconnected():
-            log.info("client disconnected; cancelling generation")
-            gen.cancel()
-            return
-        await asyncio.sleep(interval_s)
 
 
 def _chunk(r: ChatReply, delta, finish_reason=None, token_ids=None, logprobs=None, **extra) -> str:
@@ -209,12 +127,12 @@ def tool_call_deltas(pieces) -> list[dict[str, Any]]:
     return out
 
 
-async def sse(gen: Generation, r: ChatReply, include_usage: bool, on_complete=None):
+async def chunks(gen: Generation, r: ChatReply, include_usage: bool, on_complete=None):
     """One SSE event per ``Delta``.  A delta may carry several tokens (the decoder merges what
     this stream has not read yet), as OpenAI's own streams do; with ``return_token_ids`` the
     chunk lists them.  ``on_complete`` gets the whole reply as one ``chat.completion``
     (``store: true``)."""
-    got = Collected()
+    got = Folded()
     yield _chunk(r, {"role": "assistant", "content": ""})
     try:
         async for ev in gen.events():
@@ -232,7 +150,7 @@ async def sse(gen: Generation, r: ChatReply, include_usage: bool, on_complete=No
                 if r.return_ids or lp is not None or ev.content or len(delta) > 1 or ev.tool_calls:
                     yield _chunk(r, delta, token_ids=ev.token_ids if r.return_ids else None, logprobs=lp)
                 continue
-            _log_done(ev, stream=True)
+            log.info("completed", stream=True, finish_reason=ev.finish_reason, **usage(ev.completion))
             yield _chunk(r, {}, ev.finish_reason, timings=timings(ev))
             if include_usage:
                 body = {"id": r.cid, "object": "chat.completion.chunk", "created": r.created, "model": r.model,
@@ -240,9 +158,9 @@ async def sse(gen: Generation, r: ChatReply, include_usage: bool, on_complete=No
                 yield f"data: {json.dumps(body, separators=(',', ':'))}\n\n"
             if on_complete is not None:
                 on_complete(completion_body(r, got))
+        if got.done is None:
+            raise no_done()
     except HTTPError as err:
         log.error("stream failed", status=err.status, error=err.message)
         yield f"data: {json.dumps(err.body())}\n\n"
-    finally:
-        gen.cancel()
     yield "data: [DONE]\n\n"
