@@ -20,14 +20,13 @@ from starlette.exceptions import HTTPException as StarletteHTTPException
 
 from gateway.anthropic_messages import add_messages_routes
 from gateway.config import GatewayConfig
-from gateway.errors import HTTPError
+from gateway.errors import HTTPError, error_response
 from gateway.metrics import GatewayMetrics
 from gateway.middleware import GuardMiddleware, RequestIdMiddleware
 from gateway.openai_audio import add_audio_routes
 from gateway.openai_chat import add_chat_routes
 from gateway.openai_responses import add_responses_routes
 from gateway.pipeline import Pipeline
-from gateway.responses import error_response
 from mmserve_core.runtime.logs import get_logger
 
 log = get_logger(__name__)

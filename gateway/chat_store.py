@@ -19,9 +19,8 @@ from fastapi.responses import JSONResponse
 
 from gateway.bodies import credential, read_json
 from gateway.chat import bad
-from gateway.errors import HTTPError
+from gateway.errors import HTTPError, error_response
 from gateway.request_options import metadata
-from gateway.responses import error_response
 from gateway.responses_store import ResponseStore, StoredResponse, namespace
 
 MAX_LIST = 100
