@@ -25,11 +25,11 @@ from decoder_service.config import DecoderConfig
 from decoder_service.constraints import ConstraintCompiler, GrammarMask
 from decoder_service.intake import StreamLimits
 from decoder_service.metrics import DecoderMetrics
-from decoder_service.model import ResolvedSampling, SpanRows
+from decoder_service.model import SpanRows
 from decoder_service.output_text import OutputText
 from decoder_service.placement import validate_prompt
 from decoder_service.prefix_cache import PrefixCache, media_key
-from decoder_service.sampling import resolve_sampling
+from decoder_service.sampling import ResolvedSampling, resolve_sampling
 from decoder_service.scheduler import BatchScheduler, GenerationJob
 from decoder_service.thought_budget import ThoughtBudget
 from mmserve_core.runtime.checkpoint import CheckpointInfo, read_checkpoint
@@ -116,6 +116,16 @@ class DecoderEngine:
         return runner
 
     # -- request path -----------------------------------------------------------
+    async def validate_async(
+        self, ids: list[int], spans: list[tuple[T.Span, str, tuple[int, ...]]], sampling: T.SamplingParams
+    ) -> ResolvedSampling:
+        """``validate`` for the event loop: a request with a constraint is checked in a worker thread,
+        so compiling its grammar (milliseconds, more for a large schema; cached by digest) never
+        holds the loop that streams everyone else's tokens."""
+        if sampling.constraint is None:
+            return self.validate(ids, spans, sampling)
+        return await asyncio.to_thread(self.validate, ids, spans, sampling)
+
     def validate(
         self, ids: list[int], spans: list[tuple[T.Span, str, tuple[int, ...]]], sampling: T.SamplingParams
     ) -> ResolvedSampling:
@@ -165,6 +175,9 @@ class DecoderEngine:
         if self.scheduler is None or self._loop_job is None or self._loop_job.done():
             raise Unavailable("decoder is not serving")
         channel = TokenChannel(asyncio.get_running_loop(), self.cfg.stream_interval_ms / 1000.0)
+        # the prefix cache's key for each span: a digest of its bytes (~1 ms a MB), off the event loop
+        keys = await asyncio.to_thread(lambda: [media_key(s.tensor.data, s.tensor.dtype) for s in spans]) \
+            if spans else []
         job = GenerationJob(
             ids=ids,
             spans=[SpanRows(s.span.offset, s.tensor.to_numpy(), s.tensor.dtype, s.span.modality) for s in spans],
@@ -172,7 +185,7 @@ class DecoderEngine:
             stop_ids=frozenset(self.eos_ids) | frozenset(extra_stop_ids),
             soft_tokens=sum(s.span.length for s in spans),
             emit=channel.put,
-            media=[(s.span.offset, s.span.length, media_key(s.tensor.data, s.tensor.dtype)) for s in spans],
+            media=[(s.span.offset, s.span.length, k) for s, k in zip(spans, keys)],
             priority=T.PRIORITIES.index(priority),
         )
         out = OutputText(self.tokenizer, resolved.stop_strings, resolved.logprobs)

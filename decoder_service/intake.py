@@ -30,11 +30,9 @@ import contextlib
 from collections.abc import AsyncIterator, Iterator
 from dataclasses import dataclass
 
-from decoder_service.model import ResolvedSampling
+from decoder_service.sampling import ResolvedSampling
 from mmserve_core.runtime.heap import release_free_heap
-from mmserve_core.wire import codec
 from mmserve_core.wire import types as T
-from mmserve_core.wire.chunk_frames import ChunkFrame
 from mmserve_core.wire.errors import DeadlineExceeded, InvalidArgument, ResourceExhausted, ServeError
 from mmserve_core.wire.tensors import Assembler, expected_nbytes
 
@@ -166,7 +164,7 @@ class StreamReader:
                 msg = await self.next("the end of the stream")
                 if msg is None:
                     return
-                budget -= len(msg.data) if isinstance(msg, ChunkFrame) else msg.ByteSize()
+                budget -= len(msg.data) if isinstance(msg, T.SpanChunk) else 1
 
 
 async def read_generate(reader: StreamReader, engine, admission: StreamAdmission, ticket: Ticket,
@@ -175,17 +173,11 @@ async def read_generate(reader: StreamReader, engine, admission: StreamAdmission
     first = await reader.next("the setup message")
     if first is None:
         raise InvalidArgument("Generate stream closed before the setup message")
-    if _payload(first) != "setup":
-        raise InvalidArgument("the first Generate message must be a setup, got "
-                              f"{_payload(first) or 'an empty message'}")
-    setup = first.setup
-    ids = [int(x) for x in setup.prompt_token_ids]
-    declared = [codec.span_from_pb(i, s) for i, s in enumerate(setup.spans)]
-    sampling = codec.sampling_from_pb(setup.sampling)
-    resolved = engine.validate(ids, declared, sampling)
-    priority = codec.PRIORITY_FROM_PB.get(setup.priority)
-    if priority is None:
-        raise InvalidArgument(f"setup.priority = {setup.priority} is not a mmserve.decoder.v1.Priority value")
+    if not isinstance(first, T.GenerateSetup):
+        raise InvalidArgument(f"the first Generate message must be a setup, got {_what(first)}")
+    setup = first
+    ids, declared, sampling = setup.ids, setup.spans, setup.sampling
+    resolved = await engine.validate_async(ids, declared, sampling)
     total = sum(expected_nbytes(dtype, shape) for _, dtype, shape in declared)
     admission.reserve(ticket, total)
     await context.send_initial_metadata(())  # "setup accepted": the client may send its chunks now
@@ -199,11 +191,11 @@ async def read_generate(reader: StreamReader, engine, admission: StreamAdmission
         await reader.drain(total - received + (1 << 20))
         raise
     if extra is not None:
-        what = "embedding bytes beyond the declared spans" if _payload(extra) == "chunk" \
+        what = "embedding bytes beyond the declared spans" if isinstance(extra, T.SpanChunk) \
             else "a second setup message"
         raise InvalidArgument(f"received {what}; send the setup, every span's chunks, then close the stream")
     spans = [T.SpanEmbedding(span, a.finish()) for (span, _, _), a in zip(declared, assemblers)]
-    return GenerateInput(ids, spans, resolved, sampling.stop_token_ids, priority)
+    return GenerateInput(ids, spans, resolved, sampling.stop_token_ids, setup.priority)
 
 
 async def _receive_chunks(reader: StreamReader, assemblers: list[Assembler]) -> None:
@@ -213,11 +205,9 @@ async def _receive_chunks(reader: StreamReader, assemblers: list[Assembler]) -> 
         msg = await reader.next(f"the embeddings of spans {missing}")
         if msg is None:
             raise InvalidArgument(f"Generate stream ended before the embeddings of spans {missing} were complete")
-        if _payload(msg) != "chunk":
+        if not isinstance(msg, T.SpanChunk):
             raise InvalidArgument("only embedding chunks may follow the setup message")
-        # a ChunkFrame (a view into the received bytes: the usual case) or a parsed message
-        index, offset, data = msg if isinstance(msg, ChunkFrame) else (
-            msg.chunk.span_index, msg.chunk.byte_offset, msg.chunk.data)
+        index, offset, data = msg.index, msg.offset, msg.data  # data: usually a view into the received bytes
         if index >= len(assemblers):
             raise InvalidArgument(
                 f"chunk for span_index {index}, but only {len(assemblers)} spans were declared")
@@ -230,5 +220,5 @@ async def _receive_chunks(reader: StreamReader, assemblers: list[Assembler]) -> 
             pending -= 1
 
 
-def _payload(msg) -> str | None:
-    return "chunk" if isinstance(msg, ChunkFrame) else msg.WhichOneof("payload")
+def _what(msg) -> str:
+    return "chunk" if isinstance(msg, T.SpanChunk) else str(msg)

@@ -43,25 +43,6 @@ class SpanRows:
 
 
 @dataclass(frozen=True)
-class ResolvedSampling:
-    temperature: float
-    top_p: float
-    top_k: int
-    min_p: float
-    max_tokens: int
-    seed: int | None
-    logit_bias: dict[int, float]
-    repetition_penalty: float | None
-    presence_penalty: float | None
-    frequency_penalty: float | None
-    stop_strings: tuple[str, ...] = ()
-    logprobs: bool = False
-    top_logprobs: int = 0
-    grammar: object = None  # a constraints.GrammarMask for this sequence (its own matcher), or None
-    thought_budget: object = None  # a thought_budget.ThoughtBudget for this sequence, or None
-
-
-@dataclass(frozen=True)
 class _EmbeddingFeatures:
     inputs_embeds: mx.array
     per_layer_inputs: mx.array | None

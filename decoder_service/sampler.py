@@ -25,7 +25,7 @@ from mlx_vlm.sample_utils import (
     make_logits_processors,
 )
 
-from decoder_service.model import ResolvedSampling
+from decoder_service.sampling import ResolvedSampling
 from mmserve_core.wire import types as T
 
 Sampler = Callable[[mx.array], mx.array]

@@ -14,10 +14,32 @@ every sequence at once, not here.)  Pure Python, any thread.
 from __future__ import annotations
 
 import math
+from dataclasses import dataclass
 
-from decoder_service.model import ResolvedSampling
 from mmserve_core.wire.errors import InvalidArgument
 from mmserve_core.wire.types import SamplingParams
+
+
+@dataclass(frozen=True)
+class ResolvedSampling:
+    """A request's sampling with every default resolved (plain values: made on the event loop,
+    read on the MLX thread)."""
+
+    temperature: float
+    top_p: float
+    top_k: int
+    min_p: float
+    max_tokens: int
+    seed: int | None
+    logit_bias: dict[int, float]
+    repetition_penalty: float | None
+    presence_penalty: float | None
+    frequency_penalty: float | None
+    stop_strings: tuple[str, ...] = ()
+    logprobs: bool = False
+    top_logprobs: int = 0
+    grammar: object = None  # a constraints.GrammarMask for this sequence (its own matcher), or None
+    thought_budget: object = None  # a thought_budget.ThoughtBudget for this sequence, or None
 
 MAX_STOP_STRINGS = 16
 MAX_TOP_LOGPROBS = 20

@@ -40,10 +40,11 @@ from dataclasses import dataclass, field
 import mlx.core as mx
 
 from decoder_service.constraints import BatchMasks, GrammarMask
-from decoder_service.model import LanguageModelRunner, ResolvedSampling, SpanRows
+from decoder_service.model import LanguageModelRunner, SpanRows
 from decoder_service.prefix_cache import PrefixCache, keyed_tokens
 from decoder_service.request_queue import RequestQueue
 from decoder_service.sampler import build_processors, build_sampler, token_logprob
+from decoder_service.sampling import ResolvedSampling
 from decoder_service.text_prefill import TextPrefill
 from mmserve_core.runtime.logs import get_logger
 from mmserve_core.wire import types as T

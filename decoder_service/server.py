@@ -37,7 +37,7 @@ class DecoderServicer(decoder_pb2_grpc.DecoderServiceServicer):
         m = self.engine.metrics
         async with rpc_scope(context, "Generate", on_outcome=lambda o: m.requests.labels(o).inc()):
             with self.admission.open() as ticket:
-                reader = StreamReader(request_iterator, self.admission.limits, m)
+                reader = StreamReader(codec.typed_generate_requests(request_iterator), self.admission.limits, m)
                 inp = await read_generate(reader, self.engine, self.admission, ticket, context)
                 self.admission.release(ticket)  # the rows now belong to the engine's job (bounded by its queue)
                 events = self.engine.generate(inp.ids, inp.spans, inp.resolved, inp.stop_token_ids,

@@ -10,7 +10,7 @@ gRPC's default message size.  Event-loop thread.
 from __future__ import annotations
 
 import hashlib
-from collections.abc import Awaitable, Callable
+from collections.abc import AsyncIterator, Awaitable, Callable
 from typing import Any
 
 import grpc
@@ -61,9 +61,11 @@ class EncoderClient:
     def start(self) -> None:
         self.pool.start()
 
-    async def info(self, request_id: str) -> encoder_pb2.GetEncoderInfoResponse:
-        return await _with_failover(self.pool, lambda stub: stub.GetEncoderInfo(
+    async def modalities(self, request_id: str) -> set[str]:
+        """The modalities the encoders have towers (or embedders) for."""
+        r = await _with_failover(self.pool, lambda stub: stub.GetEncoderInfo(
             encoder_pb2.GetEncoderInfoRequest(), metadata=_md(request_id), timeout=self.timeout_s))
+        return {codec.MODALITY_FROM_PB[m] for m in r.modalities}
 
     async def encode(self, items: list[T.MediaInput], dtype: str, request_id: str) -> list[T.EncodedItem]:
         req = encoder_pb2.EncodeRequest(items=codec.media_to_pb(items), output_dtype=codec.DTYPE_TO_PB[dtype],
@@ -129,7 +131,7 @@ class DecoderClient:
             call = stub.Generate(metadata=_md(request_id), timeout=self.timeout_s)
             try:
                 await write_generate(call, setup, chunks())
-                return call, await call.read()
+                return DecoderStream(call, await call.read())
             except BaseException:
                 call.cancel()
                 raise
@@ -138,6 +140,32 @@ class DecoderClient:
 
     async def close(self) -> None:
         await self.pool.close()
+
+
+class DecoderStream:
+    """A running Generate as typed events — the decoder's messages are decoded here, at the
+    transport, so the pipeline never sees one.  ``events()`` raises the call's
+    ``grpc.aio.AioRpcError`` if it fails; ``cancel()`` ends the sequence."""
+
+    def __init__(self, call: grpc.aio.StreamStreamCall, first) -> None:
+        self._call, self._first = call, first
+
+    @property
+    def empty(self) -> bool:
+        """The decoder closed the stream without a single message."""
+        return self._first is grpc.aio.EOF
+
+    async def events(self) -> AsyncIterator[T.TokenEvent | T.Completion]:
+        msg = self._first
+        while msg is not grpc.aio.EOF:
+            yield codec.generate_response_from_pb(msg)
+            msg = await self._call.read()
+
+    def cancel(self) -> None:
+        self._call.cancel()
+
+    def done(self) -> bool:
+        return self._call.done()
 
 
 def conversation_key(ids: list[int], spans: list[T.SpanEmbedding], end_of_turn: set[int]) -> bytes:

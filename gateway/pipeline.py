@@ -18,7 +18,7 @@ import grpc
 import soundfile as sf
 
 from gateway.chat import ChatRequest, Delta, Done, bad, check_towers
-from gateway.clients import DecoderClient, EncoderClient, conversation_key
+from gateway.clients import DecoderClient, DecoderStream, EncoderClient, conversation_key
 from gateway.config import GatewayConfig
 from gateway.errors import HTTPError, to_http
 from gateway.fetch import MediaFetcher
@@ -28,7 +28,6 @@ from gateway.tool_calls import ToolCallParser
 from gateway.tool_choice import ToolPlan, finish_reason, markers, plan_tools
 from mmserve_core.prompt import PromptBuilder
 from mmserve_core.runtime.logs import get_logger
-from mmserve_core.wire import codec
 from mmserve_core.wire import types as T
 from mmserve_core.wire.errors import CONSTRAINT_REFUSAL
 from mmserve_core.wire.tensors import split_rows
@@ -44,9 +43,9 @@ class Generation:
     failure mid-stream is raised as the ``HTTPError`` it maps to.
     ``cancel()`` stops the sequence (a client that went away)."""
 
-    def __init__(self, call, first, prompt_ids: list[int], encode_ms: float,
+    def __init__(self, stream: DecoderStream, prompt_ids: list[int], encode_ms: float,
                  tools: ToolPlan = ToolPlan(parse=False, close_id=None)) -> None:
-        self._call, self._first = call, first
+        self._stream = stream
         self.prompt_ids, self.encode_ms = prompt_ids, encode_ms
         self._tools = tools
 
@@ -55,36 +54,33 @@ class Generation:
         the thought nor a call's markup reaches ``content``, and a call never holds thought text."""
         parser = ReasoningParser()
         calls = ToolCallParser() if self._tools.parse else None
-        msg = self._first
         try:
-            while msg is not grpc.aio.EOF:
-                ev = codec.generate_response_from_pb(msg)
+            async for ev in self._stream.events():
                 if isinstance(ev, T.TokenEvent):
                     content, reasoning = parser.feed(ev.text)
                     deltas: list = []
                     if calls is not None:
                         content, deltas = calls.feed(content)
                     yield Delta(content, reasoning, list(ev.token_ids), list(ev.logprobs or ()), tuple(deltas))
-                else:
-                    made: tuple[T.ToolCall, ...] = ()
-                    if calls is not None:
-                        closing = calls.close_call() if ev.stop_token_id == self._tools.close_id else []
-                        rest = calls.finish()
-                        if rest or closing:
-                            yield Delta(rest, "", [], [], tuple(closing))
-                        if calls.malformed:
-                            log.warning("the model wrote a malformed tool call", malformed=calls.malformed)
-                        made = tuple(calls.calls)
-                    yield Done(ev, self.encode_ms, self.prompt_ids, made, finish_reason(ev.finish_reason, len(made)))
-                msg = await self._call.read()
+                    continue
+                made: tuple[T.ToolCall, ...] = ()
+                if calls is not None:
+                    closing = calls.close_call() if ev.stop_token_id == self._tools.close_id else []
+                    rest = calls.finish()
+                    if rest or closing:
+                        yield Delta(rest, "", [], [], tuple(closing))
+                    if calls.malformed:
+                        log.warning("the model wrote a malformed tool call", malformed=calls.malformed)
+                    made = tuple(calls.calls)
+                yield Done(ev, self.encode_ms, self.prompt_ids, made, finish_reason(ev.finish_reason, len(made)))
         except grpc.aio.AioRpcError as e:
             raise to_http(e, upstream="decoder") from None
 
     def cancel(self) -> None:
-        self._call.cancel()
+        self._stream.cancel()
 
     def done(self) -> bool:
-        return self._call.done()
+        return self._stream.done()
 
 
 class Pipeline:
@@ -154,10 +150,9 @@ class Pipeline:
     async def encoder_modalities(self, rid: str) -> set[str]:
         if self._encoder_modalities is None:
             try:
-                r = await self.encoder.info(rid)
+                self._encoder_modalities = await self.encoder.modalities(rid)
             except grpc.aio.AioRpcError as e:
                 raise to_http(e, upstream="encoder") from None
-            self._encoder_modalities = {codec.MODALITY_FROM_PB[m] for m in r.modalities}
         return self._encoder_modalities
 
     async def upstream_health(self) -> dict[str, str]:
@@ -190,7 +185,7 @@ class Pipeline:
                             code="audio_too_long")
 
     async def start_generate(self, ids: list[int], spans: list[T.SpanEmbedding], req: ChatRequest, rid: str):
-        """Start the decoder's Generate (every front): ``(call, first message)``.
+        """Start the decoder's Generate (every front): its ``DecoderStream``, first message read.
 
         With several decoders, a conversation's turns go to one of them
         (``--decoder-affinity conversation``), so turn 2 finds turn 1 in that
@@ -213,15 +208,16 @@ class Pipeline:
         tools = plan_tools(req, self.tool_markers)
         ids, spans, encode_ms = await self.prepare(req, rid)
         try:
-            call, first = await self.start_generate(ids, spans, req, rid)
+            stream = await self.start_generate(ids, spans, req, rid)
         except grpc.aio.AioRpcError as e:
             err = to_http(e, upstream="decoder")
             if err.status == 400 and err.message.startswith(CONSTRAINT_REFUSAL):
                 err.param = req.constraint_param  # the decoder could not enforce the request's constraint
             raise err from None
-        if first is grpc.aio.EOF:
-            raise HTTPError(502, "decoder closed the stream without a response", type_="server_error")
-        return Generation(call, first, ids, encode_ms, tools)
+        if stream.empty:
+            raise HTTPError(502, "decoder closed the stream without a response", type_="server_error",
+                            code="upstream_incomplete")
+        return Generation(stream, ids, encode_ms, tools)
 
     async def prepare(self, req: ChatRequest, rid: str):
         """Encode media and build ``(ids, span embeddings)`` for the decoder."""

@@ -7,7 +7,7 @@ mapping in one table.  Pure functions, any thread.
 from __future__ import annotations
 
 import json
-from collections.abc import Sequence
+from collections.abc import AsyncIterator, Sequence
 
 from mmserve_core.wire import fields
 from mmserve_core.wire import types as T
@@ -226,6 +226,41 @@ def span_from_pb(i: int, pb: decoder_pb2.EmbeddingSpan) -> tuple[T.Span, str, tu
     )
     dtype = dtype_from_pb(pb.tensor.dtype, what)
     return span, dtype, tuple(int(d) for d in pb.tensor.shape)
+
+
+# ---- a Generate request stream, message by message (the decoder's intake sees only these types) ---
+EMPTY_MESSAGE = "an empty message"  # a GenerateRequest with no payload
+
+
+def generate_setup_from_pb(setup: decoder_pb2.GenerateSetup) -> T.GenerateSetup:
+    """The first message of a Generate stream, typed; its spans as declared (checked by the engine)."""
+    priority = PRIORITY_FROM_PB.get(setup.priority)
+    if priority is None:
+        raise InvalidArgument(f"setup.priority = {setup.priority} is not a mmserve.decoder.v1.Priority value")
+    return T.GenerateSetup(
+        ids=[int(x) for x in setup.prompt_token_ids],
+        spans=[span_from_pb(i, s) for i, s in enumerate(setup.spans)],
+        sampling=sampling_from_pb(setup.sampling),
+        priority=priority,
+    )
+
+
+def generate_request_from_pb(msg) -> T.GenerateSetup | T.SpanChunk | str:
+    """One received message typed: the setup, a chunk (``data`` a view into the received bytes when
+    the message was framed — ``ChunkFrame`` — else the parsed field), or ``EMPTY_MESSAGE``."""
+    if isinstance(msg, ChunkFrame):
+        return T.SpanChunk(msg.index, msg.byte_offset, msg.data)
+    kind = msg.WhichOneof("payload")
+    if kind == "setup":
+        return generate_setup_from_pb(msg.setup)
+    if kind == "chunk":
+        return T.SpanChunk(msg.chunk.span_index, msg.chunk.byte_offset, msg.chunk.data)
+    return EMPTY_MESSAGE
+
+
+async def typed_generate_requests(messages) -> AsyncIterator[T.GenerateSetup | T.SpanChunk | str]:
+    async for msg in messages:
+        yield generate_request_from_pb(msg)
 
 
 def token_event_to_pb(ev: T.TokenEvent) -> decoder_pb2.GenerateResponse:

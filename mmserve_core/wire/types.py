@@ -8,6 +8,7 @@ messages to these types at the edge.  Immutable values, any thread.
 from __future__ import annotations
 
 from dataclasses import dataclass, field
+from typing import Any
 
 from mmserve_core.wire.tensors import RawTensor
 
@@ -204,3 +205,23 @@ class Completion:
     stop_string: str | None = None
     cached_tokens: int = 0  # prompt tokens whose KV came from the prefix cache
     cache_write_tokens: int = 0  # prompt tokens this request added to the prefix cache
+
+
+@dataclass(frozen=True)
+class GenerateSetup:
+    """The first message of a decoder Generate stream: the prompt, its spans as declared
+    (``(span, dtype, shape)``, the bytes follow), the sampling, the admission priority."""
+
+    ids: list[int]
+    spans: list[tuple[Span, str, tuple[int, ...]]]
+    sampling: SamplingParams
+    priority: str = "default"  # PRIORITIES
+
+
+@dataclass(frozen=True)
+class SpanChunk:
+    """A slice of one span's embedding bytes, as a Generate stream carries it after the setup."""
+
+    index: int  # into GenerateSetup.spans
+    offset: int  # byte offset within the span's tensor
+    data: Any  # bytes, or a memoryview into the received message

@@ -4,7 +4,9 @@
 - a service imports no other service, nothing from ``deploy`` or ``tests``;
 - ``deploy`` (the main job, the process manager) imports no service and nothing from ``tests``;
 - the gateway imports no MLX;
-- protobuf (generated stubs, ``google.protobuf``) only in transport and codec modules.
+- protobuf (generated stubs, ``google.protobuf``) only in transport and codec modules — and no other
+  module handles a protobuf message either (``WhichOneof``, ``HasField``, …, or a codec ``*_pb``
+  function): the decoder's intake and the gateway's pipeline see typed objects.
 """
 
 from __future__ import annotations
@@ -100,6 +102,29 @@ def test_protobuf_only_in_transport_and_codec_modules(path):
         assert not pb, f"{_rel(path)} imports {sorted(pb)}: protobuf belongs in transport and codec modules"
 
 
+PB_METHODS = {"WhichOneof", "HasField", "ByteSize", "SerializeToString", "ParseFromString", "CopyFrom",
+              "MergeFrom", "ListFields", "ClearField"}
+
+
+def _protobuf_handling(path: Path) -> set[str]:
+    """Protobuf message methods called, and codec names that take or make messages, in ``path``."""
+    found: set[str] = set()
+    for node in ast.walk(ast.parse(path.read_text(), str(path))):
+        if isinstance(node, ast.Attribute):
+            if node.attr in PB_METHODS:
+                found.add(node.attr)
+            if node.attr.endswith(("_pb", "_PB")) or "_from_pb" in node.attr or "_to_pb" in node.attr:
+                found.add(node.attr)
+    return found
+
+
+@pytest.mark.parametrize("path", _modules("mmserve_core", *SERVICES, "deploy"), ids=_rel)
+def test_protobuf_messages_are_handled_only_in_transport_and_codec_modules(path):
+    if _rel(path) not in PROTOBUF_ALLOWED:
+        found = _protobuf_handling(path)
+        assert not found, f"{_rel(path)} handles protobuf messages ({sorted(found)}): leave that to the codec"
+
+
 def test_the_checks_can_fail():
     """The import reader sees a function-local import and a from-import of a submodule."""
     import tempfile
@@ -108,3 +133,6 @@ def test_the_checks_can_fail():
         f.write("def f():\n    from gateway import chat\n    import mlx.core as mx\n")
     names = _imports(Path(f.name))
     assert "gateway.chat" in names and "mlx.core" in names
+    with tempfile.NamedTemporaryFile("w", suffix=".py", delete=False) as f:
+        f.write("def g(msg):\n    return msg.WhichOneof('payload'), codec.sampling_from_pb(msg.setup.sampling)\n")
+    assert _protobuf_handling(Path(f.name)) == {"WhichOneof", "sampling_from_pb"}
