@@ -39,6 +39,7 @@ from dataclasses import dataclass, field
 
 import mlx.core as mx
 
+from decoder_service import mlx_lm_batch
 from decoder_service.constraints import BatchMasks, GrammarMask
 from decoder_service.model import LanguageModelRunner, SpanRows
 from decoder_service.prefix_cache import PrefixCache, keyed_tokens
@@ -161,9 +162,9 @@ class BatchScheduler:
     def _batch_forward(self, inputs, cache=None, **kwargs):
         """The model as the batch calls it, with every constrained row masked in one operation.
 
-        Within one ``BatchGenerator.next()`` the model is called for the running rows first, then
-        (when sequences were inserted) for the new rows alone, before they join; ``_step`` lists
-        those row uids in ``_calls`` just before, so each call knows whose logits it computes."""
+        ``_step`` lists the row uids of each call the coming ``next()`` makes in ``_calls``
+        (``mlx_lm_batch.step_calls``: mlx-lm's internals, read in that one adapter), so each call
+        knows whose logits it computes."""
         logits = self._forward(inputs, cache=cache, **kwargs)
         if inputs.shape[1] != 1:
             return logits
@@ -351,8 +352,8 @@ class BatchScheduler:
         from mlx_lm.generate import StopSequences
 
         grammar = a.job.sampling.grammar
-        if not hasattr(bg, "_generation_batch"):  # an mlx-lm whose batch order we cannot read:
-            grammar = None                        # the mask stays a per-row processor
+        if not mlx_lm_batch.readable(bg):  # an mlx-lm whose batch order we cannot read:
+            grammar = None                 # the mask stays a per-row processor
         [uid] = bg.insert(
             [[token]], max_tokens=[a.job.sampling.max_tokens - a.generated], caches=[cache], all_tokens=[fed],
             samplers=[a.sampler], logits_processors=[[p for p in a.processors if p is not grammar]],
@@ -433,9 +434,7 @@ class BatchScheduler:
         self.prefix.store(kids[: len(tokens)], cache)
 
     def _step(self, bg, active: dict[int, _Active]) -> None:
-        gen = getattr(bg, "_generation_batch", None)  # mlx-lm's batch, for its row order (read only)
-        running = list(gen.uids) if gen is not None else []
-        self._calls = [c for c in (running, self._new_uids) if c]
+        self._calls = mlx_lm_batch.step_calls(bg, self._new_uids)
         self._new_uids = []
         _, responses = bg.next()
         self._calls = []
