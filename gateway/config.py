@@ -49,6 +49,14 @@ def _env(name: str, default):
 
 def parse_args(argv: list[str] | None = None) -> GatewayConfig:
     p = argparse.ArgumentParser(prog="mmserve-gateway", description="mmserve OpenAI-compatible gateway")
+    _serving_args(p)
+    _limit_args(p)
+    _upstream_args(p)
+    return _config(p.parse_args(argv))
+
+
+def _serving_args(p: argparse.ArgumentParser) -> None:
+    """What is served, where, and how requests are answered."""
     p.add_argument("--checkpoint", default=_env("CHECKPOINT", None), required=_env("CHECKPOINT", None) is None,
                    help="checkpoint directory (tokenizer and chat template are read from it)")
     p.add_argument("--encoder", default=_env("ENCODER", "127.0.0.1:50051"),
@@ -68,6 +76,25 @@ def parse_args(argv: list[str] | None = None) -> GatewayConfig:
                         "(a request's include_reasoning overrides)")
     p.add_argument("--api-key", default=_env("API_KEY", None),
                    help="require 'Authorization: Bearer <key>' on /v1/* (unset = open)")
+    p.add_argument("--transcription-instruction", default=_env("TRANSCRIPTION_INSTRUCTION", None),
+                   help="the text sent with a clip to /v1/audio/transcriptions (default: Gemma's ASR prompt, "
+                        "'Transcribe the following speech segment into text.'); used with or without a language")
+    p.add_argument("--responses-store-bytes", type=int, default=int(_env("RESPONSES_STORE_BYTES", 64 << 20)),
+                   help="memory for stored /v1/responses (previous_response_id, GET); least recently used go first")
+    p.add_argument("--chat-store-bytes", type=int, default=int(_env("CHAT_STORE_BYTES", 64 << 20)),
+                   help="memory for chat completions created with store: true (GET /v1/chat/completions); "
+                        "least recently used go first")
+    p.add_argument("--grpc-host", default=_env("GRPC_HOST", None),
+                   help="bind address of the typed chat gRPC API (default: --host)")
+    p.add_argument("--grpc-port", type=int, default=int(_env("GRPC_PORT", 50050)),
+                   help="port of the typed chat gRPC API (mmserve.chat.v1); 0 = any free port, -1 = off")
+    add_server_tls_args(p, "MMSERVE_GATEWAY")
+    p.add_argument("--drain-grace-s", type=float, default=float(_env("DRAIN_GRACE_S", 30.0)),
+                   help="on SIGTERM: stop accepting, let open requests and streams finish this long")
+
+
+def _limit_args(p: argparse.ArgumentParser) -> None:
+    """What a request may bring: body size, media, URLs to fetch."""
     p.add_argument("--max-body-bytes", type=int, default=int(_env("MAX_BODY_BYTES", 64 << 20)))
     p.add_argument("--max-media-items", type=int, default=int(_env("MAX_MEDIA_ITEMS", 16)),
                    help="images + audio clips per request")
@@ -83,31 +110,23 @@ def parse_args(argv: list[str] | None = None) -> GatewayConfig:
                    default=_env("URL_FETCH_ALLOW_PRIVATE", "") in ("1", "true"),
                    help="also fetch from private / loopback / link-local addresses (SSRF risk: only for "
                         "image hosts on a trusted private network)")
-    p.add_argument("--grpc-host", default=_env("GRPC_HOST", None),
-                   help="bind address of the typed chat gRPC API (default: --host)")
-    p.add_argument("--grpc-port", type=int, default=int(_env("GRPC_PORT", 50050)),
-                   help="port of the typed chat gRPC API (mmserve.chat.v1); 0 = any free port, -1 = off")
-    add_server_tls_args(p, "MMSERVE_GATEWAY")
+
+
+
+def _upstream_args(p: argparse.ArgumentParser) -> None:
+    """How the gateway talks to its encoders and decoders."""
     p.add_argument("--upstream-ca", default=_env("UPSTREAM_CA", None),
                    help="PEM CA: talk TLS to encoders and decoders, verified against it")
     p.add_argument("--upstream-cert", default=_env("UPSTREAM_CERT", None),
                    help="PEM client certificate for services that require mutual TLS")
     p.add_argument("--upstream-key", default=_env("UPSTREAM_KEY", None))
-    p.add_argument("--drain-grace-s", type=float, default=float(_env("DRAIN_GRACE_S", 30.0)),
-                   help="on SIGTERM: stop accepting, let open requests and streams finish this long")
     p.add_argument("--decoder-affinity", choices=["conversation", "none"],
                    default=_env("DECODER_AFFINITY", "conversation"),
                    help="with several decoders: send a conversation's turns to one of them (rendezvous hash "
                         "of its first turn), so their prefix cache is reused; 'none' = round-robin")
-    p.add_argument("--transcription-instruction", default=_env("TRANSCRIPTION_INSTRUCTION", None),
-                   help="the text sent with a clip to /v1/audio/transcriptions (default: Gemma's ASR prompt, "
-                        "'Transcribe the following speech segment into text.'); used with or without a language")
-    p.add_argument("--responses-store-bytes", type=int, default=int(_env("RESPONSES_STORE_BYTES", 64 << 20)),
-                   help="memory for stored /v1/responses (previous_response_id, GET); least recently used go first")
-    p.add_argument("--chat-store-bytes", type=int, default=int(_env("CHAT_STORE_BYTES", 64 << 20)),
-                   help="memory for chat completions created with store: true (GET /v1/chat/completions); "
-                        "least recently used go first")
-    a = p.parse_args(argv)
+
+
+def _config(a: argparse.Namespace) -> GatewayConfig:
     split = lambda v: tuple(x.strip() for x in v.split(",") if x.strip())  # noqa: E731
     instruction = {"transcription_instruction": a.transcription_instruction,  # one for every clip
                    "transcription_instruction_language": a.transcription_instruction} \

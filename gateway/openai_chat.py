@@ -25,6 +25,7 @@ from gateway.metrics import GatewayMetrics
 from gateway.openai_schema import parse_chat_request
 from gateway.pipeline import Pipeline
 from gateway.reply import Started, begin, fold, sse
+from gateway.request_options import openapi_properties as options_openapi
 from gateway.responses import ChatReply, chunks, completion_body
 from mmserve_core.runtime.logs import get_logger
 from mmserve_core.wire.fields import openapi_properties
@@ -67,91 +68,75 @@ def add_chat_routes(app: FastAPI, pipeline: Pipeline, metrics: GatewayMetrics, c
     add_chat_store_routes(app, chats)
 
 
+_CONTENT = {"oneOf": [{"type": "string"}, {"type": "array", "items": {"type": "object"}}]}
+_TOOL_CALL = {"type": "object", "required": ["id", "function"], "properties": {
+    "id": {"type": "string"}, "type": {"type": "string", "enum": ["function"]},
+    "function": {"type": "object", "required": ["name"], "properties": {
+        "name": {"type": "string"}, "arguments": {"type": "string"}}}}}
+_MESSAGES = {"type": "array", "minItems": 1, "items": {"oneOf": [
+    {"type": "object", "required": ["role", "content"], "additionalProperties": False,
+     "properties": {"role": {"type": "string", "enum": [r for r in ROLES if r not in ("assistant", "tool")]},
+                    "content": _CONTENT}},
+    {"type": "object", "required": ["role"], "additionalProperties": False, "properties": {
+        "role": {"type": "string", "enum": ["assistant"]},
+        "content": {"oneOf": [*_CONTENT["oneOf"], {"type": "null"}]},
+        "tool_calls": {"type": "array", "description": "the calls this turn made", "items": _TOOL_CALL}}},
+    {"type": "object", "required": ["role", "tool_call_id", "content"], "additionalProperties": False,
+     "properties": {"role": {"type": "string", "enum": ["tool"]},
+                    "tool_call_id": {"type": "string", "description": "the call this is the result of"},
+                    "content": _CONTENT}},
+]}}
+_TOOLS = {
+    "tools": {"type": "array", "items": {"type": "object", "required": ["type", "function"],
+                                         "additionalProperties": False, "properties": {
+        "type": {"type": "string", "enum": ["function"]},
+        "function": {"type": "object", "required": ["name"], "additionalProperties": False,
+                     "properties": {"name": {"type": "string", "pattern": "^[A-Za-z0-9_-]{1,64}$"},
+                                    "description": {"type": "string"}, "parameters": {"type": "object"},
+                                    "strict": {"type": "boolean"}}}}}},
+    "tool_choice": {"oneOf": [
+        {"type": "string", "enum": ["none", "auto", "required"]},
+        {"type": "object", "required": ["type", "function"], "properties": {
+            "type": {"type": "string", "enum": ["function"]},
+            "function": {"type": "object", "required": ["name"], "properties": {"name": {"type": "string"}}}}}],
+        "description": "required / a named function: enforced by the decoder (a grammar of the call)"},
+    "parallel_tool_calls": {"type": "boolean"},
+    "response_format": {"type": "object", "properties": {
+        "type": {"type": "string", "enum": ["text", "json_object", "json_schema"]},
+        "json_schema": {"type": "object", "properties": {
+            "name": {"type": "string"}, "schema": {"type": "object"}, "strict": {"type": "boolean"}}},
+    }, "description": "enforced by the decoder token by token (json_object, json_schema)"},
+}
+_RESPONSES = {
+    "200": {"description": "A chat.completion, or an SSE stream of chat.completion.chunk when stream is true"},
+    "400": {"description": "Invalid request (OpenAI error JSON naming the param)"},
+    "401": {"description": "Missing or wrong API key"},
+    "404": {"description": "Unknown model (model_not_found)"},
+    "413": {"description": "Request body too large"},
+    "429": {"description": "Overloaded; retry after Retry-After seconds"},
+    "503": {"description": "An upstream service is unavailable"},
+}
+
+
 def chat_openapi(models: tuple[str, ...]) -> dict:
     """The request body as OpenAPI sees it (the handler parses JSON itself, to answer every
     mistake with OpenAI's error shape and a ``param``, so FastAPI cannot infer it): the served
-    model names, the fields table, and no other keys (they are refused by name)."""
-    content = {"oneOf": [{"type": "string"}, {"type": "array", "items": {"type": "object"}}]}
-    return {
-        "requestBody": {
-            "required": True,
-            "content": {"application/json": {"schema": {
-                "type": "object",
-                "required": ["messages"],
-                "additionalProperties": False,
-                "properties": {
-                    "model": {"type": "string", "enum": list(models)},
-                    "messages": {"type": "array", "minItems": 1, "items": {"oneOf": [
-                        {"type": "object", "required": ["role", "content"], "additionalProperties": False,
-                         "properties": {"role": {"type": "string", "enum": [r for r in ROLES
-                                                                            if r not in ("assistant", "tool")]},
-                                        "content": content}},
-                        {"type": "object", "required": ["role"], "additionalProperties": False, "properties": {
-                            "role": {"type": "string", "enum": ["assistant"]},
-                            "content": {"oneOf": [*content["oneOf"], {"type": "null"}]},
-                            "tool_calls": {"type": "array", "description": "the calls this turn made", "items": {
-                                "type": "object", "required": ["id", "function"], "properties": {
-                                    "id": {"type": "string"}, "type": {"type": "string", "enum": ["function"]},
-                                    "function": {"type": "object", "required": ["name"], "properties": {
-                                        "name": {"type": "string"}, "arguments": {"type": "string"}}}}}}}},
-                        {"type": "object", "required": ["role", "tool_call_id", "content"],
-                         "additionalProperties": False, "properties": {
-                             "role": {"type": "string", "enum": ["tool"]},
-                             "tool_call_id": {"type": "string", "description": "the call this is the result of"},
-                             "content": content}},
-                    ]}},
-                    **openapi_properties(),
-                    "stream": {"type": "boolean"},
-                    "stream_options": {"type": "object", "properties": {"include_usage": {"type": "boolean"}}},
-                    "n": {"type": "integer", "enum": [1]},
-                    "user": {"type": "string"},
-                    "chat_template_kwargs": {"type": "object", "additionalProperties": {
-                    "type": ["boolean", "number", "string"]}},
-                    "return_token_ids": {"type": "boolean"},
-                    "response_format": {"type": "object", "properties": {
-                        "type": {"type": "string", "enum": ["text", "json_object", "json_schema"]},
-                        "json_schema": {"type": "object", "properties": {
-                            "name": {"type": "string"}, "schema": {"type": "object"}, "strict": {"type": "boolean"}}},
-                    }, "description": "enforced by the decoder token by token (json_object, json_schema)"},
-                    "tools": {"type": "array", "items": {"type": "object", "required": ["type", "function"],
-                                                         "additionalProperties": False, "properties": {
-                        "type": {"type": "string", "enum": ["function"]},
-                        "function": {"type": "object", "required": ["name"], "additionalProperties": False,
-                                     "properties": {"name": {"type": "string", "pattern": "^[A-Za-z0-9_-]{1,64}$"},
-                                                    "description": {"type": "string"},
-                                                    "parameters": {"type": "object"},
-                                                    "strict": {"type": "boolean"}}}}}},
-                    "tool_choice": {"oneOf": [
-                        {"type": "string", "enum": ["none", "auto", "required"]},
-                        {"type": "object", "required": ["type", "function"], "properties": {
-                            "type": {"type": "string", "enum": ["function"]},
-                            "function": {"type": "object", "required": ["name"],
-                                         "properties": {"name": {"type": "string"}}}}}],
-                        "description": "required / a named function: enforced by the decoder (a grammar of the call)"},
-                    "parallel_tool_calls": {"type": "boolean"},
-                    "store": {"type": "boolean", "description": "keep the completion for GET /v1/chat/completions"},
-                    "metadata": {"type": "object", "maxProperties": 16, "additionalProperties": {
-                        "type": "string", "maxLength": 512}, "description": "stored with the completion"},
-                    "reasoning_effort": {"type": "string", "enum": ["none", "minimal", "low", "medium", "high",
-                                                                    "xhigh", "max"],
-                                         "description": "none/minimal: thinking off; else on, with a thought "
-                                                        "budget that grows with the effort"},
-                    "service_tier": {"type": "string", "enum": ["auto", "default", "flex", "scale", "priority",
-                                                                "fast"],
-                                     "description": "the decoder's admission priority: priority > default > flex"},
-                    "prompt_cache_key": {"type": "string", "minLength": 1, "maxLength": 1024,
-                                         "description": "requests sharing it go to one decoder (its prefix cache)"},
-                    "safety_identifier": {"type": "string", "description": "logged with the request"},
-                },
-            }}},
-        },
-        "responses": {
-            "200": {"description": "A chat.completion, or an SSE stream of chat.completion.chunk when stream is true"},
-            "400": {"description": "Invalid request (OpenAI error JSON naming the param)"},
-            "401": {"description": "Missing or wrong API key"},
-            "404": {"description": "Unknown model (model_not_found)"},
-            "413": {"description": "Request body too large"},
-            "429": {"description": "Overloaded; retry after Retry-After seconds"},
-            "503": {"description": "An upstream service is unavailable"},
-        },
+    model names, the sampling fields from the one field table (``fields.openapi_properties``), the
+    honoured options from theirs (``request_options.openapi_properties``), and no other keys (they
+    are refused by name)."""
+    properties = {
+        "model": {"type": "string", "enum": list(models)},
+        "messages": _MESSAGES,
+        **openapi_properties(),
+        **options_openapi(),
+        "stream": {"type": "boolean"},
+        "stream_options": {"type": "object", "properties": {"include_usage": {"type": "boolean"}}},
+        "n": {"type": "integer", "enum": [1]},
+        "user": {"type": "string"},
+        "chat_template_kwargs": {"type": "object", "additionalProperties": {"type": ["boolean", "number", "string"]}},
+        "return_token_ids": {"type": "boolean"},
+        **_TOOLS,
     }
+    schema = {"type": "object", "required": ["messages"], "additionalProperties": False, "properties": properties}
+    return {"requestBody": {"required": True, "content": {"application/json": {"schema": schema}}},
+            "responses": _RESPONSES}

@@ -111,3 +111,21 @@ def metadata(value: Any, param: str = "metadata") -> dict[str, str]:
         if not isinstance(v, str) or len(v) > 512:
             raise bad(f"{param}.{k} must be a string of at most 512 characters", f"{param}.{k}")
     return dict(value)
+
+
+def openapi_properties() -> dict[str, dict]:
+    """These options as JSON-schema properties of a chat-completions body (the OpenAPI document)."""
+    return {
+        "store": {"type": "boolean", "description": "keep the completion for GET /v1/chat/completions"},
+        "metadata": {"type": "object", "maxProperties": MAX_METADATA,
+                     "additionalProperties": {"type": "string", "maxLength": 512},
+                     "description": "stored with the completion; filterable in listings"},
+        "reasoning_effort": {"type": "string", "enum": list(EFFORTS),
+                             "description": "none/minimal: thinking off; else on, with a thought budget that "
+                                            "grows with the effort"},
+        "service_tier": {"type": "string", "enum": sorted(OPENAI_TIERS),
+                         "description": "the decoder's admission priority: priority > default > flex"},
+        "prompt_cache_key": {"type": "string", "minLength": 1, "maxLength": MAX_CACHE_KEY,
+                             "description": "requests sharing it go to one decoder (its prefix cache)"},
+        "safety_identifier": {"type": "string", "description": "logged with the request"},
+    }

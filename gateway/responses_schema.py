@@ -208,16 +208,13 @@ def _format(text: Any) -> T.Constraint | None:
     raise bad(f"text.format.type must be text, json_object or json_schema, got {kind!r}", "text.format.type")
 
 
-def parse_responses_request(body: Any, *, allow_urls: bool = False) -> ResponsesRequest:
-    if not isinstance(body, dict):
-        raise bad("request body must be a JSON object", None)
-    refuse_unknown(body, BODY_KEYS, "")
-    messages, items = _items(body.get("input"), allow_urls)
+def _checked_scalars(body: dict) -> str:
+    """Type checks of the plain fields; returns the truncation mode."""
     instructions = body.get("instructions")
     if instructions is not None and not isinstance(instructions, str):
         raise bad("instructions must be a string", "instructions")
     for name, want in (("store", bool), ("stream", bool), ("parallel_tool_calls", bool), ("model", str),
-                       ("previous_response_id", str), ("user", str)):
+                       ("previous_response_id", str), ("user", str), ("safety_identifier", str)):
         if body.get(name) is not None and not isinstance(body[name], want):
             raise bad(f"{name} must be a {want.__name__}", name)
     truncation = body.get("truncation") or "disabled"
@@ -225,25 +222,61 @@ def parse_responses_request(body: Any, *, allow_urls: bool = False) -> Responses
         raise bad(f"truncation must be 'auto' or 'disabled', got {truncation!r}", "truncation")
     if body.get("include"):
         raise bad("include: no extra output fields are supported", "include")
+    return truncation
+
+
+def _effort(reasoning: Any):
+    """``reasoning``: its ``effort`` (``summary`` is refused: no summaries are made)."""
+    if reasoning is None:
+        return None
+    if not isinstance(reasoning, dict):
+        raise bad("reasoning must be an object", "reasoning")
+    refuse_unknown(reasoning, {"effort", "summary"}, "reasoning")
+    if reasoning.get("summary") is not None:
+        raise bad("reasoning.summary: summaries of the thought are not produced; the thought itself comes back "
+                  "as a reasoning item", "reasoning.summary")
+    return reasoning_effort(reasoning.get("effort"), "reasoning.effort")
+
+
+def _tool_choice(tc: Any, chat: ChatRequest) -> None:
+    if tc is None:
+        chat.tool_choice = "auto" if chat.tools else "none"
+    elif isinstance(tc, str):
+        chat.tool_choice = tc
+    elif isinstance(tc, dict) and tc.get("type") == "function":
+        refuse_unknown(tc, {"type", "name"}, "tool_choice")
+        chat.tool_choice, chat.tool_name = "function", tc.get("name")
+    else:
+        raise bad("tool_choice must be 'none', 'auto', 'required' or {\"type\": \"function\", \"name\": ...}",
+                  "tool_choice")
+    check_tool_choice(chat)
+
+
+def _echo(body: dict) -> dict[str, Any]:
+    """The fields a Response object returns as they were sent — tools whole (every field present,
+    ``strict`` as it was applied)."""
+    echo = {k: body.get(k) for k in ("tool_choice", "text", "temperature", "top_p", "max_output_tokens",
+                                     "user", "reasoning", "prompt_cache_key", "safety_identifier")}
+    echo["tools"] = [{"type": "function", "name": t["name"], "description": t.get("description"),
+                      "parameters": t.get("parameters"), "strict": t.get("strict") is not False}
+                     for t in body.get("tools") or []]
+    return echo
+
+
+def parse_responses_request(body: Any, *, allow_urls: bool = False) -> ResponsesRequest:
+    if not isinstance(body, dict):
+        raise bad("request body must be a JSON object", None)
+    refuse_unknown(body, BODY_KEYS, "")
+    messages, items = _items(body.get("input"), allow_urls)
+    truncation = _checked_scalars(body)
     meta = metadata(body.get("metadata"))
-    effort = None
-    reasoning = body.get("reasoning")
-    if reasoning is not None:
-        if not isinstance(reasoning, dict):
-            raise bad("reasoning must be an object", "reasoning")
-        refuse_unknown(reasoning, {"effort", "summary"}, "reasoning")
-        if reasoning.get("summary") is not None:
-            raise bad("reasoning.summary: summaries of the thought are not produced; the thought itself comes back "
-                      "as a reasoning item", "reasoning.summary")
-        effort = reasoning_effort(reasoning.get("effort"), "reasoning.effort")
+    effort = _effort(body.get("reasoning"))
     thinking = effort is not None and effort.thinking
     sampling, _ = parse_fields({"max_tokens": body.get("max_output_tokens"), "temperature": body.get("temperature"),
                                 "top_p": body.get("top_p"), **{k: body.get(k) for k in EXTENSIONS}})
     kwargs: dict = {}
     apply_effort(effort, kwargs, sampling, "reasoning.effort")
     tier = service_tier(body.get("service_tier"), OPENAI_TIERS)
-    if body.get("safety_identifier") is not None and not isinstance(body["safety_identifier"], str):
-        raise bad("safety_identifier must be a string", "safety_identifier")
     sampling.constraint = _format(body.get("text"))
     tools, strict = _tools(body.get("tools"))
     chat = ChatRequest(model=body.get("model"), messages=messages, stream=bool(body.get("stream")), sampling=sampling,
@@ -254,26 +287,9 @@ def parse_responses_request(body: Any, *, allow_urls: bool = False) -> Responses
                        cache_key=cache_key(body.get("prompt_cache_key")), metadata=meta, truncation=truncation)
     if sampling.constraint is not None:
         chat.constraint_param = "text.format"
-    tc = body.get("tool_choice")
-    if tc is None:
-        chat.tool_choice = "auto" if tools else "none"
-    elif isinstance(tc, str):
-        chat.tool_choice = tc
-    elif isinstance(tc, dict) and tc.get("type") == "function":
-        refuse_unknown(tc, {"type", "name"}, "tool_choice")
-        chat.tool_choice, chat.tool_name = "function", tc.get("name")
-    else:
-        raise bad("tool_choice must be 'none', 'auto', 'required' or {\"type\": \"function\", \"name\": ...}",
-                  "tool_choice")
-    check_tool_choice(chat)
-    echo = {k: body.get(k) for k in ("tool_choice", "text", "temperature", "top_p", "max_output_tokens",
-                                     "user", "reasoning", "prompt_cache_key", "safety_identifier")}
-    # tools as the Response object lists them: every field present, strict as it was applied
-    echo["tools"] = [{"type": "function", "name": t["name"], "description": t.get("description"),
-                      "parameters": t.get("parameters"), "strict": t.get("strict") is not False}
-                     for t in body.get("tools") or []]
+    _tool_choice(body.get("tool_choice"), chat)
     return ResponsesRequest(chat, items, body.get("previous_response_id"), body.get("store", True) is not False,
-                            instructions, meta, echo)
+                            body.get("instructions"), meta, _echo(body))
 
 
 def conversation(prior: list[Message], req: ResponsesRequest) -> list[Message]:

@@ -144,3 +144,11 @@ def test_streamed_tool_call_pieces_are_one_entry_per_index():
     assert out[1]["function"] == {"name": "f", "arguments": "{}"}
     assert tool_call_deltas([ToolCallDelta(0, None, None, "a"), ToolCallDelta(0, None, None, "b")]) == [
         {"index": 0, "function": {"arguments": "ab"}}]
+
+
+def test_the_openapi_body_lists_exactly_the_keys_the_parser_honours():
+    from gateway.openai_chat import chat_openapi
+    from gateway.openai_schema import KNOWN_KEYS
+
+    props = chat_openapi(("m",))["requestBody"]["content"]["application/json"]["schema"]["properties"]
+    assert set(props) == set(KNOWN_KEYS)
