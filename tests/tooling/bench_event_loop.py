@@ -63,6 +63,10 @@ async def _run(engine, streams: int, inline: bool, max_tokens: int) -> list[floa
     return lags
 
 
+def _pct(sorted_values: list[float], q: float) -> float:
+    return sorted_values[min(len(sorted_values) - 1, int(q * len(sorted_values)))]
+
+
 def main(argv: list[str] | None = None) -> None:
     p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     p.add_argument("--streams", type=int, default=8)
@@ -85,8 +89,8 @@ def main(argv: list[str] | None = None) -> None:
                 for inline in (True, False):
                     for r in range(a.rounds):
                         lags = sorted(await _run(engine, a.streams, inline, a.max_tokens))
-                        pct = lambda q: lags[min(len(lags) - 1, int(q * len(lags)))]  # noqa: E731
-                        print(f"{'on loop' if inline else 'off loop':<10} {r:>5} {pct(0.5):>8.2f} {pct(0.99):>8.2f} "
+                        p50, p99 = (_pct(lags, q) for q in (0.5, 0.99))
+                        print(f"{'on loop' if inline else 'off loop':<10} {r:>5} {p50:>8.2f} {p99:>8.2f} "
                               f"{lags[-1]:>8.2f} {len(lags):>8}")
             finally:
                 engine.stop()
