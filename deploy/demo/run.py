@@ -34,6 +34,45 @@ def _clip(rng: np.random.Generator) -> tuple[np.ndarray, str, str]:
     return wav, path.stem.split("-")[0], f"shipped sample {path.name} (espeak-ng not installed)"
 
 
+def _ask_all(client, model: str, questions, graded: bool, max_tokens: int) -> int:
+    """Each question through the openai client, printed beside its answer; how many were wrong."""
+    from deploy.demo.tasks import content
+
+    wrong = 0
+    for name, parts, want in questions:
+        r = client.chat.completions.create(model=model, temperature=0, max_tokens=max_tokens,
+                                           messages=[{"role": "user", "content": content(parts)}])
+        got = r.choices[0].message.content or ""
+        asked = " + ".join(v if k == "text" else f"<{k}>" for k, v in parts)
+        ok, mark = _grade(got, want, graded)
+        wrong += not ok
+        print(f"[{name}] {asked}\n    -> {got!r}{mark}")
+    return wrong
+
+
+def _usage_and_stream(client, model: str, parts, max_tokens: int) -> None:
+    """The image + clip question once more: its usage and timings, then streamed."""
+    from deploy.demo.tasks import content
+
+    r = client.chat.completions.create(model=model, temperature=0, max_tokens=max_tokens,
+                                       messages=[{"role": "user", "content": content(parts)}])
+    u = r.usage
+    soft = (u.prompt_tokens_details.model_extra or {}).get("soft_tokens") if u.prompt_tokens_details else None
+    print(f"\nusage (image + clip): prompt_tokens={u.prompt_tokens} (soft tokens {soft}) "
+          f"completion_tokens={u.completion_tokens} total_tokens={u.total_tokens}")
+    print(f"timings (ms): {(r.model_extra or {}).get('timings')}")
+    print("streamed: ", end="", flush=True)
+    stream = client.chat.completions.create(model=model, temperature=0, max_tokens=max_tokens,
+                                            stream=True, stream_options={"include_usage": True},
+                                            messages=[{"role": "user", "content": content(parts)}])
+    for chunk in stream:
+        if chunk.choices and chunk.choices[0].delta.content:
+            print(chunk.choices[0].delta.content, end="", flush=True)
+        if chunk.usage:
+            print(f"\nstreamed usage: {chunk.usage.prompt_tokens} prompt + "
+                  f"{chunk.usage.completion_tokens} completion tokens")
+
+
 def main(argv: list[str] | None = None) -> None:
     ap = argparse.ArgumentParser(prog="mmserve-demo", description=__doc__.split("\n\n")[0])
     ap.add_argument("--checkpoint", help="serve this checkpoint instead of the built-in demo one")
@@ -46,7 +85,6 @@ def main(argv: list[str] | None = None) -> None:
 
     from deploy.demo import tasks
     from deploy.demo.checkpoint_path import demo_checkpoint
-    from deploy.demo.tasks import content
     from deploy.processes import start_services
 
     ckpt = args.checkpoint or str(demo_checkpoint())
@@ -67,7 +105,6 @@ def main(argv: list[str] | None = None) -> None:
         ("other text", [("text", "Write me a poem about the sea.")], tasks.REFUSAL),
     ]
     t0 = time.perf_counter()
-    wrong = 0
     # the demo model learned "Transcribe the clip." among its audio prompts; a real checkpoint gets
     # the gateway's default (Gemma's own ASR instruction)
     gateway_args = ["--transcription-instruction", "Transcribe the clip."] if graded else []
@@ -76,38 +113,14 @@ def main(argv: list[str] | None = None) -> None:
               f"decoder {svc.decoder_addr}, gateway {svc.base_url}\n")
         client = OpenAI(base_url=svc.base_url, api_key="not-needed")
         model = client.models.list().data[0].id
-        for name, parts, want in questions:
-            r = client.chat.completions.create(model=model, temperature=0, max_tokens=args.max_tokens,
-                                               messages=[{"role": "user", "content": content(parts)}])
-            got = r.choices[0].message.content or ""
-            asked = " + ".join(v if k == "text" else f"<{k}>" for k, v in parts)
-            ok, mark = _grade(got, want, graded)
-            wrong += not ok
-            print(f"[{name}] {asked}\n    -> {got!r}{mark}")
+        wrong = _ask_all(client, model, questions, graded, args.max_tokens)
         if graded:  # one constrained answer, over the typed gRPC API: only the 18 answers can be said
             wrong += not _constrained_answer(svc.chat_addr, image, label, args.max_tokens)
         heard = client.audio.transcriptions.create(model=model, file=("clip.wav", tasks.wav_bytes(wav))).text
         ok, mark = _grade(heard, word, graded)
         wrong += not ok
         print(f"[transcription] POST /v1/audio/transcriptions <clip.wav>\n    -> {heard!r}{mark}")
-        parts = questions[2][1]
-        r = client.chat.completions.create(model=model, temperature=0, max_tokens=args.max_tokens,
-                                           messages=[{"role": "user", "content": content(parts)}])
-        u = r.usage
-        soft = (u.prompt_tokens_details.model_extra or {}).get("soft_tokens") if u.prompt_tokens_details else None
-        print(f"\nusage (image + clip): prompt_tokens={u.prompt_tokens} (soft tokens {soft}) "
-              f"completion_tokens={u.completion_tokens} total_tokens={u.total_tokens}")
-        print(f"timings (ms): {(r.model_extra or {}).get('timings')}")
-        print("streamed: ", end="", flush=True)
-        stream = client.chat.completions.create(model=model, temperature=0, max_tokens=args.max_tokens,
-                                                stream=True, stream_options={"include_usage": True},
-                                                messages=[{"role": "user", "content": content(parts)}])
-        for chunk in stream:
-            if chunk.choices and chunk.choices[0].delta.content:
-                print(chunk.choices[0].delta.content, end="", flush=True)
-            if chunk.usage:
-                print(f"\nstreamed usage: {chunk.usage.prompt_tokens} prompt + "
-                      f"{chunk.usage.completion_tokens} completion tokens")
+        _usage_and_stream(client, model, questions[2][1], args.max_tokens)
     print("services stopped")
     if graded:
         asked = len(questions) + 2  # + the constrained answer and the transcription
