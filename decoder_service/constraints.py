@@ -9,9 +9,10 @@ trie computes a mask in ~0.1 ms a token on the tiny checkpoint); the mask is
 applied with plain MLX ops, so it runs on the CPU, Metal and CUDA alike
 (llguidance's own ``mlx`` helper and mlx-vlm's use a Metal-only kernel).
 
-Thread ownership: ``ConstraintCompiler`` runs on the event loop — grammars
-are checked and compiled there, cached by digest, never on the MLX thread;
-each request gets its own ``LLMatcher`` built there too.  ``GrammarMask``
+Thread ownership: ``ConstraintCompiler`` runs in the event loop's worker
+threads (``engine.validate_async``) — grammars are checked and compiled
+there, cached by digest (under a lock), never on the MLX thread nor on the
+loop itself; each request gets its own ``LLMatcher`` built there too.  ``GrammarMask``
 (one per sequence) and ``BatchMasks`` (one per scheduler) run on the MLX
 thread: a sequence's prefill and solo steps call its ``GrammarMask``; in the
 batch, ``BatchMasks`` masks every constrained row of a step at once — the
@@ -23,6 +24,7 @@ from __future__ import annotations
 
 import hashlib
 import json
+import threading
 from collections import OrderedDict
 from dataclasses import dataclass
 
@@ -34,8 +36,22 @@ from mmserve_core.wire.types import Constraint
 MAX_CACHED_GRAMMARS = 256
 REFUSAL = CONSTRAINT_REFUSAL  # every refusal starts so: the gateway names the request's field from it
 # JSON without free-form whitespace: a model (a random-weight one above all) cannot spend its
-# budget on blanks, and the output is what json.dumps(separators=(",", ":")) would give.
-_JSON_OPTIONS = {"whitespace_flexible": False}
+# budget on blanks, and the output is what json.dumps(separators=(",", ":")) would give.  And never
+# one of llguidance's inexact modes, whatever a schema's own "x-guidance" asks (these overrides win):
+# ``coerce_one_of`` reads oneOf as anyOf, ``lenient`` ignores unsupported keywords and formats (and
+# implies coerce_one_of) — either lets a reply through that the schema rejects.  Exclusive oneOf
+# branches are llguidance's default (it turns a oneOf into anyOf where it proves them disjoint);
+# ``_prepare`` inlines $ref branches so that it can see them, and drops unknown formats.
+_JSON_OPTIONS = {"whitespace_flexible": False, "coerce_one_of": False, "lenient": False}
+# keywords whose values are data, not schemas (left as they are)
+_DATA_KEYWORDS = frozenset({"enum", "const", "default", "examples", "example", "x-guidance"})
+_NAME_MAPS = frozenset({"properties", "patternProperties", "definitions", "$defs", "dependentSchemas",
+                        "dependencies"})
+_known_formats: dict[str, bool] = {}
+# llguidance's lexer gives up mid-reply (its per-token fuel) on a long maxLength intersected with a
+# pattern (measured: maxLength 5000 with "^(?:\S+\s+){0,99}\S+$"): beside a pattern, maxLength is
+# capped here — a subset (shorter strings only), so every reply still validates.
+PATTERN_LENGTH_CAP = 256
 
 
 @dataclass(frozen=True)
@@ -54,13 +70,15 @@ class ConstraintCompiler:
         self.eos_ids = list(eos_ids)
         self.tokenizer = llguidance.hf.from_tokenizer(hf_tokenizer, n_vocab=vocab_size, eos_token=self.eos_ids)
         self._cache: OrderedDict[str, CompiledGrammar] = OrderedDict()
+        self._lock = threading.Lock()  # requests compile in worker threads (engine.validate_async)
 
     def compile(self, c: Constraint) -> CompiledGrammar:
         digest = hashlib.sha256(f"{c.kind}\0{c.spec}".encode()).hexdigest()
-        hit = self._cache.get(digest)
-        if hit is not None:
-            self._cache.move_to_end(digest)
-            return hit
+        with self._lock:
+            hit = self._cache.get(digest)
+            if hit is not None:
+                self._cache.move_to_end(digest)
+                return hit
         from llguidance import LLMatcher
 
         grammar = _grammar(c)
@@ -68,9 +86,10 @@ class ConstraintCompiler:
         if error:
             raise InvalidArgument(f"{REFUSAL} ({c.kind}) cannot be enforced: {error.strip()}")
         compiled = CompiledGrammar(digest, grammar)
-        self._cache[digest] = compiled
-        if len(self._cache) > MAX_CACHED_GRAMMARS:
-            self._cache.popitem(last=False)
+        with self._lock:
+            self._cache[digest] = compiled
+            if len(self._cache) > MAX_CACHED_GRAMMARS:
+                self._cache.popitem(last=False)
         return compiled
 
     def matcher(self, compiled: CompiledGrammar):
@@ -96,7 +115,7 @@ def _grammar(c: Constraint) -> str:
         if not isinstance(schema, (dict, bool)):
             raise InvalidArgument(f"{REFUSAL} (json_schema) must be a JSON object")
         try:
-            return LLMatcher.grammar_from_json_schema(schema, overrides=_JSON_OPTIONS)
+            return LLMatcher.grammar_from_json_schema(_prepare(schema), overrides=_JSON_OPTIONS)
         except ValueError as e:
             raise InvalidArgument(f"{REFUSAL} (json_schema) cannot be enforced: {e}") from None
     if c.kind == "regex":
@@ -104,6 +123,106 @@ def _grammar(c: Constraint) -> str:
     if c.kind == "lark":
         return LLMatcher.grammar_from_lark(c.spec)
     raise InvalidArgument(f"{REFUSAL} has an unknown kind {c.kind!r}")
+
+
+def _prepare(schema):
+    """The schema as llguidance is given it, meaning the same to a validator:
+
+    * a ``format`` llguidance does not know is dropped: ``format`` is an annotation unless a
+      validator opts in (draft 2019-09 on; ``jsonschema`` checks none by default), and llguidance
+      refuses formats it does not know (it enforces the ones it knows);
+    * a ``oneOf`` branch that is only a local ``$ref`` is replaced by its target (once), so that
+      llguidance's own exclusivity check — which cannot see through a $ref — can prove the
+      branches disjoint (their meaning is the same);
+    * beside a ``pattern``, a ``maxLength`` above ``PATTERN_LENGTH_CAP`` is capped (a subset);
+    * a ``minProperties`` that extra keys (``additionalProperties`` / ``patternProperties``) would
+      have to reach two or more of is refused: llguidance does not keep extra keys apart, and a key
+      written twice counts once (measured: ``{"minProperties": 6}`` came back with 5 keys)."""
+    if not isinstance(schema, dict):
+        return schema
+    return _walk(schema, schema, inline=True)
+
+
+def _walk(node, root, inline: bool):
+    if isinstance(node, list):
+        return [_walk(x, root, inline) for x in node]
+    if not isinstance(node, dict):
+        return node
+    _distinct_keys(node)
+    out = {}
+    for k, v in node.items():
+        if k == "format" and isinstance(v, str) and not _known_format(v):
+            continue
+        lo = node.get("minLength", 0)
+        if k == "maxLength" and isinstance(node.get("pattern"), str) and type(v) is int and type(lo) is int \
+                and v > PATTERN_LENGTH_CAP >= lo:
+            v = PATTERN_LENGTH_CAP
+        if k in _DATA_KEYWORDS:
+            out[k] = v
+        elif k in _NAME_MAPS and isinstance(v, dict):
+            out[k] = {name: _walk(x, root, inline) for name, x in v.items()}
+        elif k == "oneOf" and isinstance(v, list) and inline:
+            out[k] = [_walk(_target(x, root), root, inline=False) for x in v]
+        else:
+            out[k] = _walk(v, root, inline)
+    return out
+
+
+def _distinct_keys(node: dict) -> None:
+    m = node.get("minProperties")
+    if type(m) is not int:
+        return
+    props = node.get("properties") if isinstance(node.get("properties"), dict) else {}
+    required = node.get("required") if isinstance(node.get("required"), list) else []
+    named = set(props) | {r for r in required if isinstance(r, str)}
+    closed = node.get("additionalProperties") is False and not node.get("patternProperties")
+    if m - len(named) >= 2 and not closed:
+        raise InvalidArgument(f"{REFUSAL} (json_schema) cannot be enforced: minProperties {m} needs "
+                              f"{m - len(named)} distinct keys beyond the named ones, which the grammar cannot "
+                              "keep apart (the same key written twice counts once)")
+
+
+def _target(branch, root):
+    """A branch that is a local ``$ref`` (beside annotations only) -> its target; else the branch."""
+    if not isinstance(branch, dict) or not isinstance(branch.get("$ref"), str):
+        return branch
+    if any(k not in ("$ref", "description", "title", "$comment", "examples", "default") for k in branch):
+        return branch
+    ref = branch["$ref"]
+    if not ref.startswith("#/"):
+        return branch
+    node = root
+    for part in ref[2:].split("/"):
+        part = part.replace("~1", "/").replace("~0", "~")
+        if isinstance(node, dict) and part in node:
+            node = node[part]
+        elif isinstance(node, list) and part.isdigit() and int(part) < len(node):
+            node = node[int(part)]
+        else:
+            return branch
+    if not isinstance(node, dict) or "$id" in node or isinstance(node.get("id"), str) or "$ref" in node:
+        return branch  # a resource of its own, or a chain of refs: left to llguidance
+    return node
+
+
+def _known_format(name: str) -> bool:
+    hit = _known_formats.get(name)
+    if hit is None:
+        from llguidance import LLMatcher
+
+        g = LLMatcher.grammar_from_json_schema({"type": "string", "format": name}, overrides=_JSON_OPTIONS)
+        if len(_known_formats) > 1024:  # bounded: format names come from clients
+            _known_formats.clear()
+        hit = _known_formats[name] = not LLMatcher.validate_grammar(g)
+    return hit
+
+
+def new_tokens(context, seen: int) -> list[int]:
+    """The tokens of ``context`` (a sequence's ids so far: an MLX array as mlx-lm passes it, or a
+    list / numpy array) after the first ``seen`` — sliced *before* leaving MLX, so a step reads what
+    it added, not the whole sequence again (which made a sequence's masking O(n²))."""
+    tail = context.reshape(-1)[seen:] if hasattr(context, "reshape") else context[seen:]
+    return np.asarray(tail).reshape(-1).tolist()
 
 
 def _bits(words, width: int, vocab_size: int):
@@ -151,7 +270,7 @@ class GrammarMask:
         elif n > self._seen:
             # read the new tokens *before* launching this step's forward pass, so the read waits for
             # the previous sample only (read after the launch, it queues behind the whole forward)
-            for t in np.asarray(context).reshape(-1)[self._seen:].tolist():
+            for t in new_tokens(context, self._seen):
                 self.matcher.consume_token(int(t))
             self._seen = n
         mx.async_eval(logits)  # the forward pass runs while the matcher computes the mask

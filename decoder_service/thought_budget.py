@@ -9,7 +9,7 @@ inside an open channel.
 
 from __future__ import annotations
 
-import numpy as np
+from decoder_service.constraints import new_tokens
 
 
 class ThoughtBudget:
@@ -33,12 +33,11 @@ class ThoughtBudget:
 
         n = int(context.shape[-1])
         if self._seen is None:  # the prompt: only whether it leaves a channel open matters
-            prompt = np.asarray(context).reshape(-1).tolist()
-            self._feed(prompt)
+            self._feed(new_tokens(context, 0))
             self._spent = 0
             self._seen = n
         elif n > self._seen:
-            self._feed(np.asarray(context).reshape(-1)[self._seen:].tolist())
+            self._feed(new_tokens(context, self._seen))  # what this step added: O(new tokens)
             self._seen = n
         if not (self._inside and self._spent >= self.budget):
             return logits

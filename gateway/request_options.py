@@ -38,7 +38,7 @@ OPENAI_TIERS = {
 ANTHROPIC_TIERS = {"auto": ("default", "standard"), "standard_only": ("default", "standard")}
 
 # Thought-channel budget (tokens) per effort; None = no budget beyond max_tokens.  Off for none/minimal.
-EFFORT_BUDGETS: dict[str, int | None] = {"low": 1024, "medium": 4096, "high": 16384, "xhigh": None, "max": None}
+EFFORT_BUDGETS: dict[str, int | None] = {"low": 1024, "medium": 4096, "high": 16384, "xhigh": None}
 EFFORTS = ("none", "minimal", *EFFORT_BUDGETS)
 MAX_METADATA = 16  # OpenAI's limits: 16 pairs, keys up to 64 characters, values up to 512
 MAX_CACHE_KEY = 1024
@@ -66,7 +66,7 @@ class Effort:
 
 
 def reasoning_effort(value: Any, param: str) -> Effort | None:
-    """``none`` / ``minimal`` → thinking off; ``low`` … ``max`` → on, with ``EFFORT_BUDGETS``.
+    """``none`` / ``minimal`` → thinking off; ``low`` … ``xhigh`` → on (OpenAI's ReasoningEffort enum), with ``EFFORT_BUDGETS``.
     None when the request did not set an effort."""
     if value is None:
         return None

@@ -1,6 +1,6 @@
 """The agent frameworks people build on, on their defaults, against the gateway: openai-agents (its
-default Responses model and its chat-completions model), pydantic-ai (chat and Responses) and
-langchain-openai — text, streaming, an image, a forced tool round trip, structured output to a
+default Responses model and its chat-completions model), pydantic-ai (chat and Responses),
+langchain-openai, langchain-anthropic, instructor and litellm — text, streaming, an image, a forced tool round trip, structured output to a
 pydantic model, and the options they send (``store``, ``metadata``, ``reasoning_effort``,
 ``service_tier``, ``prompt_cache_key``).
 
@@ -28,6 +28,7 @@ from tests.tooling.tiny_checkpoint import IDS
 
 pytestmark = pytest.mark.e2e
 os.environ.setdefault("OPENAI_AGENTS_DISABLE_TRACING", "1")
+os.environ.setdefault("LITELLM_LOCAL_MODEL_COST_MAP", "True")  # litellm reads its cost map from the package
 QUOTE_CHAR = 290  # '"' in the tiny tokenizer (checked in ``bias``)
 
 
@@ -185,3 +186,76 @@ def test_langchain_openai(services_e2b, bias):
     for ch in streamed[1:]:
         merged = merged + ch
     assert merged.tool_calls and merged.tool_calls[0]["name"] == "weather"
+
+
+# ---------------------------------------------------------------------------------------- instructor
+@pytest.mark.parametrize("mode", ["TOOLS", "JSON_SCHEMA", "RESPONSES_TOOLS"])
+def test_instructor(services_e2b, mode, bias):
+    """instructor's default (a forced tool call), its JSON-schema mode and its Responses mode; the
+    streamed partial objects read ``tool_calls[0]`` chunk by chunk (one entry per index per chunk)."""
+    import instructor
+    import openai
+
+    client = instructor.from_openai(openai.OpenAI(base_url=services_e2b.base_url, api_key="x", max_retries=0),
+                                    mode=getattr(instructor.Mode, mode))
+    ask = [{"role": "user", "content": "A city, please."}]
+    if mode == "RESPONSES_TOOLS":
+        city = client.responses.create(model="m", input=ask, response_model=City, max_output_tokens=80,
+                                       max_retries=0, extra_body={"logit_bias": bias})
+        assert isinstance(city, City)
+        return
+    city = client.chat.completions.create(model="m", messages=ask, response_model=City, max_tokens=80,
+                                          max_retries=0, logit_bias=bias)
+    assert isinstance(city, City)
+    partials = list(client.chat.completions.create_partial(model="m", messages=ask, response_model=City,
+                                                           max_tokens=80, max_retries=0, logit_bias=bias))
+    assert partials and all(not isinstance(p, str) for p in partials)
+    assert City.model_validate(partials[-1].model_dump())
+
+
+# ---------------------------------------------------------------------------------------- litellm
+def test_litellm(services_e2b, bias):
+    """litellm's OpenAI-compatible provider (chat, stream, tools) and its Anthropic provider
+    (``/v1/messages``), with the options an app sets.  Its model-cost map is read from the package
+    (``LITELLM_LOCAL_MODEL_COST_MAP``), telemetry off: nothing leaves loopback."""
+    import litellm
+
+    litellm.telemetry = False
+    common = dict(api_base=services_e2b.base_url, api_key="x", max_tokens=60, logit_bias=bias)
+    ask = [{"role": "user", "content": "Say hi."}]
+    r = litellm.completion(model="openai/m", messages=ask, metadata={"app": "ll"}, **common)
+    assert isinstance(r.choices[0].message.content, str)
+    text = "".join(c.choices[0].delta.content or "" for c in
+                   litellm.completion(model="openai/m", messages=ask, stream=True, **common))
+    assert isinstance(text, str)
+    tools = [{"type": "function", "function": {"name": "get_weather", "description": "Weather now.",
+                                               "parameters": City.model_json_schema()}}]
+    r = litellm.completion(model="openai/m", messages=[{"role": "user", "content": "Weather?"}], tools=tools,
+                           tool_choice="required", **{**common, "max_tokens": 80})
+    call = r.choices[0].message.tool_calls[0]
+    assert call.function.name == "get_weather" and City.model_validate_json(call.function.arguments)
+    r = litellm.completion(model="anthropic/m", messages=ask, api_base=services_e2b.base_url.removesuffix("/v1"),
+                           api_key="x", max_tokens=20)
+    assert isinstance(r.choices[0].message.content, str)
+
+
+# ---------------------------------------------------------------------------------------- langchain-anthropic
+def test_langchain_anthropic(services_e2b):
+    from langchain_anthropic import ChatAnthropic
+    from langchain_core.tools import tool
+
+    llm = ChatAnthropic(model="m", base_url=services_e2b.base_url.removesuffix("/v1"), api_key="x",
+                        max_tokens=60, max_retries=0)
+    assert isinstance(llm.invoke("Say hi.").content, str)
+    assert all(isinstance(ch.content, str | list) for ch in llm.stream("Count."))
+
+    @tool
+    def weather(city: str) -> str:
+        """The weather in a city now."""
+        return get_weather(city)
+
+    ai = llm.bind_tools([weather], tool_choice="weather").invoke("Weather in Paris?")
+    assert ai.tool_calls and ai.tool_calls[0]["name"] == "weather" and isinstance(ai.tool_calls[0]["args"], dict)
+    city = ChatAnthropic(model="m", base_url=services_e2b.base_url.removesuffix("/v1"), api_key="x",
+                         max_tokens=80, max_retries=0).with_structured_output(City).invoke("A city, please.")
+    assert isinstance(city, City)

@@ -82,7 +82,7 @@ HTTP_CASES = [
         "name": "f", "parameters": {"type": "object", "properties": {"x": {"$ref": "#/x"}}}}}]}, None),
     ("forced tool with maxItems below minItems", {**U("x"), "tool_choice": "required", "tools": [{
         "type": "function", "function": {"name": "f", "parameters": {"type": "object", "properties": {
-            "x": {"type": "array", "minItems": 3, "maxItems": 1}}}}}]}, None),
+            "x": {"type": "array", "minItems": 3, "maxItems": 1}}, "required": ["x"]}}}]}, None),
     ("forced tool with a 20-deep schema", {**U("x"), "tool_choice": "required", "tools": [{
         "type": "function", "function": {"name": "f", "parameters": json.loads(
             '{"type":"object","properties":{"x":' * 20 + '{"type":"string"}' + "}}" * 20)}}]}, "ok-or-4xx"),

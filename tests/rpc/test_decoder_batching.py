@@ -436,13 +436,17 @@ async def test_a_solo_sequence_joins_the_batch_when_company_arrives(dense):
     a_alone, _ = await _run(dense, a_ids, a_spans, max_tokens=300, logit_bias=no_eos)  # long: still solo when b comes
     b_alone, _ = await _run(dense, b_ids, b_spans, max_tokens=20, logit_bias=no_eos)
     handoffs = dense.scheduler.solo_handoffs
-    task_a = asyncio.ensure_future(_run(dense, a_ids, a_spans, max_tokens=300, logit_bias=no_eos))
-    while (solo := dense.scheduler._solo) is None or solo.a.generated < 5:  # a few solo steps taken
+    # a runs longer this time, so that it is still solo when b arrives on a loaded machine (greedy:
+    # its first 300 tokens are the ones it made alone); its record is told from the first run's by
+    # max_tokens — the MLX thread may not yet have cleared that one when its Completion arrived
+    task_a = asyncio.ensure_future(_run(dense, a_ids, a_spans, max_tokens=600, logit_bias=no_eos))
+    while ((solo := dense.scheduler._solo) is None or solo.a.job.sampling.max_tokens != 600
+           or solo.a.generated < 5):  # a few solo steps taken
         await asyncio.sleep(0.001)
     b_got, _ = await _run(dense, b_ids, b_spans, max_tokens=20, logit_bias=no_eos)
     a_got, _ = await task_a
     assert dense.scheduler.solo_handoffs == handoffs + 1  # a really moved from its solo loop into the batch
-    assert a_got == a_alone and b_got == b_alone
+    assert a_got[:300] == a_alone and b_got == b_alone
 
 
 async def test_service_tiers_order_admission_when_the_decoder_is_full(ckpt_dense32):

@@ -135,12 +135,13 @@ def _events(texts: list[str], plan, stop_token_id: int | None = 50):
     import asyncio
 
     from gateway.chat import Delta
+    from gateway.clients import DecoderStream
     from gateway.pipeline import Generation
 
     async def go():
         call = _ScriptedCall(texts, stop_token_id)
         first = await call.read()
-        gen = Generation(call, first, [1, 2, 3], 0.0, plan)
+        gen = Generation(DecoderStream(call, first), [1, 2, 3], 0.0, plan)
         return [ev async for ev in gen.events()]
 
     evs = asyncio.run(go())
