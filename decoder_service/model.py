@@ -13,7 +13,10 @@ Why: the decoder must hold only the language model, yet produce exactly what
   bidirectionally over image blocks (26B-A4B, 31B);
 * ``prefill`` takes the same steps ``mlx_vlm.generate_step`` takes before its
   first sample (chunking policy included); decoding then belongs to mlx-lm's
-  ``BatchGenerator`` (see ``scheduler``), fed through ``logits_model``.
+  ``BatchGenerator`` (see ``scheduler``), fed through ``logits_model``;
+* ``prompt_features`` + ``prefill_chunk`` compute the same prompt a bounded
+  chunk at a time (``media_prefill``: while other sequences decode), with
+  bidirectional image blocks kept whole and exact at any cache offset.
 
 Thread ownership: construct and call only on the decoder's MLX thread.
 """
@@ -46,6 +49,18 @@ class SpanRows:
 class _EmbeddingFeatures:
     inputs_embeds: mx.array
     per_layer_inputs: mx.array | None
+
+
+@dataclass(frozen=True)
+class PromptFeatures:
+    """A media prompt's model inputs, built once and evaluated, for a prefill in chunks
+    (``LanguageModelRunner.prefill_chunk``): each chunk slices them instead of rebuilding them."""
+
+    input_ids: mx.array          # [1, T]
+    inputs_embeds: mx.array      # [1, T, hidden]: soft tokens written in
+    per_layer_inputs: mx.array | None  # [1, T, layers, ple] (E-series), media positions zeroed
+    token_types: mx.array        # [1, T] mm_token_type_ids
+    types: np.ndarray            # [T] the same, on the host (chunk planning)
 
 
 class LanguageModelRunner:
@@ -111,6 +126,47 @@ class LanguageModelRunner:
         if cfg.audio_token_id is not None:
             types[ids_np == cfg.audio_token_id] = 3
         return input_ids, _EmbeddingFeatures(h, per_layer), mx.array(types.astype(np.int32))[None]
+
+    def prompt_features(self, ids: list[int], spans: list[SpanRows]) -> PromptFeatures:
+        """The prompt's inputs as ``prefill`` builds them, evaluated (a chunk slices them, so a lazy
+        graph would be recomputed whole for every chunk)."""
+        input_ids, feats, token_types = self._prompt_features(ids, spans)
+        out = PromptFeatures(input_ids, feats.inputs_embeds, feats.per_layer_inputs, token_types,
+                             np.asarray(token_types[0]))
+        mx.eval([a for a in (out.input_ids, out.inputs_embeds, out.per_layer_inputs) if a is not None])
+        return out
+
+    def prefill_chunk(self, feats: PromptFeatures, cache: list, lo: int, hi: int, *, last: bool):
+        """Run prompt positions ``lo:hi`` into ``cache`` (which holds ``[:lo]``); return the last
+        position's logits (as ``prefill`` returns them) when ``last``, else None.
+
+        Per-layer inputs are passed as the chunk's own rows (the LM would otherwise slice the whole
+        prompt's at the cache offset).  On a checkpoint with bidirectional image attention, a chunk
+        holding image blocks — whole: the caller never splits one — gets each block's overlay at any
+        cache offset (``mlx_vlm_masks``), where mlx-vlm applies it only to a square mask."""
+        from contextlib import nullcontext
+
+        from mlx_vlm.generate.ar import generation_stream
+
+        from decoder_service.mlx_vlm_masks import VISUAL_TYPES, block_overlay
+
+        types = feats.token_types[:, lo:hi]
+        kw = {"mm_token_type_ids": types}
+        if feats.per_layer_inputs is not None:
+            kw["per_layer_inputs"] = feats.per_layer_inputs[:, lo:hi]
+        overlay = (self.bidirectional_vision and hi - lo > 1
+                   and bool(np.isin(feats.types[lo:hi], VISUAL_TYPES).any()))
+        with mx.stream(generation_stream):
+            with block_overlay(self.inner, types) if overlay else nullcontext():
+                out = self.lm(feats.input_ids[:, lo:hi], inputs_embeds=feats.inputs_embeds[:, lo:hi],
+                              cache=cache, logits_to_keep=1, **kw)
+            if not last:
+                mx.eval([c.state for c in cache])
+                return None
+            logits = out.logits[:, -1, :]
+            logits = logits + self.suppress.astype(logits.dtype)
+            mx.eval(logits)
+        return logits
 
     # -- batched serving --------------------------------------------------------------
     def prefill(self, ids: list[int], spans: list[SpanRows], *, cache: list | None = None, start: int = 0,

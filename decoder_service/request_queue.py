@@ -4,15 +4,14 @@ Why: admission must refuse only when the decoder is really full — ``--max-acti
 it and ``--max-queue`` more waiting — never because the MLX thread has not yet taken a burst off
 a bounded queue while slots were free.  So the bound is a locked count of requests *in the
 decoder* (queued, prefilling or generating), released once per request: when its completion or
-error is emitted, or when it is dropped cancelled.  Media prompts held back by a step's prefill
-budget wait here too, first in line.
+error is emitted, or when it is dropped cancelled.
 
 Waiting requests leave in priority order (``GenerationJob.priority``: OpenAI's ``service_tier``
 ``priority`` before ``default`` before ``flex``), first come first served within one priority —
 vLLM's priority scheduling, without preemption: a running sequence keeps its slot.
 
-Thread ownership: ``submit``, ``release``, ``depth`` and ``wake`` from any thread; ``next``,
-``defer``, ``waiting`` and ``take_deferred`` on the MLX thread only.
+Thread ownership: ``submit``, ``release``, ``depth`` and ``wake`` from any thread; ``next``
+and ``waiting`` on the MLX thread only.
 """
 
 from __future__ import annotations
@@ -21,7 +20,6 @@ import heapq
 import itertools
 import threading
 import time
-from collections import deque
 
 from mmserve_core.wire import types as T
 from mmserve_core.wire.errors import ResourceExhausted
@@ -36,7 +34,6 @@ class RequestQueue:
         self._heap: list[tuple[int, int, object]] = []  # (-priority, arrival, job): a heap under _ready
         self._ready = threading.Condition(threading.Lock())
         self._arrival = itertools.count()
-        self._deferred: deque = deque()  # media prompts past a step's prefill budget (MLX thread)
         self._lock = threading.Lock()
         self._in_system = 0
 
@@ -74,7 +71,7 @@ class RequestQueue:
 
     @property
     def depth(self) -> int:
-        return len(self._heap) + len(self._deferred)
+        return len(self._heap)
 
     def wake(self) -> None:
         """Make a blocked ``next`` return now (the scheduler is stopping)."""
@@ -82,10 +79,10 @@ class RequestQueue:
 
     # -- MLX thread ---------------------------------------------------------------------
     def next(self, *, block: bool):
-        """The next live job — the deferred first — or None (nothing within 0.1 s, or a wake).
+        """The next live job, or None (nothing within 0.1 s, or a wake).
         Cancelled jobs are released and skipped."""
         while True:
-            job = self._deferred.popleft() if self._deferred else self._pop(0.1 if block else 0.0)
+            job = self._pop(0.1 if block else 0.0)
             if job is None:
                 return None
             if job is _WAKE:
@@ -106,14 +103,5 @@ class RequestQueue:
                 self._ready.wait(left)
             return heapq.heappop(self._heap)[2]
 
-    def defer(self, job) -> None:
-        """Hold ``job`` for the next step, ahead of the queue."""
-        self._deferred.append(job)
-
     def waiting(self) -> bool:
-        return bool(self._deferred) or bool(self._heap)
-
-    def take_deferred(self) -> list:
-        out = list(self._deferred)
-        self._deferred.clear()
-        return out
+        return bool(self._heap)

@@ -11,16 +11,20 @@ we do not write our own.  Sequences reach it with their prompt's KV filled:
   every free slot in a few steps and a long prompt never stalls the running
   streams for its whole prefill.  Their first token is sampled by the batch.
 * **media prompts** (soft tokens written into the embeddings, per-layer inputs
-  with media zeroed, bidirectional image attention) are prefilled alone by
-  ``LanguageModelRunner.prefill`` exactly as mlx-vlm would, their first token
-  sampled from those logits — while others decode, about the prefill budget's
-  worth a step (at least one), the rest first in line for the next step.
+  with media zeroed, bidirectional image attention) are prefilled one at a
+  time by ``MediaPrefill``: while others decode, a bounded chunk per loop
+  iteration (image blocks never split), so a 4,000-token image prompt no
+  longer stops the running streams for its whole prefill; with nothing else
+  decoding, whole by ``LanguageModelRunner.prefill`` exactly as mlx-vlm
+  would.  Their first token is sampled from the last chunk's logits.
 * **one request alone** takes the exact path too, and decodes on plain caches
   (``_Solo``) until company arrives: single-stream latency and mlx-vlm parity.
 
 Each loop iteration: drop cancelled sequences (their KV goes with them), take
-every queued request a free slot can hold, run one prefill chunk, run one
-batched decode step, and push each sequence's token to its ``TokenChannel``.
+every queued request a free slot can hold, run one prefill chunk of the media
+prompt in turn and one of the text prompts under one token budget
+(``_prefill_step``), run one batched decode step, and push each sequence's
+token to its ``TokenChannel``.
 
 Admission: a request is refused (``RESOURCE_EXHAUSTED``) only when
 ``--max-active`` sequences are in the decoder and ``--max-queue`` more wait
@@ -41,6 +45,7 @@ import mlx.core as mx
 
 from decoder_service import mlx_lm_batch
 from decoder_service.constraints import BatchMasks, GrammarMask
+from decoder_service.media_prefill import MediaPrefill
 from decoder_service.model import LanguageModelRunner, SpanRows
 from decoder_service.prefix_cache import PrefixCache, keyed_tokens
 from decoder_service.request_queue import RequestQueue
@@ -102,6 +107,7 @@ class BatchScheduler:
         self.runner = runner
         self._forward = runner.logits_model()
         self._fill = TextPrefill(self._forward, budget_tokens=prefill_budget_tokens)
+        self._media = MediaPrefill(runner)
         self._fresh: set[int] = set()  # batch uids whose next input is their last prompt token
         self._in_hand: list[GenerationJob] = []  # taken off the queue, being placed
         self._masks = BatchMasks()
@@ -189,9 +195,7 @@ class BatchScheduler:
             try:
                 self._drop_cancelled(bg, active)
                 self._admit_waiting(bg, active)
-                if len(self._fill):
-                    for a, cache, fed in self._fill.step(busy=bool(active)):
-                        self._insert(bg, active, a, cache, fed, a.job.ids[-1], fresh=True)
+                self._prefill_step(bg, active)
                 if self._solo is not None:
                     self._solo_step(bg, active)
                 elif active:
@@ -212,21 +216,22 @@ class BatchScheduler:
         """Every job the MLX thread holds — batch, solo, prefilling, and those taken off the queue
         but not yet placed — once each, clearing them all.  A job that already completed gets a
         second event nobody reads; one that was in hand would otherwise wait forever."""
-        jobs = [a.job for a in [*active.values(), *([self._solo.a] if self._solo else []), *self._fill.clear()]]
-        jobs += [*self._in_hand, *self.requests.take_deferred()]
+        jobs = [a.job for a in [*active.values(), *([self._solo.a] if self._solo else []), *self._fill.clear(),
+                                *self._media.clear()]]
+        jobs += self._in_hand
         self._in_hand = []
         return list({id(j): j for j in jobs}.values())
 
     def _occupied(self, active: dict[int, _Active]) -> int:
         """Slots taken: decoding in the batch, decoding solo, or prefilling to join."""
-        return len(active) + (self._solo is not None) + len(self._fill)
+        return len(active) + (self._solo is not None) + len(self._fill) + len(self._media)
 
     def _admit_waiting(self, bg, active: dict[int, _Active]) -> None:
         """Take every queued request a free slot can hold (waiting for one only when idle).
 
         One request alone, with nothing else in the decoder, takes the exact path and decodes
-        solo.  Otherwise the solo sequence (if any) joins the batch, media prompts are prefilled
-        exactly, one after another, and text prompts go to ``TextPrefill`` together."""
+        solo.  Otherwise the solo sequence (if any) joins the batch, media prompts go to
+        ``MediaPrefill`` (one at a time, in chunks) and text prompts to ``TextPrefill`` together."""
         free = self.max_active - self._occupied(active)
         if free <= 0:
             return
@@ -245,13 +250,10 @@ class BatchScheduler:
         else:
             if self._solo is not None:  # company: the solo sequence joins the batch
                 self._solo_to_batch(bg, active)
-            spent = 0  # exact prefills are whole: while others decode, at most the budget's worth a step
             for job in jobs:
-                if job.spans or len(job.ids) < 2:  # media: mlx-vlm's exact prefill; one token: nothing to batch
-                    if active and spent and spent + len(job.ids) > self._fill.budget_tokens:
-                        self.requests.defer(job)  # first next step, before the queue
-                        continue
-                    spent += len(job.ids)
+                if job.spans:
+                    self._start_media(job)
+                elif len(job.ids) < 2:  # one token: nothing to batch
                     self._admit(bg, active, job)
                 else:
                     self._start_fill(bg, active, job)
@@ -289,6 +291,37 @@ class BatchScheduler:
         else:
             self._fill.add(a, job.ids, cache, hit)
 
+    def _start_media(self, job: GenerationJob) -> None:
+        """Queue a media prompt for ``MediaPrefill`` from its longest cached prefix."""
+        try:
+            a, cache = self._open(job)
+        except Exception as e:  # noqa: BLE001 - this request's problem only
+            log.error("prefill failed", traceback=traceback.format_exc())
+            job.emit(e)
+            return
+        self._count_prompt(a)
+        self._media.add(a, job.ids, job.spans, cache if cache is not None else self.runner.lm.make_cache(),
+                        a.cached)
+
+    def _prefill_step(self, bg, active: dict[int, _Active]) -> None:
+        """One step's prompt work under one token budget (``--prefill-budget-tokens``), as vLLM
+        shares one per step: the media prompt in turn takes one row's share (a whole image block if
+        that is more), the text prompts share what is left (``TextPrefill``: at least 16 tokens a
+        row, so neither kind starves).  Finished prompts join the batch (or decode solo)."""
+        busy = bool(active)
+        budget = self._fill.budget_tokens
+        if len(self._media):
+            res = self._media.step(busy=busy, tokens=max(1, budget // (1 + len(self._fill))))
+            budget = max(0, budget - res.spent)
+            for a, e in res.failed:
+                log.error("prefill failed", traceback="".join(traceback.format_exception(type(e), e, e.__traceback__)))
+                a.job.emit(e)
+            for a, cache, logits in res.done:
+                self._first_token(bg, active, a, cache, logits)
+        if len(self._fill):
+            for a, cache, fed in self._fill.step(busy=busy, budget=budget):
+                self._insert(bg, active, a, cache, fed, a.job.ids[-1], fresh=True)
+
     def _drop_cancelled(self, bg, active: dict[int, _Active]) -> None:
         solo = self._solo
         if solo is not None and solo.a.job.cancel.is_set():
@@ -297,7 +330,8 @@ class BatchScheduler:
             self._store(solo.a, solo.cache, solo.fed)
             self.requests.release(solo.a.job)
             log.info("generation cancelled", tokens=solo.a.generated)
-        for a in self._fill.drop(lambda a: a.job.cancel.is_set()):
+        for a in [*self._fill.drop(lambda a: a.job.cancel.is_set()),
+                  *self._media.drop(lambda a: a.job.cancel.is_set())]:
             self.requests.release(a.job)
             log.info("generation cancelled while prefilling", tokens=0)
         gone = [uid for uid, a in active.items() if a.job.cancel.is_set()]
@@ -321,10 +355,21 @@ class BatchScheduler:
 
     def _admit(self, bg, active: dict[int, _Active], job: GenerationJob) -> None:
         """Prefill alone (from the longest cached prefix), sample the first token, join the batch."""
-
         try:
             a, cache = self._open(job)
             cache, logits = self.runner.prefill(job.ids, job.spans, cache=cache, start=a.cached)
+        except Exception as e:  # noqa: BLE001 - this request's problem only
+            log.error("prefill failed", traceback=traceback.format_exc())
+            job.emit(e)
+            return
+        self._count_prompt(a)
+        self._first_token(bg, active, a, cache, logits)
+
+    def _first_token(self, bg, active: dict[int, _Active], a: _Active, cache: list, logits: mx.array) -> None:
+        """Sample a prefilled prompt's first token from its last logits (processors, logprobs),
+        deliver it, and start the sequence decoding: solo when it is alone, else in the batch."""
+        job = a.job
+        try:
             context = mx.array(job.ids)
             for p in a.processors:
                 logits = p(context, logits)
@@ -335,11 +380,11 @@ class BatchScheduler:
             job.emit(e)
             return
         a.generated = 1
-        self._count_prompt(a)
         if self._deliver(a, first, None, logprobs):
             self._store(a, cache, list(job.ids))
             return
-        if not active and self._solo is None and not len(self._fill) and not self.requests.waiting():
+        if (not active and self._solo is None and not len(self._fill) and not len(self._media)
+                and not self.requests.waiting()):
             fed = list(job.ids)
             self._solo = _Solo(a, cache, fed, self._launch(a, cache, fed, first))
             return

@@ -11,8 +11,9 @@ decoding the chunks are mlx-vlm's own prefill step (2,048 tokens).
 Only ``prompt[:-1]`` is computed here: a finished row is handed to the decode
 batch with its last prompt token as its next input, so its first sample is
 drawn — and constrained, penalised, logprob'd — by the batch like any other.
-Media prompts never come here: their soft tokens need mlx-vlm's exact prefill
-(``LanguageModelRunner.prefill``).
+Media prompts never come here: their soft tokens, per-layer inputs and image
+blocks need the LM's own inputs (``media_prefill``), one prompt at a time; the
+scheduler shares each step's budget between the two.
 
 Thread ownership: the decoder's MLX thread only.
 """
@@ -58,13 +59,15 @@ class TextPrefill:
             samplers=[None], logits_processors=[[]], stop_sequences=[None], max_tokens=[1]))
         self._rows.append(_Row(item, list(ids[hit:-1]), list(ids[:hit])))
 
-    def step(self, *, busy: bool) -> list[tuple[Any, list, list[int]]]:
+    def step(self, *, busy: bool, budget: int | None = None) -> list[tuple[Any, list, list[int]]]:
         """Run one chunk of every row: ``busy`` (others are decoding) bounds the chunk so the whole
-        step computes about ``budget_tokens`` tokens; otherwise mlx-vlm's 2,048 a row.  Returns
-        ``(item, cache, fed)`` for each row whose prompt (but its last token) is now all in KV."""
+        step computes about ``budget`` tokens (``budget_tokens`` unless the scheduler gave part of
+        the step's budget to a media prompt), at least 16 a row; otherwise mlx-vlm's 2,048 a row.
+        Returns ``(item, cache, fed)`` for each row whose prompt (but its last token) is now all in KV."""
         if not self._rows:
             return []
-        width = max(16, self.budget_tokens // len(self._rows)) if busy else IDLE_CHUNK
+        budget = self.budget_tokens if budget is None else budget
+        width = max(16, budget // len(self._rows)) if busy else IDLE_CHUNK
         chunks = [r.rest[:width] for r in self._rows]
         self._batch.prompt(chunks)
         if len(self._rows) > 1:

@@ -18,14 +18,14 @@ from fastapi.exceptions import RequestValidationError
 from fastapi.responses import JSONResponse, Response
 from starlette.exceptions import HTTPException as StarletteHTTPException
 
-from gateway.anthropic_messages import add_messages_routes
 from gateway.config import GatewayConfig
 from gateway.errors import HTTPError, error_response
+from gateway.fronts.anthropic.routes import add_messages_routes
+from gateway.fronts.openai_chat.routes import add_chat_routes
+from gateway.fronts.openai_responses.routes import add_responses_routes
+from gateway.fronts.transcription import add_audio_routes
 from gateway.metrics import GatewayMetrics
 from gateway.middleware import GuardMiddleware, RequestIdMiddleware
-from gateway.openai_audio import add_audio_routes
-from gateway.openai_chat import add_chat_routes
-from gateway.openai_responses import add_responses_routes
 from gateway.pipeline import Pipeline
 from mmserve_core.runtime.logs import get_logger
 
@@ -56,7 +56,7 @@ def _lifespan(pipeline: Pipeline, metrics: GatewayMetrics, cfg: GatewayConfig):
         await pipeline.open(on_call=lambda svc, addr, outcome: metrics.upstream.labels(svc, addr, outcome).inc())
         chat_server = None
         if cfg.grpc_port is not None:  # the typed gRPC front shares this loop and this pipeline
-            from gateway.chat_server import start_chat_server
+            from gateway.fronts.grpc_chat.server import start_chat_server
 
             chat_server, port = await start_chat_server(pipeline, cfg)
             app.state.grpc_port = port

@@ -22,6 +22,10 @@ class LogprobFormatter:
         self._decode = lru_cache(maxsize=65536)(
             lambda t: tokenizer.decode([t], skip_special_tokens=False, clean_up_tokenization_spaces=False))
 
+    def text(self, token_id: int) -> str:
+        """One token's text (cached)."""
+        return self._decode(int(token_id))
+
     def _entry(self, token_id: int, logprob: float) -> dict:
         text = self._decode(int(token_id))
         return {"token": text, "logprob": logprob if math.isfinite(logprob) else NEG_INF_LOGPROB,

@@ -17,15 +17,16 @@ import time
 import grpc
 import soundfile as sf
 
-from gateway.chat import ChatRequest, Delta, Done, bad, check_towers
-from gateway.clients import DecoderClient, DecoderStream, EncoderClient, conversation_key
 from gateway.config import GatewayConfig
 from gateway.errors import HTTPError, to_http
-from gateway.fetch import MediaFetcher
+from gateway.events import Delta, Done
 from gateway.logprobs import LogprobFormatter
 from gateway.reasoning import ReasoningParser
-from gateway.tool_calls import ToolCallParser
-from gateway.tool_choice import ToolPlan, finish_reason, markers, plan_tools
+from gateway.request import ChatRequest, bad, check_towers
+from gateway.tools.choice import ToolPlan, finish_reason, markers, plan_tools
+from gateway.tools.parser import ToolCallParser
+from gateway.upstream.clients import DecoderClient, DecoderStream, EncoderClient, conversation_key
+from gateway.upstream.fetch import MediaFetcher
 from mmserve_core.prompt import PromptBuilder
 from mmserve_core.runtime.logs import get_logger
 from mmserve_core.wire import types as T

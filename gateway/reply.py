@@ -26,8 +26,8 @@ from typing import Any
 from fastapi import Request
 from fastapi.responses import JSONResponse, StreamingResponse
 
-from gateway.chat import Delta, Done
 from gateway.errors import HTTPError, failure_response
+from gateway.events import Delta, Done
 from gateway.pipeline import Generation, Pipeline
 from mmserve_core.runtime.logs import REQUEST_ID_HEADER, get_logger, new_request_id, request_id_var
 from mmserve_core.wire import types as T

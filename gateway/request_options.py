@@ -23,7 +23,7 @@ from __future__ import annotations
 from dataclasses import dataclass
 from typing import Any
 
-from gateway.chat import bad
+from gateway.request import bad
 
 # OpenAI's tiers -> (decoder priority, the tier the reply reports)
 OPENAI_TIERS = {

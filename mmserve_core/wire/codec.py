@@ -7,7 +7,7 @@ mapping in one table.  Pure functions, any thread.
 from __future__ import annotations
 
 import json
-from collections.abc import AsyncIterator, Sequence
+from collections.abc import AsyncIterator
 
 from mmserve_core.wire import fields
 from mmserve_core.wire import types as T
@@ -320,62 +320,14 @@ def completion_from_pb(pb: decoder_pb2.GenerateComplete) -> T.Completion:
     )
 
 
-# ---- chat (the gateway's typed front) ------------------------------------------
+# ---- chat: the maps the typed API's client and the gateway's front both read -------------
+# (the front's own request/reply mapping is gateway.fronts.grpc_chat.codec)
 ROLE_FROM_PB = {chat_pb2.ROLE_SYSTEM: "system", chat_pb2.ROLE_DEVELOPER: "developer",
                 chat_pb2.ROLE_USER: "user", chat_pb2.ROLE_ASSISTANT: "assistant", chat_pb2.ROLE_TOOL: "tool"}
 TOOL_CHOICE_FROM_PB = {chat_pb2.TOOL_CHOICE_MODE_NONE: "none", chat_pb2.TOOL_CHOICE_MODE_AUTO: "auto",
                        chat_pb2.TOOL_CHOICE_MODE_REQUIRED: "required", chat_pb2.TOOL_CHOICE_MODE_FUNCTION: "function"}
-CHAT_FINISH_TO_PB = {"stop": chat_pb2.FINISH_REASON_STOP, "length": chat_pb2.FINISH_REASON_LENGTH,
-                     "tool_calls": chat_pb2.FINISH_REASON_TOOL_CALLS}
 DETAIL_FROM_PB = {chat_pb2.IMAGE_DETAIL_UNSPECIFIED: "auto", chat_pb2.IMAGE_DETAIL_LOW: "low",
                   chat_pb2.IMAGE_DETAIL_HIGH: "high"}
-
-
-def chat_params_to_values(params: chat_pb2.ChatParams) -> dict:
-    """The typed API's params as ``{field name: value}`` for the fields table's validator: every
-    field the caller set (``optional`` ones by presence, lists and flags when non-empty)."""
-    values: dict = {}
-    for f in fields.CHAT_FIELDS:
-        if params.DESCRIPTOR.fields_by_name[f.proto].has_presence:
-            if params.HasField(f.proto):
-                values[f.name] = getattr(params, f.proto)
-        elif f.kind == "bias":
-            if getattr(params, f.proto):
-                values[f.name] = {int(k): float(v) for k, v in getattr(params, f.proto).items()}
-        elif getattr(params, f.proto):
-            value = getattr(params, f.proto)
-            values[f.name] = list(value) if f.kind == "stop" else value
-    return values
-
-
-def chat_delta_to_pb(content: str, reasoning: str, token_ids: list[int], logprobs: list[dict],
-                     tool_calls=()) -> chat_pb2.Delta:
-    """``logprobs``: OpenAI-shaped entries (token, logprob, top_logprobs) plus ``token_id``;
-    ``tool_calls``: pieces with ``index``, ``id``, ``name``, ``arguments``."""
-    return chat_pb2.Delta(
-        content=content, reasoning_content=reasoning, token_ids=token_ids,
-        tool_calls=[chat_pb2.ToolCallDelta(index=d.index, id=d.id or "", name=d.name or "", arguments=d.arguments)
-                    for d in tool_calls],
-        logprobs=[chat_pb2.TokenLogprob(
-            token_id=e["token_id"], token=e["token"], logprob=e["logprob"],
-            top=[chat_pb2.TopLogprob(token_id=t["token_id"], token=t["token"], logprob=t["logprob"])
-                 for t in e["top_logprobs"]]) for e in logprobs],
-    )
-
-
-def chat_final_to_pb(cid: str, model: str, c: T.Completion, encode_ms: float,
-                     prompt_ids: list[int] | None, finish_reason: str = "",
-                     tool_calls: Sequence[T.ToolCall] = ()) -> chat_pb2.Final:
-    return chat_pb2.Final(
-        id=cid, model=model,
-        finish_reason=CHAT_FINISH_TO_PB[finish_reason or c.finish_reason],
-        tool_calls=[tool_call_to_pb(t) for t in tool_calls],
-        usage=chat_pb2.Usage(prompt_tokens=c.prompt_tokens, completion_tokens=c.completion_tokens,
-                             soft_tokens=c.soft_tokens, cached_tokens=c.cached_tokens),
-        timings=chat_pb2.Timings(encode_ms=encode_ms, queued_ms=c.queued_ms, prefill_ms=c.prefill_ms,
-                                 decode_ms=c.decode_ms),
-        prompt_token_ids=prompt_ids or [],
-    )
 
 
 def tool_call_to_pb(c: T.ToolCall) -> chat_pb2.ToolCall:

@@ -5,7 +5,7 @@ Why: the sampling and output fields used to be listed in about ten places
 keyword arguments, sampling resolution) and had drifted — the OpenAPI
 schema lacked ``repetition_penalty``, so the property-based run never
 fuzzed it.  Now each of those is derived from ``CHAT_FIELDS``: the HTTP
-validator (``gateway.openai_schema``), the OpenAPI document
+validator (``gateway.fronts.openai_chat.parse``), the OpenAPI document
 (``openapi_properties``), the typed API's mapping both ways (``codec``) and
 ``client.chat_request``'s keyword arguments.  Pure data, any thread.
 """

@@ -17,10 +17,10 @@ import pytest
 from transformers import AutoTokenizer
 
 from deploy.demo.media import shape_png, tone_wav
-from gateway.anthropic_schema import parse_messages_request
-from gateway.chat_server import parse_chat_pb
-from gateway.openai_schema import parse_chat_request
-from gateway.responses_schema import conversation, parse_responses_request
+from gateway.fronts.anthropic.parse import parse_messages_request
+from gateway.fronts.grpc_chat.codec import parse_chat_pb
+from gateway.fronts.openai_chat.parse import parse_chat_request
+from gateway.fronts.openai_responses.parse import conversation, parse_responses_request
 from mmserve_core.client import Audio, ChatClient, Image, chat_request
 from mmserve_core.prompt import PromptBuilder
 from mmserve_core.wire.types import MediaTokens

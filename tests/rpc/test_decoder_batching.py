@@ -263,9 +263,9 @@ async def test_a_long_prompt_does_not_stall_running_streams(ckpt_dense32):
 
 
 async def test_a_burst_of_media_prompts_is_prefilled_between_decode_steps(ckpt_dense32):
-    """Media prompts are prefilled whole (mlx-vlm's exact path); six arriving at once while a stream
-    decodes are spread over steps by the prefill budget — the running stream gets tokens between
-    them — and each output equals the same request alone."""
+    """Six media prompts arriving at once while a stream decodes are prefilled one after another,
+    in chunks of the prefill budget (image blocks whole) — the running stream gets tokens between
+    them — and each output equals the same request alone (mlx-vlm's exact path)."""
     engine = await _engine(ckpt_dense32, max_active=8, prefill_budget_tokens=16)
     try:
         rng = np.random.default_rng(13)
@@ -280,6 +280,106 @@ async def test_a_burst_of_media_prompts_is_prefilled_between_decode_steps(ckpt_d
         between = [sum(1 for t in arrivals if a < t < b) for a, b in zip(firsts, firsts[1:])]
         assert sum(n > 0 for n in between) >= 3, between  # decode steps ran between the prefills
         assert [t for t, _ in together] == [t for t, _ in alone]
+        task.cancel()
+    finally:
+        engine.stop()
+
+
+def _long_media_prompt(rng, images: int = 12, rows: int = 280, hidden: int = 64):
+    """~3,500 tokens: ``images`` image spans of ``rows`` float32 soft-token rows, text between."""
+    ids, spans = [2, 105], []
+    for _ in range(images):
+        ids += [int(x) for x in rng.integers(10, 240, 10)] + [BOI]
+        data = (rng.standard_normal((rows, hidden)) * 0.5).astype(np.float32)
+        spans.append(T.SpanEmbedding(T.Span(len(ids), rows, T.IMAGE), RawTensor(data.tobytes(), "float32",
+                                                                                (rows, hidden))))
+        ids += [IMG] * rows + [EOI]
+    return ids + [106, 105, 11], spans
+
+
+async def test_a_long_media_prompt_does_not_stall_running_streams(ckpt_dense32):
+    """A 3,500-token image prompt (twelve 280-row images, bidirectional blocks) arriving while a
+    stream decodes is prefilled a chunk of the budget per step: the running stream keeps getting
+    tokens between its chunks (before: one whole prefill, the stream waited for all of it), and its
+    greedy output equals the one it makes alone (mlx-vlm's whole prefill, nothing else running)."""
+    engine = await _engine(ckpt_dense32, max_active=4, prefix_cache_bytes=0)  # default budget: 512
+    try:
+        rng = np.random.default_rng(17)
+        no_eos = {t: -100.0 for t in engine.eos_ids}
+        ids, spans = _long_media_prompt(rng)
+        assert 3000 <= len(ids) <= 4000
+        alone, d_alone = await _run(engine, ids, spans, max_tokens=8, logit_bias=no_eos)
+        assert engine.scheduler._media.last_chunks == 0  # alone: the exact path, never MediaPrefill
+        task, arrivals = await _running_stream(engine, 3000)
+        t_submit = time.perf_counter()
+        got, done = await _run(engine, ids, spans, max_tokens=8, logit_bias=no_eos)
+        t_start = t_submit + done.queued_ms / 1000
+        t_first = t_start + done.prefill_ms / 1000
+        seen = list(arrivals)
+        during = [t for t in seen if t_start < t < t_first]
+        edges = [max([t for t in seen if t <= t_start], default=t_start), *during,
+                 min([t for t in seen if t >= t_first], default=t_first)]
+        task.cancel()
+        chunks = engine.scheduler._media.last_chunks
+        print(f"\n{len(ids)}-token media prompt: whole prefill alone {d_alone.prefill_ms:.0f} ms; while a stream "
+              f"decodes: {chunks} chunks, {done.prefill_ms:.0f} ms, {len(during)} running-stream tokens during it, "
+              f"largest gap {np.diff(edges).max() * 1000:.0f} ms")
+        assert chunks > 1 and len(during) > 0
+        assert got == alone and done.prompt_tokens == d_alone.prompt_tokens == len(ids)
+    finally:
+        engine.stop()
+
+
+async def test_cancel_while_media_prefilling_frees_the_slot(ckpt_dense32):
+    """``--max-active 2``: a stream decodes, a long media prompt prefills in 16-token chunks, a third
+    request waits for a slot.  Cancelling the media prompt mid-prefill drops it (its KV with it):
+    the waiter is admitted and answered, and the media prompt never reached its first token."""
+    engine = await _engine(ckpt_dense32, max_active=2, max_queue=4, prefill_budget_tokens=16,
+                           prefix_cache_bytes=0)
+    try:
+        no_eos = {t: -100.0 for t in engine.eos_ids}
+        task, _ = await _running_stream(engine, 3000)
+        ids, spans = _long_media_prompt(np.random.default_rng(19), images=4)
+        media = engine.scheduler._media
+        begun = media.chunks_run
+        prefilling = asyncio.ensure_future(_run(engine, ids, spans, max_tokens=4, logit_bias=no_eos))
+        while media.chunks_run < begun + 2:  # a few chunks in (polled)
+            await asyncio.sleep(0.001)
+        waiter = asyncio.ensure_future(_run(engine, [2, 105, 30, 31, 106, 105, 11], [], max_tokens=3,
+                                            logit_bias=no_eos))
+        while engine.scheduler.queue_depth < 1:  # no free slot: it waits
+            await asyncio.sleep(0.001)
+        prefilling.cancel()
+        tokens, done = await asyncio.wait_for(waiter, 30)
+        assert done.completion_tokens == 3 and len(tokens) == 3
+        assert len(media) == 0 and media.last_chunks == 0  # dropped mid-prefill, never finished
+        with pytest.raises(asyncio.CancelledError):
+            await prefilling
+        task.cancel()
+    finally:
+        engine.stop()
+
+
+async def test_a_failed_media_chunk_fails_that_request_only(ckpt_dense32):
+    """A chunk that raises answers its own request with the error; the running stream carries on
+    and the next media prompt is served."""
+    engine = await _engine(ckpt_dense32, max_active=4, prefill_budget_tokens=64, prefix_cache_bytes=0)
+    try:
+        no_eos = {t: -100.0 for t in engine.eos_ids}
+        task, arrivals = await _running_stream(engine, 3000)
+        ids, spans = _long_media_prompt(np.random.default_rng(23), images=2, rows=40)
+        runner = engine.scheduler.runner
+
+        def broken(*a, **k):
+            del runner.prefill_chunk  # the class's own method again
+            raise RuntimeError("injected: a media chunk failed")
+
+        runner.prefill_chunk = broken
+        with pytest.raises(RuntimeError, match="injected"):
+            await asyncio.wait_for(_run(engine, ids, spans, max_tokens=4, logit_bias=no_eos), 30)
+        before = len(arrivals)
+        tokens, done = await asyncio.wait_for(_run(engine, ids, spans, max_tokens=4, logit_bias=no_eos), 30)
+        assert done.completion_tokens == 4 and len(arrivals) > before and not task.done()
         task.cancel()
     finally:
         engine.stop()

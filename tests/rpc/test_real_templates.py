@@ -9,7 +9,7 @@ from pathlib import Path
 import pytest
 from transformers import AutoTokenizer
 
-from gateway.openai_schema import parse_chat_request
+from gateway.fronts.openai_chat.parse import parse_chat_request
 from mmserve_core.prompt import PromptBuilder
 from mmserve_core.wire.types import MediaTokens
 from tests.helpers import image_part, text_part

@@ -2,7 +2,7 @@
 through the two constrained paths, with no model: a random walk through llguidance's token mask is
 what a random-weight model writes, so every walk that ends must read back and validate.
 
-* as a tool's ``parameters``: the forced-call grammar (``gateway.tool_grammar``), each finished walk
+* as a tool's ``parameters``: the forced-call grammar (``gateway.tools.grammar``), each finished walk
   parsed by ``tool_calls.parse_call`` (and streamed through ``ToolCallParser``: the same JSON);
 * as ``response_format``: the decoder's ``ConstraintCompiler``, each finished walk ``json.loads``-ed;
 

@@ -9,7 +9,7 @@ import re
 
 import pytest
 
-from gateway.tool_calls import CLOSE, OPEN, ToolCallParser, ToolCallSyntaxError, parse_call
+from gateway.tools.parser import CLOSE, OPEN, ToolCallParser, ToolCallSyntaxError, parse_call
 
 Q = '<|"|>'
 BODIES = [
@@ -134,9 +134,9 @@ class _ScriptedCall:
 def _events(texts: list[str], plan, stop_token_id: int | None = 50):
     import asyncio
 
-    from gateway.chat import Delta
-    from gateway.clients import DecoderStream
+    from gateway.events import Delta
     from gateway.pipeline import Generation
+    from gateway.upstream.clients import DecoderStream
 
     async def go():
         call = _ScriptedCall(texts, stop_token_id)
@@ -154,7 +154,7 @@ def _events(texts: list[str], plan, stop_token_id: int | None = 50):
 def test_reasoning_and_calls_are_split_from_the_answer_in_the_pipeline(split):
     """The thought channel first, then calls: neither in ``content``; a thought written inside a call
     never lands in its arguments; a finished call makes the finish reason ``tool_calls``."""
-    from gateway.tool_choice import ToolPlan
+    from gateway.tools.choice import ToolPlan
 
     text = (f"<|channel>thought\nI should call<channel|>Sure.{OPEN}call:f{{x:<|channel>thought\nhmm<channel|>"
             f"{Q}a, b{Q},n:2}}{CLOSE}")
@@ -169,7 +169,7 @@ def test_reasoning_and_calls_are_split_from_the_answer_in_the_pipeline(split):
 
 
 def test_without_tools_the_text_is_left_alone_and_the_close_token_stop_closes_a_call():
-    from gateway.tool_choice import ToolPlan
+    from gateway.tools.choice import ToolPlan
 
     content, _, _, done = _events([f"a {OPEN}call:f{{}}{CLOSE}"], ToolPlan(parse=False, close_id=None))
     assert content == f"a {OPEN}call:f{{}}{CLOSE}" and done.finish_reason == "stop" and not done.tool_calls

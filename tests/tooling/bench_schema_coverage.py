@@ -17,8 +17,8 @@ target of a top-level local ``$ref``, declares type ``object`` — alone or in a
 type but object keywords).  ``tool`` is over the object schemas, so ``tool`` vs ``llg·obj`` is the
 like-for-like comparison.  Then the ten most frequent tool-grammar refusals (path stripped).
 
-``--tool-grammar FILE`` / ``--constraints FILE`` load another version of ``gateway/tool_grammar.py``
-/ ``decoder_service/constraints.py`` (e.g. ``git show HEAD:gateway/tool_grammar.py > /tmp/tg.py``)
+``--tool-grammar FILE`` / ``--constraints FILE`` load another version of ``gateway/tools/grammar.py``
+/ ``decoder_service/constraints.py`` (e.g. ``git show HEAD:gateway/tools/grammar.py > /tmp/tg.py``)
 to compare before and after.
 """
 
@@ -99,7 +99,7 @@ def normalise(message: str) -> str:
 
 def main(argv: list[str] | None = None) -> int:
     ap = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
-    ap.add_argument("--tool-grammar", help="another gateway/tool_grammar.py to load instead")
+    ap.add_argument("--tool-grammar", help="another gateway/tools/grammar.py to load instead")
     ap.add_argument("--constraints", help="another decoder_service/constraints.py to load instead")
     ap.add_argument("--root", type=Path, default=ROOT)
     ap.add_argument("--limit", type=int, default=0, help="the first N schemas of each category (0: all)")
@@ -115,7 +115,7 @@ def main(argv: list[str] | None = None) -> int:
     from mmserve_core.wire.errors import InvalidArgument
     from mmserve_core.wire.types import Constraint, Tool
 
-    tg = _load(args.tool_grammar, "gateway.tool_grammar")
+    tg = _load(args.tool_grammar, "gateway.tools.grammar")
     cons = _load(args.constraints, "decoder_service.constraints")
     markers = tg.Markers(call_open=48, call_close=49, quote=52, channel_open=100, channel_close=101)
     with tempfile.TemporaryDirectory() as d:

@@ -5,7 +5,7 @@ the whole corpus).
 A walk starts a fresh ``LLMatcher`` on the grammar and, step by step, picks a random allowed token —
 biased toward ending (an allowed stop token, a closing token) so that it terminates — until the
 matcher accepts the end or the step bound is hit.  The text is then read back as the server would:
-a tool call's body through ``gateway.tool_calls.parse_call``, a ``response_format`` reply through
+a tool call's body through ``gateway.tools.parser.parse_call``, a ``response_format`` reply through
 ``json.loads``; and validated with ``jsonschema`` against the schema (``format`` not checked: an
 annotation).  Model-free, CPU only; the tokenizer is the tiny checkpoint's (byte-level, 512 ids).
 """
@@ -163,7 +163,7 @@ def tool_grammar_of(schema, parallel: bool = False) -> str:
     """The decoder's grammar for a forced call of one tool taking ``schema`` (HTTPError if refused)."""
     from llguidance import LLMatcher
 
-    from gateway.tool_grammar import Markers, tool_call_grammar
+    from gateway.tools.grammar import Markers, tool_call_grammar
     from mmserve_core.wire.types import Tool
 
     mk = Markers(call_open=CALL_OPEN, call_close=CALL_CLOSE, quote=QUOTE, channel_open=100, channel_close=101)
@@ -172,7 +172,7 @@ def tool_grammar_of(schema, parallel: bool = False) -> str:
 
 
 def check_tool_walk(w: Walker, sid: str, schema, grammar: str, rng, n: int, steps: int) -> Tally:
-    from gateway.tool_calls import CLOSE, OPEN, ToolCallParser, parse_call
+    from gateway.tools.parser import CLOSE, OPEN, ToolCallParser, parse_call
 
     out = Tally()
     v = validator(schema)

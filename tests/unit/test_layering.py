@@ -4,6 +4,8 @@
 - a service imports no other service, nothing from ``deploy`` or ``tests``;
 - ``deploy`` (the main job, the process manager) imports no service and nothing from ``tests``;
 - the gateway imports no MLX;
+- in the gateway, a front (``gateway/fronts/<api>``) imports no other front, and nothing outside
+  ``gateway/fronts`` imports a front but the app and the entry point that mount them;
 - protobuf (generated stubs, ``google.protobuf``) only in transport and codec modules — and no other
   module handles a protobuf message either (``WhichOneof``, ``HasField``, …, or a codec ``*_pb``
   function): the decoder's intake and the gateway's pipeline see typed objects.
@@ -28,9 +30,10 @@ PROTOBUF_ALLOWED = {
     "mmserve_core/client.py",           # the public client's transport
     "encoder_service/server.py",
     "decoder_service/server.py",
-    "gateway/clients.py",               # the gateway's upstream calls
-    "gateway/pool.py",                  # upstream health watching
-    "gateway/chat_server.py",           # the typed gRPC front
+    "gateway/upstream/clients.py",      # the gateway's upstream calls
+    "gateway/upstream/pool.py",         # upstream health watching
+    "gateway/fronts/grpc_chat/server.py",  # the typed gRPC front: its servicer
+    "gateway/fronts/grpc_chat/codec.py",   # and its messages <-> the gateway's types
     "deploy/processes.py",              # health checks of the processes it starts
 }
 
@@ -130,9 +133,29 @@ def test_the_checks_can_fail():
     import tempfile
 
     with tempfile.NamedTemporaryFile("w", suffix=".py", delete=False) as f:
-        f.write("def f():\n    from gateway import chat\n    import mlx.core as mx\n")
+        f.write("def f():\n    from gateway import request\n    import mlx.core as mx\n")
     names = _imports(Path(f.name))
-    assert "gateway.chat" in names and "mlx.core" in names
+    assert "gateway.request" in names and "mlx.core" in names
     with tempfile.NamedTemporaryFile("w", suffix=".py", delete=False) as f:
         f.write("def g(msg):\n    return msg.WhichOneof('payload'), codec.sampling_from_pb(msg.setup.sampling)\n")
     assert _protobuf_handling(Path(f.name)) == {"WhichOneof", "sampling_from_pb"}
+
+
+FRONT_MOUNTS = {"gateway/app.py", "gateway/__main__.py"}  # mount the fronts' routes and servicer
+
+
+def _front_of(module: str) -> str | None:
+    """``gateway.fronts.openai_chat.parse`` -> ``openai_chat``; the front modules' package name."""
+    parts = module.split(".")
+    return parts[2] if len(parts) > 2 and parts[:2] == ["gateway", "fronts"] else None
+
+
+@pytest.mark.parametrize("path", _modules("gateway"), ids=_rel)
+def test_a_front_imports_no_other_front_and_the_core_imports_no_front(path):
+    rel = _rel(path)
+    mine = _front_of(rel.removesuffix(".py").replace("/", "."))
+    fronts = {f for f in map(_front_of, _imports(path)) if f is not None}
+    if mine is not None:
+        assert fronts <= {mine}, f"{rel} (front {mine}) imports the fronts {sorted(fronts - {mine})}"
+    elif rel not in FRONT_MOUNTS:
+        assert not fronts, f"{rel} is the gateway's core but imports the fronts {sorted(fronts)}"

@@ -4,7 +4,7 @@ from __future__ import annotations
 
 import pytest
 
-from gateway.pool import UpstreamPool
+from gateway.upstream.pool import UpstreamPool
 
 pytestmark = pytest.mark.asyncio
 
@@ -42,7 +42,7 @@ async def test_a_conversation_key_sticks_to_one_replica_and_moves_only_when_it_i
 
 
 def test_turns_of_one_conversation_share_a_key():
-    from gateway.clients import conversation_key
+    from gateway.upstream.clients import conversation_key
     from mmserve_core.wire import types as T
 
     eot = {106}

@@ -5,8 +5,8 @@ from __future__ import annotations
 import pytest
 from transformers import AutoTokenizer
 
-from gateway.chat import check_towers
-from gateway.openai_schema import parse_chat_request
+from gateway.fronts.openai_chat.parse import parse_chat_request
+from gateway.request import check_towers
 from mmserve_core.prompt import MediaTokens, PromptBuilder
 from tests.helpers import text_part
 from tests.tooling.tiny_checkpoint import IDS

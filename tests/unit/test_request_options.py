@@ -6,16 +6,16 @@ from __future__ import annotations
 
 import pytest
 
-from gateway.anthropic_schema import parse_messages_request
-from gateway.chat import ToolCallDelta
 from gateway.errors import HTTPError
-from gateway.openai_schema import parse_chat_request
+from gateway.events import ToolCallDelta
+from gateway.fronts.anthropic.parse import parse_messages_request
+from gateway.fronts.openai_chat.format import tool_call_deltas
+from gateway.fronts.openai_chat.parse import parse_chat_request
+from gateway.fronts.openai_responses.parse import parse_responses_request
 from gateway.pipeline import drop_oldest_turn
 from gateway.request_options import EFFORT_BUDGETS
-from gateway.responses import tool_call_deltas
-from gateway.responses_schema import parse_responses_request
-from gateway.tool_choice import plan_tools
-from gateway.tool_grammar import Markers
+from gateway.tools.choice import plan_tools
+from gateway.tools.grammar import Markers
 from mmserve_core.wire import types as T
 
 USER = [{"role": "user", "content": "hi"}]
@@ -147,8 +147,8 @@ def test_streamed_tool_call_pieces_are_one_entry_per_index():
 
 
 def test_the_openapi_body_lists_exactly_the_keys_the_parser_honours():
-    from gateway.openai_chat import chat_openapi
-    from gateway.openai_schema import KNOWN_KEYS
+    from gateway.fronts.openai_chat.parse import KNOWN_KEYS
+    from gateway.fronts.openai_chat.routes import chat_openapi
 
     props = chat_openapi(("m",))["requestBody"]["content"]["application/json"]["schema"]["properties"]
     assert set(props) == set(KNOWN_KEYS)

@@ -3,7 +3,7 @@ namespaces (one per presented credential) isolated."""
 
 from __future__ import annotations
 
-from gateway.responses_store import ResponseStore, StoredResponse, namespace
+from gateway.store import ResponseStore, StoredResponse, namespace
 from mmserve_core.wire import types as T
 
 

@@ -1,4 +1,4 @@
-"""JSON Schema -> Gemma 4 call-syntax grammar (``gateway.tool_grammar``), rule by rule: each test
+"""JSON Schema -> Gemma 4 call-syntax grammar (``gateway.tools.grammar``), rule by rule: each test
 builds the grammar a forced call gets and asks llguidance (with the tiny checkpoint's tokenizer)
 which call texts it allows — and what ``tool_calls.parse_call`` makes of them validates.  Plus the
 structured-output side (``decoder_service.constraints``): unknown formats, exact oneOf, compact JSON.
@@ -13,8 +13,8 @@ import numpy as np
 import pytest
 
 from gateway.errors import HTTPError
-from gateway.tool_calls import parse_call
-from gateway.tool_grammar import Markers, tool_call_grammar
+from gateway.tools.grammar import Markers, tool_call_grammar
+from gateway.tools.parser import parse_call
 from mmserve_core.wire.types import Constraint, Tool
 
 Q = '<|"|>'
@@ -218,7 +218,7 @@ def test_pattern_character_classes_mean_the_same_to_ecma_and_python(walker):
     """Clients validate with ECMA regexes or Python's ``re``: a string the grammar allows matches both."""
     from llguidance import LLMatcher
 
-    from gateway.tool_grammar import search_regex
+    from gateway.tools.ecma_regex import search_regex
 
     def rx_allows(pattern: str, text: str) -> bool:
         return allows(walker, LLMatcher.grammar_from_lark(f"start: X\nX: /{search_regex(pattern)}/\n"), text)
@@ -368,7 +368,7 @@ def test_dependencies_are_two_exact_branches(walker):
 
 # ----------------------------------------------------------------------------- property names
 def test_property_names_the_call_syntax_cannot_carry_are_refused_by_name():
-    from gateway.tool_grammar import _key_problem
+    from gateway.tools.schema_grammar import key_problem as _key_problem
 
     e = refused({"type": "object", "properties": {"prov:wasGeneratedBy": {"type": "string"}}})
     assert e.param == "tools[0].function.parameters.properties.prov:wasGeneratedBy" and "':'" in e.message

@@ -18,7 +18,7 @@ import pytest
 
 from deploy.demo.media import shape_png
 from gateway.errors import HTTPError
-from gateway.fetch import MediaFetcher, address_refusal, host_allowed
+from gateway.upstream.fetch import MediaFetcher, address_refusal, host_allowed
 
 pytestmark = pytest.mark.asyncio
 PNG = shape_png(size=(16, 16))

@@ -12,7 +12,7 @@ from decoder_service.detokenizer import IncrementalDetokenizer
 from deploy.demo.media import shape_png, tone_wav
 from encoder_service.media import audio_soft_tokens, decode_audio, decode_image
 from gateway.errors import HTTPError
-from gateway.openai_schema import parse_chat_request
+from gateway.fronts.openai_chat.parse import parse_chat_request
 from mmserve_core.wire.errors import InvalidArgument
 from mmserve_core.wire.tensors import Assembler, iter_views
 

@@ -18,10 +18,10 @@ from fastapi import FastAPI, Request
 from fastapi.responses import JSONResponse
 
 from gateway.bodies import credential, read_json
-from gateway.chat import bad
 from gateway.errors import HTTPError, error_response
+from gateway.request import bad
 from gateway.request_options import metadata
-from gateway.responses_store import ResponseStore, StoredResponse, namespace
+from gateway.store import ResponseStore, StoredResponse, namespace
 
 MAX_LIST = 100
 

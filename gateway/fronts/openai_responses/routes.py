@@ -25,14 +25,15 @@ from fastapi import FastAPI, Request
 from fastapi.responses import JSONResponse
 
 from gateway.bodies import credential, read_json
-from gateway.chat import Delta, Message, Part, delta_pieces
 from gateway.config import GatewayConfig
 from gateway.errors import HTTPError, error_response
+from gateway.events import Delta, delta_pieces
+from gateway.fronts.openai_responses.parse import ResponsesRequest, conversation, parse_responses_request
 from gateway.metrics import GatewayMetrics
 from gateway.pipeline import Generation, Pipeline
 from gateway.reply import Folded, Started, begin, fold, no_done, sse
-from gateway.responses_schema import ResponsesRequest, conversation, parse_responses_request
-from gateway.responses_store import ResponseStore, StoredResponse, namespace
+from gateway.request import Message, Part
+from gateway.store import ResponseStore, StoredResponse, namespace
 from mmserve_core.runtime.logs import get_logger
 
 log = get_logger(__name__)

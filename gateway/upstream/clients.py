@@ -16,7 +16,7 @@ from typing import Any
 import grpc
 import numpy as np
 
-from gateway.pool import UpstreamPool
+from gateway.upstream.pool import UpstreamPool
 from mmserve_core.runtime.logs import REQUEST_ID_HEADER
 from mmserve_core.wire import codec
 from mmserve_core.wire import types as T

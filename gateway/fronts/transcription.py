@@ -23,12 +23,13 @@ import json
 from fastapi import FastAPI, Request
 from fastapi.responses import JSONResponse, PlainTextResponse
 
-from gateway.chat import ChatRequest, Delta, Message, Part, audio_part, bad, parse_fields
 from gateway.config import GatewayConfig
 from gateway.errors import HTTPError, error_response
+from gateway.events import Delta
 from gateway.metrics import GatewayMetrics
 from gateway.pipeline import Pipeline, audio_seconds
 from gateway.reply import Started, begin, fold, no_done, sse
+from gateway.request import ChatRequest, Message, Part, audio_part, bad, parse_fields
 from mmserve_core.runtime.logs import get_logger
 
 log = get_logger(__name__)

@@ -17,7 +17,7 @@ from __future__ import annotations
 import json
 from typing import Any
 
-from gateway.chat import (
+from gateway.request import (
     ChatRequest,
     Message,
     Part,

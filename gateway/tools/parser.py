@@ -20,7 +20,7 @@ import json
 import uuid
 from dataclasses import dataclass
 
-from gateway.chat import ToolCallDelta
+from gateway.events import ToolCallDelta
 from mmserve_core.wire.types import ToolCall
 
 OPEN, CLOSE, QUOTE = "<|tool_call>", "<tool_call|>", '<|"|>'

@@ -22,11 +22,11 @@ from typing import Any
 from fastapi import FastAPI, Request
 from fastapi.responses import JSONResponse
 
-from gateway.anthropic_schema import parse_messages_request
 from gateway.bodies import read_json
-from gateway.chat import Done, delta_pieces
 from gateway.config import GatewayConfig
 from gateway.errors import HTTPError, anthropic_body, error_response, failure_response
+from gateway.events import Done, delta_pieces
+from gateway.fronts.anthropic.parse import parse_messages_request
 from gateway.metrics import GatewayMetrics
 from gateway.pipeline import Generation, Pipeline
 from gateway.reply import Folded, Started, begin, fold, no_done, sse

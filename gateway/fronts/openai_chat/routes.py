@@ -17,16 +17,16 @@ from fastapi import FastAPI, Request
 from fastapi.responses import JSONResponse
 
 from gateway.bodies import read_json
-from gateway.chat import ROLES
-from gateway.chat_store import ChatStore, add_chat_store_routes
 from gateway.config import GatewayConfig
 from gateway.errors import HTTPError, error_response
+from gateway.fronts.openai_chat.format import ChatReply, chunks, completion_body
+from gateway.fronts.openai_chat.parse import parse_chat_request
+from gateway.fronts.openai_chat.store import ChatStore, add_chat_store_routes
 from gateway.metrics import GatewayMetrics
-from gateway.openai_schema import parse_chat_request
 from gateway.pipeline import Pipeline
 from gateway.reply import Started, begin, fold, sse
+from gateway.request import ROLES
 from gateway.request_options import openapi_properties as options_openapi
-from gateway.responses import ChatReply, chunks, completion_body
 from mmserve_core.runtime.logs import get_logger
 from mmserve_core.wire.fields import openapi_properties
 

@@ -14,8 +14,8 @@ import json
 from dataclasses import dataclass
 from typing import Any
 
-from gateway.chat import Delta, Done
 from gateway.errors import HTTPError
+from gateway.events import Delta, Done
 from gateway.pipeline import Generation
 from gateway.reply import Folded, no_done
 from mmserve_core.runtime.logs import get_logger

@@ -1,10 +1,10 @@
-"""The gateway's one typed request and one typed event stream, shared by every front.
+"""The gateway's one typed request, shared by every front, and the checks every front applies.
 
-Why: each client API (OpenAI HTTP, the typed gRPC chat API, and the ones to
-come) parses into ``ChatRequest`` — messages of typed parts (text, image
-bytes, audio bytes), sampling, options — and formats ``Delta`` / ``Done``
-events; none of them sees a decoder protobuf message, and adding a front
-means one module that parses and formats.  The checks every front needs
+Why: each client API (the fronts in ``gateway.fronts``) parses into
+``ChatRequest`` — messages of typed parts (text, image bytes, audio bytes),
+sampling, options — and formats the ``gateway.events`` stream the pipeline
+makes of it; none of them sees a decoder protobuf message, and adding a
+front means its parser, its formatter and its routes.  The checks every front needs
 live here once: the request fields from ``mmserve_core.wire.fields``
 (types, bounds, aliases), which roles may carry media, what audio bytes
 must look like.  Errors are ``HTTPError`` naming the field
@@ -70,47 +70,6 @@ class ChatRequest:
     @property
     def media(self) -> list[Part]:
         return [p for m in self.messages for p in m.parts if p.media is not None]
-
-
-# ----------------------------------------------------------------------------- the events
-ToolCallDelta = T.ToolCallDelta
-
-
-@dataclass(frozen=True)
-class Delta:
-    """Tokens generated since the last event: answer text, thought-channel text, tool-call pieces,
-    ids, logprobs."""
-
-    content: str
-    reasoning: str
-    token_ids: list[int]
-    logprobs: list[T.TokenLogprob]
-    tool_calls: tuple[ToolCallDelta, ...] = ()
-
-
-def delta_pieces(ev: Delta, keep_reasoning: bool) -> list[tuple[str, Any]]:
-    """A delta's content as the fronts that split it into blocks / items need it, in the order it
-    was written: ``("reasoning", text)`` (when kept), ``("text", text)``, then one ``("tool", piece)``
-    per tool-call piece."""
-    out: list[tuple[str, Any]] = []
-    if ev.reasoning and keep_reasoning:
-        out.append(("reasoning", ev.reasoning))
-    if ev.content:
-        out.append(("text", ev.content))
-    return out + [("tool", d) for d in ev.tool_calls]
-
-
-@dataclass(frozen=True)
-class Done:
-    """The end: finish reason, usage and timings (``completion``), encode time, the prompt ids,
-    the complete tool calls.  ``finish_reason`` is the response's (``tool_calls`` when the model
-    called tools), ``completion.finish_reason`` the decoder's."""
-
-    completion: T.Completion
-    encode_ms: float
-    prompt_ids: list[int]
-    tool_calls: tuple[T.ToolCall, ...] = ()
-    finish_reason: str = ""
 
 
 # ----------------------------------------------------------------------------- shared checks

@@ -5,7 +5,7 @@ Why: a client mistake must come back as a 400 that names the exact field
 a part we cannot handle is an error, not a skip.  Only what is OpenAI's own
 lives here — JSON shapes, base64 and data: URIs, ``image_url`` /
 ``input_audio`` parts, ``stream_options``; the request fields (types,
-bounds) and the media rules come from ``gateway.chat``, which every front
+bounds) and the media rules come from ``gateway.request``, which every front
 shares.  Checking that bytes are a real image or clip is the encoder's job.
 Pure Python, event-loop thread.
 """
@@ -15,7 +15,7 @@ from __future__ import annotations
 import json
 from typing import Any
 
-from gateway.chat import (
+from gateway.request import (
     ROLES,
     ChatRequest,
     Message,
@@ -273,7 +273,7 @@ def parse_chat_request(body: Any, *, allow_urls: bool = False) -> ChatRequest:
     sampling.constraint = _response_format(body)
     model = _string(body, "model")
     _string(body, "user")
-    _string(body, "safety_identifier")  # logged with the request (gateway.openai_chat)
+    _string(body, "safety_identifier")  # logged with the request (gateway.fronts.openai_chat.routes)
     tools, strict = _tools(body)
     choice, name = _tool_choice(body)
     tier = service_tier(body.get("service_tier"), OPENAI_TIERS)

@@ -17,7 +17,7 @@ import json
 from dataclasses import dataclass, field
 from typing import Any
 
-from gateway.chat import (
+from gateway.request import (
     ChatRequest,
     Message,
     Part,

@@ -8,7 +8,7 @@ Why: each of them must have its effect, or be refused — none may be a hint in 
   or with a JSON ``response_format`` beside the tools, the whole response is a grammar
   (answer or calls), so strict arguments always validate;
 * ``required`` / a named function — the response is one call (or several) under the grammar
-  of ``tool_grammar``, so it always parses and validates; a JSON ``response_format`` beside it
+  of ``tools.grammar``, so it always parses and validates; a JSON ``response_format`` beside it
   binds the answer after the tool results (the next request), as OpenAI reads it;
 * ``parallel_tool_calls: false`` — a grammar allows one call; unconstrained, the decoder stops
   on the call's close token, so a second call never starts.
@@ -20,9 +20,9 @@ from __future__ import annotations
 
 from dataclasses import dataclass
 
-from gateway.chat import ChatRequest, bad
-from gateway.tool_calls import CLOSE, OPEN, QUOTE
-from gateway.tool_grammar import Markers, tool_call_grammar
+from gateway.request import ChatRequest, bad
+from gateway.tools.grammar import Markers, tool_call_grammar
+from gateway.tools.parser import CLOSE, OPEN, QUOTE
 from mmserve_core.wire import types as T
 
 BAN = -1.0e9  # a logit bias no token survives (exp underflows to exactly 0)

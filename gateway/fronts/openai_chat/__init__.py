@@ -1,0 +1,1 @@
+"""OpenAI Chat Completions: parse, format, routes, and stored completions."""

@@ -1,0 +1,1 @@
+"""OpenAI Responses: parse, routes (the event stream) over the shared response store."""

@@ -1,0 +1,1 @@
+"""The gateway's side of the encoder and decoder services: clients, replica pools, media fetch."""
