@@ -30,7 +30,8 @@ from decoder_service.output_text import OutputText
 from decoder_service.placement import validate_prompt
 from decoder_service.prefix_cache import PrefixCache, media_key
 from decoder_service.sampling import ResolvedSampling, resolve_sampling
-from decoder_service.scheduler import BatchScheduler, GenerationJob
+from decoder_service.scheduler import BatchScheduler
+from decoder_service.sequences import GenerationJob
 from decoder_service.thought_budget import ThoughtBudget
 from mmserve_core.runtime.checkpoint import CheckpointInfo, read_checkpoint
 from mmserve_core.runtime.logs import get_logger

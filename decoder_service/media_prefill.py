@@ -39,7 +39,7 @@ from decoder_service.text_prefill import IDLE_CHUNK
 class _Row:
     """One media prompt on its way into KV."""
 
-    item: Any                 # the scheduler's record of this sequence
+    item: Any                 # the scheduler's record of this sequence (a ``sequences.Sequence``)
     ids: list[int]
     spans: list[SpanRows]
     cache: list               # holds the prompt's positions [0, pos)

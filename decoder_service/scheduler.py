@@ -18,20 +18,45 @@ we do not write our own.  Sequences reach it with their prompt's KV filled:
   decoding, whole by ``LanguageModelRunner.prefill`` exactly as mlx-vlm
   would.  Their first token is sampled from the last chunk's logits.
 * **one request alone** takes the exact path too, and decodes on plain caches
-  (``_Solo``) until company arrives: single-stream latency and mlx-vlm parity.
+  (SOLO) until company arrives: single-stream latency and mlx-vlm parity.
+
+Every sequence the loop holds is one ``Sequence`` record in one
+``SequenceTable`` (``sequences.py``), from the moment it leaves the
+``RequestQueue`` until its completion or error is emitted or it is cancelled;
+its phase says where its work stands, and ``SequenceTable.move`` is the one
+place it changes:
+
+=============  =============================================  ===========================
+phase          where its state is                             next
+=============  =============================================  ===========================
+(queued)       ``RequestQueue``'s heap (not in the table)      OPENING
+OPENING        being opened: sampler, prefix-cache lookup      PREFILL_TEXT, PREFILL_MEDIA,
+               (alone, or one token: prefilled whole)          SOLO, BATCH, DONE
+PREFILL_TEXT   a ``TextPrefill`` row (its batch cache)         BATCH, DONE
+PREFILL_MEDIA  a ``MediaPrefill`` row (cache, features)        SOLO, BATCH, DONE
+SOLO           the record: ``cache``, ``fed``, ``pending``     BATCH, DONE
+BATCH          a ``BatchGenerator`` row (``uid``)              DONE
+DONE           nowhere: out of the table                       —
+=============  =============================================  ===========================
+
+A sequence finishes (``_complete``, ``_fail``, ``_cancel``) by leaving the
+table; a step that raises fails ``SequenceTable.take_all()`` — every held
+sequence, whatever its phase — so no waiter can be missed.  ``active_count``
+is the table's size: the slots taken.
 
 Each loop iteration: drop cancelled sequences (their KV goes with them), take
 every queued request a free slot can hold, run one prefill chunk of the media
 prompt in turn and one of the text prompts under one token budget
-(``_prefill_step``), run one batched decode step, and push each sequence's
-token to its ``TokenChannel``.
+(``_prefill_step``), run one batched decode step (or the solo one), and push
+each sequence's token to its ``TokenChannel``.
 
 Admission: a request is refused (``RESOURCE_EXHAUSTED``) only when
 ``--max-active`` sequences are in the decoder and ``--max-queue`` more wait
 behind them (``RequestQueue``).
 
-Thread ownership: ``submit`` and ``stop`` from any thread (``RequestQueue``);
-``run`` and everything it calls on the MLX thread.
+Thread ownership: ``submit``, ``stop``, ``queue_depth`` and ``active_count``
+from any thread; ``run``, ``warm_up`` and everything they call on the MLX
+thread, which alone owns the table, the prefills and the ``BatchGenerator``.
 """
 
 from __future__ import annotations
@@ -39,66 +64,25 @@ from __future__ import annotations
 import threading
 import time
 import traceback
-from dataclasses import dataclass, field
 
 import mlx.core as mx
 
 from decoder_service import mlx_lm_batch
-from decoder_service.constraints import BatchMasks, GrammarMask
+from decoder_service.constraints import BatchMasks
 from decoder_service.media_prefill import MediaPrefill
-from decoder_service.model import LanguageModelRunner, SpanRows
+from decoder_service.model import LanguageModelRunner
 from decoder_service.prefix_cache import PrefixCache, keyed_tokens
 from decoder_service.request_queue import RequestQueue
 from decoder_service.sampler import build_processors, build_sampler, token_logprob
 from decoder_service.sampling import ResolvedSampling
+from decoder_service.sequences import GenerationJob, Phase, Sequence, SequenceTable
 from decoder_service.text_prefill import TextPrefill
 from mmserve_core.runtime.logs import get_logger
 from mmserve_core.wire import types as T
 
+__all__ = ["BatchScheduler", "GenerationJob"]
+
 log = get_logger(__name__)
-
-
-@dataclass
-class GenerationJob:
-    """One request as the MLX thread sees it.  ``emit`` takes events or an exception."""
-
-    ids: list[int]
-    spans: list[SpanRows]
-    sampling: ResolvedSampling
-    stop_ids: frozenset[int]
-    soft_tokens: int
-    emit: object  # Callable[[object], None]
-    media: list[tuple[int, int, str]] = field(default_factory=list)  # (offset, length, media key) per span
-    cancel: threading.Event = field(default_factory=threading.Event)
-    enqueued_at: float = field(default_factory=time.perf_counter)
-    counted: bool = False  # holds a place in the scheduler's admission count (released once)
-    finish_on_cancel: bool = False  # the consumer matched a stop string: answer the cancel with a Completion
-    priority: int = 1  # index into T.PRIORITIES: waiting jobs of a higher one are placed first
-
-
-@dataclass
-class _Active:
-    job: GenerationJob
-    kids: list
-    started: float
-    first_at: float | None = None  # when its first token was delivered
-    cached: int = 0
-    generated: int = 0
-    sampler: object = None
-    processors: list = field(default_factory=list)
-
-
-@dataclass
-class _Solo:
-    """The one sequence decoding while nothing else is: a plain-cache loop (mlx-vlm's
-    ``generate_step`` pipelining), since a batch of one still pays the batch caches'
-    masks and bookkeeping.  ``pending`` is the step already launched: it fed the last
-    delivered token and is computing the next one."""
-
-    a: _Active
-    cache: list
-    fed: list[int]  # every token whose KV is in ``cache``: prompt + generated
-    pending: tuple  # (next token [1], its logprobs [1, V]) — launched, not yet read
 
 
 class BatchScheduler:
@@ -108,19 +92,15 @@ class BatchScheduler:
         self._forward = runner.logits_model()
         self._fill = TextPrefill(self._forward, budget_tokens=prefill_budget_tokens)
         self._media = MediaPrefill(runner)
-        self._fresh: set[int] = set()  # batch uids whose next input is their last prompt token
-        self._in_hand: list[GenerationJob] = []  # taken off the queue, being placed
+        self.sequences = SequenceTable()  # every sequence the MLX thread holds (``sequences.py``)
         self._masks = BatchMasks()
-        self._grammar_rows: dict[int, GrammarMask] = {}  # batch uid -> its constraint's mask
         self._new_uids: list[int] = []  # inserted since the last step, in insertion order
         self._calls: list[list[int]] = []  # the row uids of each model call the coming step makes
-        self._solo: _Solo | None = None
         self.prefix = prefix_cache if prefix_cache is not None else PrefixCache(0)
         self.max_active = max(1, max_active)
         self.metrics = metrics
         self.requests = RequestQueue(self.max_active, max_queue)
         self._stopping = threading.Event()
-        self.active_count = 0  # read by metrics / tests from other threads
         self.solo_handoffs = 0  # solo sequences moved into the batch (read by tests from other threads)
 
     # -- any thread -------------------------------------------------------------------
@@ -130,6 +110,11 @@ class BatchScheduler:
     @property
     def queue_depth(self) -> int:
         return self.requests.depth
+
+    @property
+    def active_count(self) -> int:
+        """Slots taken — opening, prefilling or decoding (read by metrics and tests from any thread)."""
+        return len(self.sequences)
 
     def stop(self) -> None:
         self._stopping.set()
@@ -142,26 +127,22 @@ class BatchScheduler:
         job = GenerationJob(ids, [], sampling, frozenset(), 0,
                             emit=lambda ev: done.set() if isinstance(ev, (T.Completion, BaseException)) else None)
         bg = self._new_generator()
-        active: dict[int, _Active] = {}
         prefix, self.prefix = self.prefix, PrefixCache(0)  # warm-up KV is not worth keeping
         try:
-            self._admit(bg, active, job)
-            while active or self._solo is not None:
-                if self._solo is not None:
-                    self._solo_step(bg, active)
+            self._admit(bg, self.sequences.take(job))
+            while len(self.sequences):
+                if self.sequences.solo is not None:
+                    self._solo_step(bg)
                 else:
-                    self._step(bg, active)
+                    self._step(bg)
         finally:
             self.prefix = prefix
-        self.active_count = 0
 
     def _new_generator(self):
         from mlx_lm.generate import BatchGenerator
         from mlx_vlm.generate.ar import generation_stream
 
-        self._grammar_rows.clear()
         self._new_uids.clear()
-        self._fresh.clear()
         return BatchGenerator(self._batch_forward, stream=generation_stream,
                               completion_batch_size=self.max_active, prefill_batch_size=self.max_active)
 
@@ -175,288 +156,273 @@ class BatchScheduler:
         if inputs.shape[1] != 1:
             return logits
         uids = self._calls.pop(0) if self._calls else None
-        if not self._grammar_rows:
+        if not any(s.mask is not None for s in self.sequences.in_batch()):
             return logits
         if uids is None or len(uids) != inputs.shape[0]:
             raise RuntimeError(f"the batch computed {inputs.shape[0]} rows where the scheduler expected "
                                f"{None if uids is None else len(uids)}")
-        rows = [self._grammar_rows.get(u) for u in uids]
-        if not any(r is not None for r in rows):
+        rows = [self.sequences.batched(u) for u in uids]
+        if not any(s is not None and s.mask is not None for s in rows):
             return logits
         # a row's first step after TextPrefill feeds its last prompt token: nothing to consume
-        return self._masks.apply(inputs, logits, rows, skip=[u in self._fresh for u in uids])
+        return self._masks.apply(inputs, logits, [s.mask if s is not None else None for s in rows],
+                                 skip=[s is not None and s.fresh for s in rows])
 
     def run(self, _state=None) -> None:
         """The serving loop; returns when ``stop`` is called."""
         bg = self._new_generator()
-        active: dict[int, _Active] = {}
-        self._solo: _Solo | None = None
         while not self._stopping.is_set():
             try:
-                self._drop_cancelled(bg, active)
-                self._admit_waiting(bg, active)
-                self._prefill_step(bg, active)
-                if self._solo is not None:
-                    self._solo_step(bg, active)
-                elif active:
-                    self._step(bg, active)
-                self.active_count = self._occupied(active)
+                self._drop_cancelled(bg)
+                self._admit_waiting(bg)
+                self._prefill_step(bg)
+                if self.sequences.solo is not None:
+                    self._solo_step(bg)
+                elif self.sequences.in_batch():
+                    self._step(bg)
             except Exception as e:  # noqa: BLE001 - a bug: fail what is running, keep serving
-                log.error("decode step failed", traceback=traceback.format_exc(), active=len(active))
-                for job in self._everyone(active):
-                    job.emit(e)
-                active.clear()
-                self._solo = None
-                self.active_count = 0
+                log.error("decode step failed", traceback=traceback.format_exc(), active=len(self.sequences))
+                self._fail_all(e)
                 bg = self._new_generator()
-        for job in self._everyone(active):
-            job.emit(RuntimeError("decoder is shutting down"))
+        self._fail_all(RuntimeError("decoder is shutting down"))
 
-    def _everyone(self, active: dict[int, _Active]) -> list[GenerationJob]:
-        """Every job the MLX thread holds — batch, solo, prefilling, and those taken off the queue
-        but not yet placed — once each, clearing them all.  A job that already completed gets a
-        second event nobody reads; one that was in hand would otherwise wait forever."""
-        jobs = [a.job for a in [*active.values(), *([self._solo.a] if self._solo else []), *self._fill.clear(),
-                                *self._media.clear()]]
-        jobs += self._in_hand
-        self._in_hand = []
-        return list({id(j): j for j in jobs}.values())
+    def _fail_all(self, error: BaseException) -> None:
+        """Answer every sequence the MLX thread holds with ``error`` — whatever its phase, each once
+        (``SequenceTable.take_all``) — and drop the prefills' rows with them."""
+        for seq in self.sequences.take_all():
+            seq.job.emit(error)
+        self._fill.clear()
+        self._media.clear()
 
-    def _occupied(self, active: dict[int, _Active]) -> int:
-        """Slots taken: decoding in the batch, decoding solo, or prefilling to join."""
-        return len(active) + (self._solo is not None) + len(self._fill) + len(self._media)
-
-    def _admit_waiting(self, bg, active: dict[int, _Active]) -> None:
+    def _admit_waiting(self, bg) -> None:
         """Take every queued request a free slot can hold (waiting for one only when idle).
 
         One request alone, with nothing else in the decoder, takes the exact path and decodes
         solo.  Otherwise the solo sequence (if any) joins the batch, media prompts go to
         ``MediaPrefill`` (one at a time, in chunks) and text prompts to ``TextPrefill`` together."""
-        free = self.max_active - self._occupied(active)
+        free = self.max_active - len(self.sequences)
         if free <= 0:
             return
         idle = free == self.max_active
-        jobs: list[GenerationJob] = []
-        while len(jobs) < free:
-            job = self.requests.next(block=idle and not jobs)
+        taken: list[Sequence] = []
+        while len(taken) < free:
+            job = self.requests.next(block=idle and not taken)
             if job is None:
                 break
-            jobs.append(job)
-        if not jobs:
+            taken.append(self.sequences.take(job))  # held (OPENING): a step that fails now fails it too
+        if idle and len(taken) == 1:
+            self._admit(bg, taken[0])
             return
-        self._in_hand = jobs  # until placed: a step that fails meanwhile fails them too (``_everyone``)
-        if idle and len(jobs) == 1:
-            self._admit(bg, active, jobs[0])
-        else:
-            if self._solo is not None:  # company: the solo sequence joins the batch
-                self._solo_to_batch(bg, active)
-            for job in jobs:
-                if job.spans:
-                    self._start_media(job)
-                elif len(job.ids) < 2:  # one token: nothing to batch
-                    self._admit(bg, active, job)
-                else:
-                    self._start_fill(bg, active, job)
-        self._in_hand = []
-        self.active_count = self._occupied(active)
+        if taken and self.sequences.solo is not None:  # company: the solo sequence joins the batch
+            self._solo_to_batch(bg)
+        for seq in taken:
+            if seq.job.spans:
+                self._start_media(seq)
+            elif len(seq.job.ids) < 2:  # one token: nothing to batch
+                self._admit(bg, seq)
+            else:
+                self._start_fill(bg, seq)
 
-    def _open(self, job: GenerationJob) -> tuple[_Active, list | None]:
-        """A job's sampler, processors and keyed tokens, and its longest cached prefix (may raise:
-        the request's own problem, answered by the caller)."""
-        s = job.sampling
-        kids = keyed_tokens(job.ids, job.media)
-        cache, hit = self._lookup(kids, job)
-        return _Active(job, kids, time.perf_counter(), cached=hit, sampler=build_sampler(s),
-                       processors=build_processors(s)), cache
+    def _open(self, seq: Sequence) -> list | None:
+        """Give a sequence its sampler, processors and keyed tokens; return its longest cached
+        prefix (may raise: the request's own problem, answered by the caller)."""
+        job = seq.job
+        seq.kids = keyed_tokens(job.ids, job.media)
+        cache, seq.cached = self._lookup(seq.kids, job)
+        seq.started = time.perf_counter()
+        seq.sampler, seq.processors = build_sampler(job.sampling), build_processors(job.sampling)
+        return cache
 
-    def _count_prompt(self, a: _Active) -> None:
+    def _count_prompt(self, seq: Sequence) -> None:
         if self.metrics is not None:
-            self.metrics.prompt_tokens.inc(len(a.job.ids))
-            self.metrics.prefix_hit_tokens.inc(a.cached)
+            self.metrics.prompt_tokens.inc(len(seq.job.ids))
+            self.metrics.prefix_hit_tokens.inc(seq.cached)
 
-    def _start_fill(self, bg, active: dict[int, _Active], job: GenerationJob) -> None:
+    def _start_fill(self, bg, seq: Sequence) -> None:
         """Queue a text prompt for ``TextPrefill`` from its longest cached prefix."""
         try:
-            a, cache = self._open(job)
+            cache = self._open(seq)
         except Exception as e:  # noqa: BLE001 - this request's problem only
-            log.error("prefill failed", traceback=traceback.format_exc())
-            job.emit(e)
+            self._fail(seq, e)
             return
         if cache is None:
             cache = self.runner.lm.make_cache()
-        self._count_prompt(a)
-        hit = a.cached
-        if hit >= len(job.ids) - 1:  # all but the last token cached: straight to the batch
-            self._insert(bg, active, a, cache, list(job.ids[:-1]), job.ids[-1], fresh=True)
+        self._count_prompt(seq)
+        ids = seq.job.ids
+        if seq.cached >= len(ids) - 1:  # all but the last token cached: straight to the batch
+            self._insert(bg, seq, cache, list(ids[:-1]), ids[-1], fresh=True)
         else:
-            self._fill.add(a, job.ids, cache, hit)
+            self._fill.add(seq, ids, cache, seq.cached)
+            self.sequences.move(seq, Phase.PREFILL_TEXT)
 
-    def _start_media(self, job: GenerationJob) -> None:
+    def _start_media(self, seq: Sequence) -> None:
         """Queue a media prompt for ``MediaPrefill`` from its longest cached prefix."""
         try:
-            a, cache = self._open(job)
+            cache = self._open(seq)
         except Exception as e:  # noqa: BLE001 - this request's problem only
-            log.error("prefill failed", traceback=traceback.format_exc())
-            job.emit(e)
+            self._fail(seq, e)
             return
-        self._count_prompt(a)
-        self._media.add(a, job.ids, job.spans, cache if cache is not None else self.runner.lm.make_cache(),
-                        a.cached)
+        self._count_prompt(seq)
+        self._media.add(seq, seq.job.ids, seq.job.spans,
+                        cache if cache is not None else self.runner.lm.make_cache(), seq.cached)
+        self.sequences.move(seq, Phase.PREFILL_MEDIA)
 
-    def _prefill_step(self, bg, active: dict[int, _Active]) -> None:
+    def _prefill_step(self, bg) -> None:
         """One step's prompt work under one token budget (``--prefill-budget-tokens``), as vLLM
         shares one per step: the media prompt in turn takes one row's share (a whole image block if
         that is more), the text prompts share what is left (``TextPrefill``: at least 16 tokens a
         row, so neither kind starves).  Finished prompts join the batch (or decode solo)."""
-        busy = bool(active)
+        busy = bool(self.sequences.in_batch())
         budget = self._fill.budget_tokens
         if len(self._media):
             res = self._media.step(busy=busy, tokens=max(1, budget // (1 + len(self._fill))))
             budget = max(0, budget - res.spent)
-            for a, e in res.failed:
-                log.error("prefill failed", traceback="".join(traceback.format_exception(type(e), e, e.__traceback__)))
-                a.job.emit(e)
-            for a, cache, logits in res.done:
-                self._first_token(bg, active, a, cache, logits)
+            for seq, e in res.failed:
+                self._fail(seq, e)
+            for seq, cache, logits in res.done:
+                self._first_token(bg, seq, cache, logits)
         if len(self._fill):
-            for a, cache, fed in self._fill.step(busy=busy, budget=budget):
-                self._insert(bg, active, a, cache, fed, a.job.ids[-1], fresh=True)
+            for seq, cache, fed in self._fill.step(busy=busy, budget=budget):
+                self._insert(bg, seq, cache, fed, seq.job.ids[-1], fresh=True)
 
-    def _drop_cancelled(self, bg, active: dict[int, _Active]) -> None:
-        solo = self._solo
-        if solo is not None and solo.a.job.cancel.is_set():
-            self._solo = None
-            self._finish_cancelled(solo.a)
-            self._store(solo.a, solo.cache, solo.fed)
-            self.requests.release(solo.a.job)
-            log.info("generation cancelled", tokens=solo.a.generated)
-        for a in [*self._fill.drop(lambda a: a.job.cancel.is_set()),
-                  *self._media.drop(lambda a: a.job.cancel.is_set())]:
-            self.requests.release(a.job)
-            log.info("generation cancelled while prefilling", tokens=0)
-        gone = [uid for uid, a in active.items() if a.job.cancel.is_set()]
+    def _drop_cancelled(self, bg) -> None:
+        """Finish every sequence whose consumer is gone (or matched a stop string), whatever its
+        phase: its prefill row or batch row goes, its KV is kept for later prefixes if it decoded."""
+        gone = [s for s in self.sequences if s.job.cancel.is_set()]  # asked once: a flag may be set meanwhile
         if not gone:
             return
-        caches = bg.remove(gone, return_prompt_caches=True)
-        for uid in gone:
-            a = active.pop(uid)
-            self._grammar_rows.pop(uid, None)
-            self._fresh.discard(uid)
-            self._finish_cancelled(a)
-            self._store(a, *caches.get(uid, (None, None)))
-            self.requests.release(a.job)
-            log.info("generation cancelled", tokens=a.generated)
-        self.active_count = self._occupied(active)
+        dropped = {id(s) for s in gone}
+        self._fill.drop(lambda s: id(s) in dropped)
+        self._media.drop(lambda s: id(s) in dropped)
+        uids = [s.uid for s in gone if s.phase is Phase.BATCH]
+        caches = bg.remove(uids, return_prompt_caches=True) if uids else {}
+        for seq in gone:
+            if seq.phase is Phase.BATCH:
+                self._cancel(seq, *caches.get(seq.uid, (None, None)))
+            elif seq.phase is Phase.SOLO:
+                self._cancel(seq, seq.cache, seq.fed)
+            else:
+                self._cancel(seq, None, None)
 
-    def _finish_cancelled(self, a: _Active) -> None:
-        """A sequence its consumer ended on a stop string gets its Completion (timings, cache hit)."""
-        if a.job.finish_on_cancel:
-            self._complete(a, "stop")
+    def _cancel(self, seq: Sequence, cache, tokens: list[int] | None) -> None:
+        """Finish a cancelled sequence: one its consumer ended on a stop string gets its Completion
+        (timings, cache hit); its KV (``cache`` holding ``tokens``) goes to the prefix cache."""
+        decoding = seq.phase in (Phase.SOLO, Phase.BATCH)
+        if decoding and seq.job.finish_on_cancel:
+            self._complete(seq, "stop")
+        else:
+            self.sequences.finish(seq)
+        self._store(seq, cache, tokens)
+        self.requests.release(seq.job)
+        log.info("generation cancelled" if decoding else "generation cancelled while prefilling",
+                 tokens=seq.generated)
 
-    def _admit(self, bg, active: dict[int, _Active], job: GenerationJob) -> None:
+    def _fail(self, seq: Sequence, e: BaseException) -> None:
+        """This request's own problem (its prompt, its sampler): answer it with the error, finish it."""
+        log.error("prefill failed", traceback="".join(traceback.format_exception(type(e), e, e.__traceback__)))
+        self.sequences.finish(seq)
+        seq.job.emit(e)
+
+    def _admit(self, bg, seq: Sequence) -> None:
         """Prefill alone (from the longest cached prefix), sample the first token, join the batch."""
         try:
-            a, cache = self._open(job)
-            cache, logits = self.runner.prefill(job.ids, job.spans, cache=cache, start=a.cached)
+            cache = self._open(seq)
+            cache, logits = self.runner.prefill(seq.job.ids, seq.job.spans, cache=cache, start=seq.cached)
         except Exception as e:  # noqa: BLE001 - this request's problem only
-            log.error("prefill failed", traceback=traceback.format_exc())
-            job.emit(e)
+            self._fail(seq, e)
             return
-        self._count_prompt(a)
-        self._first_token(bg, active, a, cache, logits)
+        self._count_prompt(seq)
+        self._first_token(bg, seq, cache, logits)
 
-    def _first_token(self, bg, active: dict[int, _Active], a: _Active, cache: list, logits: mx.array) -> None:
+    def _first_token(self, bg, seq: Sequence, cache: list, logits: mx.array) -> None:
         """Sample a prefilled prompt's first token from its last logits (processors, logprobs),
         deliver it, and start the sequence decoding: solo when it is alone, else in the batch."""
-        job = a.job
+        job = seq.job
         try:
             context = mx.array(job.ids)
-            for p in a.processors:
+            for p in seq.processors:
                 logits = p(context, logits)
             logprobs = logits - mx.logsumexp(logits, axis=-1, keepdims=True)
-            first = int(a.sampler(logprobs).item())
+            first = int(seq.sampler(logprobs).item())
         except Exception as e:  # noqa: BLE001 - this request's problem only
-            log.error("prefill failed", traceback=traceback.format_exc())
-            job.emit(e)
+            self._fail(seq, e)
             return
-        a.generated = 1
-        if self._deliver(a, first, None, logprobs):
-            self._store(a, cache, list(job.ids))
+        seq.generated = 1
+        if self._deliver(seq, first, None, logprobs):
+            self._store(seq, cache, list(job.ids))
             return
-        if (not active and self._solo is None and not len(self._fill) and not len(self._media)
-                and not self.requests.waiting()):
-            fed = list(job.ids)
-            self._solo = _Solo(a, cache, fed, self._launch(a, cache, fed, first))
+        if len(self.sequences) == 1 and not self.requests.waiting():  # alone in the decoder
+            self.sequences.move(seq, Phase.SOLO)
+            seq.cache, seq.fed = cache, list(job.ids)
+            seq.pending = self._launch(seq, first)
             return
-        self._insert(bg, active, a, cache, list(job.ids), first)
+        self._insert(bg, seq, cache, list(job.ids), first)
 
-    def _insert(self, bg, active: dict[int, _Active], a: _Active, cache: list, fed: list[int], token: int,
-                *, fresh: bool = False) -> None:
+    def _insert(self, bg, seq: Sequence, cache: list, fed: list[int], token: int, *, fresh: bool = False) -> None:
         """Hand a sequence to the batch: its cache holds ``fed``; ``token`` is its next input —
         the last token it sampled, or (``fresh``) its last prompt token."""
         from mlx_lm.generate import StopSequences
 
-        grammar = a.job.sampling.grammar
+        job = seq.job
+        grammar = job.sampling.grammar
         if not mlx_lm_batch.readable(bg):  # an mlx-lm whose batch order we cannot read:
             grammar = None                 # the mask stays a per-row processor
         [uid] = bg.insert(
-            [[token]], max_tokens=[a.job.sampling.max_tokens - a.generated], caches=[cache], all_tokens=[fed],
-            samplers=[a.sampler], logits_processors=[[p for p in a.processors if p is not grammar]],
-            stop_sequences=[StopSequences([[t] for t in sorted(a.job.stop_ids)])],
+            [[token]], max_tokens=[job.sampling.max_tokens - seq.generated], caches=[cache], all_tokens=[fed],
+            samplers=[seq.sampler], logits_processors=[[p for p in seq.processors if p is not grammar]],
+            stop_sequences=[StopSequences([[t] for t in sorted(job.stop_ids)])],
         )
-        if grammar is not None:  # masked with the batch's others in _batch_forward, not row by row
-            self._grammar_rows[uid] = grammar
-        if fresh:
-            self._fresh.add(uid)
+        self.sequences.move(seq, Phase.BATCH, uid=uid)
+        seq.mask = grammar  # masked with the batch's others in _batch_forward, not row by row
+        seq.fresh = fresh
         self._new_uids.append(uid)
-        active[uid] = a
-        self.active_count = self._occupied(active)
 
     # -- the solo path -------------------------------------------------------------------
-    def _launch(self, a: _Active, cache: list, fed: list[int], token: int) -> tuple:
-        """Feed ``token`` and start computing the next sample (asynchronously)."""
+    def _launch(self, seq: Sequence, token: int) -> tuple:
+        """Feed ``token`` to the solo sequence and start computing its next sample (asynchronously)."""
         from mlx_vlm.generate.ar import generation_stream
 
+        fed = seq.fed
         fed.append(token)
         with mx.stream(generation_stream):
-            logits = self._forward(mx.array([[token]]), cache=cache)[:, -1, :]
-            if a.processors:
+            logits = self._forward(mx.array([[token]]), cache=seq.cache)[:, -1, :]
+            if seq.processors:
                 context = mx.array(fed)
-                for p in a.processors:
+                for p in seq.processors:
                     logits = p(context, logits)
             logprobs = logits - mx.logsumexp(logits, axis=-1, keepdims=True)
-            nxt = a.sampler(logprobs)
+            nxt = seq.sampler(logprobs)
         mx.async_eval(nxt, logprobs)
         return nxt, logprobs
 
-    def _solo_step(self, bg, active: dict[int, _Active]) -> None:
-        solo = self._solo
-        nxt, logprobs = solo.pending
-        token = int(nxt.item())
-        solo.a.generated += 1
-        if not self.requests.waiting():  # keep the device busy while we deliver: launch the next step first
-            solo.pending = self._launch(solo.a, solo.cache, solo.fed, token)
-            if self._deliver(solo.a, token, None, logprobs):
-                self._solo = None
-                self._store(solo.a, solo.cache, solo.fed)
-            return
-        self._solo = None  # someone is waiting: continue in the batch
-        if self._deliver(solo.a, token, None, logprobs):
-            self._store(solo.a, solo.cache, solo.fed)
-            return
-        self._insert(bg, active, solo.a, solo.cache, solo.fed, token)
-        self.solo_handoffs += 1
+    def _read_pending(self, seq: Sequence) -> tuple[int, mx.array]:
+        """The solo sequence's launched sample: (its token, its logprobs), counted as generated."""
+        nxt, logprobs = seq.pending
+        seq.generated += 1
+        return int(nxt.item()), logprobs
 
-    def _solo_to_batch(self, bg, active: dict[int, _Active]) -> None:
-        """A new request arrived while one sequence ran solo: read its pending token, move it over."""
-        solo, self._solo = self._solo, None
-        nxt, logprobs = solo.pending
-        token = int(nxt.item())
-        solo.a.generated += 1
-        if self._deliver(solo.a, token, None, logprobs):
-            self._store(solo.a, solo.cache, solo.fed)
+    def _solo_step(self, bg) -> None:
+        """One token of the solo sequence: the next step is launched before this one is delivered
+        (keeping the device busy) — unless someone is waiting, then it continues in the batch."""
+        if self.requests.waiting():
+            self._solo_to_batch(bg)
             return
-        self._insert(bg, active, solo.a, solo.cache, solo.fed, token)
+        seq = self.sequences.solo
+        token, logprobs = self._read_pending(seq)
+        cache, fed = seq.cache, seq.fed
+        seq.pending = self._launch(seq, token)
+        if self._deliver(seq, token, None, logprobs):
+            self._store(seq, cache, fed)
+
+    def _solo_to_batch(self, bg) -> None:
+        """Company arrived while one sequence ran solo: read its pending token, move it over."""
+        seq = self.sequences.solo
+        token, logprobs = self._read_pending(seq)
+        cache, fed = seq.cache, seq.fed
+        if self._deliver(seq, token, None, logprobs):
+            self._store(seq, cache, fed)
+            return
+        self._insert(bg, seq, cache, fed, token)
         self.solo_handoffs += 1
 
     def _lookup(self, kids: list, job: GenerationJob) -> tuple[list | None, int]:
@@ -471,68 +437,72 @@ class BatchScheduler:
             return None, 0
         return cache, hit
 
-    def _store(self, a: _Active, cache, tokens: list[int] | None) -> None:
+    def _store(self, seq: Sequence, cache, tokens: list[int] | None) -> None:
         """Keep a finished (or cancelled) sequence's KV for later prefixes."""
         if cache is None or tokens is None or not self.prefix.enabled:
             return
-        kids = a.kids + list(tokens[len(a.job.ids):])
+        kids = seq.kids + list(tokens[len(seq.job.ids):])
         self.prefix.store(kids[: len(tokens)], cache)
 
-    def _step(self, bg, active: dict[int, _Active]) -> None:
-        self._calls = mlx_lm_batch.step_calls(bg, self._new_uids)
+    def _step(self, bg) -> None:
+        """One batched decode step: every BATCH sequence's next token, delivered."""
+        # inserted since the last step and still there (one cancelled meanwhile left the batch too)
+        inserted = [u for u in self._new_uids if self.sequences.batched(u) is not None]
         self._new_uids = []
+        self._calls = mlx_lm_batch.step_calls(bg, inserted)
         _, responses = bg.next()
         self._calls = []
-        self._fresh.clear()  # every row inserted before this step has now taken its first step
+        for uid in inserted:  # every row inserted before this step has now taken its first step
+            if (seq := self.sequences.batched(uid)) is not None:
+                seq.fresh = False
         for r in responses:
-            a = active.get(r.uid)
-            if a is None:
+            seq = self.sequences.batched(r.uid)
+            if seq is None:
                 continue  # removed (cancelled) while its step was in flight
-            a.generated += 1
-            if self._deliver(a, int(r.token), r.finish_reason, r.logprobs):
-                active.pop(r.uid, None)
-                self._grammar_rows.pop(r.uid, None)
+            seq.generated += 1
+            if self._deliver(seq, int(r.token), r.finish_reason, r.logprobs):
                 if r.finish_reason is None:  # we stopped it (a stop string); the generator has not
                     cache, tokens = bg.remove([r.uid], return_prompt_caches=True).get(r.uid, (None, None))
                 else:
                     cache, tokens = r.prompt_cache, r.all_tokens
-                self._store(a, cache, tokens)
-        self.active_count = self._occupied(active)
+                self._store(seq, cache, tokens)
 
-    def _deliver(self, a: _Active, token: int, finish: str | None, logprobs: mx.array) -> bool:
-        """Emit one token (or the stop); return True when the sequence is finished."""
-        job = a.job
-        if a.first_at is None:
-            a.first_at = time.perf_counter()
+    def _deliver(self, seq: Sequence, token: int, finish: str | None, logprobs: mx.array) -> bool:
+        """Emit one token (or the stop); return True when the sequence is finished (``_complete``)."""
+        job = seq.job
+        if seq.first_at is None:
+            seq.first_at = time.perf_counter()
             if self.metrics is not None:
-                self.metrics.ttft.observe(a.first_at - job.enqueued_at)
+                self.metrics.ttft.observe(seq.first_at - job.enqueued_at)
         if self.metrics is not None:
             self.metrics.generated_tokens.inc()
         if token in job.stop_ids:
-            self._complete(a, "stop", stop_id=token)
+            self._complete(seq, "stop", stop_id=token)
             return True
         lps = [token_logprob(token, logprobs, job.sampling.top_logprobs)] if job.sampling.logprobs else None
         job.emit(T.TokenEvent([token], "", lps))  # ids only: text and stop strings are the consumer's
-        if finish is not None or a.generated >= job.sampling.max_tokens:
-            self._complete(a, "length")
+        if finish is not None or seq.generated >= job.sampling.max_tokens:
+            self._complete(seq, "length")
             return True
         return False
 
-    def _complete(self, a: _Active, finish: str, *, stop_id: int | None = None) -> None:
-        job = a.job
+    def _complete(self, seq: Sequence, finish: str, *, stop_id: int | None = None) -> None:
+        """Finish a sequence that decoded: it leaves the table and its Completion is emitted."""
+        job = seq.job
         end = time.perf_counter()
+        self.sequences.finish(seq)
         job.emit(T.Completion(
             finish_reason=finish,
             prompt_tokens=len(job.ids),
-            completion_tokens=a.generated,
+            completion_tokens=seq.generated,
             soft_tokens=job.soft_tokens,
-            queued_ms=(a.started - job.enqueued_at) * 1000.0,
-            prefill_ms=(a.first_at - a.started) * 1000.0,
-            decode_ms=(end - a.first_at) * 1000.0,
+            queued_ms=(seq.started - job.enqueued_at) * 1000.0,
+            prefill_ms=(seq.first_at - seq.started) * 1000.0,
+            decode_ms=(end - seq.first_at) * 1000.0,
             stop_token_id=stop_id,
-            cached_tokens=a.cached,
+            cached_tokens=seq.cached,
             # the finished sequence's KV (its whole prompt) goes to the prefix cache (``_store``)
-            cache_write_tokens=len(job.ids) - a.cached if self.prefix.enabled else 0,
+            cache_write_tokens=len(job.ids) - seq.cached if self.prefix.enabled else 0,
         ))
 
 

@@ -30,7 +30,7 @@ IDLE_CHUNK = 2048  # mlx-vlm's prefill_step_size: nothing is waiting on us
 
 @dataclass
 class _Row:
-    item: Any          # the scheduler's record of this sequence
+    item: Any          # the scheduler's record of this sequence (a ``sequences.Sequence``)
     rest: list[int]    # prompt tokens still to compute (the last prompt token excluded)
     fed: list[int]     # tokens whose KV is in the row's cache
 

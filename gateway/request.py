@@ -19,6 +19,7 @@ import binascii
 import json
 import math
 import re
+from collections.abc import Iterator
 from dataclasses import dataclass, field
 from typing import Any
 
@@ -150,6 +151,25 @@ def check_tool_history(messages: list[Message]) -> None:
                           "right before the tool results", f"{m.param}.tool_call_id")
             continue
         open_calls = {c.id: c.name for c in m.tool_calls}
+
+
+def each_object(raw: Any, param: str, *, what: str = "a list") -> Iterator[tuple[str, dict]]:
+    """``raw`` as a JSON list of objects: each with its own path (``tools[2]``).  A 400 names the
+    list when it is not one (``{param} must be {what}``) and the item that is not an object."""
+    if not isinstance(raw, list):
+        raise bad(f"{param} must be {what}", param)
+    for i, item in enumerate(raw):
+        path = f"{param}[{i}]"
+        if not isinstance(item, dict):
+            raise bad(f"{path} must be an object", path)
+        yield path, item
+
+
+def text_of(part: dict, param: str, key: str = "text") -> str:
+    """A part's ``text`` (or ``key``): a string of valid Unicode, or a 400 naming it."""
+    if not isinstance(part.get(key), str):
+        raise bad(f"{param}.{key} must be a string", f"{param}.{key}")
+    return valid_text(part[key], f"{param}.{key}")
 
 
 def media_role(role: str, kind: str, param: str) -> None:

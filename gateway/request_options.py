@@ -113,6 +113,14 @@ def metadata(value: Any, param: str = "metadata") -> dict[str, str]:
     return dict(value)
 
 
+def openai_routing(body: dict) -> dict[str, Any]:
+    """The ``ChatRequest`` fields both OpenAI fronts read from the same body keys: the tier
+    (``service_tier``), the decoder-affinity key (``prompt_cache_key``) and ``metadata``."""
+    tier = service_tier(body.get("service_tier"), OPENAI_TIERS)
+    return {"priority": tier.priority, "service_tier": tier.served,
+            "cache_key": cache_key(body.get("prompt_cache_key")), "metadata": metadata(body.get("metadata"))}
+
+
 def openapi_properties() -> dict[str, dict]:
     """These options as JSON-schema properties of a chat-completions body (the OpenAPI document)."""
     return {

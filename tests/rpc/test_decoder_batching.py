@@ -394,7 +394,7 @@ async def test_a_failed_step_fails_every_request_it_held_even_those_in_hand(ckpt
         no_eos = {t: -100.0 for t in engine.eos_ids}
         ids = [2, 105, 10, 11, 12, 106, 105, 11]
         solo = asyncio.ensure_future(_run(engine, ids, [], max_tokens=3000, logit_bias=no_eos))
-        while engine.scheduler._solo is None:
+        while engine.scheduler.sequences.solo is None:
             await asyncio.sleep(0.001)
         fill = engine.scheduler._fill
 
@@ -410,6 +410,51 @@ async def test_a_failed_step_fails_every_request_it_held_even_those_in_hand(ckpt
         assert all(f or g[1].completion_tokens == 5 for f, g in zip(failed, got))  # a later one: served
         tokens, done = await _run(engine, ids, [], max_tokens=4, logit_bias=no_eos)
         assert done.completion_tokens == 4
+    finally:
+        engine.stop()
+
+
+async def test_a_failed_decode_step_fails_every_sequence_whatever_its_phase(ckpt_dense32):
+    """A decode forward that raises while one sequence decodes in the batch, a media prompt and a
+    text prompt are both mid-prefill (16-token budget: many steps each) and a request waits in the
+    queue for a slot: every sequence the decoder holds gets the error — none is left waiting — the
+    queued one is not failed but served, and so is the next request."""
+    from decoder_service.sequences import Phase
+
+    engine = await _engine(ckpt_dense32, max_active=3, max_queue=4, prefill_budget_tokens=16,
+                           prefix_cache_bytes=0)
+    try:
+        sched, no_eos = engine.scheduler, {t: -100.0 for t in engine.eos_ids}
+        held = {Phase.BATCH, Phase.PREFILL_TEXT, Phase.PREFILL_MEDIA}
+        seen: list[set[Phase]] = []
+        forward = sched._forward
+
+        def broken(inputs, *a, **k):  # MLX thread: fails the first decode step that finds them all held
+            phases = {s.phase for s in sched.sequences}  # and the fourth request queued
+            if inputs.shape[1] == 1 and phases >= held and sched.queue_depth:
+                sched._forward = forward
+                seen.append(phases)
+                raise RuntimeError("injected: a decode step failed")
+            return forward(inputs, *a, **k)
+
+        task, _ = await _running_stream(engine, 3000)
+        sched._forward = broken
+        media_ids, media_spans = _long_media_prompt(np.random.default_rng(29), images=4, rows=60)
+        text_ids = [2, 105] + [int(x) for x in np.random.default_rng(31).integers(10, 240, 1500)] + [106, 105, 11]
+        media = asyncio.ensure_future(_run(engine, media_ids, media_spans, max_tokens=4, logit_bias=no_eos))
+        text = asyncio.ensure_future(_run(engine, text_ids, [], max_tokens=4, logit_bias=no_eos))
+        while engine.scheduler.queue_depth or engine.scheduler.active_count < 3:  # all three slots taken
+            await asyncio.sleep(0.001)
+        queued = asyncio.ensure_future(_run(engine, [2, 105, 30, 31, 106, 105, 11], [], max_tokens=3,
+                                            logit_bias=no_eos))
+        got = await asyncio.wait_for(asyncio.gather(task, media, text, return_exceptions=True), 60)  # none hangs
+        assert seen == [held], seen  # failed once, with a sequence in each phase
+        assert all(isinstance(g, RuntimeError) and "injected" in str(g) for g in got), got
+        tokens, done = await asyncio.wait_for(queued, 30)
+        assert done.completion_tokens == 3 and len(tokens) == 3
+        assert engine.scheduler.active_count == 0
+        tokens, done = await _run(engine, text_ids, [], max_tokens=2, logit_bias=no_eos)
+        assert done.completion_tokens == 2
     finally:
         engine.stop()
 
@@ -540,8 +585,8 @@ async def test_a_solo_sequence_joins_the_batch_when_company_arrives(dense):
     # its first 300 tokens are the ones it made alone); its record is told from the first run's by
     # max_tokens — the MLX thread may not yet have cleared that one when its Completion arrived
     task_a = asyncio.ensure_future(_run(dense, a_ids, a_spans, max_tokens=600, logit_bias=no_eos))
-    while ((solo := dense.scheduler._solo) is None or solo.a.job.sampling.max_tokens != 600
-           or solo.a.generated < 5):  # a few solo steps taken
+    while ((solo := dense.scheduler.sequences.solo) is None or solo.job.sampling.max_tokens != 600
+           or solo.generated < 5):  # a few solo steps taken
         await asyncio.sleep(0.001)
     b_got, _ = await _run(dense, b_ids, b_spans, max_tokens=20, logit_bias=no_eos)
     a_got, _ = await task_a

@@ -55,20 +55,23 @@ def quantized(request, ckpt_e2b, tmp_path_factory) -> Path:
     return out
 
 
+async def _serving(engine):
+    """An engine started and ready; the fixture stops it."""
+    engine.start()
+    await engine.wait_ready()
+    return engine
+
+
 @pytest_asyncio.fixture(loop_scope="session")
 async def decoder(quantized):
-    e = DecoderEngine(DecoderConfig(checkpoint=str(quantized), port=0))
-    e.start()
-    await e.wait_ready()
+    e = await _serving(DecoderEngine(DecoderConfig(checkpoint=str(quantized), port=0)))
     yield e
     e.stop()
 
 
 @pytest_asyncio.fixture(loop_scope="session")
 async def encoder(quantized):
-    e = EncoderEngine(EncoderConfig(checkpoint=str(quantized), port=0))
-    e.start()
-    await e.wait_ready()
+    e = await _serving(EncoderEngine(EncoderConfig(checkpoint=str(quantized), port=0)))
     yield e
     e.stop()
 

@@ -171,9 +171,20 @@ def tool_grammar_of(schema, parallel: bool = False) -> str:
                                                          parallel=parallel))
 
 
-def check_tool_walk(w: Walker, sid: str, schema, grammar: str, rng, n: int, steps: int) -> Tally:
-    from gateway.tools.parser import CLOSE, OPEN, ToolCallParser, parse_call
+class _Unjudged(Exception):
+    """The validator itself fails on this schema: the walk is counted, not judged."""
 
+
+def _judged(v, doc) -> None:
+    errors = _errors(v, doc)
+    if errors is None:
+        raise _Unjudged
+    assert not errors, errors[0].message[:200]
+
+
+def _check_walks(w: Walker, sid: str, schema, grammar: str, rng, n: int, steps: int, judge) -> Tally:
+    """``n`` random walks over ``grammar``; each finished walk's text goes to ``judge(text, validator)``,
+    which raises when the text is wrong (``_Unjudged``: the validator cannot judge this schema)."""
     out = Tally()
     v = validator(schema)
     for _ in range(n):
@@ -187,48 +198,36 @@ def check_tool_walk(w: Walker, sid: str, schema, grammar: str, rng, n: int, step
             continue
         text = w.text(ids)
         try:
-            assert text.startswith(OPEN) and text.endswith(CLOSE), "not one call"
-            call = parse_call(text[len(OPEN):-len(CLOSE)])
-            args = json.loads(call.arguments)
-            errors = _errors(v, args)
-            if errors is None:
-                out.unjudged.append((sid, "jsonschema fails on this schema"))
-                continue
-            assert not errors, errors[0].message[:200]
-            p = ToolCallParser()  # the streamed arguments are the same JSON
-            p.feed(text)
-            p.finish()
-            assert p.malformed == 0 and json.loads(p.calls[0].arguments) == args, "streamed differ"
+            judge(text, v)
             out.valid += 1
+        except _Unjudged:
+            out.unjudged.append((sid, "jsonschema fails on this schema"))
         except Exception as e:  # noqa: BLE001 - collected and reported
             out.invalid.append((sid, text[:300], repr(e)[:300]))
     return out
 
 
+def _judge_call(text: str, v) -> None:
+    from gateway.tools.parser import CLOSE, OPEN, ToolCallParser, parse_call
+
+    assert text.startswith(OPEN) and text.endswith(CLOSE), "not one call"
+    call = parse_call(text[len(OPEN):-len(CLOSE)])
+    args = json.loads(call.arguments)
+    _judged(v, args)
+    p = ToolCallParser()  # the streamed arguments are the same JSON
+    p.feed(text)
+    p.finish()
+    assert p.malformed == 0 and json.loads(p.calls[0].arguments) == args, "streamed differ"
+
+
+def check_tool_walk(w: Walker, sid: str, schema, grammar: str, rng, n: int, steps: int) -> Tally:
+    """Walks over a tool-call grammar: one call, its arguments valid, the streamed parse the same."""
+    return _check_walks(w, sid, schema, grammar, rng, n, steps, _judge_call)
+
+
 def check_json_walk(w: Walker, sid: str, schema, grammar: str, rng, n: int, steps: int) -> Tally:
-    out = Tally()
-    v = validator(schema)
-    for _ in range(n):
-        ids, how = w.walk(grammar, rng, steps)
-        out.walks += 1
-        if how == "bound":
-            out.bounded += 1
-            continue
-        if how == "error":
-            out.gave_up.append((sid, _first_error_line(w.error)))
-            continue
-        text = w.text(ids)
-        try:
-            doc = json.loads(text)
-            errors = _errors(v, doc)
-            if errors is None:
-                out.unjudged.append((sid, "jsonschema fails on this schema"))
-                continue
-            assert not errors, errors[0].message[:200]
-            out.valid += 1
-        except Exception as e:  # noqa: BLE001
-            out.invalid.append((sid, text[:300], repr(e)[:300]))
-    return out
+    """Walks over a structured-output grammar: the text is JSON valid against the schema."""
+    return _check_walks(w, sid, schema, grammar, rng, n, steps, lambda text, v: _judged(v, json.loads(text)))
 
 
 def main(argv: list[str] | None = None) -> int:

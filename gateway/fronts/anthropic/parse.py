@@ -27,10 +27,12 @@ from gateway.request import (
     check_tool_choice,
     check_tool_history,
     check_tools,
+    each_object,
     image_part,
     media_role,
     parse_fields,
     refuse_unknown,
+    text_of,
     valid_text,
 )
 from gateway.request_options import ANTHROPIC_TIERS, service_tier
@@ -99,20 +101,13 @@ def _audio(block: dict, param: str) -> Part:
 
 def _text(block: dict, param: str) -> str:
     refuse_unknown(block, _COMMON | {"text"}, param)
-    if not isinstance(block.get("text"), str):
-        raise bad(f"{param}.text must be a string", f"{param}.text")
-    return valid_text(block["text"], f"{param}.text")
+    return text_of(block, param)
 
 
 def _blocks(content: Any, param: str) -> list[dict]:
     if isinstance(content, str):
         return [{"type": "text", "text": content}]
-    if not isinstance(content, list):
-        raise bad(f"{param} must be a string or a list of content blocks", param)
-    for j, b in enumerate(content):
-        if not isinstance(b, dict):
-            raise bad(f"{param}[{j}] must be an object", f"{param}[{j}]")
-    return content
+    return [b for _, b in each_object(content, param, what="a string or a list of content blocks")]
 
 
 def _tool_result(block: dict, param: str) -> Message:
@@ -164,9 +159,7 @@ def _assistant(content: Any, param: str) -> Message:
             text.append(_text(b, bp))
         elif kind == "thinking":
             refuse_unknown(b, _COMMON | {"thinking", "signature"}, bp)
-            if not isinstance(b.get("thinking"), str):
-                raise bad(f"{bp}.thinking must be a string", f"{bp}.thinking")
-            thought.append(valid_text(b["thinking"], f"{bp}.thinking"))
+            thought.append(text_of(b, bp, "thinking"))
         elif kind == "tool_use":
             refuse_unknown(b, _COMMON | {"id", "name", "input"}, bp)
             if not isinstance(b.get("id"), str) or not b["id"] or not isinstance(b.get("name"), str):
@@ -201,13 +194,8 @@ def _system(system: Any) -> list[Message]:
 def _tools(raw: Any) -> list[T.Tool]:
     if raw is None:
         return []
-    if not isinstance(raw, list):
-        raise bad("tools must be a list", "tools")
     tools = []
-    for i, t in enumerate(raw):
-        param = f"tools[{i}]"
-        if not isinstance(t, dict):
-            raise bad(f"{param} must be an object", param)
+    for param, t in each_object(raw, "tools"):
         if t.get("type", "custom") != "custom":
             raise bad(f"{param}.type {t.get('type')!r}: server tools are not run by this server; declare client "
                       "tools (name, description, input_schema)", f"{param}.type")
@@ -274,10 +262,7 @@ def parse_messages_request(body: Any, *, allow_urls: bool = False, counting: boo
     if not isinstance(msgs, list) or not msgs:
         raise bad("messages must be a non-empty list", "messages")
     messages = _system(body.get("system"))
-    for i, m in enumerate(msgs):
-        param = f"messages[{i}]"
-        if not isinstance(m, dict):
-            raise bad(f"{param} must be an object", param)
+    for param, m in each_object(msgs, "messages"):
         refuse_unknown(m, {"role", "content"}, param)
         role = m.get("role")
         if role == "user":

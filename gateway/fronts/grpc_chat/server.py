@@ -14,7 +14,8 @@ returned in trailing metadata.  Transport: runs on the gateway's event loop.
 from __future__ import annotations
 
 import uuid
-from collections.abc import AsyncIterator
+from collections.abc import AsyncIterator, Iterator
+from contextlib import contextmanager
 
 from gateway.config import GatewayConfig
 from gateway.errors import HTTPError, grpc_status, to_http
@@ -29,6 +30,19 @@ from mmserve_core.wire.stubs import chat_pb2, chat_pb2_grpc
 
 log = get_logger(__name__)
 SERVICE_NAME = chat_pb2.DESCRIPTOR.services_by_name["ChatService"].full_name
+
+
+@contextmanager
+def _request_id(context) -> Iterator[str]:
+    """The call's request id (``x-request-id`` metadata, or a new one): on every log line while the
+    call runs (``request_id_var``) and returned in the trailing metadata."""
+    rid = request_id_from(context)
+    token = request_id_var.set(rid)
+    context.set_trailing_metadata(((REQUEST_ID_HEADER, rid),))
+    try:
+        yield rid
+    finally:
+        request_id_var.reset(token)
 
 
 class ChatServicer(chat_pb2_grpc.ChatServiceServicer):
@@ -52,10 +66,12 @@ class ChatServicer(chat_pb2_grpc.ChatServiceServicer):
         await context.abort(grpc_status(err), err.message)
 
     async def Complete(self, request: chat_pb2.CompleteRequest, context) -> AsyncIterator[chat_pb2.CompleteResponse]:
-        rid = request_id_from(context)
-        token = request_id_var.set(rid)
-        context.set_trailing_metadata(((REQUEST_ID_HEADER, rid),))
-        pb, gen = request.chat, None
+        with _request_id(context) as rid:
+            async for out in self._complete(request.chat, rid, context):
+                yield out
+
+    async def _complete(self, pb: chat_pb2.ChatRequest, rid: str, context) -> AsyncIterator[chat_pb2.CompleteResponse]:
+        gen = None
         try:
             req = parse_chat_pb(pb)
             gen = await self.pipeline.start(req, rid)
@@ -75,14 +91,14 @@ class ChatServicer(chat_pb2_grpc.ChatServiceServicer):
         finally:
             if gen is not None:
                 gen.cancel()
-            request_id_var.reset(token)
 
     async def CompleteUnary(self, request: chat_pb2.CompleteUnaryRequest, context) -> chat_pb2.CompleteUnaryResponse:
         """The whole reply from one fold of the events (the calls are whole in ``final.tool_calls``)."""
-        rid = request_id_from(context)
-        token = request_id_var.set(rid)
-        context.set_trailing_metadata(((REQUEST_ID_HEADER, rid),))
-        pb, gen = request.chat, None
+        with _request_id(context) as rid:
+            return await self._complete_unary(request.chat, rid, context)
+
+    async def _complete_unary(self, pb: chat_pb2.ChatRequest, rid: str, context) -> chat_pb2.CompleteUnaryResponse:
+        gen = None
         try:
             req = parse_chat_pb(pb)
             gen = await self.pipeline.start(req, rid)
@@ -94,8 +110,6 @@ class ChatServicer(chat_pb2_grpc.ChatServiceServicer):
                                                   final=self._final(pb, f"chatcmpl-{uuid.uuid4().hex}", got.done))
         except Exception as e:  # noqa: BLE001 - one mapping for every failure
             await self._fail(context, e, gen is not None)
-        finally:
-            request_id_var.reset(token)
 
 
 async def _gone(context) -> bool:

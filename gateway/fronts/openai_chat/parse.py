@@ -25,20 +25,15 @@ from gateway.request import (
     check_tool_choice,
     check_tool_history,
     check_tools,
+    each_object,
     image_content,
     media_role,
     parse_fields,
     refuse_unknown,
+    text_of,
     valid_text,
 )
-from gateway.request_options import (
-    OPENAI_TIERS,
-    apply_effort,
-    cache_key,
-    metadata,
-    reasoning_effort,
-    service_tier,
-)
+from gateway.request_options import apply_effort, openai_routing, reasoning_effort
 from mmserve_core.wire import fields as F
 from mmserve_core.wire import types as T
 
@@ -53,18 +48,11 @@ def _parts(content: Any, role: str, param: str, allow_urls: bool) -> list[Part]:
         return [Part("text", param, text=valid_text(content, param))]
     if content is None and role == "assistant":
         return []
-    if not isinstance(content, list):
-        raise bad(f"{param} must be a string or a list of content parts", param)
     out = []
-    for j, part in enumerate(content):
-        pp = f"{param}[{j}]"
-        if not isinstance(part, dict):
-            raise bad(f"{pp} must be an object", pp)
+    for pp, part in each_object(content, param, what="a string or a list of content parts"):
         kind = part.get("type")
         if kind == "text":
-            if not isinstance(part.get("text"), str):
-                raise bad(f"{pp}.text must be a string", f"{pp}.text")
-            out.append(Part("text", pp, text=valid_text(part["text"], f"{pp}.text")))
+            out.append(Part("text", pp, text=text_of(part, pp)))
         elif kind == "image_url":
             media_role(role, "image", pp)
             spec = part.get("image_url")
@@ -83,10 +71,7 @@ def _messages(msgs: Any, allow_urls: bool) -> list[Message]:
     if not isinstance(msgs, list) or not msgs:
         raise bad("messages must be a non-empty list", "messages")
     messages = []
-    for i, m in enumerate(msgs):
-        param = f"messages[{i}]"
-        if not isinstance(m, dict):
-            raise bad(f"{param} must be an object", param)
+    for param, m in each_object(msgs, "messages"):
         refuse_unknown(m, MESSAGE_KEYS, param)
         role = m.get("role")
         if role not in ROLES:
@@ -116,13 +101,8 @@ def _history_calls(m: dict, role: str, param: str) -> list[T.ToolCall]:
         return []
     if role != "assistant":
         raise bad(f"{param}.tool_calls is only for assistant messages", f"{param}.tool_calls")
-    if not isinstance(raw, list):
-        raise bad(f"{param}.tool_calls must be a list", f"{param}.tool_calls")
     calls = []
-    for j, c in enumerate(raw):
-        cp = f"{param}.tool_calls[{j}]"
-        if not isinstance(c, dict):
-            raise bad(f"{cp} must be an object", cp)
+    for cp, c in each_object(raw, f"{param}.tool_calls"):
         refuse_unknown(c, frozenset({"id", "type", "function"}), cp)
         if c.get("type", "function") != "function":
             raise bad(f"{cp}.type must be 'function'", f"{cp}.type")
@@ -151,13 +131,8 @@ def _tools(body: dict) -> tuple[list[T.Tool], bool]:
     raw = body.get("tools")
     if raw is None:
         return [], False
-    if not isinstance(raw, list):
-        raise bad("tools must be a list", "tools")
     tools, strict = [], False
-    for i, t in enumerate(raw):
-        param = f"tools[{i}]"
-        if not isinstance(t, dict):
-            raise bad(f"{param} must be an object", param)
+    for param, t in each_object(raw, "tools"):
         refuse_unknown(t, frozenset({"type", "function"}), param)
         if t.get("type") != "function":
             raise bad(f"{param}.type must be 'function' (the only kind of tool this server runs)", f"{param}.type")
@@ -276,7 +251,6 @@ def parse_chat_request(body: Any, *, allow_urls: bool = False) -> ChatRequest:
     _string(body, "safety_identifier")  # logged with the request (gateway.fronts.openai_chat.routes)
     tools, strict = _tools(body)
     choice, name = _tool_choice(body)
-    tier = service_tier(body.get("service_tier"), OPENAI_TIERS)
     kwargs = _template_kwargs(body)
     apply_effort(reasoning_effort(body.get("reasoning_effort"), "reasoning_effort"), kwargs, sampling,
                  "reasoning_effort")
@@ -286,9 +260,7 @@ def parse_chat_request(body: Any, *, allow_urls: bool = False) -> ChatRequest:
                       include_reasoning=options.get("include_reasoning"),
                       chat_template_kwargs=kwargs, tools=tools, tool_choice=choice, tool_name=name,
                       parallel_tool_calls=_flag(body, "parallel_tool_calls", True), strict_tools=strict,
-                      priority=tier.priority, service_tier=tier.served,
-                      cache_key=cache_key(body.get("prompt_cache_key")), metadata=metadata(body.get("metadata")),
-                      store=_flag(body, "store"))
+                      store=_flag(body, "store"), **openai_routing(body))
     check_tool_choice(req)
     return req
 

@@ -26,20 +26,15 @@ from gateway.request import (
     check_tool_choice,
     check_tool_history,
     check_tools,
+    each_object,
     image_content,
     media_role,
     parse_fields,
     refuse_unknown,
+    text_of,
     valid_text,
 )
-from gateway.request_options import (
-    OPENAI_TIERS,
-    apply_effort,
-    cache_key,
-    metadata,
-    reasoning_effort,
-    service_tier,
-)
+from gateway.request_options import apply_effort, openai_routing, reasoning_effort
 from mmserve_core.wire import types as T
 
 # sampling fields OpenAI's Responses API lacks but its chat API has (vLLM takes them too): same table,
@@ -70,22 +65,15 @@ class ResponsesRequest:
 def _parts(content: Any, role: str, param: str, allow_urls: bool) -> list[Part]:
     if isinstance(content, str):
         return [Part("text", param, text=valid_text(content, param))]
-    if not isinstance(content, list):
-        raise bad(f"{param} must be a string or a list of content parts", param)
     out = []
-    for j, part in enumerate(content):
-        pp = f"{param}[{j}]"
-        if not isinstance(part, dict):
-            raise bad(f"{pp} must be an object", pp)
+    for pp, part in each_object(content, param, what="a string or a list of content parts"):
         kind = part.get("type")
         if kind in ("input_text", "output_text"):
             refuse_unknown(part, {"type", "text", "annotations", "logprobs"} if kind == "output_text"
                             else {"type", "text"}, pp)
             if kind == "output_text" and role != "assistant":
                 raise bad(f"{pp}: output_text is for assistant turns", pp)
-            if not isinstance(part.get("text"), str):
-                raise bad(f"{pp}.text must be a string", f"{pp}.text")
-            out.append(Part("text", pp, text=valid_text(part["text"], f"{pp}.text")))
+            out.append(Part("text", pp, text=text_of(part, pp)))
         elif kind == "input_image":
             refuse_unknown(part, {"type", "image_url", "detail"}, pp)
             media_role(role, "image", pp)
@@ -105,14 +93,11 @@ def _items(raw: Any, allow_urls: bool) -> tuple[list[Message], list[dict]]:
     """Input items -> (messages, the items as stored for ``input_items``)."""
     if isinstance(raw, str):
         raw = [{"type": "message", "role": "user", "content": raw}]
-    if not isinstance(raw, list) or not raw:
+    if not raw:
         raise bad("input must be a string or a non-empty list of items", "input")
     messages: list[Message] = []
     reasoning = ""
-    for i, item in enumerate(raw):
-        param = f"input[{i}]"
-        if not isinstance(item, dict):
-            raise bad(f"{param} must be an object", param)
+    for param, item in each_object(raw, "input", what="a string or a non-empty list of items"):
         kind = item.get("type", "message")
         if kind == "message":
             refuse_unknown(item, {"type", "role", "content", "id", "status"}, param)
@@ -161,13 +146,8 @@ def _items(raw: Any, allow_urls: bool) -> tuple[list[Message], list[dict]]:
 def _tools(raw: Any) -> tuple[list[T.Tool], bool]:
     if raw is None:
         return [], False
-    if not isinstance(raw, list):
-        raise bad("tools must be a list", "tools")
     tools, strict = [], False
-    for i, t in enumerate(raw):
-        param = f"tools[{i}]"
-        if not isinstance(t, dict):
-            raise bad(f"{param} must be an object", param)
+    for param, t in each_object(raw, "tools"):
         if t.get("type") != "function":
             raise bad(f"{param}.type {t.get('type')!r}: only function tools run here (no hosted tools)",
                       f"{param}.type")
@@ -269,27 +249,25 @@ def parse_responses_request(body: Any, *, allow_urls: bool = False) -> Responses
     refuse_unknown(body, BODY_KEYS, "")
     messages, items = _items(body.get("input"), allow_urls)
     truncation = _checked_scalars(body)
-    meta = metadata(body.get("metadata"))
+    routing = openai_routing(body)
     effort = _effort(body.get("reasoning"))
     thinking = effort is not None and effort.thinking
     sampling, _ = parse_fields({"max_tokens": body.get("max_output_tokens"), "temperature": body.get("temperature"),
                                 "top_p": body.get("top_p"), **{k: body.get(k) for k in EXTENSIONS}})
     kwargs: dict = {}
     apply_effort(effort, kwargs, sampling, "reasoning.effort")
-    tier = service_tier(body.get("service_tier"), OPENAI_TIERS)
     sampling.constraint = _format(body.get("text"))
     tools, strict = _tools(body.get("tools"))
     chat = ChatRequest(model=body.get("model"), messages=messages, stream=bool(body.get("stream")), sampling=sampling,
                        include_reasoning=thinking, tools=tools, strict_tools=strict,
                        parallel_tool_calls=body.get("parallel_tool_calls", True) is not False,
                        chat_template_kwargs=kwargs if thinking else {}, tool_schema_path=SCHEMA_PATH,
-                       priority=tier.priority, service_tier=tier.served,
-                       cache_key=cache_key(body.get("prompt_cache_key")), metadata=meta, truncation=truncation)
+                       truncation=truncation, **routing)
     if sampling.constraint is not None:
         chat.constraint_param = "text.format"
     _tool_choice(body.get("tool_choice"), chat)
     return ResponsesRequest(chat, items, body.get("previous_response_id"), body.get("store", True) is not False,
-                            body.get("instructions"), meta, _echo(body))
+                            body.get("instructions"), routing["metadata"], _echo(body))
 
 
 def conversation(prior: list[Message], req: ResponsesRequest) -> list[Message]:
