@@ -8,21 +8,17 @@ time.  One ``DecoderMetrics`` per engine, so test processes never collide.
 
 from __future__ import annotations
 
-from prometheus_client import CollectorRegistry, Counter, Gauge, Histogram, generate_latest
+from prometheus_client import Counter, Gauge, Histogram
 
-from mmserve_core.runtime.blas import blas_in_use
+from mmserve_core.runtime.metrics_http import ServiceMetrics
 
 _TTFT_BUCKETS = (0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1.0, 2.5, 5.0, 10.0, 30.0)
 
 
-class DecoderMetrics:
+class DecoderMetrics(ServiceMetrics):
     def __init__(self) -> None:
-        r = self.registry = CollectorRegistry()
-        # which BLAS MLX's CPU work runs on (openblas / reference / accelerate): label, value 1
-        Gauge("mmserve_decoder_blas", "The BLAS this process runs MLX's CPU work on", ["library"],
-              registry=r).labels(blas_in_use()).set(1)
-        self.requests = Counter("mmserve_decoder_requests", "Generate RPCs by outcome (gRPC status name)",
-                                ["outcome"], registry=r)
+        super().__init__("decoder", "Generate")
+        r = self.registry
         self.active = Gauge("mmserve_decoder_active_sequences",
                             "Decode slots taken: sequences decoding or prefilling to join the batch", registry=r)
         self.queue_depth = Gauge("mmserve_decoder_queue_depth", "Requests waiting for a batch slot", registry=r)
@@ -59,6 +55,3 @@ class DecoderMetrics:
         self.prefix_cache_bytes.set_function(lambda: scheduler.prefix.nbytes)
         self.prefix_cache_kv_bytes.set_function(lambda: scheduler.prefix.kv_bytes)
         self.prefix_cache_tokens.set_function(lambda: scheduler.prefix.tokens)
-
-    def text(self) -> str:
-        return generate_latest(self.registry).decode()

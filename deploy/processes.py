@@ -43,21 +43,11 @@ class Services:
     procs: dict[str, subprocess.Popen] = field(default_factory=dict)
     log_dir: Path = field(default_factory=lambda: Path(tempfile.mkdtemp(prefix="mmserve-logs-")))
 
-    @property
-    def encoder_addr(self) -> str:
-        return f"127.0.0.1:{self.encoder_port}"
-
-    @property
-    def decoder_addr(self) -> str:
-        return f"127.0.0.1:{self.decoder_port}"
-
-    @property
-    def chat_addr(self) -> str:
-        return f"127.0.0.1:{self.gateway_grpc_port}"
-
-    @property
-    def base_url(self) -> str:
-        return f"http://127.0.0.1:{self.gateway_port}/v1"
+    # where each process listens, from its port (loopback: these processes serve this machine)
+    encoder_addr = property(lambda self: f"127.0.0.1:{self.encoder_port}")
+    decoder_addr = property(lambda self: f"127.0.0.1:{self.decoder_port}")
+    chat_addr = property(lambda self: f"127.0.0.1:{self.gateway_grpc_port}")  # the typed gRPC chat API
+    base_url = property(lambda self: f"http://127.0.0.1:{self.gateway_port}/v1")  # the OpenAI-style HTTP API
 
     def stop(self, timeout: float = 15.0) -> None:
         for p in self.procs.values():

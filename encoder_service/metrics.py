@@ -12,21 +12,17 @@ from __future__ import annotations
 
 from collections.abc import Callable
 
-from prometheus_client import CollectorRegistry, Counter, Gauge, Histogram, generate_latest
+from prometheus_client import Counter, Gauge, Histogram
 
-from mmserve_core.runtime.blas import blas_in_use
+from mmserve_core.runtime.metrics_http import ServiceMetrics
 
 _LATENCY_BUCKETS = (0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1.0, 2.5, 5.0, 10.0, 30.0, 60.0)
 
 
-class EncoderMetrics:
+class EncoderMetrics(ServiceMetrics):
     def __init__(self) -> None:
-        r = self.registry = CollectorRegistry()
-        # which BLAS MLX's CPU work runs on (openblas / reference / accelerate): label, value 1
-        Gauge("mmserve_encoder_blas", "The BLAS this process runs MLX's CPU work on", ["library"],
-              registry=r).labels(blas_in_use()).set(1)
-        self.requests = Counter("mmserve_encoder_requests", "Encode RPCs by outcome (gRPC status name)",
-                                ["outcome"], registry=r)
+        super().__init__("encoder", "Encode")
+        r = self.registry
         self.items = Counter("mmserve_encoder_items", "Media items encoded, by modality and source",
                              ["modality", "source"], registry=r)
         self.item_latency = Histogram("mmserve_encoder_item_seconds",
@@ -51,6 +47,3 @@ class EncoderMetrics:
         self.cache_bytes.set_function(lambda: cache.bytes)
         self.cache_entries.set_function(lambda: len(cache))
         self.cache_evictions.set_function(lambda: cache.stats.evictions)
-
-    def text(self) -> str:
-        return generate_latest(self.registry).decode()
