@@ -13,7 +13,7 @@ Why: each of them must have its effect, or be refused — none may be a hint in 
 * ``parallel_tool_calls: false`` — a grammar allows one call; unconstrained, the decoder stops
   on the call's close token, so a second call never starts.
 
-Pure Python, event loop.
+Pure Python; ``plan_tools`` runs on a worker thread (``Pipeline.start``: it builds the grammar).
 """
 
 from __future__ import annotations

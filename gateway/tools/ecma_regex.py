@@ -3,7 +3,7 @@
 Why apart: JSON Schema patterns are ECMA searches; llguidance reads Rust regex.  ``search_regex``
 reads anchors, ECMA's dot and class escapes as both ECMA and Python's ``re`` read them and refuses
 what cannot be expressed (look-arounds, backreferences, ``\\b``); ``matches_something`` checks an
-intersection is not empty.  Pure Python, the gateway's event loop (see ``tools.grammar``)."""
+intersection is not empty.  Pure Python, on the thread that builds the grammar (see ``tools.grammar``)."""
 
 from __future__ import annotations
 

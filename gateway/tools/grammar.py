@@ -54,8 +54,8 @@ refused with 400 naming it — never a call that merely looks forced.  Deliberat
 closed object, a number's digits, a patterned string's length — ``PATTERN_LENGTH_CAP`` — and its
 '<') only drop values; every value the grammar allows validates.  OpenAPI's ``nullable`` is not a
 JSON Schema keyword: an annotation here, so no ``null`` is written where the type does not allow
-it (a value both readings accept).  Pure Python, event loop (a build takes ~1 ms, p99 ~10 ms on
-JSONSchemaBench); the token ids of the markers come from the checkpoint's tokenizer.
+it (a value both readings accept).  Pure Python, on a worker thread of the gateway (a build takes 0.4 ms at the median,
+6.5 ms at p99 and up to 121 ms on JSONSchemaBench: ``Pipeline.start`` keeps it off the event loop); the token ids of the markers come from the checkpoint's tokenizer.
 """
 
 from __future__ import annotations

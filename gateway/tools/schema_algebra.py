@@ -2,7 +2,7 @@
 merged exactly (or ``NoMerge`` / ``Unsat``), local ``$ref`` anchors and drafts.
 
 Why apart: the builder (``tools.schema_grammar``) expands a schema level into plain keyword sets
-with these; they know nothing of grammars.  Pure Python, the gateway's event loop."""
+with these; they know nothing of grammars.  Pure Python, on the thread that builds the grammar."""
 
 from __future__ import annotations
 
