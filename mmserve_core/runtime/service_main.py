@@ -18,8 +18,9 @@ import signal
 import sys
 from collections.abc import Awaitable, Callable
 from dataclasses import dataclass, field
-from typing import NoReturn
+from typing import NoReturn, TypeVar
 
+from mmserve_core.runtime.flags import add_flags, flag_values
 from mmserve_core.runtime.grpc_runtime import set_serving
 from mmserve_core.runtime.logs import get_logger
 from mmserve_core.runtime.tls import ServerTLS, add_server_tls_args, server_tls_from
@@ -69,6 +70,9 @@ class ServiceSettings:
     tls: ServerTLS = field(default_factory=ServerTLS)
 
 
+S = TypeVar("S", bound=ServiceSettings)
+
+
 def service_parser(service: str, port: int, checkpoint_help: str):
     """The flags every service shares, first: ``--checkpoint``, ``--host``, ``--port``, ``--model-id``.
     Returns ``(parser, env)``: ``env(NAME, default)`` reads ``MMSERVE_<SERVICE>_NAME``."""
@@ -92,6 +96,17 @@ def add_service_tail_args(p: argparse.ArgumentParser, service: str) -> None:
                    help="serve Prometheus /metrics on this port (0 = any free port; unset = off)")
     add_drain_args(p, prefix)
     add_server_tls_args(p, prefix)
+
+
+def parse_service_args(settings: type[S], service: str, checkpoint_help: str,
+                       argv: list[str] | None = None) -> S:
+    """A service's settings from its command line: the shared flags, then ``settings``' own
+    ``flag(...)`` fields (``mmserve_core.runtime.flags``), then metrics, drain and TLS."""
+    p, _ = service_parser(service, settings.port, checkpoint_help)
+    add_flags(p, settings, service)
+    add_service_tail_args(p, service)
+    a = p.parse_args(argv)
+    return settings(**common_settings(a), **flag_values(a, settings))
 
 
 def common_settings(a: argparse.Namespace) -> dict:

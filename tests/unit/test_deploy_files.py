@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import configparser
+import dataclasses
 import plistlib
 import re
 import shlex
@@ -12,8 +13,10 @@ from pathlib import Path
 import pytest
 import yaml
 
+from decoder_service.config import DecoderConfig
 from decoder_service.config import parse_args as decoder_args
 from deploy.processes import parse_args as up_args
+from encoder_service.config import EncoderConfig
 from encoder_service.config import parse_args as encoder_args
 from gateway.config import parse_args as gateway_args
 
@@ -24,6 +27,9 @@ PARSERS = {"mmserve-encoder": encoder_args, "mmserve-decoder": decoder_args, "mm
 ENV_SOURCES = {"ENCODER": ["encoder_service/config.py", "mmserve_core/runtime/tls.py", "mmserve_core/runtime/service_main.py"],
                "DECODER": ["decoder_service/config.py", "mmserve_core/runtime/tls.py", "mmserve_core/runtime/service_main.py"],
                "GATEWAY": ["gateway/config.py", "mmserve_core/runtime/tls.py"]}
+# settings fields declared with flag(...) (mmserve_core.runtime.flags), whose env names are generated
+FLAG_FIELDS = {service: {f.name for f in dataclasses.fields(cls) if "flag" in f.metadata}
+               for service, cls in (("ENCODER", EncoderConfig), ("DECODER", DecoderConfig))}
 
 
 def check_command(argv: list[str], where: str):
@@ -44,6 +50,9 @@ def check_env(name: str, where: str) -> None:
         return
     m = re.fullmatch(r"MMSERVE_(ENCODER|DECODER|GATEWAY)_([A-Z0-9_]+)", name)
     assert m, f"{where}: {name} is not an mmserve variable"
+    declared = FLAG_FIELDS.get(m.group(1), set())
+    if m.group(2).lower() in declared:
+        return  # a flag(...) field: add_flags reads MMSERVE_<SERVICE>_<FIELD> for it
     text = "".join((ROOT / f).read_text() for f in ENV_SOURCES[m.group(1)])
     assert f'"{m.group(2)}"' in text, f"{where}: {name} is read by nothing"
 
