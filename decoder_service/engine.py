@@ -58,9 +58,9 @@ class DecoderEngine:
             self.info.context_length, cfg.context_length or self.info.context_length
         )
         self.placeholder_ids: dict[str, int] = {}
-        if self.info.image is not None and self.info.has_vision_tower:
+        if self.info.image is not None and self.info.has_vision_path:
             self.placeholder_ids[T.IMAGE] = self.info.image.placeholder
-        if self.info.audio is not None and self.info.has_audio_tower:
+        if self.info.audio is not None and self.info.has_audio_path:
             self.placeholder_ids[T.AUDIO] = self.info.audio.placeholder
         self.worker = MLXWorker("decoder-mlx", max_queue=4)
         self.metrics = DecoderMetrics()

@@ -93,10 +93,10 @@ class EncoderEngine:
         """MLX thread: load towers only, fingerprint them, run one tiny forward per tower."""
         from PIL import Image
 
-        from encoder_service.model import Towers
+        from encoder_service.model import load_media_model
 
         t0 = time.perf_counter()
-        towers = Towers(Path(self.cfg.checkpoint))
+        towers = load_media_model(Path(self.cfg.checkpoint))
         wire_weights(towers.param_bytes, "towers and projectors")
         proc = Path(self.cfg.checkpoint) / "processor_config.json"
         h = hashlib.blake2b(digest_size=16)
@@ -106,7 +106,7 @@ class EncoderEngine:
         self.identity = h.hexdigest()
         if towers.has_vision:
             pv, n = towers.preprocess_image(Image.new("RGB", (64, 64), (127, 127, 127)), min(towers.image_budgets))
-            towers.encode_images([pv], n, towers.dtype)
+            towers.encode_images([pv], [n], towers.dtype)
         if towers.has_audio:
             wav = np.zeros(towers.sample_rate // 10, dtype=np.float32)
             towers.encode_audio([towers.audio_features(wav)], [media.audio_soft_tokens(
@@ -308,5 +308,5 @@ class EncoderEngine:
 def _run_group(towers, kind: str, arrays: list, rows: list[int], dtype: str):
     """MLX thread: one forward pass for a group of same-key tower inputs."""
     if kind == T.IMAGE:
-        return towers.encode_images(arrays, rows[0], dtype)
+        return towers.encode_images(arrays, rows, dtype)
     return towers.encode_audio(arrays, rows, dtype)

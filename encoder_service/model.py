@@ -1,4 +1,5 @@
-"""Gemma 4 vision and audio towers with their projectors, and nothing else (MLX only).
+"""Gemma 4's media half — vision and audio towers with their projectors, or the unified model's
+embedders (``unified_model``) — and nothing else (MLX only).
 
 Why: the encoder is scaled out on its own machines, so it must never hold the
 language model.  We load through mlx-vlm's own ``load_model`` — the exact code
@@ -52,32 +53,44 @@ def _to_wire(x: mx.array, dtype: str) -> Embedding:
     return Embedding(np.array(x, copy=True), dtype)
 
 
-class Towers:
-    """The multimodal half of a Gemma 4 checkpoint."""
+@dataclass(frozen=True)
+class ImageInput:
+    """One preprocessed image (or video frame) as its model takes it.
+
+    Towers (E-series, 26B-A4B, 31B): ``pixels`` [1, 3, H, W], no positions.  Unified embedders:
+    ``pixels`` [1, budget, 48·48·3] model patches padded to the budget and ``positions``
+    [1, budget, 2] (-1 on padding).  Equal ``shape`` = one forward pass can take both."""
+
+    pixels: np.ndarray
+    positions: np.ndarray | None = None
+
+    @property
+    def shape(self) -> tuple[int, ...]:
+        return tuple(self.pixels.shape)
+
+
+class MediaModel:
+    """What every checkpoint's media half shares: loading only the named modules, their identity,
+    dtype and processor settings.  Subclasses say which modules and how they encode."""
+
+    MODULES: tuple[str, ...] = ()
 
     def __init__(self, checkpoint: Path) -> None:
-        import mlx_vlm.models.gemma4  # noqa: F401 - registers the Gemma 4 processor classes
         from mlx_vlm.utils import load_model, load_processor
 
         full = load_model(Path(checkpoint), lazy=True)
         self.config = full.config
-        self.vision_tower = getattr(full, "vision_tower", None)
-        self.embed_vision = getattr(full, "embed_vision", None)
-        self.audio_tower = getattr(full, "audio_tower", None)
-        self.embed_audio = getattr(full, "embed_audio", None)
+        for name in self.MODULES:
+            setattr(self, name, getattr(full, name, None))
         del full  # the language model's lazy arrays go unevaluated, never read from disk
         gc.collect()
-        self.modules = {
-            name: m for name, m in (("vision_tower", self.vision_tower), ("embed_vision", self.embed_vision),
-                                    ("audio_tower", self.audio_tower), ("embed_audio", self.embed_audio))
-            if m is not None
-        }
+        self.modules = {name: getattr(self, name) for name in self.MODULES if getattr(self, name) is not None}
         if not self.modules:
-            raise FailedPrecondition("this checkpoint has neither a vision nor an audio tower")
+            raise FailedPrecondition("this checkpoint has neither a vision nor an audio path")
         mx.eval([m.parameters() for m in self.modules.values()])
         self.param_bytes = sum(v.nbytes for m in self.modules.values() for _, v in tree_flatten(m.parameters()))
         self.identity = _weights_identity(self.modules)
-        proj = self.embed_vision or self.embed_audio
+        proj = getattr(self, "embed_vision", None) or getattr(self, "embed_audio", None)
         w = proj.embedding_projection
         wdtype = w.scales.dtype if hasattr(w, "scales") else w.weight.dtype  # quantized: packed uint32
         self.dtype = {mx.bfloat16: "bfloat16", mx.float16: "float16", mx.float32: "float32"}.get(wdtype, "float32")
@@ -89,14 +102,13 @@ class Towers:
         self.sample_rate = int(getattr(self.feature_extractor, "sampling_rate", 16000))
         self.default_image_soft_tokens = int(getattr(self.image_processor, "max_soft_tokens", 280) or 280)
 
-    # -- facts ----------------------------------------------------------------
     @property
     def has_vision(self) -> bool:
-        return self.vision_tower is not None and self.image_processor is not None
+        raise NotImplementedError
 
     @property
     def has_audio(self) -> bool:
-        return self.audio_tower is not None and self.feature_extractor is not None
+        raise NotImplementedError
 
     @property
     def audio_block_samples(self) -> int:
@@ -113,18 +125,51 @@ class Towers:
         """Dotted names of every parameter this process holds (for the towers-only check)."""
         return [f"{name}.{k}" for name, m in self.modules.items() for k, _ in tree_flatten(m.parameters())]
 
+
+def load_media_model(checkpoint: Path) -> MediaModel:
+    """The media half of ``checkpoint``: Gemma 4's towers, or the unified model's embedders."""
+    import json
+
+    import mlx_vlm.models.gemma4  # noqa: F401 - registers the Gemma 4 processor classes
+
+    model_type = json.loads((Path(checkpoint) / "config.json").read_text()).get("model_type")
+    if model_type == "gemma4_unified":
+        import mlx_vlm.models.gemma4_unified  # noqa: F401 - registers the unified processor classes
+
+        from encoder_service.unified_model import UnifiedEmbedders
+
+        return UnifiedEmbedders(checkpoint)
+    return Towers(checkpoint)
+
+
+class Towers(MediaModel):
+    """The multimodal half of a Gemma 4 checkpoint with towers (E2B/E4B, 26B-A4B, 31B)."""
+
+    MODULES = ("vision_tower", "embed_vision", "audio_tower", "embed_audio")
+
+    @property
+    def has_vision(self) -> bool:
+        return self.vision_tower is not None and self.image_processor is not None
+
+    @property
+    def has_audio(self) -> bool:
+        return self.audio_tower is not None and self.feature_extractor is not None
+
     # -- CPU preprocessing (any thread) -------------------------------------------
-    def preprocess_image(self, image, soft_tokens: int | None = None) -> tuple[np.ndarray, int]:
+    def preprocess_image(self, image, soft_tokens: int | None = None) -> tuple[ImageInput, int]:
         """PIL RGB image -> (pixel_values [1,3,H,W], soft-token count).  numpy only."""
         kw = {"max_soft_tokens": soft_tokens} if soft_tokens else {}
         data, n_soft = self.image_processor([image], **kw)
-        return np.asarray(data["pixel_values"]), int(n_soft[0])
+        return ImageInput(np.asarray(data["pixel_values"])), int(n_soft[0])
 
     # -- tower passes (MLX thread) --------------------------------------------------
-    def encode_images(self, pixel_values: list[np.ndarray], n_soft: int, dtype: str) -> list[Embedding]:
-        """One forward pass for same-shape images ([1,3,H,W] each) -> ``n_soft`` rows each."""
+    def encode_images(self, images: list[ImageInput], rows: list[int], dtype: str) -> list[Embedding]:
+        """One forward pass for same-shape images ([1,3,H,W] each) -> ``rows[i]`` rows each (equal
+        shapes give equal counts)."""
         if not self.has_vision:
             raise FailedPrecondition("this checkpoint has no vision tower (vision_config is null)")
+        n_soft = rows[0]
+        pixel_values = [im.pixels for im in images]
         batch = mx.array(np.concatenate(pixel_values, axis=0))
         feats = self.embed_vision(self.vision_tower(batch))  # [1, B*n_soft, hidden]
         if feats.shape[1] != n_soft * len(pixel_values):

@@ -46,6 +46,18 @@ def ckpt_dense(tmp_path_factory) -> Path:
 
 
 @pytest.fixture(scope="session")
+def ckpt_unified(tmp_path_factory) -> Path:
+    """12B-unified-shaped: no towers (patch and sample embedders), k_eq_v attention, bidirectional vision."""
+    return write_tiny_checkpoint(tmp_path_factory.mktemp("ckpt") / "tiny-unified", variant="unified")
+
+
+@pytest.fixture(scope="session")
+def services_unified(ckpt_unified):
+    with start_services(ckpt_unified) as svc:
+        yield svc
+
+
+@pytest.fixture(scope="session")
 def services_e2b(ckpt_e2b):
     # a short total-audio limit so the over-limit test needs only a small upload
     with start_services(ckpt_e2b, encoder_args=["--max-audio-seconds", "75"]) as svc:

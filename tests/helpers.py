@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import base64
+import contextlib
 import functools
 import math
 import struct
@@ -32,8 +33,49 @@ def _load_reference(ckpt: str):
     return load(ckpt)
 
 
-def reference_generate(ckpt: Path, content: list[dict], media: list[Path], max_tokens: int) -> dict:
-    """Greedy ``mlx_vlm.generate`` on the whole checkpoint in this process.
+@contextlib.contextmanager
+def unified_vision_bidirectional():
+    """mlx-vlm's unified model with the attention its config asks for over image and video blocks.
+
+    mlx-vlm 0.7's ``gemma4_unified.Model.__call__`` forwards no ``mm_token_type_ids`` to its
+    language model, so ``mlx_vlm.generate`` attends causally over image blocks although the config
+    says ``use_bidirectional_attention: "vision"`` — which transformers' Gemma 4 honours: every
+    image (and video frame) block attends to itself both ways, with or without audio in the prompt.
+    It also chunks prompts that mix images and audio, and its overlay then skips the chunk.  The
+    reference the split decoder is compared with is therefore mlx-vlm's own unified model with the
+    token types forwarded (as its ``gemma4.Model`` forwards them) and a prompt holding image or
+    video tokens prefilled in one pass (as its ``gemma4`` path prefills an image prompt): the same
+    weights, the same mask code, the mask the config asks for."""
+    from mlx_vlm.models.gemma4_unified import gemma4_unified as U
+
+    def call(self, input_ids=None, pixel_values=None, mask=None, cache=None, **kw):
+        feats = self.get_input_embeddings(input_ids=input_ids, pixel_values=pixel_values, **kw)
+        lm_kw = {k: kw[k] for k in ("mm_token_type_ids", "logits_to_keep") if k in kw}
+        return self.language_model(None, cache=cache, inputs_embeds=feats.inputs_embeds, mask=mask,
+                                   per_layer_inputs=feats.per_layer_inputs, **lm_kw)
+
+    def one_pass(self, input_ids=None, **kw):
+        types = kw.get("mm_token_type_ids")
+        if types is not None:
+            import mlx.core as mx
+
+            return bool(mx.any((types == 1) | (types == 2)).item())
+        ids = [t for t in (self.config.image_token_id, self.config.video_token_id) if t is not None]
+        return input_ids is not None and any(bool((input_ids == t).any().item()) for t in ids)
+
+    saved = U.Model.__call__, U.Model._should_disable_chunked_prefill
+    U.Model.__call__, U.Model._should_disable_chunked_prefill = call, one_pass
+    try:
+        yield
+    finally:
+        U.Model.__call__, U.Model._should_disable_chunked_prefill = saved
+
+
+def reference_generate(ckpt: Path, content: list[dict], media: list[Path], max_tokens: int, *,
+                       stock_unified: bool = False) -> dict:
+    """Greedy ``mlx_vlm.generate`` on the whole checkpoint in this process (for the unified model,
+    with the image attention its config asks for: ``unified_vision_bidirectional``; ``stock_unified``:
+    mlx-vlm's own, causal over images).
 
     The prompt is rendered by the checkpoint's own template from the same
     parts; placeholder and boundary ids get the same -inf bias the decoder
@@ -56,12 +98,15 @@ def reference_generate(ckpt: Path, content: list[dict], media: list[Path], max_t
     prompt = processor.tokenizer.apply_chat_template(
         [{"role": "user", "content": tmpl_content}], tokenize=False, add_generation_prompt=True
     )
+    cfg.setdefault("eoa_token_id", cfg.get("eoa_token_index"))  # the unified config's name for it
     suppress = [cfg[k] for k in ("image_token_id", "audio_token_id", "video_token_id", "boi_token_id",
                                  "eoi_token_id", "boa_token_id", "eoa_token_id")]
     images = [str(m) for m in media if m.suffix in (".png", ".jpg")]
     audios = [str(m) for m in media if m.suffix in (".wav", ".flac")]
-    r = generate(model, processor, prompt, image=images or None, audio=audios or None,
-                 max_tokens=max_tokens, temperature=0.0, logit_bias={i: -math.inf for i in suppress})
+    unified = cfg.get("model_type") == "gemma4_unified" and not stock_unified
+    with unified_vision_bidirectional() if unified else contextlib.nullcontext():
+        r = generate(model, processor, prompt, image=images or None, audio=audios or None,
+                     max_tokens=max_tokens, temperature=0.0, logit_bias={i: -math.inf for i in suppress})
     from mlx_vlm.utils import prepare_inputs
 
     inputs = prepare_inputs(processor, images=images or None, audio=audios or None, prompts=prompt,

@@ -44,8 +44,9 @@ class CheckpointInfo:
     context_length: int
     hidden_size: int
     vocab_size: int
-    has_audio_tower: bool
-    has_vision_tower: bool
+    has_audio_path: bool   # an audio tower (E-series) or the unified model's audio embedder
+    has_vision_path: bool  # a vision tower or the unified model's patch embedder
+    encoder_free: bool     # the unified model: media go straight into small embedders, no towers
     bidirectional_vision: bool
     per_layer_inputs: bool
     config_eos: tuple[int, ...]
@@ -90,9 +91,12 @@ def read_checkpoint(path: str | Path, model_id: str | None = None) -> Checkpoint
         )
     audio = None
     if cfg.get("audio_token_id") is not None:
-        audio = MediaTokens(
-            int(cfg["audio_token_id"]), int(cfg["boa_token_id"]), int(cfg["eoa_token_id"])
-        )
+        # the unified model's config names the audio end token eoa_token_index (mlx-vlm reads either)
+        eoa = cfg.get("eoa_token_id", cfg.get("eoa_token_index"))
+        if eoa is None:
+            raise ValueError(f"{path}/config.json declares audio_token_id but neither eoa_token_id nor "
+                             "eoa_token_index (the audio end token)")
+        audio = MediaTokens(int(cfg["audio_token_id"]), int(cfg["boa_token_id"]), int(eoa))
     config_eos = tuple(_as_list(cfg.get("eos_token_id")) + _as_list(text.get("eos_token_id")))
     return CheckpointInfo(
         path=path,
@@ -106,8 +110,9 @@ def read_checkpoint(path: str | Path, model_id: str | None = None) -> Checkpoint
         context_length=int(text.get("max_position_embeddings", cfg.get("max_position_embeddings", 8192))),
         hidden_size=int(text.get("hidden_size", cfg.get("hidden_size", 0))),
         vocab_size=int(text.get("vocab_size", cfg.get("vocab_size", 0))),
-        has_audio_tower=cfg.get("audio_config") is not None,
-        has_vision_tower=cfg.get("vision_config") is not None,
+        has_audio_path=cfg.get("audio_config") is not None,
+        has_vision_path=cfg.get("vision_config") is not None,
+        encoder_free=str(cfg.get("model_type", "")) == "gemma4_unified",
         bidirectional_vision=text.get("use_bidirectional_attention") == "vision",
         per_layer_inputs=bool(text.get("hidden_size_per_layer_input")),
         config_eos=config_eos,

@@ -24,7 +24,12 @@ Variants (``--variant``) exercise the decoder input shapes Gemma 4 ships in:
 * ``moe``   — 26B-A4B-like: MoE block, bidirectional attention over image
   tokens (``mm_token_type_ids``), no PLE, vision only (no audio tower);
 * ``dense`` — 31B-like: ``attention_k_eq_v``, bidirectional vision, no PLE,
-  vision only.
+  vision only;
+* ``unified`` — the 12B unified (encoder-free) shape, ``mlx_vlm.models.gemma4_unified``:
+  no towers — 48×48-pixel patches through ``vision_embedder`` + ``embed_vision``, raw
+  16 kHz samples (640 a token) into ``embed_audio`` — a dense-like LM with
+  ``attention_k_eq_v`` and bidirectional vision, and the audio end token named
+  ``eoa_token_index`` as mlx-vlm's config class names it.
 
 Runs on whichever thread calls it (CLI helper; not used by the services).
 """
@@ -90,7 +95,7 @@ EXTRA_SPECIAL_TOKENS = {
     "think_token": "<|think|>",
 }
 
-VARIANTS = ("e2b", "moe", "dense")
+VARIANTS = ("e2b", "moe", "dense", "unified")
 
 
 def _text_config(variant: str) -> dict[str, Any]:
@@ -147,7 +152,7 @@ def _text_config(variant: str) -> dict[str, Any]:
             moe_intermediate_size=32,
             use_bidirectional_attention="vision",
         )
-    elif variant == "dense":
+    elif variant in ("dense", "unified"):
         cfg.update(
             attention_k_eq_v=True,
             num_global_key_value_heads=1,
@@ -158,8 +163,45 @@ def _text_config(variant: str) -> dict[str, Any]:
     return cfg
 
 
+def _unified_config(image_soft_tokens: int) -> dict[str, Any]:
+    """config.json of the encoder-free unified shape: embedders, no towers (mlx-vlm's field names)."""
+    text = _text_config("unified")
+    text["model_type"] = "gemma4_unified_text"
+    return {
+        "architectures": ["Gemma4UnifiedForConditionalGeneration"],
+        "model_type": "gemma4_unified",
+        "text_config": text,
+        "vision_config": {"model_type": "gemma4_unified_vision", "patch_size": 16, "pooling_kernel_size": 3,
+                          "model_patch_size": 48, "mm_embed_dim": 32, "mm_posemb_size": 1120,
+                          "num_soft_tokens": image_soft_tokens, "output_proj_dims": 32, "rms_norm_eps": 1e-6},
+        "audio_config": {"model_type": "gemma4_unified_audio", "audio_samples_per_token": 640,
+                         "audio_embed_dim": 640, "hidden_size": 640, "output_proj_dims": 640,
+                         "rms_norm_eps": 1e-6},
+        "vocab_size": VOCAB_SIZE,
+        "hidden_size": 64,
+        "image_token_id": IDS["<|image|>"],
+        "audio_token_id": IDS["<|audio|>"],
+        "video_token_id": IDS["<|video|>"],
+        "boi_token_id": IDS["<|image>"],
+        "eoi_token_id": IDS["<image|>"],
+        "boa_token_id": IDS["<|audio>"],
+        "eoa_token_index": IDS["<audio|>"],  # not eoa_token_id: the name the unified config uses
+        "bos_token_id": IDS["<bos>"],
+        "pad_token_id": IDS["<pad>"],
+        "eos_token_id": list(CONFIG_EOS),
+        "vision_soft_tokens_per_image": image_soft_tokens,
+        "vision_soft_tokens_per_video_frame": 70,
+        "audio_ms_per_token": 40,
+        "tie_word_embeddings": True,
+        "initializer_range": 0.02,
+        "dtype": "bfloat16",
+    }
+
+
 def tiny_config(variant: str = "e2b", image_soft_tokens: int = 280) -> dict[str, Any]:
     """Return config.json for a tiny checkpoint of the given variant."""
+    if variant == "unified":
+        return _unified_config(image_soft_tokens)
     vision_config = {
         "model_type": "gemma4_vision",
         "hidden_size": 32,
@@ -272,7 +314,7 @@ def _write_tokenizer(out: Path, variant: str) -> None:
         "model_max_length": 4096,
         "clean_up_tokenization_spaces": False,
         "extra_special_tokens": EXTRA_SPECIAL_TOKENS,
-        "processor_class": "Gemma4Processor",
+        "processor_class": "Gemma4UnifiedProcessor" if variant == "unified" else "Gemma4Processor",
     }
     (out / "tokenizer_config.json").write_text(json.dumps(tok_cfg, indent=2))
     special_map = {
@@ -282,7 +324,10 @@ def _write_tokenizer(out: Path, variant: str) -> None:
     (out / "chat_template.jinja").write_text(CHAT_TEMPLATE)
 
 
-def _write_processor_config(out: Path, image_soft_tokens: int) -> None:
+def _write_processor_config(out: Path, image_soft_tokens: int, variant: str) -> None:
+    if variant == "unified":
+        _write_unified_processor_config(out, image_soft_tokens)
+        return
     proc = {
         "processor_class": "Gemma4Processor",
         "image_seq_length": image_soft_tokens,
@@ -314,18 +359,48 @@ def _write_processor_config(out: Path, image_soft_tokens: int) -> None:
     (out / "processor_config.json").write_text(json.dumps(proc, indent=2))
 
 
-def _write_weights(out: Path, config: dict[str, Any], seed: int, dtype: str, clip_bound: float = 8.0) -> int:
-    import mlx.core as mx
-    from mlx.utils import tree_flatten
+def _write_unified_processor_config(out: Path, image_soft_tokens: int) -> None:
+    """The unified processor's settings: 48-pixel model patches, 640-sample audio frames."""
+    patches = {"patch_size": 16, "pooling_kernel_size": 3, "model_patch_size": 48}
+    proc = {
+        "processor_class": "Gemma4UnifiedProcessor",
+        "image_seq_length": image_soft_tokens,
+        "audio_seq_length": 750,
+        "audio_ms_per_token": 40,
+        "image_processor": {"image_processor_type": "Gemma4UnifiedImageProcessor", "do_resize": True,
+                            "do_rescale": True, "rescale_factor": 1 / 255, "do_normalize": False,
+                            "max_soft_tokens": image_soft_tokens, **patches},
+        "feature_extractor": {"feature_extractor_type": "Gemma4UnifiedAudioFeatureExtractor",
+                              "feature_size": 640, "sampling_rate": 16000, "padding_value": 0.0,
+                              "audio_samples_per_token": 640},
+        "video_processor": {"video_processor_type": "Gemma4UnifiedVideoProcessor", "max_soft_tokens": 70,
+                            **patches},
+    }
+    (out / "processor_config.json").write_text(json.dumps(proc, indent=2))
+
+
+def _model_for(config: dict[str, Any]):
+    """An instantiated mlx-vlm model of ``config``'s shape (the parameter names and shapes to write)."""
+    if config["model_type"] == "gemma4_unified":
+        from mlx_vlm.models import gemma4_unified
+
+        return gemma4_unified.Model(gemma4_unified.ModelConfig.from_dict(config))
     from mlx_vlm.models import gemma4
 
-    mx.random.seed(seed)
     model_config = gemma4.ModelConfig.from_dict(config)
     model_config.text_config = gemma4.TextConfig.from_dict(config["text_config"])
     model_config.vision_config = gemma4.VisionConfig.from_dict(config["vision_config"])
     if config.get("audio_config") is not None:
         model_config.audio_config = gemma4.AudioConfig.from_dict(config["audio_config"])
-    model = gemma4.Model(model_config)
+    return gemma4.Model(model_config)
+
+
+def _write_weights(out: Path, config: dict[str, Any], seed: int, dtype: str, clip_bound: float = 8.0) -> int:
+    import mlx.core as mx
+    from mlx.utils import tree_flatten
+
+    mx.random.seed(seed)
+    model = _model_for(config)
 
     target = getattr(mx, dtype)
     weights = {}
@@ -344,7 +419,7 @@ def _write_weights(out: Path, config: dict[str, Any], seed: int, dtype: str, cli
             # A small embedding std keeps a tied-embedding random model from
             # repeating the last prompt token forever.
             std = 0.05 if "embed_tokens" in name else (1.0 / max(fan_in, 1)) ** 0.5
-            if "position_embedding_table" in name:
+            if "position_embedding_table" in name or "pos_embedding" in name:
                 std = 0.02
             w = std * mx.random.normal(p.shape)
         weights[name] = w.astype(target)
@@ -398,7 +473,7 @@ def write_tiny_checkpoint(
     _write_tokenizer(out, variant)
     if chat_template is not None:
         (out / "chat_template.jinja").write_text(chat_template)
-    _write_processor_config(out, image_soft_tokens)
+    _write_processor_config(out, image_soft_tokens, variant)
     _write_weights(out, config, seed, dtype, clip_bound)
     return out
 
