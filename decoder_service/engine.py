@@ -62,6 +62,8 @@ class DecoderEngine:
             self.placeholder_ids[T.IMAGE] = self.info.image.placeholder
         if self.info.audio is not None and self.info.has_audio_path:
             self.placeholder_ids[T.AUDIO] = self.info.audio.placeholder
+        if self.info.video is not None and self.info.has_vision_path:
+            self.placeholder_ids[T.VIDEO] = self.info.video.placeholder
         self.worker = MLXWorker("decoder-mlx", max_queue=4)
         self.metrics = DecoderMetrics()
         self.runner = None

@@ -58,7 +58,7 @@ class DecoderServicer(decoder_pb2_grpc.DecoderServiceServicer):
         async with rpc_scope(context, "GetModelInfo"):
             info = self.engine.info
             mods = []
-            for name, ids in ((T.IMAGE, info.image), (T.AUDIO, info.audio)):
+            for name, ids in ((T.IMAGE, info.image), (T.AUDIO, info.audio), (T.VIDEO, info.video)):
                 if ids is not None and name in self.engine.placeholder_ids:
                     mods.append(
                         decoder_pb2.ModalityTokens(

@@ -19,6 +19,12 @@ class EncoderConfig(ServiceSettings):
                                              "before decoding")
     max_audio_seconds: float = flag(600.0, "longest clip accepted; clips over one block (30 s) become "
                                            "consecutive blocks")
+    max_video_seconds: float = flag(600.0, "longest video accepted (declared or decoded)")
+    max_video_pixels: int = flag(3840 * 2160, "largest video frame accepted, in pixels, as the stream declares it")
+    max_video_bytes: int = flag(64 << 20, "largest video file accepted")
+    max_video_source_frames: int = flag(36_000, "most frames a video's stream may hold (600 s at 60 fps)")
+    max_video_decode_s: float = flag(60.0, "wall-clock bound on demuxing and decoding one video; a video "
+                                           "that takes longer is refused")
     max_items: int = flag(32, "media items in one Encode request")
     chunk_bytes: int = flag(1 << 20, "bytes of embedding in one streamed chunk", minimum=1)
     cache_bytes: int = flag(512 << 20, "embedding cache size in bytes (0 = off)")

@@ -59,8 +59,9 @@ class _Decoded:
 
     modality: str
     content_hash: str
-    blocks: list[tuple[object, int]]  # (tower input, rows) per block: pixel_values or AudioFeatures
+    blocks: list[tuple[str, object, int]]  # (kind, tower input, rows) per block: ImageInput or AudioFeatures
     raw_key: str
+    frame_seconds: tuple[float, ...] = ()  # video: a stamp per frame block (the first blocks)
 
 
 class EncoderEngine:
@@ -107,12 +108,16 @@ class EncoderEngine:
         if towers.has_vision:
             pv, n = towers.preprocess_image(Image.new("RGB", (64, 64), (127, 127, 127)), min(towers.image_budgets))
             towers.encode_images([pv], [n], towers.dtype)
+        if towers.has_video:
+            frames, n = towers.preprocess_video(np.full((2, 64, 64, 3), 127, np.uint8))
+            towers.encode_frames(frames, [n] * len(frames), towers.dtype)
         if towers.has_audio:
             wav = np.zeros(towers.sample_rate // 10, dtype=np.float32)
             towers.encode_audio([towers.audio_features(wav)], [media.audio_soft_tokens(
                 wav.size, towers.sample_rate, towers.audio_ms_per_token)], towers.dtype)
         self.towers = towers
-        log.info("encoder ready", checkpoint=self.cfg.checkpoint, vision=towers.has_vision, audio=towers.has_audio,
+        log.info("encoder ready", checkpoint=self.cfg.checkpoint, model=type(towers).__name__,
+                 vision=towers.has_vision, audio=towers.has_audio, video=towers.has_video,
                  tower_param_bytes=towers.param_bytes, identity=self.identity,
                  load_s=round(time.perf_counter() - t0, 3))
         return towers
@@ -123,7 +128,7 @@ class EncoderEngine:
         t = self.towers
         if t is None:
             return []
-        return [m for m, ok in ((T.IMAGE, t.has_vision), (T.AUDIO, t.has_audio)) if ok]
+        return [m for m, ok in ((T.IMAGE, t.has_vision), (T.AUDIO, t.has_audio), (T.VIDEO, t.has_video)) if ok]
 
     @property
     def audio_block_seconds(self) -> float:
@@ -194,11 +199,10 @@ class EncoderEngine:
                 out[i] = self._follow(self._inflight[key], t0)
                 continue
             futs = []
-            for arr, rows in d.blocks:
+            for kind, arr, rows in d.blocks:
                 f = loop.create_future()
-                group = (d.modality, arr.shape, dtype) if d.modality == T.IMAGE else (
-                    d.modality, -(-rows // AUDIO_BUCKET_TOKENS), dtype)
-                tasks.append(TowerTask(d.modality, group, arr, rows, dtype, f))
+                group = (kind, -(-rows // AUDIO_BUCKET_TOKENS), dtype) if kind == T.AUDIO else (kind, arr.shape, dtype)
+                tasks.append(TowerTask(kind, group, arr, rows, dtype, f))
                 futs.append(f)
             item_fut = loop.create_future()
             self._inflight[key] = item_fut
@@ -218,6 +222,8 @@ class EncoderEngine:
             raise
 
     def _check_servable(self, i: int, it: T.MediaInput, towers) -> None:
+        if it.modality == T.VIDEO:
+            self._check_video(i, it, towers)
         if it.modality == T.AUDIO and not towers.has_audio:
             raise FailedPrecondition(f"items[{i}]: this checkpoint has no audio tower, so audio cannot be encoded")
         if it.modality == T.IMAGE and not towers.has_vision:
@@ -231,9 +237,24 @@ class EncoderEngine:
                     f"{list(towers.image_budgets)}"
                 )
 
+    def _check_video(self, i: int, it: T.MediaInput, towers) -> None:
+        """What a video asks for that needs no decoding: a vision path, sampling within the processor's
+        bounds, an audio path for its track (unless the track is off)."""
+        if not towers.has_video:
+            raise FailedPrecondition(f"items[{i}]: this checkpoint has no vision path, so video cannot be encoded")
+        v = it.video or T.VideoOptions()
+        if v.fps and not 0 < v.fps <= MAX_VIDEO_FPS:
+            raise InvalidArgument(f"items[{i}].video.fps: {v.fps:g} is not in (0, {MAX_VIDEO_FPS:g}]")
+        if v.max_frames and not 2 <= v.max_frames <= towers.video_max_frames:
+            raise InvalidArgument(f"items[{i}].video.max_frames: {v.max_frames} is not in "
+                                  f"[2, {towers.video_max_frames}] (the processor's cap)")
+        if v.audio_track and not towers.has_audio:
+            raise InvalidArgument(f"items[{i}].video.audio_track: this model has no audio path, so the video's "
+                                  "own audio track cannot be encoded; set the track off to send the frames alone")
+
     def _raw_key(self, it: T.MediaInput) -> str:
         h = hashlib.sha256()
-        h.update(f"raw|{self.identity}|{it.modality}|{it.image_soft_tokens}|".encode())
+        h.update(f"raw|{self.identity}|{it.modality}|{it.image_soft_tokens}|{it.video}|".encode())
         h.update(it.data)
         return h.hexdigest()
 
@@ -266,7 +287,8 @@ class EncoderEngine:
             rows = tuple(int(p.array.shape[0]) for p in parts)
             data = parts[0].array.tobytes() if len(parts) == 1 else b"".join(p.array.tobytes() for p in parts)
             tensor = RawTensor(data, parts[0].dtype, (sum(rows), int(parts[0].array.shape[1])))
-            item = T.EncodedItem(d.modality, d.content_hash, tensor, rows if len(rows) > 1 else ())
+            item = T.EncodedItem(d.modality, d.content_hash, tensor, rows if len(rows) > 1 else (),
+                                 frame_seconds=d.frame_seconds)
             self.cache.put(key, item, d.raw_key + parts[0].dtype)
             self._observe(d.modality, "tower", t0)
             if not out.done():
@@ -292,21 +314,53 @@ class EncoderEngine:
                 pixel_values, n = towers.preprocess_image(img, budget)
             except ValueError as e:
                 raise InvalidArgument(f"{what}: image of size {img.size} cannot be preprocessed ({e})") from None
-            return _Decoded(T.IMAGE, h.hexdigest(), [(pixel_values, n)], raw_key)
+            return _Decoded(T.IMAGE, h.hexdigest(), [(T.IMAGE, pixel_values, n)], raw_key)
+        if item.modality == T.VIDEO:
+            return self._decode_video(item, what, raw_key)
         audio = media.decode_audio(item.data, what=what, target_rate=towers.sample_rate,
                                    max_seconds=self.cfg.max_audio_seconds)
-        wav = audio.waveform
         h.update(f"{self.identity}|audio|{towers.sample_rate}|{towers.audio_block_samples}|".encode())
-        h.update(wav.tobytes())
+        h.update(audio.waveform.tobytes())
+        return _Decoded(T.AUDIO, h.hexdigest(), self._audio_blocks(audio.waveform), raw_key)
+
+    def _audio_blocks(self, wav: np.ndarray) -> list[tuple[str, object, int]]:
+        towers = self.towers
         blocks = []
         for s, e in media.split_blocks(wav.size, towers.audio_block_samples):
             rows = media.audio_soft_tokens(e - s, towers.sample_rate, towers.audio_ms_per_token)
-            blocks.append((towers.audio_features(wav[s:e]), rows))
-        return _Decoded(T.AUDIO, h.hexdigest(), blocks, raw_key)
+            blocks.append((T.AUDIO, towers.audio_features(wav[s:e]), rows))
+        return blocks
+
+    def _decode_video(self, item: T.MediaInput, what: str, raw_key: str) -> _Decoded:
+        """Frames sampled as mlx-vlm samples them, one block each, then the audio track's blocks.
+        The content key is the container's bytes and the sampling: decoding is the costly part."""
+        from encoder_service.video import VideoLimits, VideoSampling, decode_video
+
+        towers, cfg = self.towers, self.cfg
+        v = item.video or T.VideoOptions()
+        sampling = VideoSampling(fps=v.fps or towers.video_default_fps,
+                                 max_frames=v.max_frames or towers.video_max_frames)
+        limits = VideoLimits(cfg.max_video_seconds, cfg.max_video_pixels, cfg.max_video_decode_s,
+                             cfg.max_video_bytes, cfg.max_video_source_frames)
+        video = decode_video(item.data, what=what, sampling=sampling, limits=limits, target_rate=towers.sample_rate,
+                             audio_track=v.audio_track, max_audio_seconds=cfg.max_audio_seconds)
+        frames, n = towers.preprocess_video(video.frames)
+        blocks: list[tuple[str, object, int]] = [(T.VIDEO, f, n) for f in frames]
+        if video.audio is not None:
+            blocks += self._audio_blocks(video.audio.waveform)
+        h = hashlib.sha256()
+        h.update(f"{self.identity}|video|{sampling}|{v.audio_track}|{towers.sample_rate}|".encode())
+        h.update(item.data)
+        return _Decoded(T.VIDEO, h.hexdigest(), blocks, raw_key, video.timestamps)
+
+
+MAX_VIDEO_FPS = 30.0  # a request's sampling rate at most (frames are capped by max_frames anyway)
 
 
 def _run_group(towers, kind: str, arrays: list, rows: list[int], dtype: str):
     """MLX thread: one forward pass for a group of same-key tower inputs."""
     if kind == T.IMAGE:
         return towers.encode_images(arrays, rows, dtype)
+    if kind == T.VIDEO:
+        return towers.encode_frames(arrays, rows, dtype)
     return towers.encode_audio(arrays, rows, dtype)

@@ -101,6 +101,27 @@ class MediaModel:
         self.audio_max_tokens = int(getattr(processor, "audio_seq_length", 750))
         self.sample_rate = int(getattr(self.feature_extractor, "sampling_rate", 16000))
         self.default_image_soft_tokens = int(getattr(self.image_processor, "max_soft_tokens", 280) or 280)
+        self.video_processor = getattr(processor, "video_processor", None)
+        self.video_max_frames = int(getattr(self.video_processor, "num_frames", 32) or 32)
+        self.video_default_fps = float(getattr(self.video_processor, "default_fps", 2.0) or 2.0)
+        self.video_frame_soft_tokens = int(getattr(self.video_processor, "max_soft_tokens", 70) or 70)
+
+    @property
+    def has_video(self) -> bool:
+        """Frames go through the vision path: a video needs it and the checkpoint's video processor."""
+        return self.has_vision and self.video_processor is not None
+
+    def preprocess_video(self, frames: np.ndarray) -> tuple[list[ImageInput], int]:
+        """Sampled RGB frames [T, H, W, 3] uint8 -> one model input per frame, and the soft tokens a
+        frame has (all frames of a video share the size).  The checkpoint's own video processor:
+        the same resize (at most ``video_frame_soft_tokens`` a frame), patches and positions as
+        ``mlx_vlm`` gives it.  numpy only, any thread."""
+        data = self.video_processor([np.transpose(frames, (0, 3, 1, 2))])
+        pixels, positions = np.asarray(data["pixel_values_videos"]), np.asarray(data["video_position_ids"])
+        pixels = pixels.reshape(-1, *pixels.shape[-2:]).astype(np.float32)
+        positions = positions.reshape(-1, *positions.shape[-2:])
+        n = int(data["num_soft_tokens_per_frame"][0])
+        return [ImageInput(pixels[t : t + 1], positions[t : t + 1]) for t in range(pixels.shape[0])], n
 
     @property
     def has_vision(self) -> bool:
@@ -177,6 +198,19 @@ class Towers(MediaModel):
                 f"vision tower gave {feats.shape[1]} rows for {len(pixel_values)} images of {n_soft} tokens"
             )
         return [_to_wire(feats[0, i * n_soft : (i + 1) * n_soft], dtype) for i in range(len(pixel_values))]
+
+    def encode_frames(self, frames: list[ImageInput], rows: list[int], dtype: str) -> list[Embedding]:
+        """One vision-tower pass for video frames (patches + positions, padded alike) -> ``rows[i]``
+        rows each: the tower drops each frame's padding and pools, as for mlx-vlm's video input."""
+        if not self.has_vision:
+            raise FailedPrecondition("this checkpoint has no vision tower (vision_config is null)")
+        pixels = mx.array(np.concatenate([f.pixels for f in frames], axis=0))
+        positions = mx.array(np.concatenate([f.positions for f in frames], axis=0))
+        feats = self.embed_vision(self.vision_tower(pixels, positions))  # [1, sum(rows), hidden]
+        if feats.shape[1] != sum(rows):
+            raise RuntimeError(f"vision tower gave {feats.shape[1]} rows for {len(frames)} frames of {rows[0]}")
+        starts = np.cumsum([0, *rows])
+        return [_to_wire(feats[0, int(a) : int(b)], dtype) for a, b in zip(starts[:-1], starts[1:])]
 
     def audio_features(self, waveform: np.ndarray) -> AudioFeatures:
         """Mono float32 clip (≤ one block) -> log-mel features.  numpy only, any thread.

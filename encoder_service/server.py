@@ -68,7 +68,15 @@ class EncoderServicer(encoder_pb2_grpc.EncoderServiceServicer):
                 audio_block_seconds=e.audio_block_seconds if towers and towers.has_audio else 0,
                 image_soft_token_budgets=list(towers.image_budgets) if towers and towers.has_vision else [],
                 default_image_soft_tokens=towers.default_image_soft_tokens if towers and towers.has_vision else 0,
+                **_video_info(e, towers),
             )
+
+
+def _video_info(e, towers) -> dict:
+    if towers is None or not towers.has_video:
+        return {}
+    return dict(max_video_seconds=e.cfg.max_video_seconds, max_video_frames=towers.video_max_frames,
+                default_video_fps=towers.video_default_fps, video_frame_soft_tokens=towers.video_frame_soft_tokens)
 
 
 MIN_CHUNK_BYTES = 4 << 10

@@ -64,6 +64,10 @@ class UnifiedEmbedders(MediaModel):
         feats = self.embed_vision(self.vision_embedder(pixels, positions))  # [B, budget, hidden]
         return [_to_wire(feats[i, :n], dtype) for i, n in enumerate(rows)]
 
+    def encode_frames(self, frames: list[ImageInput], rows: list[int], dtype: str) -> list[Embedding]:
+        """Video frames are images to the embedders (patches padded to the frame budget)."""
+        return self.encode_images(frames, rows, dtype)
+
     def encode_audio(self, clips: list[AudioFeatures], n_tokens: list[int], dtype: str) -> list[Embedding]:
         """Clips' frames, zero-padded to one length -> exactly ``n_tokens[i]`` rows each (a row a frame)."""
         if not self.has_audio:

@@ -27,7 +27,7 @@ from gateway.tools.choice import ToolPlan, finish_reason, markers, plan_tools
 from gateway.tools.parser import ToolCallParser
 from gateway.upstream.clients import DecoderClient, DecoderStream, EncoderClient, conversation_key
 from gateway.upstream.fetch import MediaFetcher
-from mmserve_core.prompt import PromptBuilder
+from mmserve_core.prompt import PromptBuilder, prompt_media
 from mmserve_core.runtime.logs import get_logger
 from mmserve_core.wire import types as T
 from mmserve_core.wire.errors import CONSTRAINT_REFUSAL
@@ -161,11 +161,12 @@ class Pipeline:
         return {"encoder": await self.encoder.pool.health(), "decoder": await self.decoder.pool.health()}
 
     async def fetch_urls(self, req: ChatRequest) -> None:
-        """Fill in the bytes of http(s) image parts (only present when fetching is enabled)."""
+        """Fill in the bytes of http(s) image and video parts (only present when fetching is enabled)."""
         parts = [p for p in req.media if p.url is not None]
         if len(parts) > self.cfg.max_media_items:
             return  # check_limits refuses the request; fetch nothing for it
-        bodies = await asyncio.gather(*(self.fetcher.fetch(p.url, f"{p.param}.image_url.url") for p in parts))
+        bodies = await asyncio.gather(*(self.fetcher.fetch(p.url, p.url_param or p.param, p.media.modality)
+                                        for p in parts))
         for p, (data, mime) in zip(parts, bodies):
             p.media = dataclasses.replace(p.media, data=data, mime_type=mime)
 
@@ -244,7 +245,7 @@ class Pipeline:
                 param = _param_from_items(err.message, media_parts)
                 if param:
                     err.param = param
-                    err.message = param + err.message[err.message.find("]") + 1 :]
+                    err.message = param + err.message[err.message.find(":"):]
                 raise err from None
         encode_ms = (time.perf_counter() - t0) * 1000.0
         by_part = {id(p): e for p, e in zip(media_parts, encoded)}
@@ -252,8 +253,7 @@ class Pipeline:
         while True:
             kept = [by_part[id(p)] for m in messages for p in m.parts if p.media is not None]
             parts = [p for m in messages for p in m.parts if p.media is not None]
-            built = builder.build(rendered, [(e.modality, p.param, e.block_rows, e.content_hash)
-                                             for e, p in zip(kept, parts)])
+            built = builder.build(rendered, [m for e, p in zip(kept, parts) for m in prompt_media(p, e)])
             if req.truncation != "auto" or _fits(len(built.ids), req.sampling.max_tokens, info.context_length):
                 break
             shorter = drop_oldest_turn(messages)
@@ -291,11 +291,18 @@ def drop_oldest_turn(messages: list[T.Message]) -> list[T.Message] | None:
 
 
 def _param_from_items(message: str, parts) -> str | None:
-    """Rewrite the encoder's ``items[i]`` into the request's part path."""
+    """Rewrite the encoder's ``items[i]`` into the request's part path (a video's options: where the
+    client set them, e.g. ``messages[0].content[1].video_url.audio_track``)."""
     if message.startswith("items["):
         idx = message[6 : message.find("]")]
         if idx.isdigit() and int(idx) < len(parts):
-            return parts[int(idx)].param
+            part = parts[int(idx)]
+            rest = message[message.find("]") + 1 :]
+            if rest.startswith(".video.") and part.options_param:
+                return part.options_param + "." + rest[len(".video.") :].split(":")[0]
+            if "audio track" in rest and part.options_param:
+                return f"{part.options_param}.audio_track"
+            return part.param
     return None
 
 

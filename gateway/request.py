@@ -24,6 +24,7 @@ from dataclasses import dataclass, field
 from typing import Any
 
 from gateway.errors import HTTPError
+from mmserve_core.prompt import wants_track
 from mmserve_core.wire import fields as F
 from mmserve_core.wire import types as T
 
@@ -81,9 +82,14 @@ def check_towers(messages: list[Message], modalities: set[str], *, owner: str = 
         for p in m.parts:
             if p.media is not None and p.media.modality not in modalities:
                 tower = "audio" if p.media.modality == T.AUDIO else "vision"
-                raise HTTPError(400, f"{p.param}: {owner} has no {tower} tower, so {p.media.modality} "
+                raise HTTPError(400, f"{p.param}: {owner} has no {tower} path, so {p.media.modality} "
                                 "input cannot be used", type_="invalid_request_error", param=p.param,
                                 code="unsupported_modality")
+            if wants_track(p) and T.AUDIO not in modalities:
+                where = f"{p.options_param or p.param}.audio_track"
+                raise HTTPError(400, f"{where}: {owner} has no audio path, so the video's own audio track "
+                                "cannot be used; set audio_track to false to send the frames alone",
+                                type_="invalid_request_error", param=where, code="unsupported_modality")
 
 
 def refuse_unknown(d: dict, known, where: str) -> None:
@@ -174,8 +180,8 @@ def text_of(part: dict, param: str, key: str = "text") -> str:
 
 def media_role(role: str, kind: str, param: str) -> None:
     if role != "user":
-        raise bad(f"{param}: {'images are' if kind == 'image' else 'audio is'} only accepted in user messages",
-                  param)
+        what = {"image": "images are", "video": "videos are"}.get(kind, "audio is")
+        raise bad(f"{param}: {what} only accepted in user messages", param)
 
 
 def valid_text(text: str, param: str) -> str:
@@ -218,8 +224,51 @@ def image_content(url: Any, detail: Any, param: str, allow_urls: bool, *, url_pa
         if not allow_urls:
             raise bad("fetching image URLs is disabled on this server; send the image as a data: URI", url_param)
         p = image_part(b"", "", detail, param, detail_param=detail_param)
-        p.url = url
+        p.url, p.url_param = url, url_param
         return p
+    raise bad(f"{url_param} must be a data: URI", url_param)
+
+
+# A video part's own options (beside its URL, in every front): mmserve's extension, documented in the README.
+VIDEO_OPTIONS = ("fps", "max_frames", "audio_track")
+VIDEO_MIME = ("video/", "image/gif")
+
+
+def video_options(spec: dict, where: str) -> T.VideoOptions:
+    """``fps`` (frames sampled a second, in (0, 30]), ``max_frames`` (2 up to the processor's cap, which
+    the encoder checks) and ``audio_track`` (the video's own audio after its frames; default true)."""
+    fps, frames, track = spec.get("fps"), spec.get("max_frames"), spec.get("audio_track", True)
+    if fps is not None and (isinstance(fps, bool) or not isinstance(fps, (int, float)) or not 0 < fps <= 30):
+        raise bad(f"{where}.fps must be a number in (0, 30], got {fps!r}", f"{where}.fps")
+    if frames is not None and (isinstance(frames, bool) or not isinstance(frames, int) or frames < 2):
+        raise bad(f"{where}.max_frames must be an integer of at least 2, got {frames!r}", f"{where}.max_frames")
+    if not isinstance(track, bool):
+        raise bad(f"{where}.audio_track must be true or false, got {track!r}", f"{where}.audio_track")
+    return T.VideoOptions(float(fps or 0.0), int(frames or 0), track)
+
+
+def video_content(url: Any, options: T.VideoOptions, param: str, allow_urls: bool, *, url_param: str,
+                  options_param: str) -> Part:
+    """A video given as a URL string (OpenAI-style ``video_url``, Responses ``input_video``): a base64
+    ``data:`` URI (``video/*``, or ``image/gif`` for an animated GIF), or an http(s) URL the gateway
+    fetches when fetching is on."""
+    if not isinstance(url, str) or not url:
+        raise bad(f"{url_param} must be a non-empty string", url_param)
+    part = Part("video", param, media=T.MediaInput(T.VIDEO, b"", "", video=options), options_param=options_param)
+    if url.startswith("data:"):
+        header, _, payload = url.partition(",")
+        if ";base64" not in header:
+            raise bad("video data: URIs must be base64-encoded", url_param)
+        mime = header[5:].split(";")[0]
+        if mime and not mime.startswith(VIDEO_MIME):
+            raise bad(f"data: URI has media type {mime!r}, expected video/* (or image/gif)", url_param)
+        part.media = T.MediaInput(T.VIDEO, b64(payload, url_param), mime, video=options)
+        return part
+    if url.startswith(("http://", "https://")):
+        if not allow_urls:
+            raise bad("fetching video URLs is disabled on this server; send the video as a data: URI", url_param)
+        part.url, part.url_param = url, url_param
+        return part
     raise bad(f"{url_param} must be a data: URI", url_param)
 
 

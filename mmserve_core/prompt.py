@@ -31,7 +31,8 @@ from mmserve_core.wire import types as T
 from mmserve_core.wire.errors import InvalidArgument, ServeError
 from mmserve_core.wire.types import MediaTokens, Message, Tool
 
-__all__ = ["BuiltPrompt", "MediaTokens", "PromptBuilder", "Rendered", "TemplateMismatch"]
+__all__ = ["BuiltPrompt", "MediaTokens", "PromptBuilder", "PromptMedia", "Rendered", "TemplateMismatch",
+           "prompt_media"]
 
 
 class TemplateMismatch(ServeError):
@@ -45,6 +46,43 @@ class TemplateMismatch(ServeError):
 class BuiltPrompt:
     ids: list[int]
     spans: list[T.Span]
+
+
+@dataclass(frozen=True)
+class PromptMedia:
+    """One media placeholder's contents: its rows per block, in order; for a video, a stamp per block
+    (each block one frame)."""
+
+    modality: str
+    param: str
+    blocks: tuple[int, ...]
+    content_hash: str
+    frame_seconds: tuple[float, ...] = ()
+
+
+def wants_track(p: T.Part) -> bool:
+    """A video part whose own audio track comes with it (the default; ``audio_track: false`` turns it off)."""
+    return p.media is not None and p.media.modality == T.VIDEO and (p.media.video is None or p.media.video.audio_track)
+
+
+def prompt_media(part: T.Part, item: T.EncodedItem) -> list[PromptMedia]:
+    """A media part's placeholders: one, or for a video with its track two — the frames, then the track
+    as an audio placeholder right after (the template renders the part that way: ``template_messages``)."""
+    if item.modality != T.VIDEO:
+        return [PromptMedia(item.modality, part.param, item.block_rows, item.content_hash)]
+    n = len(item.frame_seconds)
+    out = [PromptMedia(T.VIDEO, part.param, item.block_rows[:n], item.content_hash, item.frame_seconds)]
+    if item.block_rows[n:]:
+        out.append(PromptMedia(T.AUDIO, f"{part.param}.audio_track", item.block_rows[n:], f"{item.content_hash}#track"))
+    elif wants_track(part):
+        raise InvalidArgument(f"{part.param}: the encoder returned no audio track for a video whose track was asked "
+                              "for", param=part.param)
+    return out
+
+
+def frame_stamp(seconds: float) -> str:
+    """A frame's prompt timestamp, as Gemma 4's processor writes it: ``mm:ss``."""
+    return f"{int(seconds // 60):02d}:{int(seconds % 60):02d}"
 
 
 @dataclass(frozen=True)
@@ -111,6 +149,8 @@ class PromptBuilder:
                     content.append({"type": "text", "text": mark(p.text, "list")})
                 else:
                     content.append({"type": p.kind})
+                    if wants_track(p):  # the video's own track: an audio part right after its frames
+                        content.append({"type": "audio"})
             return {"role": m.role, "content": content}
 
         return tool_render.attach_results(messages, self.tool_style, build)
@@ -147,41 +187,79 @@ class PromptBuilder:
                                                       **template_kwargs)
         return Rendered(rendered, texts)
 
-    def build(self, rendered: Rendered, media: list[tuple[str, str, tuple[int, ...], str]]) -> BuiltPrompt:
-        """``media``: ``(modality, param, block_rows, content_hash)`` per media part, in part order.
+    def build(self, rendered: Rendered, media: list[PromptMedia]) -> BuiltPrompt:
+        """``media``: the contents of every placeholder the template rendered, in order (``prompt_media``).
 
         A part whose rows come in several blocks (audio longer than one block)
         becomes that many ``begin + rows × placeholder + end`` blocks back to
-        back, one span each, where its one placeholder was."""
-        ids: list[int] = []
-        spans: list[T.Span] = []
+        back, one span each, where its one placeholder was.  A video's frames are
+        Gemma 4's processor layout: per frame ``mm:ss `` then its block, frames
+        joined by a space.  Template text is tokenized in runs, so a frame stamp
+        joins the text around it as it does when the processor tokenizes the
+        expanded prompt whole."""
+        out = _Ids(self.tokenizer)
         k = 0
         for piece in self._piece_re.split(rendered.text):
             if piece.startswith(_MARK_OPEN) and piece.endswith(_MARK_CLOSE):
-                text = rendered.parts[int(piece[1:-1])]
-                if text:  # client text: special-token strings stay text
-                    ids.extend(self.tokenizer.encode(text, add_special_tokens=False, split_special_tokens=True))
+                out.client_text(rendered.parts[int(piece[1:-1])])
                 continue
             modality = self._modality_of.get(piece)
             if modality is None:
-                if piece:
-                    ids.extend(self.tokenizer.encode(piece, add_special_tokens=False))
+                out.text(piece)
                 continue
             if k >= len(media):
                 raise TemplateMismatch("the chat template rendered more media placeholders than media parts")
-            want, param, blocks, content_hash = media[k]
-            if want != modality:
-                raise TemplateMismatch(f"the chat template placed a {modality} placeholder where {param} "
-                                       f"({want}) belongs")
-            tok = self.media_tokens[modality]
-            for b, rows in enumerate(blocks):
-                ids.append(tok.begin)
-                span_hash = content_hash if len(blocks) == 1 else f"{content_hash}#{b}"
-                spans.append(T.Span(len(ids), rows, modality, span_hash))
-                ids.extend([tok.placeholder] * rows)
-                ids.append(tok.end)
+            item = media[k]
+            if item.modality != modality:
+                raise TemplateMismatch(f"the chat template placed a {modality} placeholder where {item.param} "
+                                       f"({item.modality}) belongs")
+            self._expand(out, item)
             k += 1
         if k != len(media):
             raise TemplateMismatch(f"the chat template rendered {k} media placeholders for {len(media)} media "
                                    "parts; media would be dropped")
-        return BuiltPrompt(ids, spans)
+        return BuiltPrompt(out.finish(), out.spans)
+
+    def _expand(self, out: _Ids, item: PromptMedia) -> None:
+        tok = self.media_tokens[item.modality]
+        for b, rows in enumerate(item.blocks):
+            if item.frame_seconds:
+                out.text((" " if b else "") + frame_stamp(item.frame_seconds[b]) + " ")
+            span_hash = item.content_hash if len(item.blocks) == 1 else f"{item.content_hash}#{b}"
+            out.block(tok, rows, item.modality, span_hash)
+
+
+class _Ids:
+    """Prompt ids being laid out: template text is held until the next token that is not text, so
+    text on both sides of a frame stamp is tokenized as one run."""
+
+    def __init__(self, tokenizer) -> None:
+        self.tokenizer = tokenizer
+        self.ids: list[int] = []
+        self.spans: list[T.Span] = []
+        self._text = ""
+
+    def text(self, s: str) -> None:
+        self._text += s
+
+    def _flush(self) -> None:
+        if self._text:
+            self.ids.extend(self.tokenizer.encode(self._text, add_special_tokens=False))
+            self._text = ""
+
+    def client_text(self, s: str) -> None:
+        """Client text: tokenized on its own, special-token strings kept as text."""
+        self._flush()
+        if s:
+            self.ids.extend(self.tokenizer.encode(s, add_special_tokens=False, split_special_tokens=True))
+
+    def block(self, tok: MediaTokens, rows: int, modality: str, content_hash: str) -> None:
+        self._flush()
+        self.ids.append(tok.begin)
+        self.spans.append(T.Span(len(self.ids), rows, modality, content_hash))
+        self.ids.extend([tok.placeholder] * rows)
+        self.ids.append(tok.end)
+
+    def finish(self) -> list[int]:
+        self._flush()
+        return self.ids

@@ -114,6 +114,41 @@ def reference_generate(ckpt: Path, content: list[dict], media: list[Path], max_t
     return {"token_ids": [int(t) for t in r.token_ids], "prompt_ids": [int(x) for x in inputs["input_ids"][0].tolist()]}
 
 
+def video_part(data: bytes, mime: str = "video/mp4", **options) -> dict:
+    """An OpenAI-style ``video_url`` part (``options``: fps, max_frames, audio_track)."""
+    return {"type": "video_url", "video_url": {"url": f"data:{mime};base64,{base64.b64encode(data).decode()}",
+                                               **options}}
+
+
+def reference_video_generate(ckpt: Path, text: str, frames, fps: float, track, max_tokens: int) -> dict:
+    """Greedy ``mlx_vlm.generate`` on a video given as already-sampled frames ``[T, H, W, 3]`` (mlx-vlm
+    then stamps frame j at j / ``fps``) and, when ``track`` (mono float32 at the model rate) is given,
+    that waveform as an audio clip right after the video in the same user turn."""
+    import json
+
+    import numpy as np
+    from mlx_vlm import generate
+    from mlx_vlm.utils import prepare_inputs
+
+    model, processor = _load_reference(str(ckpt))
+    cfg = json.loads((Path(ckpt) / "config.json").read_text())
+    content = [{"type": "text", "text": text}, {"type": "video"}] + ([{"type": "audio"}] if track is not None else [])
+    prompt = processor.tokenizer.apply_chat_template([{"role": "user", "content": content}], tokenize=False,
+                                                     add_generation_prompt=True)
+    cfg.setdefault("eoa_token_id", cfg.get("eoa_token_index"))
+    suppress = [cfg[k] for k in ("image_token_id", "audio_token_id", "video_token_id", "boi_token_id",
+                                 "eoi_token_id", "boa_token_id", "eoa_token_id")]
+    videos = [np.transpose(np.asarray(frames), (0, 3, 1, 2))]
+    audio = [np.asarray(track, np.float32)] if track is not None else None
+    unified = cfg.get("model_type") == "gemma4_unified"
+    with unified_vision_bidirectional() if unified else contextlib.nullcontext():
+        r = generate(model, processor, prompt, audio=audio, video=videos, fps=fps, max_tokens=max_tokens,
+                     temperature=0.0, logit_bias={i: -math.inf for i in suppress})
+    inputs = prepare_inputs(processor, audio=audio, videos=videos, prompts=prompt, add_special_tokens=False, fps=fps)
+    return {"token_ids": [int(t) for t in r.token_ids],
+            "prompt_ids": [int(x) for x in inputs["input_ids"][0].tolist()]}
+
+
 def exif_block(entries: list[tuple[int, int, int, bytes]], *, ifd_offset: int = 8) -> bytes:
     """A little-endian EXIF (TIFF) block with one IFD of ``(tag, type, count, value-or-data)``;
     values over 4 bytes follow the IFD."""

@@ -42,3 +42,84 @@ def tone_wav(seconds: float = 1.0, rate: int = 16000, freq: float = 440.0, fmt: 
     buf = io.BytesIO()
     sf.write(buf, x, rate, format=fmt, subtype=subtype)
     return buf.getvalue()
+
+
+def shape_frames(color: str = "red", shape: str = "circle", direction: str = "left", frames: int = 16,
+                 size: tuple[int, int] = (160, 96), background: str = "white") -> list[np.ndarray]:
+    """RGB frames of one coloured shape crossing the picture in ``direction`` (left/right/up/down)."""
+    w, h = size
+    r = min(w, h) // 4
+    out = []
+    for i in range(frames):
+        t = i / max(frames - 1, 1)
+        x, y = w // 2, h // 2
+        if direction in ("left", "right"):
+            x = int(r + (w - 2 * r) * (1 - t if direction == "left" else t))
+        else:
+            y = int(r + (h - 2 * r) * (1 - t if direction == "up" else t))
+        img = Image.new("RGB", size, background)
+        d = ImageDraw.Draw(img)
+        box = (x - r, y - r, x + r, y + r)
+        if shape == "circle":
+            d.ellipse(box, fill=color)
+        elif shape == "square":
+            d.rectangle(box, fill=color)
+        else:
+            d.polygon([(x, y - r), (x - r, y + r), (x + r, y + r)], fill=color)
+        out.append(np.asarray(img))
+    return out
+
+
+def video_bytes(frames: list[np.ndarray], *, fps: int = 8, container: str = "mp4", audio: np.ndarray | None = None,
+                audio_rate: int = 16000, rotation: int = 0) -> bytes:
+    """Frames (and an optional mono float32 track) as a video file: ``mp4`` (H.264 + AAC), ``webm``
+    (VP9 + Opus), ``mkv`` (H.264 + AAC), ``mov`` (H.264 + AAC) or ``gif`` (no audio).  ``rotation``:
+    a display-matrix rotation in degrees (as phones write portrait video)."""
+    import av
+
+    codecs = {"mp4": ("libx264", "aac"), "mov": ("libx264", "aac"), "mkv": ("libx264", "aac"),
+              "webm": ("libvpx-vp9", "libopus"), "gif": ("gif", None)}
+    vcodec, acodec = codecs[container]
+    buf = io.BytesIO()
+    fmt = {"mkv": "matroska"}.get(container, container)
+    with av.open(buf, mode="w", format=fmt) as box:
+        vs = box.add_stream(vcodec, rate=fps)
+        h, w = frames[0].shape[:2]
+        vs.width, vs.height = w, h
+        vs.pix_fmt = "rgb8" if container == "gif" else "yuv420p"
+        if vcodec == "libx264":
+            vs.options = {"preset": "ultrafast", "crf": "18"}
+        if rotation:
+            vs.set_display_rotation(rotation)
+        a_s = None
+        if audio is not None and acodec is not None:
+            rate = 48000 if acodec == "libopus" else audio_rate
+            a_s = box.add_stream(acodec, rate=rate, layout="mono")
+        for f in frames:
+            for p in vs.encode(av.VideoFrame.from_ndarray(np.ascontiguousarray(f), format="rgb24")):
+                box.mux(p)
+        for p in vs.encode():
+            box.mux(p)
+        if a_s is not None:
+            _mux_audio(box, a_s, np.asarray(audio, np.float32), audio_rate)
+    return buf.getvalue()
+
+
+def _mux_audio(box, stream, samples: np.ndarray, rate: int) -> None:
+    import av
+
+    if stream.rate != rate:
+        import soxr
+
+        samples = soxr.resample(samples, rate, stream.rate).astype(np.float32)
+    fmt = stream.codec_context.format.name if stream.codec_context.format else "fltp"
+    resampler = av.AudioResampler(format=fmt, layout="mono", rate=stream.rate)
+    step = 1024
+    for i in range(0, samples.size, step):
+        frame = av.AudioFrame.from_ndarray(samples[None, i:i + step], format="fltp", layout="mono")
+        frame.sample_rate = stream.rate
+        for rf in resampler.resample(frame):
+            for p in stream.encode(rf):
+                box.mux(p)
+    for p in stream.encode():
+        box.mux(p)

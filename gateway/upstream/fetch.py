@@ -1,4 +1,4 @@
-"""Fetching ``image_url`` http(s) URLs — off by default, and safe when on.
+"""Fetching http(s) image and video URLs — off by default, and safe when on.
 
 Why: a server that fetches URLs for clients is an SSRF hole unless it is
 strict.  When enabled (``--url-fetch``) a URL is fetched only if
@@ -78,14 +78,15 @@ class MediaFetcher:
         self.resolver = resolver
         self.transport = transport
 
-    async def fetch(self, url: str, param: str) -> tuple[bytes, str]:
-        """``(body, content type)`` of an allowed URL; ``HTTPError`` 400 otherwise."""
+    async def fetch(self, url: str, param: str, kind: str = "image") -> tuple[bytes, str]:
+        """``(body, content type)`` of an allowed URL; ``HTTPError`` 400 otherwise.  ``kind``: the media
+        the URL should hold (``image`` or ``video``; the Accept header and the errors say it)."""
         try:
-            return await asyncio.wait_for(self._fetch(url, param), self.timeout_s)
+            return await asyncio.wait_for(self._fetch(url, param, kind), self.timeout_s)
         except asyncio.TimeoutError:
-            raise _bad(param, f"fetching the image took longer than {self.timeout_s:g} s") from None
+            raise _bad(param, f"fetching the {kind} took longer than {self.timeout_s:g} s") from None
 
-    async def _fetch(self, url: str, param: str) -> tuple[bytes, str]:
+    async def _fetch(self, url: str, param: str, kind: str) -> tuple[bytes, str]:
         parts = urlsplit(url)
         if parts.scheme not in ("http", "https") or not parts.hostname:
             raise _bad(param, "only http and https URLs with a host can be fetched")
@@ -109,7 +110,7 @@ class MediaFetcher:
         ip = ips[0]
         netloc = f"[{ip}]:{port}" if ":" in ip else f"{ip}:{port}"
         pinned = parts._replace(netloc=netloc).geturl()
-        headers = {"Host": parts.netloc.rsplit("@", 1)[-1], "Accept": "image/*"}
+        headers = {"Host": parts.netloc.rsplit("@", 1)[-1], "Accept": f"{kind}/*"}
         async with httpx.AsyncClient(transport=self.transport, follow_redirects=False,
                                      timeout=self.timeout_s) as client:
             try:
@@ -118,15 +119,15 @@ class MediaFetcher:
                     if r.is_redirect:
                         raise _bad(param, f"the URL redirects ({r.status_code}); redirects are not followed")
                     if r.status_code != 200:
-                        raise _bad(param, f"fetching the image returned HTTP {r.status_code}")
+                        raise _bad(param, f"fetching the {kind} returned HTTP {r.status_code}")
                     declared = r.headers.get("content-length")
                     if declared and declared.isdigit() and int(declared) > self.max_bytes:
-                        raise _bad(param, f"the image is {int(declared)} bytes, over the limit of {self.max_bytes}")
+                        raise _bad(param, f"the {kind} is {int(declared)} bytes, over the limit of {self.max_bytes}")
                     body = bytearray()
                     async for chunk in r.aiter_bytes():
                         body += chunk
                         if len(body) > self.max_bytes:
-                            raise _bad(param, f"the image is over the limit of {self.max_bytes} bytes")
+                            raise _bad(param, f"the {kind} is over the limit of {self.max_bytes} bytes")
                     return bytes(body), r.headers.get("content-type", "")
             except httpx.HTTPError as e:
-                raise _bad(param, f"fetching the image failed ({type(e).__name__})") from None
+                raise _bad(param, f"fetching the {kind} failed ({type(e).__name__})") from None

@@ -40,6 +40,7 @@ class CheckpointInfo:
     generation_config: dict[str, Any]
     image: MediaTokens | None
     audio: MediaTokens | None
+    video: MediaTokens | None  # a frame: <|video|> placeholders between the image begin / end markers
     video_token_id: int | None
     context_length: int
     hidden_size: int
@@ -97,6 +98,9 @@ def read_checkpoint(path: str | Path, model_id: str | None = None) -> Checkpoint
             raise ValueError(f"{path}/config.json declares audio_token_id but neither eoa_token_id nor "
                              "eoa_token_index (the audio end token)")
         audio = MediaTokens(int(cfg["audio_token_id"]), int(cfg["boa_token_id"]), int(eoa))
+    video = None
+    if cfg.get("video_token_id") is not None and image is not None:
+        video = MediaTokens(int(cfg["video_token_id"]), image.begin, image.end)
     config_eos = tuple(_as_list(cfg.get("eos_token_id")) + _as_list(text.get("eos_token_id")))
     return CheckpointInfo(
         path=path,
@@ -106,6 +110,7 @@ def read_checkpoint(path: str | Path, model_id: str | None = None) -> Checkpoint
         generation_config=gen,
         image=image,
         audio=audio,
+        video=video,
         video_token_id=cfg.get("video_token_id"),
         context_length=int(text.get("max_position_embeddings", cfg.get("max_position_embeddings", 8192))),
         hidden_size=int(text.get("hidden_size", cfg.get("hidden_size", 0))),

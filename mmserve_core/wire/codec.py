@@ -22,7 +22,8 @@ DTYPE_TO_PB = {
     "float32": tensor_pb2.DTYPE_FLOAT32,
 }
 DTYPE_FROM_PB = {v: k for k, v in DTYPE_TO_PB.items()}
-MODALITY_TO_PB = {T.IMAGE: tensor_pb2.MODALITY_IMAGE, T.AUDIO: tensor_pb2.MODALITY_AUDIO}
+MODALITY_TO_PB = {T.IMAGE: tensor_pb2.MODALITY_IMAGE, T.AUDIO: tensor_pb2.MODALITY_AUDIO,
+                  T.VIDEO: tensor_pb2.MODALITY_VIDEO}
 MODALITY_FROM_PB = {v: k for k, v in MODALITY_TO_PB.items()}
 PRIORITY_TO_PB = {"low": decoder_pb2.PRIORITY_LOW, "default": decoder_pb2.PRIORITY_DEFAULT,
                   "high": decoder_pb2.PRIORITY_HIGH}
@@ -44,7 +45,7 @@ def modality_from_pb(value: int, what: str) -> str:
     try:
         return MODALITY_FROM_PB[value]
     except KeyError:
-        raise InvalidArgument(f"{what}: modality must be MODALITY_IMAGE or MODALITY_AUDIO") from None
+        raise InvalidArgument(f"{what}: modality must be MODALITY_IMAGE, MODALITY_AUDIO or MODALITY_VIDEO") from None
 
 
 def tensor_spec_to_pb(t: RawTensor) -> tensor_pb2.TensorSpec:
@@ -55,19 +56,38 @@ def tensor_spec_to_pb(t: RawTensor) -> tensor_pb2.TensorSpec:
 def media_from_pb(req: encoder_pb2.EncodeRequest) -> list[T.MediaInput]:
     items = []
     for i, it in enumerate(req.items):
-        items.append(
-            T.MediaInput(modality_from_pb(it.modality, f"items[{i}]"), bytes(it.data), it.mime_type,
-                         int(it.image_soft_tokens))
-        )
+        modality = modality_from_pb(it.modality, f"items[{i}]")
+        video = None
+        if it.HasField("video"):
+            if modality != T.VIDEO:
+                raise InvalidArgument(f"items[{i}].video: video options apply to MODALITY_VIDEO items only")
+            video = _video_from_pb(it.video, f"items[{i}].video")
+        items.append(T.MediaInput(modality, bytes(it.data), it.mime_type, int(it.image_soft_tokens), video))
     return items
 
 
+_TRACK_FROM_PB = {encoder_pb2.AUDIO_TRACK_UNSPECIFIED: True, encoder_pb2.AUDIO_TRACK_INCLUDE: True,
+                  encoder_pb2.AUDIO_TRACK_OFF: False}
+
+
+def _video_from_pb(v: encoder_pb2.VideoOptions, what: str) -> T.VideoOptions:
+    if v.audio_track not in _TRACK_FROM_PB:
+        raise InvalidArgument(f"{what}.audio_track: {v.audio_track} is not one of AUDIO_TRACK_INCLUDE, "
+                              "AUDIO_TRACK_OFF")
+    return T.VideoOptions(float(v.fps), int(v.max_frames), _TRACK_FROM_PB[v.audio_track])
+
+
 def media_to_pb(items: list[T.MediaInput]) -> list[encoder_pb2.MediaItem]:
-    return [
-        encoder_pb2.MediaItem(modality=MODALITY_TO_PB[m.modality], data=m.data, mime_type=m.mime_type,
-                              image_soft_tokens=m.image_soft_tokens)
-        for m in items
-    ]
+    out = []
+    for m in items:
+        item = encoder_pb2.MediaItem(modality=MODALITY_TO_PB[m.modality], data=m.data, mime_type=m.mime_type,
+                                     image_soft_tokens=m.image_soft_tokens)
+        if m.video is not None:
+            item.video.CopyFrom(encoder_pb2.VideoOptions(
+                fps=m.video.fps, max_frames=m.video.max_frames,
+                audio_track=encoder_pb2.AUDIO_TRACK_INCLUDE if m.video.audio_track else encoder_pb2.AUDIO_TRACK_OFF))
+        out.append(item)
+    return out
 
 
 def embedding_header_to_pb(index: int, item: T.EncodedItem) -> encoder_pb2.EncodeResponse:
@@ -80,6 +100,7 @@ def embedding_header_to_pb(index: int, item: T.EncodedItem) -> encoder_pb2.Encod
             tensor=tensor_spec_to_pb(item.tensor),
             block_soft_tokens=list(item.block_rows),
             cache_hit=item.cache_hit,
+            frame_seconds=list(item.frame_seconds),
         )
     )
 
@@ -137,7 +158,10 @@ def encoded_item_from_pb(h: encoder_pb2.EmbeddingHeader, tensor: RawTensor) -> T
     rows = int(tensor.shape[0]) if tensor.shape else 0
     if blocks and (sum(blocks) != rows or any(b == 0 for b in blocks)):
         raise ValueError(f"encoder item {h.item_index}: blocks {list(blocks)} do not split its {rows} rows")
-    return T.EncodedItem(MODALITY_FROM_PB[h.modality], h.content_hash, tensor, blocks, bool(h.cache_hit))
+    frames = tuple(float(s) for s in h.frame_seconds)
+    if len(frames) > len(blocks or (rows,)):
+        raise ValueError(f"encoder item {h.item_index}: {len(frames)} frame stamps for {len(blocks)} blocks")
+    return T.EncodedItem(MODALITY_FROM_PB[h.modality], h.content_hash, tensor, blocks, bool(h.cache_hit), frames)
 
 
 # ---- decoder ----------------------------------------------------------------

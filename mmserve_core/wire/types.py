@@ -14,7 +14,17 @@ from mmserve_core.wire.tensors import RawTensor
 
 IMAGE = "image"
 AUDIO = "audio"
-MODALITIES = (IMAGE, AUDIO)
+VIDEO = "video"
+MODALITIES = (IMAGE, AUDIO, VIDEO)
+
+
+@dataclass(frozen=True)
+class VideoOptions:
+    """How a video is sampled, and whether its own audio track comes with its frames."""
+
+    fps: float = 0.0  # 0 = the default (2 frames a second)
+    max_frames: int = 0  # 0 = the processor's cap (32)
+    audio_track: bool = True
 
 
 @dataclass(frozen=True)
@@ -25,17 +35,20 @@ class MediaInput:
     data: bytes
     mime_type: str = ""
     image_soft_tokens: int = 0  # images: soft-token budget; 0 = the model's default
+    video: VideoOptions | None = None  # videos: sampling and track; None = the defaults
 
 
 @dataclass
 class Part:
     """One content part of a chat message: text, or media bytes; ``param`` names it in errors."""
 
-    kind: str  # "text" | "image" | "audio"
+    kind: str  # "text" | "image" | "audio" | "video"
     param: str
     text: str = ""
     media: MediaInput | None = None
-    url: str | None = None  # an http(s) image URL the gateway fetches (only when fetching is on)
+    url: str | None = None  # an http(s) media URL the gateway fetches (only when fetching is on)
+    url_param: str | None = None  # where the URL sits in the client's request (errors name it)
+    options_param: str | None = None  # video: where its options (fps, max_frames, audio_track) sit
 
 
 @dataclass(frozen=True)
@@ -86,6 +99,7 @@ class EncodedItem:
     tensor: RawTensor
     blocks: tuple[int, ...] = ()  # rows per prompt block, in order; () = one block
     cache_hit: bool = False
+    frame_seconds: tuple[float, ...] = ()  # video: a stamp per frame block; later blocks are its audio track
 
     @property
     def soft_token_count(self) -> int:

@@ -22,7 +22,7 @@ from gateway.fronts.grpc_chat.codec import parse_chat_pb
 from gateway.fronts.openai_chat.parse import parse_chat_request
 from gateway.fronts.openai_responses.parse import conversation, parse_responses_request
 from mmserve_core.client import Audio, ChatClient, Image, chat_request
-from mmserve_core.prompt import PromptBuilder
+from mmserve_core.prompt import PromptBuilder, PromptMedia
 from mmserve_core.wire.types import MediaTokens
 from tests.tooling.tiny_checkpoint import IDS
 
@@ -73,7 +73,7 @@ def responses_body() -> dict:
 def _prompt_ids(builder: PromptBuilder, messages) -> list[int]:
     parts = [p for m in messages for p in m.parts if p.media is not None]
     rendered = builder.render(messages)
-    return builder.build(rendered, [(p.media.modality, p.param, (7,), "h") for p in parts]).ids
+    return builder.build(rendered, [PromptMedia(p.media.modality, p.param, (7,), "h") for p in parts]).ids
 
 
 def test_the_four_parsers_give_the_same_prompt_ids(ckpt_e2b):

@@ -10,7 +10,7 @@ import pytest
 from transformers import AutoTokenizer
 
 from gateway.fronts.openai_chat.parse import parse_chat_request
-from mmserve_core.prompt import PromptBuilder
+from mmserve_core.prompt import PromptBuilder, PromptMedia
 from mmserve_core.wire.types import MediaTokens
 from tests.helpers import image_part, text_part
 from tests.tooling.tiny_checkpoint import IDS, write_tiny_checkpoint
@@ -44,7 +44,7 @@ def test_prompt_ids_equal_the_templates_own_rendering(real, media_dir):
         req = parse_chat_request({"messages": msgs})
         rendered = builder.render(req.messages)
         rows = [5] * len(req.media)
-        built = builder.build(rendered, [("image", p.param, (r,), "h") for p, r in zip(req.media, rows)])
+        built = builder.build(rendered, [PromptMedia("image", p.param, (r,), "h") for p, r in zip(req.media, rows)])
         tmpl = [{"role": m["role"], "content": m["content"] if isinstance(m["content"], str) else [
             {"type": "text", "text": p["text"]} if p["type"] == "text" else {"type": "image"}
             for p in m["content"]]} for m in msgs]

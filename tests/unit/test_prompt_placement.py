@@ -7,7 +7,7 @@ from transformers import AutoTokenizer
 
 from gateway.fronts.openai_chat.parse import parse_chat_request
 from gateway.request import check_towers
-from mmserve_core.prompt import MediaTokens, PromptBuilder
+from mmserve_core.prompt import MediaTokens, PromptBuilder, PromptMedia
 from tests.helpers import text_part
 from tests.tooling.tiny_checkpoint import IDS
 
@@ -39,7 +39,7 @@ def _turns(ids):
 
 def _build(builder, messages, rows):
     req = parse_chat_request({"messages": messages})
-    media = [(p.media.modality, p.param, n if isinstance(n, tuple) else (n,), f"h{k}")
+    media = [PromptMedia(p.media.modality, p.param, n if isinstance(n, tuple) else (n,), f"h{k}")
              for k, (p, n) in enumerate(zip(req.media, rows))]
     return builder.build(builder.render(req.messages), media)
 

@@ -6,9 +6,9 @@ inside assistant turns.  Each becomes what every front shares: ``system`` one sy
 (its text joined — a list handed to a template that expects a string renders twice), a user
 turn's ``tool_result`` blocks role-``tool`` messages before the rest of the turn, an assistant
 turn's ``tool_use`` blocks its ``tool_calls`` and its ``thinking`` blocks its reasoning (the
-template decides whether an earlier thought is shown).  Audio is an extension block, since
-Anthropic has none: ``{"type": "audio", "source": {"type": "base64", "media_type": "audio/wav",
-"data": …}}``.  Any key or block this server cannot honour is a 400 naming it.
+template decides whether an earlier thought is shown).  Audio and video are extension blocks,
+since Anthropic has neither: ``{"type": "audio", "source": {"type": "base64", "media_type": "audio/wav",
+"data": …}}``, ``{"type": "video", "source": …, "fps"?, "max_frames"?, "audio_track"?}``.  Any key or block this server cannot honour is a 400 naming it.
 Pure Python, event-loop thread.
 """
 
@@ -18,6 +18,8 @@ import json
 from typing import Any
 
 from gateway.request import (
+    VIDEO_MIME,
+    VIDEO_OPTIONS,
     ChatRequest,
     Message,
     Part,
@@ -34,6 +36,8 @@ from gateway.request import (
     refuse_unknown,
     text_of,
     valid_text,
+    video_content,
+    video_options,
 )
 from gateway.request_options import ANTHROPIC_TIERS, service_tier
 from mmserve_core.wire import types as T
@@ -82,7 +86,7 @@ def _image(block: dict, param: str, allow_urls: bool) -> Part:
             raise bad("fetching image URLs is disabled on this server; send the image as a base64 source",
                       f"{param}.source.url")
         p = image_part(b"", "", "auto", param, detail_param=f"{param}.source")
-        p.url = url
+        p.url, p.url_param = url, f"{param}.source.url"
         return p
     raise bad(f"{param}.source.type must be 'base64' or 'url', got {kind!r}", f"{param}.source.type")
 
@@ -97,6 +101,28 @@ def _audio(block: dict, param: str) -> Part:
     if fmt is None:
         raise bad(f"{param}.source.media_type must be one of {', '.join(AUDIO_TYPES)}", f"{param}.source.media_type")
     return audio_part(_b64(src.get("data"), f"{param}.source.data"), fmt, param)
+
+
+def _video(block: dict, param: str, allow_urls: bool) -> Part:
+    """mmserve's extension block: ``{"type": "video", "source": {"type": "base64", "media_type": "video/mp4",
+    "data": …} | {"type": "url", "url": …}, "fps"?, "max_frames"?, "audio_track"?}``."""
+    refuse_unknown(block, _COMMON | {"source", *VIDEO_OPTIONS}, param)
+    options = video_options(block, param)
+    src = block.get("source")
+    if not isinstance(src, dict) or src.get("type") not in ("base64", "url"):
+        raise bad(f"{param}.source must be a base64 or url source", f"{param}.source")
+    if src["type"] == "url":
+        refuse_unknown(src, {"type", "url"}, f"{param}.source")
+        url = src.get("url")
+        if not isinstance(url, str) or not url.startswith(("http://", "https://")):
+            raise bad(f"{param}.source.url must be an http(s) URL", f"{param}.source.url")
+        return video_content(url, options, param, allow_urls, url_param=f"{param}.source.url", options_param=param)
+    refuse_unknown(src, {"type", "media_type", "data"}, f"{param}.source")
+    mime = src.get("media_type")
+    if not isinstance(mime, str) or not mime.startswith(VIDEO_MIME):
+        raise bad(f"{param}.source.media_type must be video/* (or image/gif), got {mime!r}", f"{param}.source.media_type")
+    media = T.MediaInput(T.VIDEO, _b64(src.get("data"), f"{param}.source.data"), mime, video=options)
+    return Part("video", param, media=media, options_param=param)
 
 
 def _text(block: dict, param: str) -> str:
@@ -139,13 +165,16 @@ def _user(content: Any, param: str, allow_urls: bool) -> list[Message]:
             parts.append(_image(b, bp, allow_urls))
         elif kind == "audio":
             parts.append(_audio(b, bp))
+        elif kind == "video":
+            media_role("user", "video", bp)
+            parts.append(_video(b, bp, allow_urls))
         elif kind == "tool_result":
             if parts:
                 raise bad(f"{bp}: tool_result blocks must come before other content in a user turn", bp)
             results.append(_tool_result(b, bp))
         else:
-            raise bad(f"{bp}: unsupported content block type {kind!r} in a user turn; use text, image, audio "
-                      "(this server's extension) or tool_result", bp)
+            raise bad(f"{bp}: unsupported content block type {kind!r} in a user turn; use text, image, audio or "
+                      "video (this server's extensions) or tool_result", bp)
     return [*results, *([Message("user", parts, param)] if parts or not results else [])]
 
 
@@ -169,7 +198,7 @@ def _assistant(content: Any, param: str) -> Message:
             calls.append(T.ToolCall(b["id"], valid_text(b["name"], f"{bp}.name"),
                                     json.dumps(b.get("input", {}), ensure_ascii=False)))
         else:
-            if kind in ("image", "audio"):
+            if kind in ("image", "audio", "video"):
                 media_role("assistant", kind, bp)  # says media belong in user turns
             raise bad(f"{bp}: unsupported content block type {kind!r} in an assistant turn; use text, thinking or "
                       "tool_use", bp)

@@ -51,7 +51,25 @@ def _part(p: chat_pb2.Part, role: str, pp: str) -> chat.Part:
     if kind == "audio":
         chat.media_role(role, "audio", pp)
         return chat.audio_part(bytes(p.audio.data), p.audio.format or None, pp)
-    raise chat.bad(f"{pp}: a part must be text, image or audio", pp)
+    if kind == "video":
+        chat.media_role(role, "video", pp)
+        return _video(p.video, f"{pp}.video")
+    raise chat.bad(f"{pp}: a part must be text, image, audio or video", pp)
+
+
+_TRACK = {chat_pb2.VIDEO_AUDIO_TRACK_UNSPECIFIED: True, chat_pb2.VIDEO_AUDIO_TRACK_INCLUDE: True,
+          chat_pb2.VIDEO_AUDIO_TRACK_OFF: False}
+
+
+def _video(v: chat_pb2.VideoPart, where: str) -> chat.Part:
+    if not v.data:
+        raise chat.bad(f"{where}.data must not be empty", f"{where}.data")
+    if v.audio_track not in _TRACK:
+        raise chat.bad(f"{where}.audio_track: {v.audio_track} is not a VideoAudioTrack value", f"{where}.audio_track")
+    options = chat.video_options({"fps": v.fps or None, "max_frames": v.max_frames or None,
+                                  "audio_track": _TRACK[v.audio_track]}, where)
+    return chat.Part("video", where[: -len(".video")], media=T.MediaInput(T.VIDEO, bytes(v.data), "", video=options),
+                     options_param=where)
 
 
 def _json_object(text: str, param: str, *, empty_ok: bool) -> dict | None:

@@ -17,6 +17,7 @@ from typing import Any
 
 from gateway.request import (
     ROLES,
+    VIDEO_OPTIONS,
     ChatRequest,
     Message,
     Part,
@@ -32,6 +33,8 @@ from gateway.request import (
     refuse_unknown,
     text_of,
     valid_text,
+    video_content,
+    video_options,
 )
 from gateway.request_options import apply_effort, openai_routing, reasoning_effort
 from mmserve_core.wire import fields as F
@@ -62,9 +65,26 @@ def _parts(content: Any, role: str, param: str, allow_urls: bool) -> list[Part]:
         elif kind == "input_audio":
             media_role(role, "audio", pp)
             out.append(audio_content(part.get("input_audio"), pp))
+        elif kind == "video_url":
+            media_role(role, "video", pp)
+            out.append(_video(part, pp, allow_urls))
         else:
-            raise bad(f"{pp}: unsupported content part type {kind!r}; use text, image_url or input_audio", pp)
+            raise bad(f"{pp}: unsupported content part type {kind!r}; use text, image_url, input_audio or video_url",
+                      pp)
     return out
+
+
+def _video(part: dict, pp: str, allow_urls: bool) -> Part:
+    """``{"type": "video_url", "video_url": {"url": ..., "fps"?, "max_frames"?, "audio_track"?}}`` (vLLM's
+    part, with mmserve's sampling and track options beside the URL)."""
+    refuse_unknown(part, {"type", "video_url"}, pp)
+    spec = part.get("video_url")
+    where = f"{pp}.video_url"
+    if not isinstance(spec, dict):
+        raise bad(f"{where} must be an object with a url", where)
+    refuse_unknown(spec, {"url", *VIDEO_OPTIONS}, where)
+    return video_content(spec.get("url"), video_options(spec, where), pp, allow_urls, url_param=f"{where}.url",
+                         options_param=where)
 
 
 def _messages(msgs: Any, allow_urls: bool) -> list[Message]:

@@ -18,6 +18,7 @@ from dataclasses import dataclass, field
 from typing import Any
 
 from gateway.request import (
+    VIDEO_OPTIONS,
     ChatRequest,
     Message,
     Part,
@@ -33,6 +34,8 @@ from gateway.request import (
     refuse_unknown,
     text_of,
     valid_text,
+    video_content,
+    video_options,
 )
 from gateway.request_options import apply_effort, openai_routing, reasoning_effort
 from mmserve_core.wire import types as T
@@ -83,9 +86,14 @@ def _parts(content: Any, role: str, param: str, allow_urls: bool) -> list[Part]:
             refuse_unknown(part, {"type", "input_audio"}, pp)
             media_role(role, "audio", pp)
             out.append(audio_content(part.get("input_audio"), pp))
+        elif kind == "input_video":  # mmserve's extension, shaped as input_image: the URL beside its options
+            refuse_unknown(part, {"type", "video_url", *VIDEO_OPTIONS}, pp)
+            media_role(role, "video", pp)
+            out.append(video_content(part.get("video_url"), video_options(part, pp), pp, allow_urls,
+                                     url_param=f"{pp}.video_url", options_param=pp))
         else:
-            raise bad(f"{pp}: unsupported content part type {kind!r}; use input_text, input_image or input_audio",
-                      pp)
+            raise bad(f"{pp}: unsupported content part type {kind!r}; use input_text, input_image, input_audio or "
+                      "input_video", pp)
     return out
 
 

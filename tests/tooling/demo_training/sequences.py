@@ -12,7 +12,7 @@ from __future__ import annotations
 from dataclasses import dataclass
 
 from deploy.demo.tasks import Example
-from mmserve_core.prompt import MediaTokens, PromptBuilder
+from mmserve_core.prompt import MediaTokens, PromptBuilder, PromptMedia
 from mmserve_core.wire.types import Message, Part
 
 TURN_END = "<turn|>"
@@ -38,7 +38,7 @@ class Sequencer:
         msg = Message("user", [Part(kind, f"messages[0].content[{i}]", text=value if kind == "text" else "")
                                for i, (kind, value) in enumerate(parts)], "messages[0]")
         rendered = self.builder.render([msg])
-        media = [(kind, f"messages[0].content[{i}]", (self.rows[kind],), f"item{i}")
+        media = [PromptMedia(kind, f"messages[0].content[{i}]", (self.rows[kind],), f"item{i}")
                  for i, (kind, _) in enumerate(parts) if kind != "text"]
         return self.builder.build(rendered, media).ids
 
