@@ -27,6 +27,7 @@ the MLX thread.
 from __future__ import annotations
 
 import asyncio
+import dataclasses
 import hashlib
 import json
 import time
@@ -260,7 +261,7 @@ class EncoderEngine:
 
     def _done(self, loop, item: T.EncodedItem, hit: bool, t0: float) -> asyncio.Future:
         f = loop.create_future()
-        f.set_result(T.EncodedItem(item.modality, item.content_hash, item.tensor, item.blocks, cache_hit=hit))
+        f.set_result(dataclasses.replace(item, cache_hit=hit))
         self._observe(item.modality, "cache" if hit else "tower", t0)
         if hit:
             self.metrics.cache_hits.inc()

@@ -109,7 +109,8 @@ def decode_video(data: bytes, *, what: str, sampling: VideoSampling, limits: Vid
     except InvalidArgument:
         raise
     except Exception as e:  # noqa: BLE001 - FFmpeg (via PyAV) on bad bytes raises many types: never a bug of ours
-        raise InvalidArgument(f"{what}: bytes are not a decodable video ({type(e).__name__}: {e}); "
+        detail = getattr(e, "strerror", None) or str(e)
+        raise InvalidArgument(f"{what}: bytes are not a decodable video ({type(e).__name__}: {detail}); "
                               "send MP4, MOV, WebM, MKV or an animated GIF") from None
     sampled_fps = len(idx) / max(total, 1e-6) * rate
     stamps = tuple(float(j) / sampled_fps for j in range(len(idx)))
@@ -196,8 +197,8 @@ def _audio_track(box, what: str, target_rate: int, max_seconds: float, deadline:
     import av
 
     if not box.streams.audio:
-        raise InvalidArgument(f"{what}: the video has no audio track; set its audio track off "
-                              "(video_url.audio_track: false) to send the frames alone")
+        raise InvalidArgument(f"{what}: the video has no audio track; turn its audio track off "
+                              "(audio_track: false) to send the frames alone")
     stream = box.streams.audio[0]
     box.seek(0)
     to_float = av.AudioResampler(format="fltp")  # planar float at the track's own rate and layout

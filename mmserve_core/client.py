@@ -55,7 +55,7 @@ from mmserve_core.wire.types import Completion, Constraint, ModelInfo, TokenEven
 
 __all__ = ["AsyncChatClient", "AsyncDecoderClient", "AsyncEncoderClient", "Audio", "ChatClient", "ChatDelta",
            "ChatFinal", "Completion", "Constraint", "DecoderClient", "Encoded", "EncoderClient", "Image", "ModelInfo", "Reply",
-           "TokenEvent", "Tool", "ToolCall", "chat_request"]
+           "TokenEvent", "Tool", "ToolCall", "Video", "chat_request"]
 
 _RETRY = {"maxAttempts": 3, "initialBackoff": "0.2s", "maxBackoff": "2s", "backoffMultiplier": 2,
           "retryableStatusCodes": ["UNAVAILABLE"]}
@@ -85,6 +85,17 @@ class Audio:
 
     data: bytes
     format: str = ""
+
+
+@dataclass(frozen=True)
+class Video:
+    """Video file bytes (MP4/MOV/WebM/MKV, or an animated GIF): ``fps`` frames sampled a second (0 = the
+    default, 2), ``max_frames`` (0 = the model's cap, 32), ``audio_track``: its own track after its frames."""
+
+    data: bytes
+    fps: float = 0.0
+    max_frames: int = 0
+    audio_track: bool = True
 
 
 @dataclass(frozen=True)
@@ -192,7 +203,7 @@ def chat_request(messages: Sequence[dict], *, model: str = "", enable_thinking: 
                  return_prompt_token_ids: bool = False, constraint: T.Constraint | None = None,
                  tools: Sequence[T.Tool] = (), tool_choice: str | None = None,
                  parallel_tool_calls: bool | None = None, **params: Any) -> chat_pb2.ChatRequest:
-    """Build the typed request.  ``content`` is a string or a list of str / ``Image`` / ``Audio``;
+    """Build the typed request.  ``content`` is a string or a list of str / ``Image`` / ``Audio`` / ``Video``;
     ``params`` are the fields of ``mmserve_core.wire.fields.CHAT_FIELDS`` (``max_tokens``,
     ``temperature``, ``top_p``, ``top_k``, ``min_p``, ``seed``, ``stop``, ``logit_bias``, the
     penalties, ``logprobs``, ``top_logprobs``, ``include_reasoning``); the gateway checks them.
@@ -210,7 +221,7 @@ def chat_request(messages: Sequence[dict], *, model: str = "", enable_thinking: 
     for m in messages:
         content = m.get("content")
         parts = []
-        for p in [content] if isinstance(content, (str, Image, Audio)) else content or ():
+        for p in [content] if isinstance(content, (str, Image, Audio, Video)) else content or ():
             if isinstance(p, str):
                 parts.append(chat_pb2.Part(text=p))
             elif isinstance(p, Image):
@@ -218,8 +229,12 @@ def chat_request(messages: Sequence[dict], *, model: str = "", enable_thinking: 
                                                                     detail=_DETAIL[p.detail])))
             elif isinstance(p, Audio):
                 parts.append(chat_pb2.Part(audio=chat_pb2.AudioPart(data=p.data, format=p.format)))
+            elif isinstance(p, Video):
+                track = chat_pb2.VIDEO_AUDIO_TRACK_INCLUDE if p.audio_track else chat_pb2.VIDEO_AUDIO_TRACK_OFF
+                parts.append(chat_pb2.Part(video=chat_pb2.VideoPart(data=p.data, fps=p.fps, max_frames=p.max_frames,
+                                                                    audio_track=track)))
             else:
-                raise TypeError(f"a content part must be str, Image or Audio, got {type(p).__name__}")
+                raise TypeError(f"a content part must be str, Image, Audio or Video, got {type(p).__name__}")
         msgs.append(chat_pb2.Message(role=_ROLES[m["role"]], parts=parts, tool_call_id=m.get("tool_call_id", ""),
                                      tool_calls=[codec.tool_call_to_pb(c) for c in m.get("tool_calls", ())]))
     out = chat_pb2.ChatParams()

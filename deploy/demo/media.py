@@ -71,10 +71,12 @@ def shape_frames(color: str = "red", shape: str = "circle", direction: str = "le
 
 
 def video_bytes(frames: list[np.ndarray], *, fps: int = 8, container: str = "mp4", audio: np.ndarray | None = None,
-                audio_rate: int = 16000, rotation: int = 0) -> bytes:
+                audio_rate: int = 16000, rotation: int = 0, frame_ms: list[int] | None = None,
+                size: tuple[int, int] | None = None) -> bytes:
     """Frames (and an optional mono float32 track) as a video file: ``mp4`` (H.264 + AAC), ``webm``
     (VP9 + Opus), ``mkv`` (H.264 + AAC), ``mov`` (H.264 + AAC) or ``gif`` (no audio).  ``rotation``:
-    a display-matrix rotation in degrees (as phones write portrait video)."""
+    a display-matrix rotation in degrees (as phones write portrait video); ``frame_ms``: each frame's
+    presentation time in ms (a variable frame rate); ``size``: (width, height) to scale the frames to."""
     import av
 
     codecs = {"mp4": ("libx264", "aac"), "mov": ("libx264", "aac"), "mkv": ("libx264", "aac"),
@@ -84,6 +86,8 @@ def video_bytes(frames: list[np.ndarray], *, fps: int = 8, container: str = "mp4
     fmt = {"mkv": "matroska"}.get(container, container)
     with av.open(buf, mode="w", format=fmt) as box:
         vs = box.add_stream(vcodec, rate=fps)
+        if size is not None:
+            frames = [np.asarray(Image.fromarray(f).resize(size)) for f in frames]
         h, w = frames[0].shape[:2]
         vs.width, vs.height = w, h
         vs.pix_fmt = "rgb8" if container == "gif" else "yuv420p"
@@ -95,8 +99,15 @@ def video_bytes(frames: list[np.ndarray], *, fps: int = 8, container: str = "mp4
         if audio is not None and acodec is not None:
             rate = 48000 if acodec == "libopus" else audio_rate
             a_s = box.add_stream(acodec, rate=rate, layout="mono")
-        for f in frames:
-            for p in vs.encode(av.VideoFrame.from_ndarray(np.ascontiguousarray(f), format="rgb24")):
+        if frame_ms is not None:
+            from fractions import Fraction
+
+            vs.codec_context.time_base = Fraction(1, 1000)
+        for i, f in enumerate(frames):
+            frame = av.VideoFrame.from_ndarray(np.ascontiguousarray(f), format="rgb24")
+            if frame_ms is not None:
+                frame.pts, frame.time_base = frame_ms[i], vs.codec_context.time_base
+            for p in vs.encode(frame):
                 box.mux(p)
         for p in vs.encode():
             box.mux(p)

@@ -21,6 +21,7 @@ import numpy as np
 
 from deploy.demo.media import shape_png, tone_wav
 from mmserve_core.wire.stubs import chat_pb2, constraint_pb2, encoder_pb2, tensor_pb2
+from tests.e2e.hostile_video import video_cases
 from tests.e2e.rpc_calls import (
     AUD_PH,
     BOA,
@@ -359,6 +360,40 @@ def encoder_cases() -> list[Case]:
         enc("FLAC with a corrupt STREAMINFO", enc_request([audio_item(b"fLaC\x00\x00\x00\x22" + b"\xff" * 34)])),
         enc("OGG garbage", enc_request([audio_item(b"OggS\x00\x02" + b"\x00" * 20 + b"\xff" * 100)])),
     ]
+    return cases + video_encoder_cases()
+
+
+_EXPECT = {"ok": OK, "refused": REFUSED, "either": OK_OR_REFUSED}
+_TRACK = {True: encoder_pb2.AUDIO_TRACK_INCLUDE, False: encoder_pb2.AUDIO_TRACK_OFF}
+
+
+def video_item(data: bytes, **options) -> encoder_pb2.MediaItem:
+    if "audio_track" in options:
+        options["audio_track"] = _TRACK[options["audio_track"]]
+    return encoder_pb2.MediaItem(modality=tensor_pb2.MODALITY_VIDEO, data=data,
+                                 video=encoder_pb2.VideoOptions(**options) if options else None)
+
+
+def video_encoder_cases() -> list[Case]:
+    """The shared video corpus, and video options at and past their bounds."""
+    cases = [enc(f"video: {name}", enc_request([video_item(data, **opts)]), _EXPECT[expect])
+             for name, data, opts, expect in video_cases()]
+    clip = video_cases()[-1][1]
+    nan = float("nan")
+    cases += [
+        enc(f"video option {k}={v!r}", enc_request([video_item(clip, **{k: v})]))
+        for k, v in (("fps", nan), ("fps", -1.0), ("fps", 1e9), ("max_frames", 1), ("max_frames", 33),
+                     ("max_frames", 2**32 - 1))
+    ]
+    cases += [
+        enc("video option audio_track 99", enc_request([encoder_pb2.MediaItem(
+            modality=tensor_pb2.MODALITY_VIDEO, data=clip, video=encoder_pb2.VideoOptions(audio_track=99))])),
+        enc("video options on an image", enc_request([image_item(shape_png(size=(32, 32)),
+                                                                  video=encoder_pb2.VideoOptions(fps=1.0))])),
+        enc("image_soft_tokens on a video", enc_request([encoder_pb2.MediaItem(
+            modality=tensor_pb2.MODALITY_VIDEO, data=clip, image_soft_tokens=70)])),
+        enc("33 videos", enc_request([video_item(clip, max_frames=2)] * 33)),
+    ]
     return cases
 
 
@@ -385,6 +420,14 @@ def chat_cases() -> list[Case]:
         chat("role unspecified", chat_req([chat_pb2.Message(parts=[chat_pb2.Part(text="x")])])),
         chat("a part with no kind", chat_req(user(chat_pb2.Part()))),
         chat("empty image", chat_req(user(img(b"")))),
+        chat("empty video", chat_req(user(chat_pb2.Part(video=chat_pb2.VideoPart())))),
+        chat("video audio_track 99", chat_req(user(chat_pb2.Part(video=chat_pb2.VideoPart(
+            data=video_cases()[-1][1], audio_track=99))))),
+        chat("video fps -1", chat_req(user(chat_pb2.Part(video=chat_pb2.VideoPart(data=video_cases()[-1][1], fps=-1))))),
+        chat("video of random bytes", chat_req(user(chat_pb2.Part(video=chat_pb2.VideoPart(
+            data=b"\x00" * 500, audio_track=chat_pb2.VIDEO_AUDIO_TRACK_OFF))))),
+        chat("silent video, track asked for", chat_req(user(chat_pb2.Part(video=chat_pb2.VideoPart(
+            data=next(c[1] for c in video_cases() if c[0] == "a silent MP4, track off")))))),
         chat("image detail unknown (99)", chat_req(user(img(png, detail=99)))),
         chat("corrupt image", chat_req(user(img(png[:60])))),
         chat("audio format aac", chat_req(user(aud(wav, format="aac")))),

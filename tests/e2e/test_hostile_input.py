@@ -19,6 +19,7 @@ from grpc_health.v1 import health_pb2, health_pb2_grpc
 
 from deploy.demo.media import shape_png, tone_wav
 from mmserve_core.wire.stubs import decoder_pb2, decoder_pb2_grpc, tensor_pb2
+from tests.e2e.hostile_video import video_cases
 
 pytestmark = pytest.mark.e2e
 B64 = lambda b: base64.b64encode(b).decode()  # noqa: E731
@@ -221,8 +222,55 @@ FRONT_CASES = [
     ("responses: reasoning effort unknown", "/responses", {**RI("x"), "reasoning": {"effort": "max"}}),
     ("responses: metadata too many keys", "/responses", {**RI("x"), "metadata": {str(i): "v" for i in range(17)}}),
     ("responses: previous id unknown", "/responses", {**RI("x"), "previous_response_id": "resp_x"}),
+    ("responses: input_video not a video", "/responses", RI([{"role": "user", "content": [
+        {"type": "input_video", "video_url": "data:video/mp4;base64," + B64(PNG), "audio_track": False}]}])),
+    ("responses: input_video option unknown", "/responses", RI([{"role": "user", "content": [
+        {"type": "input_video", "video_url": "data:video/mp4;base64,AAAA", "loop": True}]}])),
+    ("messages: video block wrong media type", "/messages", AM([{"type": "video", "source": {
+        "type": "base64", "media_type": "audio/wav", "data": B64(WAV)}}])),
+    ("messages: video block of random bytes", "/messages", AM([{"type": "video", "source": {
+        "type": "base64", "media_type": "video/mp4", "data": B64(np.random.default_rng(5).bytes(800))},
+        "audio_track": False}])),
     ("transcriptions: JSON body", "/audio/transcriptions", {"file": "x"}),
 ]
+
+
+VIDEO_HTTP_CASES = [
+    ("video_url without url", U([{"type": "video_url", "video_url": {}}])),
+    ("video_url a string", U([{"type": "video_url", "video_url": "data:video/mp4;base64,AAAA"}])),
+    ("video data URI wrong media type", U([{"type": "video_url", "video_url": {
+        "url": "data:text/plain;base64," + B64(b"hello")}}])),
+    ("video data URI bad base64", U([{"type": "video_url", "video_url": {"url": "data:video/mp4;base64,@@@"}}])),
+    ("video URL while fetching is off", U([{"type": "video_url", "video_url": {"url": "http://127.0.0.1:9/v.mp4"}}])),
+    ("video option unknown", U([{"type": "video_url", "video_url": {"url": "data:video/mp4;base64,AAAA", "start": 3}}])),
+    ("video fps NaN-like string", U([{"type": "video_url", "video_url": {"url": "data:video/mp4;base64,AAAA",
+                                                                        "fps": "NaN"}}])),
+    ("video in an assistant turn", {"messages": [{"role": "assistant", "content": [
+        {"type": "video_url", "video_url": {"url": "data:video/mp4;base64,AAAA"}}]}]}),
+]
+
+
+@pytest.mark.parametrize("name,body", VIDEO_HTTP_CASES, ids=[c[0] for c in VIDEO_HTTP_CASES])
+def test_http_hostile_video_parts(services_e2b, name, body):
+    r = _post(services_e2b.base_url + "/chat/completions", body, name)
+    assert 400 <= r.status_code < 500, (r.status_code, r.text[:300])
+    assert r.json()["error"]["param"]
+    _all_serving(services_e2b)
+
+
+@pytest.mark.parametrize("case", video_cases(), ids=[c[0] for c in video_cases()])
+def test_http_hostile_videos(services_e2b, case):
+    """The shared video corpus through the chat front: each a 200 or a 400 naming the part, as expected."""
+    name, data, options, expect = case
+    body = {**U([{"type": "video_url", "video_url": {"url": "data:video/mp4;base64," + B64(data), **options}}]),
+            "max_tokens": 2}
+    r = _post(services_e2b.base_url + "/chat/completions", body, name)
+    if expect == "ok" or (expect == "either" and r.status_code == 200):
+        assert r.status_code == 200, r.text[:300]
+    else:
+        assert r.status_code == 400, (r.status_code, r.text[:300])
+        assert r.json()["error"]["param"].startswith("messages[0].content[0]")
+    _all_serving(services_e2b)
 
 
 @pytest.mark.parametrize("name,path,body", FRONT_CASES, ids=[c[0] for c in FRONT_CASES])

@@ -139,3 +139,58 @@ def test_plain_text_ids_equal_the_templates_own(builder):
     want = builder.tokenizer.apply_chat_template(messages, tokenize=True, add_generation_prompt=True)
     want = want["input_ids"] if hasattr(want, "keys") else want
     assert built.ids == list(want)
+
+
+VID = MediaTokens(IDS["<|video|>"], IDS["<|image>"], IDS["<image|>"])
+VID_PART = {"type": "video_url", "video_url": {"url": "data:video/mp4;base64,AAAA"}}
+
+
+@pytest.fixture(scope="module")
+def video_builder(ckpt_e2b):
+    return PromptBuilder(AutoTokenizer.from_pretrained(ckpt_e2b), {"image": IMG, "audio": AUD, "video": VID})
+
+
+@pytest.mark.parametrize("track", [True, False])
+def test_video_frames_then_its_track_inside_the_user_turn(video_builder, track):
+    """Per frame ``mm:ss `` then ``<|image>`` + rows x ``<|video|>`` + ``<image|>``, frames joined by a space
+    (Gemma 4's processor layout); the video's own track right after, inside the same user turn."""
+    from mmserve_core.prompt import prompt_media
+    from mmserve_core.wire import types as T
+    from mmserve_core.wire.tensors import RawTensor
+
+    part = {**VID_PART, "video_url": {**VID_PART["video_url"], "audio_track": track}}
+    req = parse_chat_request({"messages": [{"role": "user", "content": [text_part("what?"), part]}]})
+    rows = (3, 3, 3) + ((4,) if track else ())
+    item = T.EncodedItem("video", "v", RawTensor(b"", "float32", (sum(rows), 64)), rows,
+                         frame_seconds=(0.0, 1.5, 61.0))
+    built = video_builder.build(video_builder.render(req.messages), prompt_media(req.media[0], item))
+    tok = video_builder.tokenizer
+    ids = built.ids
+    frames = [s for s in built.spans if s.modality == "video"]
+    assert [s.length for s in frames] == [3, 3, 3]
+    before = [tok.decode(ids[a.offset + a.length + 1 : b.offset - 1]) for a, b in zip(frames, frames[1:])]
+    assert before == [" 00:01 ", " 01:01 "]
+    first = frames[0]
+    assert tok.decode(ids[first.offset - 7 : first.offset - 1]).endswith("00:00 ")
+    assert all(ids[s.offset - 1] == VID.begin and ids[s.offset + s.length] == VID.end for s in frames)
+    turns, _ = _turns(ids)
+    user = turns[-1]
+    audio = [s for s in built.spans if s.modality == "audio"]
+    if track:
+        assert len(audio) == 1 and audio[0].length == 4 and audio[0].offset > frames[-1].offset
+        assert audio[0].offset + audio[0].length < user[1]
+        assert audio[0].content_hash == "v#track"
+    else:
+        assert audio == []
+    assert frames[-1].offset + frames[-1].length < user[1]
+
+
+def test_a_video_track_needs_an_audio_path(video_builder):
+    from gateway.errors import HTTPError
+
+    req = parse_chat_request({"messages": [{"role": "user", "content": [VID_PART]}]})
+    with pytest.raises(HTTPError) as ei:
+        check_towers(req.messages, {"image", "video"})
+    assert ei.value.param == "messages[0].content[0].video_url.audio_track"
+    off = {**VID_PART, "video_url": {**VID_PART["video_url"], "audio_track": False}}
+    check_towers(parse_chat_request({"messages": [{"role": "user", "content": [off]}]}).messages, {"image", "video"})
