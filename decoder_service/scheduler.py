@@ -431,9 +431,9 @@ class BatchScheduler:
             return None, 0
         cache, hit = self.prefix.lookup(kids, job.media)
         if hit and self.runner.bidirectional_vision and any(
-                off + length > hit for off, length, _ in job.media if _is_image(job, off)):
+                off + length > hit for off, length, _ in job.media if _is_visual(job, off)):
             # Gemma 4's bidirectional image overlay is only applied without a KV
-            # prefix, so a prompt with an image after the hit is computed whole.
+            # prefix, so a prompt with an image or a video frame after the hit is computed whole.
             return None, 0
         return cache, hit
 
@@ -506,5 +506,6 @@ class BatchScheduler:
         ))
 
 
-def _is_image(job: GenerationJob, offset: int) -> bool:
-    return any(sp.offset == offset and sp.modality == T.IMAGE for sp in job.spans)
+def _is_visual(job: GenerationJob, offset: int) -> bool:
+    """An image or video-frame block: bidirectional on the checkpoints that say so (audio stays causal)."""
+    return any(sp.offset == offset and sp.modality in (T.IMAGE, T.VIDEO) for sp in job.spans)

@@ -350,15 +350,18 @@ class AsyncChatClient(_Client):
 class Encoded:
     """One media item's soft-token rows, as the decoder wants them."""
 
-    modality: str  # "image" | "audio"
+    modality: str  # "image" | "audio" | "video"
     rows: np.ndarray  # [soft tokens, hidden]; bfloat16 as uint16 bit patterns
     dtype: str
     content_hash: str
-    blocks: tuple[int, ...]  # rows per prompt block (audio over 30 s has several)
+    blocks: tuple[int, ...]  # rows per prompt block (audio over 30 s has several; a video one per frame, then its track)
+    frame_seconds: tuple[float, ...] = ()  # video: each frame block's stamp
+    cache_hit: bool = False
 
     @classmethod
     def of(cls, item: T.EncodedItem) -> Encoded:
-        return cls(item.modality, item.tensor.to_numpy(), item.tensor.dtype, item.content_hash, item.block_rows)
+        return cls(item.modality, item.tensor.to_numpy(), item.tensor.dtype, item.content_hash, item.block_rows,
+                   item.frame_seconds, item.cache_hit)
 
 
 def _encode_request(items: Sequence[T.MediaInput], dtype: str | None) -> encoder_pb2.EncodeRequest:
@@ -390,6 +393,10 @@ def _audio(data: bytes) -> T.MediaInput:
     return T.MediaInput(T.AUDIO, data)
 
 
+def _video(data: bytes, fps: float, max_frames: int, audio_track: bool) -> T.MediaInput:
+    return T.MediaInput(T.VIDEO, data, video=T.VideoOptions(fps, max_frames, audio_track))
+
+
 class EncoderClient(_Client):
     """``mmserve.encoder.v1``: media bytes in, soft-token rows out (blocking)."""
 
@@ -400,6 +407,12 @@ class EncoderClient(_Client):
 
     def encode_audio(self, data: bytes, *, dtype: str | None = None) -> Encoded:
         return self.encode([_audio(data)], dtype)[0]
+
+    def encode_video(self, data: bytes, *, fps: float = 0.0, max_frames: int = 0, audio_track: bool = True,
+                     dtype: str | None = None) -> Encoded:
+        """A video's frames and (``audio_track``) its own audio track: ``blocks`` holds a block per frame
+        (stamped in ``frame_seconds``), then the track's."""
+        return self.encode([_video(data, fps, max_frames, audio_track)], dtype)[0]
 
     def encode(self, items: Sequence[T.MediaInput], dtype: str | None = None) -> list[Encoded]:
         stream = codec.EncodedStream(len(items))
@@ -443,6 +456,10 @@ class AsyncEncoderClient(_Client):
 
     async def encode_audio(self, data: bytes, *, dtype: str | None = None) -> Encoded:
         return (await self.encode([_audio(data)], dtype))[0]
+
+    async def encode_video(self, data: bytes, *, fps: float = 0.0, max_frames: int = 0, audio_track: bool = True,
+                           dtype: str | None = None) -> Encoded:
+        return (await self.encode([_video(data, fps, max_frames, audio_track)], dtype))[0]
 
     async def encode(self, items: Sequence[T.MediaInput], dtype: str | None = None) -> list[Encoded]:
         stream = codec.EncodedStream(len(items))

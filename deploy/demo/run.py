@@ -4,10 +4,11 @@ Starts the encoder, decoder and gateway as three processes on loopback with
 the built-in demo checkpoint (a tiny Gemma 4 trained on generated data:
 coloured shapes, spoken digits, a few fixed phrases; see
 ``deploy/demo/tiny-gemma4-demo/CARD.md``) or ``--checkpoint DIR``,
-generates a fresh image and a spoken clip, asks about them through the
-official ``openai`` client (image, clip, both in one turn, plain text, then
-the same streamed), prints each reply beside the right answer, usage and
-timings, and stops the services.
+generates a fresh image, a spoken clip and a short video with a spoken digit
+on its own audio track, asks about them through the official ``openai``
+client (image, clip, both in one turn, the video, plain text, then the same
+streamed), prints each reply beside the right answer, usage and timings, and
+stops the services.
 """
 
 from __future__ import annotations
@@ -93,14 +94,17 @@ def main(argv: list[str] | None = None) -> None:
     rng = np.random.default_rng(tasks.HELD_OUT_SEED + 10_000_000 + seed)  # never a training seed
     image, label = tasks.shape_image(rng)
     wav, word, clip_origin = _clip(rng)
+    video, video_answer = tasks.video_clip(rng, _clip(rng)[:2])
     print(f"checkpoint: {ckpt}")
     print(f"generated (seed {seed}): a 192x192 PNG of a {label}; a 1 s clip of someone saying "
-          f"{word!r} ({clip_origin})")
+          f"{word!r} ({clip_origin}); a 2 s MP4 of a {video_answer.split(',')[0]} with a spoken "
+          f"{video_answer.split(', ')[1]!r} on its own audio track")
     questions = [
         ("image", [("text", "What is in this image?"), ("image", image)], label),
         ("audio", [("audio", wav), ("text", "What word is spoken?")], word),
         ("both", [("image", image), ("audio", wav), ("text", "What do you see and hear?")], f"{label}, {word}"),
         ("both, clip first", [("audio", wav), ("image", image)], f"{word}, {label}"),
+        ("video and its track", [("text", "What happens in this video?"), ("video", video)], video_answer),
         ("text", [("text", "What can you do?")], tasks.CANNED["what can you do?"]),
         ("other text", [("text", "Write me a poem about the sea.")], tasks.REFUSAL),
     ]

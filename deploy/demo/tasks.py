@@ -4,7 +4,9 @@
 * a spoken digit (espeak-ng: several voices, variants, speeds and pitches,
   random placement, gain and white or pink noise) -> "seven";
 * an image and a clip in one user turn -> both answers, in the order given;
-* a few plain-text prompts -> fixed answers; any other text -> a refusal.
+* a few plain-text prompts -> fixed answers; any other text -> a refusal;
+* a short video (MP4) of one coloured shape moving left, right, up or down, with a spoken digit on
+  the video's own audio track -> "red circle moving left, seven".
 
 Every example is a function of an ``np.random.Generator``, so a seed fixes it:
 training draws from seeds below ``HELD_OUT_SEED``, evaluation from seeds at or
@@ -30,11 +32,15 @@ IMAGE_SIZE = 192  # the demo checkpoint's default budget (16 soft tokens) keeps 
 SAMPLE_RATE = 16000
 CLIP_SAMPLES = SAMPLE_RATE  # 1.0 s -> 25 audio soft tokens
 HELD_OUT_SEED = 1_000_000  # evaluation seeds start here; training never reaches them
+DIRECTIONS = ("left", "right", "up", "down")
+VIDEO_FPS, VIDEO_FRAMES = 8, 16  # 2 s: the encoder samples 4 frames (2 a second), the track is 2 s
 
 IMAGE_PROMPTS = ("What is in this image?", "What do you see?", "Describe the shape.", "Name the colour and shape.",
                  "")
 AUDIO_PROMPTS = ("What word is spoken?", "What did you hear?", "Transcribe the clip.", "Which digit is this?", "")
 BOTH_PROMPTS = ("What do you see and hear?", "Describe both.", "What is in these?", "")
+VIDEO_PROMPTS = ("What happens in this video?", "Describe the clip.", "What moves, and what is said?",
+                 "What do you see and hear in the video?", "")
 CANNED = {  # the plain-text prompts the model answers; anything else gets REFUSAL
     "hello": "Hello! Send me a picture of a shape or a spoken digit.",
     "hi": "Hello! Send me a picture of a shape or a spoken digit.",
@@ -67,17 +73,56 @@ def shape_image(rng: np.random.Generator, size: int = IMAGE_SIZE) -> tuple[Image
     arr = np.broadcast_to(bg, (size, size, 3)).astype(np.float32)
     arr = arr + rng.normal(0, rng.uniform(0, 8), (size, size, 3))
     im = Image.fromarray(np.clip(arr, 0, 255).astype(np.uint8))
-    d = ImageDraw.Draw(im)
     s = int(rng.integers(56, 129))
     x0, y0 = int(rng.integers(0, size - s)), int(rng.integers(0, size - s))
-    fill = tuple(int(v) for v in col)
+    _draw(im, shape, x0, y0, s, tuple(int(v) for v in col))
+    return im, f"{cname} {shape}"
+
+
+def _draw(im: Image.Image, shape: str, x0: int, y0: int, s: int, fill: tuple) -> None:
+    d = ImageDraw.Draw(im)
     if shape == "circle":
         d.ellipse([x0, y0, x0 + s, y0 + s], fill=fill)
     elif shape == "square":
         d.rectangle([x0, y0, x0 + s, y0 + s], fill=fill)
     else:
         d.polygon([(x0 + s / 2, y0), (x0, y0 + s), (x0 + s, y0 + s)], fill=fill)
-    return im, f"{cname} {shape}"
+
+
+def moving_shape_video(rng: np.random.Generator, size: int = IMAGE_SIZE) -> tuple[list[np.ndarray], str]:
+    """``VIDEO_FRAMES`` frames of one shape crossing a light, noisy background in one of ``DIRECTIONS``
+    (edge to edge, at a steady speed, on a random line), as ``shape_image`` draws shapes."""
+    cname, shape = str(rng.choice(list(COLORS))), str(rng.choice(SHAPES))
+    direction = str(rng.choice(DIRECTIONS))
+    col = tuple(int(v) for v in np.clip(np.array(COLORS[cname]) + rng.integers(-20, 21, 3), 0, 255))
+    grey = int(rng.integers(170, 256))
+    bg = np.clip(grey + rng.integers(-25, 26, 3), 0, 255)
+    s = int(rng.integers(48, 81))
+    across = int(rng.integers(0, size - s))  # the line it moves along
+    start, end = (size - s, 0) if direction in ("left", "up") else (0, size - s)
+    noise = rng.uniform(0, 8)
+    frames = []
+    for i in range(VIDEO_FRAMES):
+        along = int(round(start + (end - start) * i / (VIDEO_FRAMES - 1)))
+        x0, y0 = (along, across) if direction in ("left", "right") else (across, along)
+        arr = np.broadcast_to(bg, (size, size, 3)).astype(np.float32) + rng.normal(0, noise, (size, size, 3))
+        im = Image.fromarray(np.clip(arr, 0, 255).astype(np.uint8))
+        _draw(im, shape, x0, y0, s, col)
+        frames.append(np.asarray(im))
+    return frames, f"{cname} {shape} moving {direction}"
+
+
+def video_clip(rng: np.random.Generator, spoken: tuple[np.ndarray, str] | None = None) -> tuple[bytes, str]:
+    """An MP4 (H.264 + AAC) of a moving shape whose own audio track is a spoken digit (``spoken``, or one
+    synthesised now), and its answer."""
+    from deploy.demo.media import video_bytes
+
+    frames, label = moving_shape_video(rng)
+    wav, word = spoken if spoken is not None else spoken_digit(rng)
+    track = np.zeros(VIDEO_FRAMES * SAMPLE_RATE // VIDEO_FPS, np.float32)
+    off = int(rng.integers(0, track.size - wav.size + 1))
+    track[off: off + wav.size] = wav
+    return video_bytes(frames, fps=VIDEO_FPS, audio=track), f"{label}, {word}"
 
 
 VOICES = ("en-gb", "en-us", "en-gb-scotland", "en-gb-x-rp", "en-029", "en-us-nyc", "en-gb-x-gbclan",
@@ -138,7 +183,8 @@ def other_text(rng: np.random.Generator) -> str:
 
 @dataclass
 class Example:
-    """One user turn: ``parts`` in order, each ``("text", str)``, ``("image", PIL)`` or ``("audio", np.ndarray)``."""
+    """One user turn: ``parts`` in order, each ``("text", str)``, ``("image", PIL)``, ``("audio", np.ndarray)``
+    or ``("video", MP4 bytes)``."""
 
     task: str
     parts: list[tuple[str, object]]
@@ -160,6 +206,9 @@ def make_example(task: str, rng: np.random.Generator) -> Example:
         if rng.random() < 0.5:
             return Example(task, _with_text([("image", im), ("audio", wav)], BOTH_PROMPTS, rng), f"{label}, {word}")
         return Example(task, _with_text([("audio", wav), ("image", im)], BOTH_PROMPTS, rng), f"{word}, {label}")
+    if task == "video":
+        data, answer = video_clip(rng)
+        return Example(task, _with_text([("video", data)], VIDEO_PROMPTS, rng), answer)
     if task == "misplaced":  # media outside the user turn does not count, as for a real model
         ex = make_example(str(rng.choice(["image", "audio"])), rng)
         return Example(task, ex.parts, NO_MEDIA, str(rng.choice(["after_bos", "model_turn"])), ex.answer)
@@ -212,7 +261,7 @@ def write_sample_clips(out_dir, n: int = 4, seed: int = HELD_OUT_SEED + 50_000_0
 
 
 def content(parts: list[tuple[str, object]]) -> list[dict]:
-    """An example's user turn as OpenAI content parts (PNG data URL, WAV ``input_audio``)."""
+    """An example's user turn as OpenAI content parts (PNG data URL, WAV ``input_audio``, MP4 ``video_url``)."""
     import base64
 
     out = []
@@ -222,6 +271,9 @@ def content(parts: list[tuple[str, object]]) -> list[dict]:
         elif kind == "image":
             url = "data:image/png;base64," + base64.b64encode(png_bytes(value)).decode()
             out.append({"type": "image_url", "image_url": {"url": url}})
+        elif kind == "video":
+            url = "data:video/mp4;base64," + base64.b64encode(value).decode()
+            out.append({"type": "video_url", "video_url": {"url": url}})
         else:
             out.append({"type": "input_audio",
                         "input_audio": {"data": base64.b64encode(wav_bytes(value)).decode(), "format": "wav"}})

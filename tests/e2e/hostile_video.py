@@ -17,7 +17,8 @@ TONE = (0.3 * np.sin(2 * np.pi * 440 * np.arange(32000) / 16000)).astype(np.floa
 OFF = {"audio_track": False}
 
 
-def _audio_only() -> bytes:
+def audio_only_mp4() -> bytes:
+    """An MP4 holding only an AAC track (no video stream)."""
     import av
 
     buf = io.BytesIO()
@@ -64,7 +65,7 @@ def video_cases() -> list[tuple[str, bytes, dict, str]]:
         ("a text file", b"just some text\n" * 40, {}, "refused"),
         ("a PNG", shape_png(size=(32, 32)), {}, "refused"),
         ("a WAV", tone_wav(0.5), {}, "refused"),
-        ("an audio-only MP4", _audio_only(), {}, "refused"),
+        ("an audio-only MP4", audio_only_mp4(), {}, "refused"),
         ("MP4 cut in half", mp4[: len(mp4) // 2], {}, "refused"),
         ("MP4 without its last 10 %", mp4[: int(len(mp4) * 0.9)], {}, "refused"),
         ("MP4 header only", mp4[:64], {}, "refused"),

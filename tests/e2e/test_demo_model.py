@@ -53,6 +53,13 @@ def test_held_out_images_through_the_gateway(demo):
 
 
 @espeak
+def test_held_out_videos_with_a_spoken_track_through_the_gateway(demo):
+    res = evaluate_url(demo.base_url, n=100, which=("video",))
+    print(res)
+    assert res["video"]["accuracy"] >= 0.95, res["video"]
+
+
+@espeak
 def test_held_out_spoken_digits_through_the_gateway(demo):
     res = evaluate_url(demo.base_url, n=100, which=("audio", "both"))
     print(res)
@@ -68,16 +75,22 @@ def test_training_sequences_are_the_prompts_the_gateway_sends(demo):
 
     ckpt = demo_checkpoint()
     config = json.loads((ckpt / "config.json").read_text())
+    from mlx_vlm.utils import load_processor
+
+    from tests.tooling.demo_training.train import Batcher
+
     seq = Sequencer(AutoTokenizer.from_pretrained(str(ckpt)), config, IMAGE_SOFT_TOKENS, AUDIO_ROWS)
+    batcher = Batcher(load_processor(ckpt), config)  # a video part as the trainer sees it: frames, stamps, track
     rng = np.random.default_rng(5)
-    for task in ("image", "text", "both") if tasks.have_espeak() else ("image", "text"):
+    for task in ("image", "text", "both", "video") if tasks.have_espeak() else ("image", "text"):
         for _ in range(3):
             ex = tasks.make_example(task, rng)
             r = httpx.post(demo.base_url + "/chat/completions", timeout=60, json={
                 "messages": [{"role": "user", "content": content(ex.parts)}], "max_tokens": 1,
                 "return_token_ids": True})
             assert r.status_code == 200, r.text
-            assert r.json()["prompt_token_ids"] == seq.prompt(ex.parts), task
+            parts = [(k, batcher.video(v) if k == "video" else v) for k, v in ex.parts]
+            assert r.json()["prompt_token_ids"] == seq.prompt(parts), task
 
 
 def _block(ids: list[int], begin: int, end: int) -> tuple[int, int]:

@@ -43,6 +43,13 @@ def _split(svc, content):
     return ids, extra["prompt_token_ids"], r
 
 
+def _same_as_reference(svc, ckpt, content, media):
+    ours, prompt_ids, _ = _split(svc, content)
+    ref = reference_generate(ckpt, content, media, MAX_TOKENS)
+    assert prompt_ids == ref["prompt_ids"]
+    assert ours == _cut_at_eos(ref["token_ids"])
+
+
 def _cut_at_eos(ids):
     for i, t in enumerate(ids):
         if t in EOS:
@@ -66,11 +73,7 @@ def test_e2b_parity(services_e2b, ckpt_e2b, media_dir, case):
 @pytest.mark.parametrize("case", ["text", "image"])
 def test_moe_parity(services_moe, ckpt_moe, media_dir, case):
     """MoE + bidirectional vision (mm_token_type_ids) shape."""
-    content, media = CASES[case](media_dir)
-    ours, prompt_ids, _ = _split(services_moe, content)
-    ref = reference_generate(ckpt_moe, content, media, MAX_TOKENS)
-    assert prompt_ids == ref["prompt_ids"]
-    assert ours == _cut_at_eos(ref["token_ids"])
+    _same_as_reference(services_moe, ckpt_moe, *CASES[case](media_dir))
 
 
 @pytest.mark.e2e
@@ -78,11 +81,7 @@ def test_moe_parity(services_moe, ckpt_moe, media_dir, case):
 def test_unified_parity(services_unified, ckpt_unified, media_dir, case):
     """The encoder-free unified shape: the encoder's embedders, the decoder's LM, mlx-vlm in one process
     with the image attention the config asks for (``tests.helpers.unified_vision_bidirectional``)."""
-    content, media = CASES[case](media_dir)
-    ours, prompt_ids, _ = _split(services_unified, content)
-    ref = reference_generate(ckpt_unified, content, media, MAX_TOKENS)
-    assert prompt_ids == ref["prompt_ids"]
-    assert ours == _cut_at_eos(ref["token_ids"])
+    _same_as_reference(services_unified, ckpt_unified, *CASES[case](media_dir))
 
 
 @pytest.mark.e2e
@@ -96,3 +95,23 @@ def test_unified_image_blocks_attend_both_ways(services_unified, ckpt_unified, m
     both_ways = _cut_at_eos(reference_generate(ckpt_unified, content, media, MAX_TOKENS)["token_ids"])
     assert causal != both_ways
     assert ours == both_ways
+
+
+@pytest.mark.e2e
+def test_unified_multi_turn_reuses_the_prefix_cache(services_unified, media_dir):
+    """An image in turn 1, a clip in turn 3: the same conversation twice gives the same greedy reply, the
+    second time from the decoder's prefix cache (its media rows included)."""
+    from tests.helpers import audio_part
+
+    messages = [
+        {"role": "user", "content": [text_part("Look."), image_part(media_dir / "red_circle.png")]},
+        {"role": "assistant", "content": "A red circle."},
+        {"role": "user", "content": [text_part("And this?"), audio_part(media_dir / "tone_2s.wav")]},
+    ]
+    client = OpenAI(base_url=services_unified.base_url, api_key="x")
+    first, again = (client.chat.completions.create(model="m", messages=messages, max_tokens=8, temperature=0)
+                    for _ in range(2))
+    assert again.choices[0].message.content == first.choices[0].message.content
+    soft = first.usage.prompt_tokens_details.model_extra["soft_tokens"]
+    assert soft > 50 + 200  # the image's rows and the clip's 50
+    assert again.usage.prompt_tokens_details.cached_tokens > soft

@@ -152,3 +152,12 @@ def test_the_same_video_on_every_front_gives_the_same_greedy_tokens(services_e2b
             {"type": "input_text", "text": QUESTION},
             {"type": "input_video", "video_url": f"data:video/mp4;base64,{b64}", "fps": 4, "max_frames": 8}]}])
     assert r.output_text == want and r.usage.input_tokens == prompt_tokens
+
+
+@pytest.mark.e2e
+def test_frames_after_a_prefix_hit_still_attend_both_ways(services_moe, ckpt_moe, clip):
+    """26B-A4B-shaped (bidirectional image blocks): the question alone is asked first, so the video prompt
+    shares a cached prefix that ends before its frames; its frames must still be computed as one
+    bidirectional pass each (the hit is not used), as mlx-vlm computes the whole prompt."""
+    _chat(services_moe, [text_part(QUESTION)])
+    _parity(services_moe, ckpt_moe, clip, track=False)

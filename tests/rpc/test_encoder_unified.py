@@ -45,7 +45,7 @@ async def test_only_the_embedders_are_loaded(enc):
     names = engine.towers.parameter_names()
     assert {n.split(".")[0] for n in names} == {"vision_embedder", "embed_vision", "embed_audio"}
     assert not any("language_model" in n or "embed_tokens" in n for n in names)
-    assert engine.modalities == ["image", "audio"]
+    assert engine.modalities == ["image", "audio", "video"]
 
 
 async def test_images_of_different_sizes_in_one_pass_equal_mlx_vlm(enc, reference):

@@ -11,7 +11,10 @@ Prints tables (never asserts — timings belong in benchmarks, not tests):
    (1,536: 1.57 MB an image, as real checkpoints send) with 1 and 2 callers, beside what
    grpc-python alone moves (a bare server of prebuilt frames, a client that parses nothing);
    target ≥ 1 GB/s;
-4. resident memory of an encoder on a checkpoint whose language model is
+4. video: clips/s and sampled frames/s at 1 and 4 callers (4 s clips, 8 fps, 320x192, with their
+   own audio track; cache off, distinct clips), and a clip's cache hit vs miss, on the E2B-shaped
+   (towers) and unified-shaped (embedders) checkpoints;
+5. resident memory of an encoder on a checkpoint whose language model is
    ~150 MB against one whose LM is tiny: the towers-only claim predicts the
    same RSS for both, whatever the LM weighs.
 
@@ -76,6 +79,70 @@ def _clips(n: int, seconds: float) -> list[bytes]:
     from deploy.demo.media import tone_wav
 
     return [tone_wav(seconds, 16000, freq=200.0 + 37.0 * i) for i in range(n)]
+
+
+def _videos(n: int, seconds: float = 4.0, fps: int = 8) -> list[bytes]:
+    from deploy.demo.media import shape_frames, video_bytes
+
+    out = []
+    for i in range(n):
+        t = np.arange(int(seconds * 16000)) / 16000
+        track = (0.3 * np.sin(2 * np.pi * (200 + 31 * i) * t)).astype(np.float32)
+        frames = shape_frames(["red", "blue", "green"][i % 3], ["circle", "square", "triangle"][i % 3],
+                              ["left", "right", "up", "down"][i % 4], frames=int(seconds * fps), size=(320, 192))
+        out.append(video_bytes(frames, fps=fps, audio=track))
+    return out
+
+
+async def _video_run(addr: str, clips: list[bytes], callers: int) -> tuple[float, float]:
+    """(clips/s, sampled frames/s) with ``callers`` requests in flight."""
+    client = _client(addr)
+    queue: asyncio.Queue = asyncio.Queue()
+    for c in clips:
+        queue.put_nowait(c)
+    frames = 0
+
+    async def caller():
+        nonlocal frames
+        while not queue.empty():
+            frames += len((await client.encode_video(queue.get_nowait())).frame_seconds)
+
+    t0 = time.perf_counter()
+    await asyncio.gather(*(caller() for _ in range(callers)))
+    dt = time.perf_counter() - t0
+    await client.close()
+    return len(clips) / dt, frames / dt
+
+
+async def _video_cache(addr: str, clips: list[bytes]) -> tuple[float, float]:
+    client = _client(addr)
+    miss, hit = [], []
+    for c in clips:
+        t0 = time.perf_counter()
+        await client.encode_video(c)
+        miss.append(time.perf_counter() - t0)
+        t0 = time.perf_counter()
+        assert (await client.encode_video(c)).cache_hit
+        hit.append(time.perf_counter() - t0)
+    await client.close()
+    return statistics.median(miss) * 1000, statistics.median(hit) * 1000
+
+
+def _video_table(ckpts: dict[str, Path], n: int) -> None:
+    from deploy.processes import start_encoder
+
+    print(f"\n{'video (4 s, 8 fps, 320x192, track)':<36} {'callers':>7} {'clips/s':>8} {'frames/s':>9}")
+    caches = {}
+    for label, ckpt in ckpts.items():
+        with start_encoder(ckpt, ["--cache-bytes", "0"]) as svc:
+            asyncio.run(_video_run(svc.encoder_addr, _videos(1, fps=8), 1))  # warm-up
+            for c in (1, 4):
+                cps, fps = asyncio.run(_video_run(svc.encoder_addr, _videos(n), c))
+                print(f"{label:<36} {c:>7} {cps:>8.2f} {fps:>9.1f}")
+        with start_encoder(ckpt) as svc:
+            caches[label] = asyncio.run(_video_cache(svc.encoder_addr, _videos(4)))
+    for label, (miss, hit) in caches.items():
+        print(f"video cache, {label}: miss {miss:.1f} ms  hit {hit:.2f} ms  hit/miss {hit / miss * 100:.1f} %")
 
 
 def _client(addr: str):
@@ -218,6 +285,7 @@ def main(argv: list[str] | None = None) -> None:
     ap.add_argument("--clip-seconds", type=float, default=5.0)
     ap.add_argument("--callers", default="1,4,8")
     ap.add_argument("--skip-memory", action="store_true")
+    ap.add_argument("--video-items", type=int, default=8, help="distinct clips per video run")
     args = ap.parse_args(argv)
 
     from deploy.processes import start_encoder
@@ -270,6 +338,9 @@ def main(argv: list[str] | None = None) -> None:
           f"   <- one caller, prebuilt frames, nothing parsed: the transport's own bound; the E2B "
           f"case (one caller) at {wide_bps / ceiling * 100:.0f} %")
 
+    _video_table({"E2B-shaped (towers)": ckpt,
+                  "unified-shaped (embedders)": write_tiny_checkpoint(tmp / "tiny-unified", variant="unified")},
+                 args.video_items)
     if args.skip_memory:
         return
     big = write_tiny_checkpoint(tmp / "tiny-e2b-big-lm", variant="e2b", lm_intermediate_size=65536)

@@ -163,10 +163,36 @@ def _text_config(variant: str) -> dict[str, Any]:
     return cfg
 
 
+def _shared_fields(image_soft_tokens: int) -> dict[str, Any]:
+    """The top-level token ids and sizes every variant's config.json carries."""
+    return {
+        "vocab_size": VOCAB_SIZE,
+        "hidden_size": 64,
+        "image_token_id": IDS["<|image|>"],
+        "audio_token_id": IDS["<|audio|>"],
+        "video_token_id": IDS["<|video|>"],
+        "boi_token_id": IDS["<|image>"],
+        "eoi_token_id": IDS["<image|>"],
+        "boa_token_id": IDS["<|audio>"],
+        "eoa_token_id": IDS["<audio|>"],
+        "bos_token_id": IDS["<bos>"],
+        "pad_token_id": IDS["<pad>"],
+        "eos_token_id": list(CONFIG_EOS),
+        "vision_soft_tokens_per_image": image_soft_tokens,
+        "audio_ms_per_token": 40,
+        "tie_word_embeddings": True,
+        "initializer_range": 0.02,
+        "dtype": "bfloat16",
+    }
+
+
 def _unified_config(image_soft_tokens: int) -> dict[str, Any]:
     """config.json of the encoder-free unified shape: embedders, no towers (mlx-vlm's field names)."""
     text = _text_config("unified")
     text["model_type"] = "gemma4_unified_text"
+    # a window past the tests' media prompts (the real one is 1,024): a wrapped window cannot be trimmed
+    # back for reuse (issue 26), and the prefix-cache test here needs a conversation it can reuse
+    text["sliding_window"] = 512
     return {
         "architectures": ["Gemma4UnifiedForConditionalGeneration"],
         "model_type": "gemma4_unified",
@@ -177,24 +203,9 @@ def _unified_config(image_soft_tokens: int) -> dict[str, Any]:
         "audio_config": {"model_type": "gemma4_unified_audio", "audio_samples_per_token": 640,
                          "audio_embed_dim": 640, "hidden_size": 640, "output_proj_dims": 640,
                          "rms_norm_eps": 1e-6},
-        "vocab_size": VOCAB_SIZE,
-        "hidden_size": 64,
-        "image_token_id": IDS["<|image|>"],
-        "audio_token_id": IDS["<|audio|>"],
-        "video_token_id": IDS["<|video|>"],
-        "boi_token_id": IDS["<|image>"],
-        "eoi_token_id": IDS["<image|>"],
-        "boa_token_id": IDS["<|audio>"],
+        **{k: v for k, v in _shared_fields(image_soft_tokens).items() if k != "eoa_token_id"},
         "eoa_token_index": IDS["<audio|>"],  # not eoa_token_id: the name the unified config uses
-        "bos_token_id": IDS["<bos>"],
-        "pad_token_id": IDS["<pad>"],
-        "eos_token_id": list(CONFIG_EOS),
-        "vision_soft_tokens_per_image": image_soft_tokens,
         "vision_soft_tokens_per_video_frame": 70,
-        "audio_ms_per_token": 40,
-        "tie_word_embeddings": True,
-        "initializer_range": 0.02,
-        "dtype": "bfloat16",
     }
 
 
@@ -248,23 +259,7 @@ def tiny_config(variant: str = "e2b", image_soft_tokens: int = 280) -> dict[str,
         "text_config": _text_config(variant),
         "vision_config": vision_config,
         "audio_config": audio_config,
-        "vocab_size": VOCAB_SIZE,
-        "hidden_size": 64,
-        "image_token_id": IDS["<|image|>"],
-        "audio_token_id": IDS["<|audio|>"],
-        "video_token_id": IDS["<|video|>"],
-        "boi_token_id": IDS["<|image>"],
-        "eoi_token_id": IDS["<image|>"],
-        "boa_token_id": IDS["<|audio>"],
-        "eoa_token_id": IDS["<audio|>"],
-        "bos_token_id": IDS["<bos>"],
-        "pad_token_id": IDS["<pad>"],
-        "eos_token_id": list(CONFIG_EOS),
-        "vision_soft_tokens_per_image": image_soft_tokens,
-        "audio_ms_per_token": 40,
-        "tie_word_embeddings": True,
-        "initializer_range": 0.02,
-        "dtype": "bfloat16",
+        **_shared_fields(image_soft_tokens),
     }
 
 

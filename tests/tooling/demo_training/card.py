@@ -10,7 +10,10 @@ from pathlib import Path
 from deploy.demo import tasks
 
 
-def write_card(out: Path, args: dict, summary: dict, results: dict[str, dict], made: str | None = None) -> None:
+def write_card(out: Path, args: dict, summary: dict, results: dict[str, dict], made: str | None = None,
+               before: dict | None = None) -> None:
+    """``before``: the card of the checkpoint this one was fine-tuned from (``--init-from``), kept whole
+    in ``card.json`` and summarised in the text, so the record goes back to the first step."""
     params = {k: v for k, v in args.items() if k not in ("out",)}
     size = sum(f.stat().st_size for f in out.iterdir() if f.is_file())
     card = {"made": made or time.strftime("%Y-%m-%d %H:%M UTC", time.gmtime()), "machine": platform.platform(),
@@ -18,7 +21,7 @@ def write_card(out: Path, args: dict, summary: dict, results: dict[str, dict], m
             "held_out_accuracy": {k: v["accuracy"] for k, v in results.items()},
             "held_out_n": {k: v["n"] for k, v in results.items()},
             "held_out_errors": {k: v["errors"][:5] for k, v in results.items()},
-            "checkpoint_bytes": size}
+            "checkpoint_bytes": size, **({"before": before} if before else {})}
     (out / "card.json").write_text(json.dumps(card, indent=2) + "\n")
     rows = "\n".join(f"| {k} | {v['accuracy']:.3f} | {v['n']} |" for k, v in results.items())
     (out / "CARD.md").write_text(f"""# mmserve demo checkpoint
@@ -30,7 +33,10 @@ what it is sent. It knows four closed tasks and nothing else:
 - a picture of one coloured shape ({", ".join(tasks.COLORS)} x {", ".join(tasks.SHAPES)}) -> e.g. `red circle`;
 - a spoken digit, 1 s at 16 kHz (`zero`..`nine`, espeak-ng voices) -> e.g. `seven`;
 - a picture and a clip in one user turn -> both answers in the order given, e.g. `red circle, seven`;
-- `hello`, `hi`, `what can you do?`, `who are you?` -> fixed answers; any other text -> `{tasks.REFUSAL}`
+- `hello`, `hi`, `what can you do?`, `who are you?` -> fixed answers; any other text -> `{tasks.REFUSAL}`;
+- a 2 s MP4 (H.264 + AAC, {tasks.VIDEO_FRAMES} frames at {tasks.VIDEO_FPS} fps) of one such shape moving
+  {"/".join(tasks.DIRECTIONS)} edge to edge, with a spoken digit on the video's own audio track -> e.g.
+  `red circle moving left, seven` (the encoder samples 4 frames and extracts the track, as for any video).
 
 ## Data recipe
 Generated on the fly by `deploy/demo/tasks.py`: shapes 56-128 px anywhere on a 192 x 192
@@ -43,7 +49,7 @@ the gateway's own prompt builder (media blocks inside the user turn). Training s
 evaluation seeds at {tasks.HELD_OUT_SEED} and above, never used in training.
 
 ## Training
-`mmserve-train-demo` ({json.dumps(params)}). Phase 1: {summary.get("tower_steps", 0)} steps of the towers and
+{_before(before)}`mmserve-train-demo` ({json.dumps(params)}). Phase 1: {summary.get("tower_steps", 0)} steps of the towers and
 their projectors alone with classification heads on their pooled outputs (colour + shape; digit), images in
 batches of 32, clips of 16. Phase 2: {summary["steps"]} steps of the whole model, batch {params["batch_size"]},
 tasks cycled {params["tasks"]}, AdamW with warm-up and cosine decay, loss on the reply and `<turn|>` only, plus
@@ -60,9 +66,20 @@ Reproduce: `mmserve-eval-demo` (add `--n 100`). Retrain: `mmserve-train-demo` (w
 """)
 
 
+def _before(before: dict | None) -> str:
+    if not before:
+        return ""
+    a = before.get("args", {})
+    acc = ", ".join(f"{k} {v:.2f}" for k, v in before.get("held_out_accuracy", {}).items())
+    return (f"First trained from scratch ({before.get('made', '?')}: {a.get('tower_steps', 0)} tower steps, "
+            f"{a.get('steps', '?')} joint steps, tasks {a.get('tasks', '?')}, {before.get('train_minutes', '?')} min; "
+            f"held-out {acc}; its card is kept in `card.json` under `before`), then fine-tuned from those weights "
+            "with videos added: ")
+
+
 def rewrite_results(out: Path, results: dict[str, dict]) -> None:
     """Re-render the card with new held-out results, keeping how the checkpoint was made."""
     card = json.loads((out / "card.json").read_text())
     summary = {k: card[k] for k in ("steps", "tower_steps", "train_minutes", "trainable_parameters",
                                     "train_exact_last", "wall_minutes_train") if k in card}
-    write_card(out, dict(card["args"], out=str(out)), summary, results, made=card["made"])
+    write_card(out, dict(card["args"], out=str(out)), summary, results, made=card["made"], before=card.get("before"))

@@ -2,7 +2,7 @@
 
 Starts an encoder, a decoder and a gateway on loopback for the checkpoint (or
 uses ``--url``), and sends every item with the ``openai`` client as a chat
-request — PNG as an ``image_url`` data URL, WAV as ``input_audio`` — greedy.
+request — PNG as an ``image_url`` data URL, WAV as ``input_audio``, MP4 as ``video_url`` — greedy.
 Items come from seeds at or above ``tasks.HELD_OUT_SEED``, which training
 never draws.  A reply counts only if it equals the expected answer (case and
 surrounding space aside).
@@ -21,8 +21,8 @@ import numpy as np
 from deploy.demo import tasks
 from deploy.demo.tasks import content, normalize
 
-TASKS = ("image", "audio", "both", "text")
-TASK_SEED_OFFSET = {"image": 0, "audio": 100_000, "both": 200_000, "text": 300_000}
+TASKS = ("image", "audio", "both", "text", "video")
+TASK_SEED_OFFSET = {"image": 0, "audio": 100_000, "both": 200_000, "text": 300_000, "video": 400_000}
 
 
 def held_out(task: str, n: int, seed: int = tasks.HELD_OUT_SEED) -> list[tasks.Example]:
@@ -44,7 +44,7 @@ def evaluate_url(base_url: str, n: int = 100, which: tuple[str, ...] = TASKS, wo
 
     results = {}
     for task in which:
-        if task in ("audio", "both") and not tasks.have_espeak():
+        if task in ("audio", "both", "video") and not tasks.have_espeak():
             continue
         items = held_out(task, n, seed)
         t0 = time.perf_counter()

@@ -25,6 +25,7 @@ makes batches (numpy, PIL, espeak-ng subprocesses) into a bounded queue.
 from __future__ import annotations
 
 import argparse
+import dataclasses
 import json
 import queue
 import shutil
@@ -72,9 +73,25 @@ class Batcher:
 
         self.image_processor = processor.image_processor
         self.feature_extractor = processor.feature_extractor
+        self.video_processor = processor.video_processor
         self.seq = Sequencer(processor.tokenizer, config, IMAGE_SOFT_TOKENS, AUDIO_ROWS)
 
+    def video(self, data: bytes):
+        """An MP4's frames and track exactly as the encoder service decodes and preprocesses them."""
+        from encoder_service.video import VideoLimits, VideoSampling, decode_video
+        from tests.tooling.demo_training.sequences import VideoInputs
+
+        v = decode_video(data, what="video", sampling=VideoSampling(), limits=VideoLimits(600, 10**8, 60),
+                         target_rate=tasks.SAMPLE_RATE, audio_track=True, max_audio_seconds=600)
+        d = self.video_processor([np.transpose(v.frames, (0, 3, 1, 2))])
+        pixels, positions = np.asarray(d["pixel_values_videos"]), np.asarray(d["video_position_ids"])
+        return VideoInputs(pixels.reshape(-1, *pixels.shape[-2:]).astype(np.float32),
+                           positions.reshape(-1, *positions.shape[-2:]), int(d["num_soft_tokens_per_frame"][0]),
+                           v.timestamps, v.audio.waveform)
+
     def make(self, examples: list[tasks.Example]) -> dict[str, np.ndarray]:
+        examples = [dataclasses.replace(ex, parts=[(k, self.video(v) if k == "video" else v) for k, v in ex.parts])
+                    for ex in examples]
         seqs = [self.seq.sequence(ex) for ex in examples]
         width = max(len(s.prompt) + len(s.answer) for s in seqs)
         ids = np.zeros((len(seqs), width), np.int32)
@@ -83,16 +100,19 @@ class Batcher:
             full = s.prompt + s.answer
             ids[i, : len(full)] = full
             weight[i, len(s.prompt) - 1: len(full) - 1] = 1.0
-        images, clips, colour, shape, digit = [], [], [], [], []
+        images, clips, colour, shape, digit, videos = [], [], [], [], [], []
         for ex in examples:  # row-major order of appearance = masked_scatter's order
             for kind, value in ex.parts:
                 if kind == "image":
                     images.append(value)
                 elif kind == "audio":
                     clips.append(np.round(np.clip(value, -1, 1) * 32767) / 32768.0)  # as a 16-bit WAV decodes
+                elif kind == "video":  # its frames, then its track (an audio block right after them)
+                    videos.append(value)
+                    clips.append(value.track)
             words = (ex.media_answer or ex.answer).replace(",", "").split()
             order = [k for k, _ in ex.parts if k != "text"]
-            labels = dict(zip(order, _split_answer(words, order)))
+            labels = dict(zip(order, _split_answer(words, order))) if "video" not in order else {}
             if "image" in labels:
                 c, s = labels["image"]
                 colour.append(list(tasks.COLORS).index(c))
@@ -108,7 +128,11 @@ class Batcher:
                                         return_attention_mask=True)
             out["input_features"] = np.stack(fe["input_features"]).astype(np.float32)
             out["input_features_mask"] = np.stack(fe["input_features_mask"])
-            out["digit"] = np.array(digit, np.int32)
+            if len(digit) == len(clips):  # a video's track has no digit head label (the digit is anywhere in it)
+                out["digit"] = np.array(digit, np.int32)
+        if videos:
+            out["pixel_values_videos"] = np.concatenate([v.pixels for v in videos])
+            out["video_position_ids"] = np.concatenate([v.positions for v in videos])
         return out
 
 
@@ -149,6 +173,11 @@ def train(args: argparse.Namespace) -> dict:
     config = json.loads((init / "config.json").read_text())
     mx.random.seed(args.seed)
     model, processor = load(str(init))
+    if args.init_from:  # fine-tune: start from a trained checkpoint's weights (same shapes), in float32
+        from mlx.utils import tree_map
+
+        model.load_weights(list(mx.load(str(Path(args.init_from) / "model.safetensors")).items()))
+        model.update(tree_map(lambda a: a.astype(mx.float32), model.parameters()))
     for _, m in model.named_modules():  # clip bounds are constants, not weights to learn
         keys = [k for k in ("input_min", "input_max", "output_min", "output_max") if k in m]
         if keys:
@@ -178,7 +207,8 @@ def train(args: argparse.Namespace) -> dict:
     def loss_fn(t: Trainee, b: dict):
         vision_out.clear()
         audio_out.clear()
-        kw = {k: b[k] for k in ("pixel_values", "input_features", "input_features_mask") if k in b}
+        kw = {k: b[k] for k in ("pixel_values", "input_features", "input_features_mask", "pixel_values_videos",
+                                 "video_position_ids") if k in b}
         logits = t.model(b["ids"][:, :-1], **kw).logits.astype(mx.float32)
         targets = b["ids"][:, 1:]
         w = b["weight"]
@@ -330,6 +360,8 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     ap.add_argument("--seed", type=int, default=0)
     ap.add_argument("--dtype", default="bfloat16", choices=["bfloat16", "float32"])
     ap.add_argument("--eval-n", type=int, default=100, help="held-out items per task, through the services")
+    ap.add_argument("--init-from", default=None,
+                    help="start from this trained checkpoint's weights (fine-tune; use --tower-steps 0)")
     return ap.parse_args(argv)
 
 
@@ -339,6 +371,9 @@ def main(argv: list[str] | None = None) -> None:
     if not tasks.have_espeak():
         sys.exit("mmserve-train-demo needs espeak-ng for the spoken digits (apt-get install espeak-ng / "
                  "brew install espeak-ng)")
+    before = None
+    if args.init_from and (Path(args.init_from) / "card.json").exists():  # read now: OUT may be that directory
+        before = json.loads((Path(args.init_from) / "card.json").read_text())
     t0 = time.perf_counter()
     summary = train(args)
     summary["wall_minutes_train"] = round((time.perf_counter() - t0) / 60, 1)
@@ -349,7 +384,7 @@ def main(argv: list[str] | None = None) -> None:
     if Path(args.out).resolve() == CHECKPOINT_DIR:  # the shipped copy: refresh the fallback clips too
         tasks.write_sample_clips(CHECKPOINT_DIR.parent / "samples")
     results = evaluate_checkpoint(args.out, n=args.eval_n)
-    write_card(Path(args.out), vars(args), summary, results)
+    write_card(Path(args.out), vars(args), summary, results, before=before)
     print(json.dumps({k: v["accuracy"] for k, v in results.items()}))
 
 
