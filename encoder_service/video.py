@@ -183,7 +183,19 @@ def _read_frames(box, stream, idx: np.ndarray, total: int, what: str, deadline: 
             break
     if got <= last:
         raise InvalidArgument(f"{what}: video is truncated or damaged: {got} of its {total} frames decode")
-    return np.stack(out)
+    return np.stack(_same_size(out))
+
+
+def _same_size(frames: list[np.ndarray]) -> list[np.ndarray]:
+    """A stream whose frame size changes part-way (allowed in H.264 / VP9): every frame at the first one's
+    size, as a player shows them in one window."""
+    h, w = frames[0].shape[:2]
+    if all(f.shape[:2] == (h, w) for f in frames):
+        return frames
+    from PIL import Image
+
+    return [f if f.shape[:2] == (h, w) else np.asarray(Image.fromarray(f).resize((w, h), Image.BICUBIC))
+            for f in frames]
 
 
 def _upright(rgb: np.ndarray, rotation: int | float | None) -> np.ndarray:

@@ -144,3 +144,12 @@ def test_a_silent_video_with_its_track_asked_for_is_refused():
 def test_bounds(limits, needle):
     with pytest.raises(InvalidArgument, match=needle):
         _decode(video_bytes(shape_frames(frames=24), fps=8), limits=limits)
+
+
+def test_frames_of_another_size_are_scaled_to_the_first():
+    from encoder_service.video import _same_size
+
+    a, b = np.zeros((48, 64, 3), np.uint8), np.full((96, 128, 3), 200, np.uint8)
+    out = _same_size([a, b, a])
+    assert [f.shape for f in out] == [(48, 64, 3)] * 3 and int(out[1].mean()) == 200
+    assert _same_size([a, a])[1] is a
