@@ -105,7 +105,8 @@ async def _video_run(addr: str, clips: list[bytes], callers: int) -> tuple[float
     async def caller():
         nonlocal frames
         while not queue.empty():
-            frames += len((await client.encode_video(queue.get_nowait())).frame_seconds)
+            n = len((await client.encode_video(queue.get_nowait())).frame_seconds)
+            frames += n  # after the await: ``frames += await …`` would read frames before it and lose updates
 
     t0 = time.perf_counter()
     await asyncio.gather(*(caller() for _ in range(callers)))

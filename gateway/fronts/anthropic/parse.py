@@ -18,8 +18,6 @@ import json
 from typing import Any
 
 from gateway.request import (
-    VIDEO_MIME,
-    VIDEO_OPTIONS,
     ChatRequest,
     Message,
     Part,
@@ -36,10 +34,9 @@ from gateway.request import (
     refuse_unknown,
     text_of,
     valid_text,
-    video_content,
-    video_options,
 )
 from gateway.request_options import ANTHROPIC_TIERS, service_tier
+from gateway.video_parts import VIDEO_MIME, VIDEO_OPTIONS, video_content, video_options
 from mmserve_core.wire import types as T
 
 BODY_KEYS = frozenset({"model", "messages", "max_tokens", "system", "stream", "temperature", "top_p", "top_k",

@@ -12,6 +12,7 @@ import json
 from collections.abc import Callable, Sequence
 
 from gateway import request as chat
+from gateway.video_parts import video_options
 from mmserve_core.wire import codec, fields
 from mmserve_core.wire import types as T
 from mmserve_core.wire.stubs import chat_pb2
@@ -66,7 +67,7 @@ def _video(v: chat_pb2.VideoPart, where: str) -> chat.Part:
         raise chat.bad(f"{where}.data must not be empty", f"{where}.data")
     if v.audio_track not in _TRACK:
         raise chat.bad(f"{where}.audio_track: {v.audio_track} is not a VideoAudioTrack value", f"{where}.audio_track")
-    options = chat.video_options({"fps": v.fps or None, "max_frames": v.max_frames or None,
+    options = video_options({"fps": v.fps or None, "max_frames": v.max_frames or None,
                                   "audio_track": _TRACK[v.audio_track]}, where)
     return chat.Part("video", where[: -len(".video")], media=T.MediaInput(T.VIDEO, bytes(v.data), "", video=options),
                      options_param=where)

@@ -17,7 +17,6 @@ from typing import Any
 
 from gateway.request import (
     ROLES,
-    VIDEO_OPTIONS,
     ChatRequest,
     Message,
     Part,
@@ -33,10 +32,9 @@ from gateway.request import (
     refuse_unknown,
     text_of,
     valid_text,
-    video_content,
-    video_options,
 )
 from gateway.request_options import apply_effort, openai_routing, reasoning_effort
+from gateway.video_parts import VIDEO_OPTIONS, video_content, video_options
 from mmserve_core.wire import fields as F
 from mmserve_core.wire import types as T
 

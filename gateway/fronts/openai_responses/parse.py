@@ -18,7 +18,6 @@ from dataclasses import dataclass, field
 from typing import Any
 
 from gateway.request import (
-    VIDEO_OPTIONS,
     ChatRequest,
     Message,
     Part,
@@ -34,10 +33,9 @@ from gateway.request import (
     refuse_unknown,
     text_of,
     valid_text,
-    video_content,
-    video_options,
 )
 from gateway.request_options import apply_effort, openai_routing, reasoning_effort
+from gateway.video_parts import VIDEO_OPTIONS, video_content, video_options
 from mmserve_core.wire import types as T
 
 # sampling fields OpenAI's Responses API lacks but its chat API has (vLLM takes them too): same table,

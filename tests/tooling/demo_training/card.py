@@ -28,7 +28,7 @@ def write_card(out: Path, args: dict, summary: dict, results: dict[str, dict], m
 
 A tiny Gemma 4 (mlx-vlm `gemma4`, E2B-style: vision tower, audio tower, both projectors, a language model
 with per-layer inputs and KV sharing) trained from scratch on generated data, so the built-in demo answers
-what it is sent. It knows four closed tasks and nothing else:
+what it is sent. It knows five closed tasks and nothing else:
 
 - a picture of one coloured shape ({", ".join(tasks.COLORS)} x {", ".join(tasks.SHAPES)}) -> e.g. `red circle`;
 - a spoken digit, 1 s at 16 kHz (`zero`..`nine`, espeak-ng voices) -> e.g. `seven`;
@@ -67,14 +67,23 @@ Reproduce: `mmserve-eval-demo` (add `--n 100`). Retrain: `mmserve-train-demo` (w
 
 
 def _before(before: dict | None) -> str:
-    if not before:
+    """The runs this checkpoint's weights went through before the last one, oldest first."""
+    chain = []
+    while before:
+        chain.append(before)
+        before = before.get("before")
+    if not chain:
         return ""
-    a = before.get("args", {})
-    acc = ", ".join(f"{k} {v:.2f}" for k, v in before.get("held_out_accuracy", {}).items())
-    return (f"First trained from scratch ({before.get('made', '?')}: {a.get('tower_steps', 0)} tower steps, "
-            f"{a.get('steps', '?')} joint steps, tasks {a.get('tasks', '?')}, {before.get('train_minutes', '?')} min; "
-            f"held-out {acc}; its card is kept in `card.json` under `before`), then fine-tuned from those weights "
-            "with videos added: ")
+    runs = []
+    for i, c in enumerate(reversed(chain)):
+        a = c.get("args", {})
+        acc = ", ".join(f"{k} {v:.2f}" for k, v in c.get("held_out_accuracy", {}).items())
+        how = "trained from scratch" if i == 0 else "fine-tuned from that"
+        runs.append(f"{how} ({c.get('made', '?')}: {a.get('tower_steps', 0)} tower steps, {a.get('steps', '?')} "
+                    f"joint steps, lr {a.get('lr', '?')}, tasks {a.get('tasks', '?')}, {c.get('train_minutes', '?')} "
+                    f"min; held-out {acc})")
+    return ("First " + "; then ".join(runs) + " — each card kept in `card.json` under `before` — and last "
+            "fine-tuned from those weights: ")
 
 
 def rewrite_results(out: Path, results: dict[str, dict]) -> None:
