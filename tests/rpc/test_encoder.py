@@ -9,6 +9,7 @@ after which the service is still SERVING and answers the next good request.
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import io
 import math
 
@@ -42,22 +43,28 @@ async def _serve(ckpt, **cfg):
     return engine, server, ch
 
 
+@contextlib.asynccontextmanager
+async def serving(ckpt, **cfg):
+    """An encoder on ``ckpt`` over real gRPC: ``(engine, channel)``, stopped on exit."""
+    engine, server, ch = await _serve(ckpt, **cfg)
+    try:
+        yield engine, ch
+    finally:
+        await ch.close()
+        await server.stop(0)
+        engine.stop()
+
+
 @pytest_asyncio.fixture(scope="module", loop_scope="session")
 async def enc(ckpt_e2b):
-    engine, server, ch = await _serve(ckpt_e2b, max_audio_seconds=75.0)
-    yield engine, ch
-    await ch.close()
-    await server.stop(0)
-    engine.stop()
+    async with serving(ckpt_e2b, max_audio_seconds=75.0) as e:
+        yield e
 
 
 @pytest_asyncio.fixture(scope="module", loop_scope="session")
 async def enc_nocache(ckpt_e2b):
-    engine, server, ch = await _serve(ckpt_e2b, cache_bytes=0, max_batch=8)
-    yield engine, ch
-    await ch.close()
-    await server.stop(0)
-    engine.stop()
+    async with serving(ckpt_e2b, cache_bytes=0, max_batch=8) as e:
+        yield e
 
 
 def _img(data: bytes, budget: int = 70) -> encoder_pb2.MediaItem:

@@ -19,18 +19,15 @@ from PIL import Image
 
 from deploy.demo.media import shape_png, tone_wav
 from mmserve_core.wire.stubs import tensor_pb2
-from tests.rpc.test_encoder import _aud, _encode, _img, _serve, _wav
+from tests.rpc.test_encoder import _aud, _encode, _img, _wav, serving
 
 pytestmark = pytest.mark.asyncio(loop_scope="session")
 
 
 @pytest_asyncio.fixture(scope="module", loop_scope="session")
 async def enc(ckpt_unified):
-    engine, server, ch = await _serve(ckpt_unified, max_audio_seconds=75.0)
-    yield engine, ch
-    await ch.close()
-    await server.stop(0)
-    engine.stop()
+    async with serving(ckpt_unified, max_audio_seconds=75.0) as e:
+        yield e
 
 
 @pytest.fixture(scope="module")

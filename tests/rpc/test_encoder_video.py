@@ -17,7 +17,7 @@ import pytest_asyncio
 from deploy.demo.media import shape_frames, video_bytes
 from encoder_service.video import VideoLimits, VideoSampling, decode_video
 from mmserve_core.wire.stubs import encoder_pb2, tensor_pb2
-from tests.rpc.test_encoder import _batches, _encode, _serve
+from tests.rpc.test_encoder import _batches, _encode, serving
 
 pytestmark = pytest.mark.asyncio(loop_scope="session")
 TONE = (0.3 * np.sin(2 * np.pi * 440 * np.arange(40000) / 16000)).astype(np.float32)
@@ -32,11 +32,8 @@ def _video(data: bytes, **options) -> encoder_pb2.MediaItem:
 @pytest_asyncio.fixture(scope="module", loop_scope="session", params=["e2b", "unified"])
 async def enc(request, ckpt_e2b, ckpt_unified):
     ckpt = ckpt_e2b if request.param == "e2b" else ckpt_unified
-    engine, server, ch = await _serve(ckpt)
-    yield engine, ch, ckpt
-    await ch.close()
-    await server.stop(0)
-    engine.stop()
+    async with serving(ckpt) as (engine, ch):
+        yield engine, ch, ckpt
 
 
 async def test_frames_then_the_track_with_stamps(enc):

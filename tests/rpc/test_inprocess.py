@@ -141,7 +141,7 @@ async def test_model_info(servers):
     info = await decoder_pb2_grpc.DecoderServiceStub(servers["dec"]).GetModelInfo(decoder_pb2.GetModelInfoRequest())
     assert list(info.eos_token_ids) == [1, 50, 106]
     assert info.hidden_size == 64 and info.bidirectional_vision and not info.per_layer_inputs
-    assert [m.modality for m in info.modalities] == [tensor_pb2.MODALITY_IMAGE]
+    assert [m.modality for m in info.modalities] == [tensor_pb2.MODALITY_IMAGE, tensor_pb2.MODALITY_VIDEO]
     assert "<|turn>" in info.chat_template and "<|image|>" in info.chat_template
 
 
