@@ -37,8 +37,8 @@ def _load_reference(ckpt: str):
 def unified_vision_bidirectional():
     """mlx-vlm's unified model with the attention its config asks for over image and video blocks.
 
-    mlx-vlm 0.7's ``gemma4_unified.Model.__call__`` forwards no ``mm_token_type_ids`` to its
-    language model, so ``mlx_vlm.generate`` attends causally over image blocks although the config
+    ``mlx_vlm.generate`` passes ``mm_token_type_ids`` to the language model (bidirectional image blocks)
+    for image-only prompts, but chunks image + audio prompts, where its overlay is skipped (causal) although the config
     says ``use_bidirectional_attention: "vision"`` — which transformers' Gemma 4 honours: every
     image (and video frame) block attends to itself both ways, with or without audio in the prompt.
     It also chunks prompts that mix images and audio, and its overlay then skips the chunk.  The
