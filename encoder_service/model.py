@@ -13,6 +13,7 @@ Thread ownership: construct and call only on the encoder's MLX thread.
 
 from __future__ import annotations
 
+import abc
 import gc
 import hashlib
 from dataclasses import dataclass
@@ -69,7 +70,7 @@ class ImageInput:
         return tuple(self.pixels.shape)
 
 
-class MediaModel:
+class MediaModel(abc.ABC):
     """What every checkpoint's media half shares: loading only the named modules, their identity,
     dtype and processor settings.  Subclasses say which modules and how they encode."""
 
@@ -124,12 +125,14 @@ class MediaModel:
         return [ImageInput(pixels[t : t + 1], positions[t : t + 1]) for t in range(pixels.shape[0])], n
 
     @property
+    @abc.abstractmethod
     def has_vision(self) -> bool:
-        raise NotImplementedError
+        """The vision path is loaded (a tower or the embedders) and the processor can feed it."""
 
     @property
+    @abc.abstractmethod
     def has_audio(self) -> bool:
-        raise NotImplementedError
+        """The audio path is loaded and the feature extractor can feed it."""
 
     @property
     def audio_block_samples(self) -> int:

@@ -37,22 +37,14 @@ def _load_reference(ckpt: str):
 def unified_vision_bidirectional():
     """mlx-vlm's unified model with the attention its config asks for over image and video blocks.
 
-    ``mlx_vlm.generate`` passes ``mm_token_type_ids`` to the language model (bidirectional image blocks)
-    for image-only prompts, but chunks image + audio prompts, where its overlay is skipped (causal) although the config
-    says ``use_bidirectional_attention: "vision"`` — which transformers' Gemma 4 honours: every
-    image (and video frame) block attends to itself both ways, with or without audio in the prompt.
-    It also chunks prompts that mix images and audio, and its overlay then skips the chunk.  The
-    reference the split decoder is compared with is therefore mlx-vlm's own unified model with the
-    token types forwarded (as its ``gemma4.Model`` forwards them) and a prompt holding image or
-    video tokens prefilled in one pass (as its ``gemma4`` path prefills an image prompt): the same
-    weights, the same mask code, the mask the config asks for."""
+    The config says ``use_bidirectional_attention: "vision"``, which transformers' Gemma 4 honours for
+    every prompt: each image (and video frame) block attends to itself both ways, with or without audio.
+    ``mlx_vlm.generate`` passes ``mm_token_type_ids`` to the language model and does the same for
+    image-only prompts, but chunks prompts that mix images and audio, and its overlay skips a chunk
+    (causal there).  The reference the split decoder is compared with is mlx-vlm unchanged except that a
+    prompt holding image or video tokens is prefilled in one pass: the same weights, the same mask code,
+    the mask the config asks for."""
     from mlx_vlm.models.gemma4_unified import gemma4_unified as U
-
-    def call(self, input_ids=None, pixel_values=None, mask=None, cache=None, **kw):
-        feats = self.get_input_embeddings(input_ids=input_ids, pixel_values=pixel_values, **kw)
-        lm_kw = {k: kw[k] for k in ("mm_token_type_ids", "logits_to_keep") if k in kw}
-        return self.language_model(None, cache=cache, inputs_embeds=feats.inputs_embeds, mask=mask,
-                                   per_layer_inputs=feats.per_layer_inputs, **lm_kw)
 
     def one_pass(self, input_ids=None, **kw):
         types = kw.get("mm_token_type_ids")
@@ -63,12 +55,12 @@ def unified_vision_bidirectional():
         ids = [t for t in (self.config.image_token_id, self.config.video_token_id) if t is not None]
         return input_ids is not None and any(bool((input_ids == t).any().item()) for t in ids)
 
-    saved = U.Model.__call__, U.Model._should_disable_chunked_prefill
-    U.Model.__call__, U.Model._should_disable_chunked_prefill = call, one_pass
+    saved = U.Model._should_disable_chunked_prefill
+    U.Model._should_disable_chunked_prefill = one_pass
     try:
         yield
     finally:
-        U.Model.__call__, U.Model._should_disable_chunked_prefill = saved
+        U.Model._should_disable_chunked_prefill = saved
 
 
 def reference_generate(ckpt: Path, content: list[dict], media: list[Path], max_tokens: int, *,

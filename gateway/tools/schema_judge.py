@@ -10,6 +10,7 @@ Pure Python, on whichever thread builds the grammar (a worker thread of the gate
 
 from __future__ import annotations
 
+import abc
 import re
 from fractions import Fraction
 from typing import Any
@@ -39,15 +40,15 @@ _EXTRA_KEY = "[\\x21\\x23-\\x2B\\x2D-\\x39\\x3B\\x3D-\\x5A\\x5E-\\x7A\\x7E]+"
 _EXTRA_KEY_RE = re.compile(_EXTRA_KEY)
 
 
-class SchemaJudge:
+class SchemaJudge(abc.ABC):
     """The generate/accept questions over flattened keyword sets (see the module docstring)."""
 
     def __init__(self) -> None:
         self._enums: dict[int, tuple[list, set[str]]] = {}
 
+    @abc.abstractmethod
     def expand_apart(self, s: object, path: str) -> list[dict]:
-        """``s`` as its flattened alternatives (``SchemaFlattener``)."""
-        raise NotImplementedError
+        """``s`` as its flattened alternatives (``SchemaFlattener`` flattens; the judge only asks)."""
 
     # -- what a keyword set generates
     def gen_types(self, f: dict) -> set | None:
