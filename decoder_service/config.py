@@ -34,6 +34,13 @@ class DecoderConfig(ServiceSettings):
                                      "QuantizedKVCache): ~0.28x / 0.53x the bytes of bf16, so the same "
                                      "--prefix-cache-bytes keeps more conversations; the running batch stays "
                                      "full precision", parse=int, choices=(4, 8))
+    draft_model: str | None = flag(None, "a Gemma 4 MTP assistant checkpoint (gemma4_assistant / "
+                                         "gemma4_unified_assistant) drafting tokens the LM verifies: same "
+                                         "output, fewer LM forwards a token; checked against the checkpoint "
+                                         "at start")
+    draft_block_size: int | None = flag(None, "tokens a drafting round verifies (1 + drafts); unset = the "
+                                              "drafter's block_size; depth adapts per sequence below it",
+                                        parse=int, minimum=2)
 
 
 def parse_args(argv: list[str] | None = None) -> DecoderConfig:

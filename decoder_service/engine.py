@@ -99,10 +99,15 @@ class DecoderEngine:
             mx.set_cache_limit(self.cfg.mlx_cache_bytes)
         runner = LanguageModelRunner(Path(self.cfg.checkpoint))
         wire_weights(runner.param_bytes, "language model")
+        drafter = None
+        if self.cfg.draft_model:
+            from decoder_service.drafter import Drafter
+
+            drafter = Drafter(Path(self.cfg.draft_model), runner.lm, block_size=self.cfg.draft_block_size)
         scheduler = BatchScheduler(runner, max_active=self.cfg.max_active,
                                    max_queue=self.cfg.max_queue, metrics=self.metrics,
                                    prefix_cache=PrefixCache(self.cfg.prefix_cache_bytes, self.cfg.kv_bits),
-                                   prefill_budget_tokens=self.cfg.prefill_budget_tokens)
+                                   prefill_budget_tokens=self.cfg.prefill_budget_tokens, drafter=drafter)
         warm = resolve_sampling(
             T.SamplingParams(temperature=0.0, max_tokens=3),
             prompt_len=2, context_length=self.context_length, vocab_size=self.info.vocab_size,
@@ -115,6 +120,7 @@ class DecoderEngine:
         self.metrics.bind(scheduler)
         log.info("decoder ready", checkpoint=self.cfg.checkpoint, dtype=runner.dtype,
                  lm_param_bytes=runner.param_bytes, eos=self.eos_ids, max_active=self.cfg.max_active,
+                 drafter=self.cfg.draft_model, draft_block_size=drafter.block_size if drafter else None,
                  load_s=round(time.perf_counter() - t0, 3))
         return runner
 

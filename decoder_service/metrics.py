@@ -33,6 +33,13 @@ class DecoderMetrics(ServiceMetrics):
                                            "KV array bytes in the prefix cache (quantized with --kv-bits)", registry=r)
         self.prefix_cache_tokens = Gauge("mmserve_decoder_prefix_cache_tokens", "Tokens the prefix cache holds",
                                          registry=r)
+        self.draft_tokens = Counter("mmserve_decoder_draft_tokens",
+                                    "Tokens the MTP drafter proposed (--draft-model)", registry=r)
+        self.draft_accepted_tokens = Counter("mmserve_decoder_draft_accepted_tokens",
+                                             "Drafted tokens the target verified and emitted", registry=r)
+        self.draft_rounds = Counter("mmserve_decoder_draft_rounds",
+                                    "Verify forwards that carried drafts (accepted ÷ rounds + 1 = tokens a "
+                                    "forward)", registry=r)
         self.ttft = Histogram("mmserve_decoder_ttft_seconds", "Arrival to first sampled token",
                               buckets=_TTFT_BUCKETS, registry=r)
 

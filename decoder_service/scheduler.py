@@ -69,6 +69,7 @@ import mlx.core as mx
 
 from decoder_service import mlx_lm_batch
 from decoder_service.constraints import BatchMasks
+from decoder_service.drafter import Drafter
 from decoder_service.media_prefill import MediaPrefill
 from decoder_service.model import LanguageModelRunner
 from decoder_service.prefix_cache import PrefixCache, keyed_tokens
@@ -76,6 +77,7 @@ from decoder_service.request_queue import RequestQueue
 from decoder_service.sampler import build_processors, build_sampler, token_logprob
 from decoder_service.sampling import ResolvedSampling
 from decoder_service.sequences import GenerationJob, Phase, Sequence, SequenceTable
+from decoder_service.speculative import SpecStream, spec_round
 from decoder_service.text_prefill import TextPrefill
 from mmserve_core.runtime.logs import get_logger
 from mmserve_core.wire import types as T
@@ -87,8 +89,10 @@ log = get_logger(__name__)
 
 class BatchScheduler:
     def __init__(self, runner: LanguageModelRunner, *, max_active: int, max_queue: int,
-                 metrics=None, prefix_cache: PrefixCache | None = None, prefill_budget_tokens: int = 512) -> None:
+                 metrics=None, prefix_cache: PrefixCache | None = None, prefill_budget_tokens: int = 512,
+                 drafter: Drafter | None = None) -> None:
         self.runner = runner
+        self.drafter = drafter
         self._forward = runner.logits_model()
         self._fill = TextPrefill(self._forward, budget_tokens=prefill_budget_tokens)
         self._media = MediaPrefill(runner)
@@ -299,6 +303,8 @@ class BatchScheduler:
         for seq in gone:
             if seq.phase is Phase.BATCH:
                 self._cancel(seq, *caches.get(seq.uid, (None, None)))
+            elif seq.phase is Phase.SOLO and seq.spec is not None:
+                self._cancel(seq, seq.spec.plain_cache(), seq.spec.fed)
             elif seq.phase is Phase.SOLO:
                 self._cancel(seq, seq.cache, seq.fed)
             else:
@@ -353,6 +359,9 @@ class BatchScheduler:
             return
         if len(self.sequences) == 1 and not self.requests.waiting():  # alone in the decoder
             self.sequences.move(seq, Phase.SOLO)
+            if self.drafter is not None:  # drafting: verified rounds (``speculative``), no launch-ahead
+                seq.spec = SpecStream.start(cache, list(job.ids), first, self.drafter)
+                return
             seq.cache, seq.fed = cache, list(job.ids)
             seq.pending = self._launch(seq, first)
             return
@@ -408,15 +417,43 @@ class BatchScheduler:
             self._solo_to_batch(bg)
             return
         seq = self.sequences.solo
+        if seq.spec is not None:
+            self._spec_step(seq)
+            return
         token, logprobs = self._read_pending(seq)
         cache, fed = seq.cache, seq.fed
         seq.pending = self._launch(seq, token)
         if self._deliver(seq, token, None, logprobs):
             self._store(seq, cache, fed)
 
+    def _spec_step(self, seq: Sequence) -> None:
+        """One drafting round of the solo sequence: its 1..k+1 verified tokens, delivered in order
+        (a stop or the token budget ends it part-way; its KV then holds what the round fed)."""
+        st, job = seq.spec, seq.job
+        drafted_before, accepted_before = st.policy.drafted, st.policy.accepted
+        emitted = spec_round(self.runner.lm, self.runner.suppress, self.drafter, st, seq.sampler,
+                             seq.processors, job.sampling.max_tokens - seq.generated)
+        drafted, accepted = st.policy.drafted - drafted_before, st.policy.accepted - accepted_before
+        seq.drafted += drafted
+        seq.accepted += accepted
+        if self.metrics is not None and drafted:
+            self.metrics.draft_tokens.inc(drafted)
+            self.metrics.draft_accepted_tokens.inc(accepted)
+            self.metrics.draft_rounds.inc()
+        for token, logprobs in emitted:
+            seq.generated += 1
+            if self._deliver(seq, token, None, logprobs):
+                self._store(seq, st.plain_cache(), st.fed)
+                return
+
     def _solo_to_batch(self, bg) -> None:
         """Company arrived while one sequence ran solo: read its pending token, move it over."""
         seq = self.sequences.solo
+        if seq.spec is not None:  # its last token is delivered already and is its next input
+            st = seq.spec
+            self._insert(bg, seq, st.plain_cache(), st.fed, st.bonus)
+            self.solo_handoffs += 1
+            return
         token, logprobs = self._read_pending(seq)
         cache, fed = seq.cache, seq.fed
         if self._deliver(seq, token, None, logprobs):
@@ -503,6 +540,8 @@ class BatchScheduler:
             cached_tokens=seq.cached,
             # the finished sequence's KV (its whole prompt) goes to the prefix cache (``_store``)
             cache_write_tokens=len(job.ids) - seq.cached if self.prefix.enabled else 0,
+            draft_tokens=seq.drafted,
+            draft_accepted_tokens=seq.accepted,
         ))
 
 

@@ -56,7 +56,8 @@ class Phase(enum.Enum):
     OPENING = "opening"              # taken off the queue: sampler, prefix lookup (alone: prefilled whole)
     PREFILL_TEXT = "prefill_text"    # a row of ``TextPrefill``
     PREFILL_MEDIA = "prefill_media"  # a row of ``MediaPrefill``
-    SOLO = "solo"                    # decoding alone on plain caches (``cache``, ``fed``, ``pending``)
+    SOLO = "solo"                    # decoding alone: plain caches (``cache``, ``fed``, ``pending``),
+                                     # or with a drafter its ``spec`` stream
     BATCH = "batch"                  # a row of mlx-lm's ``BatchGenerator`` (``uid``)
     DONE = "done"                    # finished, failed or cancelled: out of the table
 
@@ -90,6 +91,9 @@ class Sequence:
     cache: list | None = None  # SOLO: its plain KV caches
     fed: list[int] | None = None  # SOLO: every token whose KV is in ``cache``: prompt + generated
     pending: tuple | None = None  # SOLO: (next token [1], its logprobs [1, V]) — launched, not yet read
+    spec: object = None  # SOLO with a drafter: its ``SpecStream`` (cache, fed, next input, drafter state)
+    drafted: int = 0  # draft tokens proposed for it, and how many were accepted (usage)
+    accepted: int = 0
 
 
 class SequenceTable:
@@ -139,7 +143,7 @@ class SequenceTable:
             self._batch.pop(seq.uid, None)
         elif seq.phase is Phase.SOLO:
             self.solo = None
-            seq.cache = seq.fed = seq.pending = None
+            seq.cache = seq.fed = seq.pending = seq.spec = None
 
     def finish(self, seq: Sequence) -> None:
         """``seq`` is finished, failed or cancelled: it leaves the table (and its index)."""

@@ -318,6 +318,8 @@ def completion_to_pb(c: T.Completion) -> decoder_pb2.GenerateResponse:
                 soft_tokens=c.soft_tokens,
                 cached_tokens=c.cached_tokens,
                 cache_write_tokens=c.cache_write_tokens,
+                draft_tokens=c.draft_tokens,
+                draft_accepted_tokens=c.draft_accepted_tokens,
             ),
             timings=decoder_pb2.Timings(
                 queued_ms=c.queued_ms, prefill_ms=c.prefill_ms, decode_ms=c.decode_ms
@@ -341,6 +343,8 @@ def completion_from_pb(pb: decoder_pb2.GenerateComplete) -> T.Completion:
         stop_string=pb.stop_string or None,
         cached_tokens=pb.usage.cached_tokens,
         cache_write_tokens=pb.usage.cache_write_tokens,
+        draft_tokens=pb.usage.draft_tokens,
+        draft_accepted_tokens=pb.usage.draft_accepted_tokens,
     )
 
 

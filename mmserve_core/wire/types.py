@@ -219,6 +219,8 @@ class Completion:
     stop_string: str | None = None
     cached_tokens: int = 0  # prompt tokens whose KV came from the prefix cache
     cache_write_tokens: int = 0  # prompt tokens this request added to the prefix cache
+    draft_tokens: int = 0  # tokens the decoder's MTP drafter proposed for this request (--draft-model)
+    draft_accepted_tokens: int = 0  # of those, verified and emitted
 
 
 @dataclass(frozen=True)

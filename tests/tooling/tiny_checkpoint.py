@@ -31,6 +31,12 @@ Variants (``--variant``) exercise the decoder input shapes Gemma 4 ships in:
   ``attention_k_eq_v`` and bidirectional vision, and the audio end token named
   ``eoa_token_index`` as mlx-vlm's config class names it.
 
+``--drafter-for TARGET`` writes instead a random Gemma 4 MTP assistant drafter for the checkpoint
+in TARGET (``gemma4_assistant``, or ``gemma4_unified_assistant`` for a unified target): a 2-layer
+kv-shared-only stack reading the target's last sliding and full-attention K/V, the fields it must
+share with the target copied from TARGET's config — ``mlx_vlm.speculative.drafters.load_drafter``
+loads it.  Random drafts are almost always rejected: mechanics tests only.
+
 Runs on whichever thread calls it (CLI helper; not used by the services).
 """
 
@@ -374,8 +380,50 @@ def _write_unified_processor_config(out: Path, image_soft_tokens: int) -> None:
     (out / "processor_config.json").write_text(json.dumps(proc, indent=2))
 
 
+# the fields an assistant drafter must share with its target's text config (``decoder_service.drafter``)
+_DRAFTER_SHARED = ("vocab_size", "head_dim", "global_head_dim", "num_key_value_heads", "num_global_key_value_heads",
+                   "attention_k_eq_v", "rope_parameters", "sliding_window", "rms_norm_eps", "hidden_activation",
+                   "final_logit_softcapping", "max_position_embeddings")
+
+
+def drafter_config(target: dict[str, Any], *, hidden_size: int = 32, layers: int = 2,
+                   block_size: int = 4) -> dict[str, Any]:
+    """config.json of an MTP assistant drafter for the target checkpoint config ``target``."""
+    tc = target["text_config"]
+    text = {k: tc[k] for k in _DRAFTER_SHARED if k in tc}
+    kinds = ["sliding_attention", "full_attention"]
+    text.update(model_type="gemma4_text", hidden_size=hidden_size, intermediate_size=2 * hidden_size,
+                num_hidden_layers=layers, layer_types=[kinds[i % 2] for i in range(layers)],
+                num_attention_heads=2, num_kv_shared_layers=layers, hidden_size_per_layer_input=0,
+                vocab_size_per_layer_input=tc["vocab_size"], tie_word_embeddings=True,
+                use_double_wide_mlp=False, enable_moe_block=False)
+    unified = target["model_type"] == "gemma4_unified"
+    return {"model_type": "gemma4_unified_assistant" if unified else "gemma4_assistant",
+            "backbone_hidden_size": tc["hidden_size"], "use_ordered_embeddings": False,
+            "tie_word_embeddings": True, "block_size": block_size, "text_config": text}
+
+
+def write_tiny_drafter(out: str | Path, target: str | Path, *, seed: int = 0, dtype: str = "float32",
+                       block_size: int = 4, **sizes: int) -> Path:
+    """Write a random drafter for the checkpoint in ``target`` into ``out`` (replaced)."""
+    out = Path(out)
+    if out.exists():
+        shutil.rmtree(out)
+    out.mkdir(parents=True)
+    config = drafter_config(json.loads((Path(target) / "config.json").read_text()), block_size=block_size,
+                            **sizes)
+    (out / "config.json").write_text(json.dumps(config, indent=2))
+    _write_weights(out, config, seed, dtype)
+    return out
+
+
 def _model_for(config: dict[str, Any]):
     """An instantiated mlx-vlm model of ``config``'s shape (the parameter names and shapes to write)."""
+    if config["model_type"] in ("gemma4_assistant", "gemma4_unified_assistant"):
+        from mlx_vlm.speculative.drafters.gemma4_assistant import Gemma4AssistantDraftModel
+        from mlx_vlm.speculative.drafters.gemma4_assistant.config import Gemma4AssistantConfig
+
+        return Gemma4AssistantDraftModel(Gemma4AssistantConfig.from_dict(config))
     if config["model_type"] == "gemma4_unified":
         from mlx_vlm.models import gemma4_unified
 
@@ -492,7 +540,13 @@ def main(argv: list[str] | None = None) -> None:
                     help="widen the LM's MLPs (a big-LM, small-tower checkpoint for memory checks)")
     ap.add_argument("--chat-template", default=None,
                     help="a Jinja file to ship as the chat template (e.g. a real Gemma 4 template)")
+    ap.add_argument("--drafter-for", default=None, metavar="TARGET",
+                    help="write a random MTP assistant drafter for the checkpoint in TARGET instead")
     args = ap.parse_args(argv)
+    if args.drafter_for:
+        out = write_tiny_drafter(args.out, args.drafter_for, seed=args.seed, dtype=args.dtype)
+        print(f"wrote {out} (drafter for {args.drafter_for}, {args.dtype})")
+        return
     out = write_tiny_checkpoint(
         args.out,
         variant=args.variant,

@@ -33,13 +33,15 @@ def usage(c: T.Completion) -> dict[str, Any]:
     }
 
 
-def timings(done: Done) -> dict[str, float]:
+def timings(done: Done) -> dict[str, float | int]:
     c = done.completion
     return {
         "encode_ms": round(done.encode_ms, 3),
         "queued_ms": round(c.queued_ms, 3),
         "prefill_ms": round(c.prefill_ms, 3),
         "decode_ms": round(c.decode_ms, 3),
+        "draft_tokens": c.draft_tokens,  # MTP drafting (--draft-model): proposed, and verified + emitted
+        "draft_accepted_tokens": c.draft_accepted_tokens,
     }
 
 
