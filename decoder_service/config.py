@@ -37,7 +37,7 @@ class DecoderConfig(ServiceSettings):
     draft_model: str | None = flag(None, "a Gemma 4 MTP assistant checkpoint (gemma4_assistant / "
                                          "gemma4_unified_assistant) drafting tokens the LM verifies: same "
                                          "output, fewer LM forwards a token; checked against the checkpoint "
-                                         "at start")
+                                         "at start", parse=str)
     draft_block_size: int | None = flag(None, "tokens a drafting round verifies (1 + drafts); unset = the "
                                               "drafter's block_size; depth adapts per sequence below it",
                                         parse=int, minimum=2)

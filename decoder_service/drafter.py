@@ -78,15 +78,11 @@ class Drafter:
             raise ValueError("--draft-block-size must be at least 2 (one token verified, one drafted)")
         self.path = Path(path)
 
-    def draft(self, st, k: int) -> list[int]:
+    def draft(self, st, k: int):
         """``k`` greedy drafts after the stream's next input (``speculative.SpecStream``: its
-        ``bonus``, ``hidden``, ``shared_kv`` and ``fed``), on the host."""
-        import mlx.core as mx
-        from mlx_vlm.generate.ar import generation_stream
-
-        with mx.stream(generation_stream):
-            tokens = mtp_adapter.draft(self.model, st.bonus, st.hidden, st.shared_kv, len(st.fed), k)
-        return [int(t) for t in tokens.reshape(-1).tolist()]
+        ``bonus``, ``hidden``, ``shared_kv`` and ``fed``): a lazy ``[1, k]`` array (the caller's
+        stream), evaluated with the verify forward that reads it."""
+        return mtp_adapter.draft(self.model, st.bonus, st.hidden, st.shared_kv, len(st.fed), k)
 
 
 @dataclass
@@ -94,16 +90,20 @@ class DraftPolicy:
     """How many tokens one sequence drafts next round (pure).
 
     ``max_drafts`` = block size - 1.  Depth follows the mean accepted count of the last rounds
-    (one more than it, so a run of full acceptance grows back to the maximum); after ``window``
-    rounds whose mean acceptance is below ``off_below`` the sequence decodes plainly for
-    ``pause`` steps, then probes again."""
+    (one more than it, so a run of full acceptance grows back to the maximum).  When the mean of
+    ``window`` / 2 or more rounds falls below ``off_below`` the sequence decodes plainly for
+    ``pause`` steps, then probes with one draft a round: a probe accepted resumes drafting, two
+    rejected pause it again for twice as long (up to ``max_pause``) — a drafter that does not fit
+    the traffic costs a probe every few hundred steps, not a slower stream."""
 
     max_drafts: int
     window: int = 8
     off_below: float = 0.25
     pause: int = 16
+    max_pause: int = 512
     recent: deque = field(default_factory=deque)
     paused: int = 0
+    probing: bool = False
     drafted: int = 0
     accepted: int = 0
     rounds: int = 0
@@ -111,6 +111,7 @@ class DraftPolicy:
 
     def __post_init__(self) -> None:
         self.recent = deque(self.recent, maxlen=self.window)
+        self._pause = self.pause
 
     def next_k(self, remaining: int) -> int:
         """Drafts for the next round, given ``remaining`` tokens the sequence may still emit."""
@@ -118,7 +119,9 @@ class DraftPolicy:
             self.paused -= 1
             return 0
         k = self.max_drafts
-        if len(self.recent) >= 4:
+        if self.probing:
+            k = 1
+        elif len(self.recent) >= 4:
             k = min(k, int(sum(self.recent) / len(self.recent)) + 1)
         return max(0, min(k, remaining - 1))
 
@@ -133,6 +136,17 @@ class DraftPolicy:
         for i in range(accepted):
             self.by_position[i] += 1
         self.recent.append(accepted)
+        if self.probing:
+            if accepted:
+                self.probing, self._pause = False, self.pause
+                self.recent.clear()
+            elif len(self.recent) >= 2:
+                self._stop()
+            return
         if len(self.recent) >= self.window // 2 and sum(self.recent) / len(self.recent) < self.off_below:
-            self.paused = self.pause
-            self.recent.clear()
+            self._stop()
+
+    def _stop(self) -> None:
+        self.paused, self.probing = self._pause, True
+        self._pause = min(2 * self._pause, self.max_pause)
+        self.recent.clear()

@@ -40,6 +40,12 @@ class DecoderMetrics(ServiceMetrics):
         self.draft_rounds = Counter("mmserve_decoder_draft_rounds",
                                     "Verify forwards that carried drafts (accepted ÷ rounds + 1 = tokens a "
                                     "forward)", registry=r)
+        self.draft_position = Counter("mmserve_decoder_draft_position_tokens",
+                                      "Drafted tokens by their position in the round (1 = first draft)",
+                                      ["position"], registry=r)
+        self.draft_position_accepted = Counter("mmserve_decoder_draft_position_accepted_tokens",
+                                               "Accepted drafted tokens by position (÷ the above = acceptance "
+                                               "by draft position)", ["position"], registry=r)
         self.ttft = Histogram("mmserve_decoder_ttft_seconds", "Arrival to first sampled token",
                               buckets=_TTFT_BUCKETS, registry=r)
 

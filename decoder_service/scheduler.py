@@ -437,9 +437,14 @@ class BatchScheduler:
         seq.drafted += drafted
         seq.accepted += accepted
         if self.metrics is not None and drafted:
-            self.metrics.draft_tokens.inc(drafted)
-            self.metrics.draft_accepted_tokens.inc(accepted)
-            self.metrics.draft_rounds.inc()
+            m = self.metrics
+            m.draft_tokens.inc(drafted)
+            m.draft_accepted_tokens.inc(accepted)
+            m.draft_rounds.inc()
+            for p in range(1, drafted + 1):
+                m.draft_position.labels(str(p)).inc()
+                if p <= accepted:
+                    m.draft_position_accepted.labels(str(p)).inc()
         for token, logprobs in emitted:
             seq.generated += 1
             if self._deliver(seq, token, None, logprobs):

@@ -59,10 +59,14 @@ def spec_round(lm, suppress: mx.array, drafter: Drafter, st: SpecStream, sampler
     from mlx_vlm.generate.ar import generation_stream
 
     k = st.policy.next_k(remaining) if st.hidden is not None else 0
-    drafts = drafter.draft(st, k) if k else []
     with mx.stream(generation_stream):
-        logits, hidden, shared = mtp_adapter.forward(lm, mx.array([[st.bonus, *drafts]]), st.cache)
+        block = mx.array([[st.bonus]], dtype=mx.int32)
+        if k:  # the drafts stay lazy: drafting and verifying are one graph, evaluated once
+            block = mx.concatenate([block, mx.array(drafter.draft(st, k), dtype=mx.int32).reshape(1, k)], axis=1)
+        logits, hidden, shared = mtp_adapter.forward(lm, block, st.cache)
         logits = logits[0] + suppress.astype(logits.dtype)  # [k+1, V]
+        mx.async_eval(logits, block)
+    drafts = block[0, 1:].tolist()
     if sampler is greedy and not processors:
         logprobs = logits - mx.logsumexp(logits, axis=-1, keepdims=True)
         targets = mx.argmax(logprobs, axis=-1).tolist()

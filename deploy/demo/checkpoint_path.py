@@ -5,6 +5,8 @@ from __future__ import annotations
 from pathlib import Path
 
 CHECKPOINT_DIR = Path(__file__).resolve().parent / "tiny-gemma4-demo"
+# its MTP drafter (``python -m tests.tooling.demo_training.drafter``), distilled from it
+DRAFTER_DIR = Path(__file__).resolve().parent / "tiny-gemma4-demo-drafter"
 
 
 def demo_checkpoint() -> Path:

@@ -35,14 +35,18 @@ def _clip(rng: np.random.Generator) -> tuple[np.ndarray, str, str]:
     return wav, path.stem.split("-")[0], f"shipped sample {path.name} (espeak-ng not installed)"
 
 
-def _ask_all(client, model: str, questions, graded: bool, max_tokens: int) -> int:
-    """Each question through the openai client, printed beside its answer; how many were wrong."""
+def _ask_all(client, model: str, questions, graded: bool, max_tokens: int, drafts: list[int]) -> int:
+    """Each question through the openai client, printed beside its answer; how many were wrong.
+    ``drafts`` [drafted, accepted] sums each reply's drafting counts (its ``timings``)."""
     from deploy.demo.tasks import content
 
     wrong = 0
     for name, parts, want in questions:
         r = client.chat.completions.create(model=model, temperature=0, max_tokens=max_tokens,
                                            messages=[{"role": "user", "content": content(parts)}])
+        t = (r.model_extra or {}).get("timings") or {}
+        drafts[0] += t.get("draft_tokens", 0)
+        drafts[1] += t.get("draft_accepted_tokens", 0)
         got = r.choices[0].message.content or ""
         asked = " + ".join(v if k == "text" else f"<{k}>" for k, v in parts)
         ok, mark = _grade(got, want, graded)
@@ -80,12 +84,14 @@ def main(argv: list[str] | None = None) -> None:
     ap.add_argument("--seed", default="0", help="which image and clip to generate: a number (default 0, so the "
                     "output is reproducible) or 'random'; the model misses ~1-3 %% of held-out items (see its card)")
     ap.add_argument("--max-tokens", type=int, default=96)
+    ap.add_argument("--no-draft", action="store_true",
+                    help="decode without the demo model's MTP drafter (shipped beside it)")
     args = ap.parse_args(argv)
 
     from openai import OpenAI
 
     from deploy.demo import tasks
-    from deploy.demo.checkpoint_path import demo_checkpoint
+    from deploy.demo.checkpoint_path import DRAFTER_DIR, demo_checkpoint
     from deploy.processes import start_services
 
     ckpt = args.checkpoint or str(demo_checkpoint())
@@ -112,12 +118,16 @@ def main(argv: list[str] | None = None) -> None:
     # the demo model learned "Transcribe the clip." among its audio prompts; a real checkpoint gets
     # the gateway's default (Gemma's own ASR instruction)
     gateway_args = ["--transcription-instruction", "Transcribe the clip."] if graded else []
-    with start_services(ckpt, gateway_args=gateway_args) as svc:
+    # the demo model's own MTP drafter (distilled from it): the same answers, fewer LM forwards
+    draft = graded and not args.no_draft and (DRAFTER_DIR / "model.safetensors").exists()
+    decoder_args = ["--draft-model", str(DRAFTER_DIR)] if draft else []
+    drafts = [0, 0]
+    with start_services(ckpt, gateway_args=gateway_args, decoder_args=decoder_args) as svc:
         print(f"services ready in {time.perf_counter() - t0:.1f}s: encoder {svc.encoder_addr}, "
               f"decoder {svc.decoder_addr}, gateway {svc.base_url}\n")
         client = OpenAI(base_url=svc.base_url, api_key="not-needed")
         model = client.models.list().data[0].id
-        wrong = _ask_all(client, model, questions, graded, args.max_tokens)
+        wrong = _ask_all(client, model, questions, graded, args.max_tokens, drafts)
         if graded:  # one constrained answer, over the typed gRPC API: only the 18 answers can be said
             wrong += not _constrained_answer(svc.chat_addr, image, label, args.max_tokens)
         heard = client.audio.transcriptions.create(model=model, file=("clip.wav", tasks.wav_bytes(wav))).text
@@ -126,6 +136,10 @@ def main(argv: list[str] | None = None) -> None:
         print(f"[transcription] POST /v1/audio/transcriptions <clip.wav>\n    -> {heard!r}{mark}")
         _usage_and_stream(client, model, questions[2][1], args.max_tokens)
     print("services stopped")
+    if draft:
+        share = f" ({100 * drafts[1] / drafts[0]:.0f} %)" if drafts[0] else ""
+        print(f"MTP drafter ({DRAFTER_DIR.name}): {drafts[1]} of {drafts[0]} drafted tokens accepted{share} "
+              "over the graded chat answers")
     if graded:
         asked = len(questions) + 2  # + the constrained answer and the transcription
         print(f"{asked - wrong}/{asked} answers right"

@@ -333,14 +333,20 @@ async def test_the_decoder_refuses_to_start_with_an_incompatible_drafter(targets
         e.stop()
 
 
-def test_the_depth_policy_follows_acceptance_and_pauses_when_drafts_keep_failing():
+def test_the_depth_policy_follows_acceptance_and_backs_off_when_drafts_keep_failing():
     p = DraftPolicy(max_drafts=3)
     assert p.next_k(remaining=100) == 3 and p.next_k(remaining=2) == 1 and p.next_k(remaining=1) == 0
     for _ in range(4):
         p.record(3, 0)  # nothing accepted: drafting pauses
-    assert [p.next_k(100) for _ in range(p.pause)] == [0] * p.pause
-    assert p.next_k(100) == 3  # probes again
+    assert [p.next_k(100) for _ in range(16)] == [0] * 16
+    assert p.next_k(100) == 1  # then probes with one draft
+    p.record(1, 0)
+    p.record(1, 0)  # two probes rejected: a pause twice as long
+    assert [p.next_k(100) for _ in range(32)] == [0] * 32
+    assert p.next_k(100) == 1
+    p.record(1, 1)  # a probe accepted: drafting resumes at full depth
+    assert p.next_k(100) == 3
     for _ in range(8):
         p.record(3, 1)
     assert p.next_k(100) == 2  # mean 1 accepted: draft 2
-    assert p.by_position[:3] == [8, 0, 0] and p.drafted == 36 and p.accepted == 8
+    assert p.by_position[:3] == [9, 0, 0] and p.drafted == 39 and p.accepted == 9

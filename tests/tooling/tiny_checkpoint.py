@@ -391,9 +391,9 @@ def drafter_config(target: dict[str, Any], *, hidden_size: int = 32, layers: int
     """config.json of an MTP assistant drafter for the target checkpoint config ``target``."""
     tc = target["text_config"]
     text = {k: tc[k] for k in _DRAFTER_SHARED if k in tc}
-    kinds = ["sliding_attention", "full_attention"]
     text.update(model_type="gemma4_text", hidden_size=hidden_size, intermediate_size=2 * hidden_size,
-                num_hidden_layers=layers, layer_types=[kinds[i % 2] for i in range(layers)],
+                num_hidden_layers=layers,
+                layer_types=["sliding_attention" if (layers - 1 - i) % 2 else "full_attention" for i in range(layers)],
                 num_attention_heads=2, num_kv_shared_layers=layers, hidden_size_per_layer_input=0,
                 vocab_size_per_layer_input=tc["vocab_size"], tie_word_embeddings=True,
                 use_double_wide_mlp=False, enable_moe_block=False)
