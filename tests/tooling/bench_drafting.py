@@ -141,7 +141,7 @@ def _anchor(ckpt: Path, drafter_dir: Path, prompts, max_tokens: int, streams: in
                             completion_batch_size=streams, prefill_batch_size=streams, compute_logprobs=False,
                             **kw)
 
-        def insert(ids):  # as mlx_vlm.batch_generate inserts a prompt: with its input embeddings
+        def insert(ids, bg=bg):  # as mlx_vlm.batch_generate inserts a prompt: with its input embeddings
             emb = model.get_input_embeddings(mx.array([ids]), None).to_dict()
             bg.insert([ids], prompt_kwargs=[{k: v for k, v in emb.items() if v is not None}])
 
