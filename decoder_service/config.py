@@ -30,10 +30,12 @@ class DecoderConfig(ServiceSettings):
     prefill_budget_tokens: int = flag(512, "prompt tokens prefilled per decode step while other sequences "
                                            "decode (chunked prefill: bounds how long a long or a burst of "
                                            "prompts delays running streams)", minimum=1)
-    kv_bits: int | None = flag(None, "store the prefix cache's KV quantized to 4 or 8 bits (mlx-lm's "
-                                     "QuantizedKVCache): ~0.28x / 0.53x the bytes of bf16, so the same "
-                                     "--prefix-cache-bytes keeps more conversations; the running batch stays "
-                                     "full precision", parse=int, choices=(4, 8))
+    kv_bits: int | None = flag(None, "quantize the full-attention KV to 4 or 8 bits (mlx's quantized "
+                                     "caches): of the sequences decoding (the running batch and one alone) "
+                                     "and of the prefix cache's entries — ~0.28x / 0.53x the bytes of bf16, "
+                                     "so longer conversations fit and --prefix-cache-bytes keeps more of them; "
+                                     "layers other layers or the drafter read stay full precision",
+                               parse=int, choices=(4, 8))
     draft_model: str | None = flag(None, "a Gemma 4 MTP assistant checkpoint (gemma4_assistant / "
                                          "gemma4_unified_assistant) drafting tokens the LM verifies: same "
                                          "output, fewer LM forwards a token; checked against the checkpoint "

@@ -20,9 +20,10 @@ last prompt token to compute, whose logits give the first sample.
 is narrower), so the conversations waiting for their next turn — what grows
 with their length — take ~0.28x (4 bits) of their bf16 bytes, and the same
 byte bound keeps ~3.5x more of them.  A hit is dequantized back to a plain
-``KVCache`` before it joins the batch: mlx-lm's batch has no quantized cache
-(``QuantizedKVCache`` has no ``merge``), so the running sequences' KV stays
-full precision.  Sliding-window layers are kept as they are (mlx-lm cannot
+``KVCache`` for the prefill that continues it; the scheduler quantizes the layers it
+may again when the sequence starts decoding (``quantized_kv``: the running batch and a
+sequence decoding alone hold their full-attention KV quantized too), and entries stored
+from them stay as they are.  Sliding-window layers are kept as they are (mlx-lm cannot
 quantize a ``RotatingKVCache``; they are bounded by the window anyway).
 
 Thread ownership: MLX thread only (the scheduler's).
@@ -91,10 +92,14 @@ def _quantized(c, bits: int):
 
 
 def _dequantized(c):
-    """A stored ``QuantizedKVCache`` back as the plain ``KVCache`` the batch can merge."""
-    from mlx_vlm.models.cache import KVCache  # the class the Gemma 4 LM's make_cache builds
+    """A stored ``QuantizedKVCache`` (stored so, or quantized while it decoded:
+    ``quantized_kv.RowQuantizedKV``) back as the plain ``KVCache`` a prefill computes on."""
+    from mlx_vlm.models.cache import (
+        KVCache,  # the class the Gemma 4 LM's make_cache builds
+        QuantizedKVCache,
+    )
 
-    if type(c).__name__ != "QuantizedKVCache" or c.keys is None:
+    if not isinstance(c, QuantizedKVCache) or c.keys is None:
         return c
     plain = KVCache()
     n = c.offset
@@ -168,7 +173,7 @@ class PrefixCache:
             if offset < n < offset + length:
                 cache, n = self._trimmed(cache, n, offset)
                 break
-        if cache is not None and self.kv_bits:
+        if cache is not None:  # the prefill computes on full precision (quantized again to decode)
             cache = [_dequantized(c) for c in cache]
         return (cache, n) if cache is not None else (None, 0)
 

@@ -73,6 +73,7 @@ from decoder_service.drafter import Drafter
 from decoder_service.media_prefill import MediaPrefill
 from decoder_service.model import LanguageModelRunner
 from decoder_service.prefix_cache import PrefixCache, keyed_tokens
+from decoder_service.quantized_kv import quantizable_layers, quantize
 from decoder_service.request_queue import RequestQueue
 from decoder_service.sampler import build_processors, build_sampler, token_logprob
 from decoder_service.sampling import ResolvedSampling
@@ -90,9 +91,13 @@ log = get_logger(__name__)
 class BatchScheduler:
     def __init__(self, runner: LanguageModelRunner, *, max_active: int, max_queue: int,
                  metrics=None, prefix_cache: PrefixCache | None = None, prefill_budget_tokens: int = 512,
-                 drafter: Drafter | None = None) -> None:
+                 drafter: Drafter | None = None, kv_bits: int | None = None) -> None:
         self.runner = runner
         self.drafter = drafter
+        # --kv-bits: the decoding sequences' full-attention KV quantized (``quantized_kv``)
+        self.kv_bits = kv_bits
+        self._quant_layers = (quantizable_layers(runner.lm, drafter=drafter is not None) if kv_bits
+                              else frozenset())
         self._forward = runner.logits_model()
         self._fill = TextPrefill(self._forward, budget_tokens=prefill_budget_tokens)
         self._media = MediaPrefill(runner)
@@ -357,6 +362,7 @@ class BatchScheduler:
         if self._deliver(seq, first, None, logprobs):
             self._store(seq, cache, list(job.ids))
             return
+        cache = self._decoding_cache(cache)
         if len(self.sequences) == 1 and not self.requests.waiting():  # alone in the decoder
             self.sequences.move(seq, Phase.SOLO)
             if self.drafter is not None:  # drafting: verified rounds (``speculative``), no launch-ahead
@@ -373,6 +379,7 @@ class BatchScheduler:
         from mlx_lm.generate import StopSequences
 
         job = seq.job
+        cache = self._decoding_cache(cache)
         grammar = job.sampling.grammar
         if not mlx_lm_batch.readable(bg):  # an mlx-lm whose batch order we cannot read:
             grammar = None                 # the mask stays a per-row processor
@@ -385,6 +392,11 @@ class BatchScheduler:
         seq.mask = grammar  # masked with the batch's others in _batch_forward, not row by row
         seq.fresh = fresh
         self._new_uids.append(uid)
+
+    def _decoding_cache(self, cache: list) -> list:
+        """A prefilled cache as it decodes: with ``--kv-bits``, its quantizable layers quantized
+        (already quantized ones — a solo sequence joining the batch — as they are)."""
+        return quantize(cache, self._quant_layers, self.kv_bits) if self._quant_layers else cache
 
     # -- the solo path -------------------------------------------------------------------
     def _launch(self, seq: Sequence, token: int) -> tuple:
