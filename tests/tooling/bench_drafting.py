@@ -10,7 +10,12 @@ Prints tables (never asserts):
 3. the anchor in this process, on the same BLAS, prompts and drafter: mlx-vlm's own speculative
    decoding — ``generate_step(draft_model=…)`` alone, and its ``BatchGenerator`` with the drafter
    at 8 streams arriving staggered (a new prompt as soon as one finishes: it cannot take new rows
-   into a running speculative batch, so they wait for it to drain).
+   into a running speculative batch, so they wait for it to drain);
+4. ``--kv-bits 8 / 4`` on the running batch (in this process, mlx-lm's ``BatchGenerator`` with the
+   decoder's quantized row caches, on a generated 31B-shaped checkpoint — the demo model is E2B-shaped,
+   whose only full-attention layer other layers read, so nothing of it is quantized): KV bytes a token
+   of the running batch, the longest conversation a fixed KV budget holds, and greedy agreement with
+   full precision (tokens before the first difference).
 
 Workload: the demo model's own questions in held-out phrasings — text (its fixed answers, 12-45
 tokens) by default; every request runs to its natural end-of-turn, as a client's would.
@@ -164,6 +169,66 @@ def _anchor(ckpt: Path, drafter_dir: Path, prompts, max_tokens: int, streams: in
     return out
 
 
+def _state_bytes(c) -> int:
+    """Bytes of the positions a cache holds (its ``state``), not of its step-sized buffers."""
+    from mlx.utils import tree_flatten
+
+    return sum(a.nbytes for _, a in tree_flatten(list(c.state[:2])) if hasattr(a, "nbytes"))
+
+
+def _running_kv(prompt_len: int, rows: int, tokens: int, budget: int) -> list[tuple]:
+    """Section 4: (bits, full-attention KV bytes/token, sliding bytes (fixed), tokens in ``budget``,
+    agreement per row) for full precision, 8 and 4 bits."""
+    import tempfile
+
+    import mlx.core as mx
+    from mlx_lm.generate import BatchGenerator
+
+    from decoder_service.model import LanguageModelRunner
+    from decoder_service.quantized_kv import quantizable_layers, quantize
+    from tests.tooling.tiny_checkpoint import write_tiny_checkpoint
+
+    ckpt = write_tiny_checkpoint(Path(tempfile.mkdtemp(prefix="mmserve-kv-")) / "dense", variant="dense",
+                                 dtype="bfloat16", overrides={"text_config": {
+                                     "head_dim": 64, "global_head_dim": 128, "num_global_key_value_heads": 2,
+                                     "num_key_value_heads": 2, "num_attention_heads": 4,
+                                     "max_position_embeddings": 1 << 16}})
+    runner = LanguageModelRunner(ckpt)
+    layers = quantizable_layers(runner.lm, drafter=False)
+    fwd = runner.logits_model()
+    rng = np.random.default_rng(0)
+    prompts = [[2, 105, *map(int, rng.integers(10, 240, prompt_len))] for _ in range(rows)]
+    out, ref = [], None
+    for bits in (None, 8, 4):
+        bg = BatchGenerator(fwd, completion_batch_size=rows, prefill_batch_size=rows)
+        caches, firsts = [], []
+        for p in prompts:
+            c, logits = runner.prefill(p, [])
+            caches.append(quantize(c, layers, bits) if bits else c)
+            firsts.append(int(mx.argmax(logits, -1).item()))
+        uids = bg.insert([[f] for f in firsts], max_tokens=[tokens] * rows, caches=caches,
+                         all_tokens=[list(p) for p in prompts])
+        got = {u: [] for u in uids}
+        full = sliding = None
+        while any(len(v) < tokens for v in got.values()):
+            _, resp = bg.next()
+            for r in resp:
+                got[r.uid].append(int(r.token))
+            batch = getattr(bg, "_generation_batch", None)
+            if full is None and batch is not None and resp:  # the running batch's caches, read once
+                n = sum(len(p) for p in prompts)
+                kinds = [type(c).__name__ for c in batch.prompt_cache]
+                full = sum(_state_bytes(c) for c, k in zip(batch.prompt_cache, kinds) if "Rotating" not in k) / n
+                sliding = sum(_state_bytes(c) for c, k in zip(batch.prompt_cache, kinds) if "Rotating" in k)
+        seqs = [got[u] for u in uids]
+        ref = ref or seqs
+        agree = [next((i for i, (a, b) in enumerate(zip(x, y)) if a != b), len(x)) for x, y in zip(seqs, ref)]
+        out.append((bits or "full", full, sliding, int((budget - sliding / rows) / full), agree))
+        bg.close()
+        mx.clear_cache()
+    return out
+
+
 def main(argv: list[str] | None = None) -> None:
     from deploy.demo.checkpoint_path import CHECKPOINT_DIR, DRAFTER_DIR
 
@@ -174,6 +239,7 @@ def main(argv: list[str] | None = None) -> None:
     ap.add_argument("--requests", type=int, default=48, help="requests per stream count")
     ap.add_argument("--max-tokens", type=int, default=64)
     ap.add_argument("--no-anchor", action="store_true")
+    ap.add_argument("--kv-prompt", type=int, default=1500, help="section 4: prompt tokens per row")
     args = ap.parse_args(argv)
 
     from mmserve_core.runtime.blas import blas_in_use, preload_optimized_blas
@@ -196,6 +262,13 @@ def main(argv: list[str] | None = None) -> None:
     for pos in sorted(positions["drafted"], key=int):
         d, acc = positions["drafted"][pos], positions["accepted"].get(pos, 0.0)
         print(f"  position {pos}: {acc:.0f} / {d:.0f} = {acc / d:.2f}" if d else f"  position {pos}: none")
+    kv = _running_kv(args.kv_prompt, 4, 48, 64 << 20)
+    print("\n--kv-bits on the running batch (31B-shaped bf16 checkpoint, 4 rows of "
+          f"{args.kv_prompt} prompt tokens, 48 greedy tokens each)")
+    print(f"{'kv':>5} {'full-attn KV bytes/token':>25} {'vs full':>8} {'sliding KV (fixed)':>19} "
+          f"{'tokens in 64 MiB':>17} {'greedy tokens before 1st difference':>36}")
+    for bits, full, sliding, fit, agree in kv:
+        print(f"{bits!s:>5} {full:>25.0f} {full / kv[0][1]:>7.2f}x {sliding:>19.0f} {fit:>17} {agree!s:>36}")
     if args.no_anchor:
         return
     anchor = _anchor(ckpt, drafter, prompts, args.max_tokens, max(streams))
