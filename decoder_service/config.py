@@ -43,6 +43,9 @@ class DecoderConfig(ServiceSettings):
     draft_block_size: int | None = flag(None, "tokens a drafting round verifies (1 + drafts); unset = the "
                                               "drafter's block_size; depth adapts per sequence below it",
                                         parse=int, minimum=2)
+    draft_max_batch: int = flag(8, "with a drafter: the running batch drafts while it has at most this many "
+                                   "rows (beyond, a step is plain: decode is no longer latency-bound)",
+                                minimum=1)
 
 
 def parse_args(argv: list[str] | None = None) -> DecoderConfig:

@@ -108,7 +108,7 @@ class DecoderEngine:
                                    max_queue=self.cfg.max_queue, metrics=self.metrics,
                                    prefix_cache=PrefixCache(self.cfg.prefix_cache_bytes, self.cfg.kv_bits),
                                    prefill_budget_tokens=self.cfg.prefill_budget_tokens, drafter=drafter,
-                                   kv_bits=self.cfg.kv_bits)
+                                   kv_bits=self.cfg.kv_bits, draft_max_batch=self.cfg.draft_max_batch)
         warm = resolve_sampling(
             T.SamplingParams(temperature=0.0, max_tokens=3),
             prompt_len=2, context_length=self.context_length, vocab_size=self.info.vocab_size,

@@ -14,9 +14,17 @@ if an upgrade changes them):
 2. the target LM takes ``return_hidden=True, return_shared_kv=True`` and returns the last decoder
    layer's output before the final norm (``hidden_states[-1]``) and ``{layer_type: (K, V)}`` of the
    layers the drafter reads (``shared_kv_states``); ``speculative_draft_hidden`` normalises it;
-3. ``BufferedRotatingKVCache.from_cache`` turns a sliding-window cache into one that can be trimmed
+3. a multi-token forward on a ``BatchRotatingKVCache`` whose ring has wrapped (``rotated``) is
+   masked one position off for left-padded rows (``make_mask`` computes the trim from the ring
+   index, ``_update_concat`` from the temporal length): ``unrotate`` puts such caches in temporal
+   order first — the same reordering ``_update_concat`` makes itself — after which both agree
+   (``tests/rpc/test_batch_drafting.py`` shows the difference and the fix);
+4. ``BufferedRotatingKVCache.from_cache`` turns a sliding-window cache into one that can be trimmed
    back over a rejected draft block even after the window has wrapped (``trim`` is exact within
-   its buffer), as mlx-vlm's own round loop does.
+   its buffer), as mlx-vlm's own round loop does;
+5. ``start_speculative_cache(caches, T)`` / ``.commit(retained)`` keep exactly ``retained[i]`` of the
+   ``T`` positions a batch forward appended to row ``i`` (batch append caches roll the rest into left
+   padding; batch sliding windows are restored and replay what is kept).
 
 MLX thread only.
 """
@@ -84,8 +92,17 @@ def drop_rejected(shared_kv: dict, rejected: int) -> dict:
     return out
 
 
+def unrotate(caches: list) -> None:
+    """Put wrapped batch sliding-window caches in temporal order before a multi-token forward (fact 3)."""
+    from mlx_vlm.models.cache import BatchRotatingKVCache
+
+    for c in caches:
+        if isinstance(c, BatchRotatingKVCache) and c.keys is not None and c.rotated:
+            c._temporal_order()
+
+
 def rollback_ready(cache: list) -> list:
-    """``cache`` with every sliding-window layer made trimmable across its window (fact 3)."""
+    """``cache`` with every sliding-window layer made trimmable across its window (fact 4)."""
     from mlx_vlm.models.cache import BufferedRotatingKVCache, RotatingKVCache
 
     out = []

@@ -68,8 +68,9 @@ import traceback
 import mlx.core as mx
 
 from decoder_service import mlx_lm_batch
+from decoder_service.batch_drafting import batch_round, read_layers
 from decoder_service.constraints import BatchMasks
-from decoder_service.drafter import Drafter
+from decoder_service.drafter import Drafter, DraftPolicy
 from decoder_service.media_prefill import MediaPrefill
 from decoder_service.model import LanguageModelRunner
 from decoder_service.prefix_cache import PrefixCache, keyed_tokens
@@ -91,9 +92,12 @@ log = get_logger(__name__)
 class BatchScheduler:
     def __init__(self, runner: LanguageModelRunner, *, max_active: int, max_queue: int,
                  metrics=None, prefix_cache: PrefixCache | None = None, prefill_budget_tokens: int = 512,
-                 drafter: Drafter | None = None, kv_bits: int | None = None) -> None:
+                 drafter: Drafter | None = None, kv_bits: int | None = None, draft_max_batch: int = 8) -> None:
         self.runner = runner
         self.drafter = drafter
+        self.draft_max_batch = draft_max_batch  # a batch step drafts only with at most this many rows
+        self._read_layers = read_layers(runner.lm)  # the layers whose K/V the drafter reads
+        self._hidden: dict[int, mx.array] = {}  # batch uid -> its last hidden state (drafting)
         # --kv-bits: the decoding sequences' full-attention KV quantized (``quantized_kv``)
         self.kv_bits = kv_bits
         self._quant_layers = (quantizable_layers(runner.lm, drafter=drafter is not None) if kv_bits
@@ -161,10 +165,19 @@ class BatchScheduler:
         ``_step`` lists the row uids of each call the coming ``next()`` makes in ``_calls``
         (``mlx_lm_batch.step_calls``: mlx-lm's internals, read in that one adapter), so each call
         knows whose logits it computes."""
-        logits = self._forward(inputs, cache=cache, **kwargs)
         if inputs.shape[1] != 1:
-            return logits
+            return self._forward(inputs, cache=cache, **kwargs)
         uids = self._calls.pop(0) if self._calls else None
+        if self.drafter is not None:  # keep each row's hidden state: a drafting round may follow
+            from decoder_service import mtp_adapter
+
+            logits, hidden, _ = mtp_adapter.forward(self.runner.lm, inputs, cache)
+            logits = logits + self.runner.suppress.astype(logits.dtype)
+            if uids is not None and len(uids) == inputs.shape[0]:
+                for i, u in enumerate(uids):
+                    self._hidden[u] = mtp_adapter.draft_hidden(self.runner.lm, hidden[i: i + 1, -1:])
+        else:
+            logits = self._forward(inputs, cache=cache, **kwargs)
         if not any(s.mask is not None for s in self.sequences.in_batch()):
             return logits
         if uids is None or len(uids) != inputs.shape[0]:
@@ -366,7 +379,7 @@ class BatchScheduler:
         if len(self.sequences) == 1 and not self.requests.waiting():  # alone in the decoder
             self.sequences.move(seq, Phase.SOLO)
             if self.drafter is not None:  # drafting: verified rounds (``speculative``), no launch-ahead
-                seq.spec = SpecStream.start(cache, list(job.ids), first, self.drafter)
+                seq.spec = SpecStream.start(cache, list(job.ids), first, self._policy(seq))
                 return
             seq.cache, seq.fed = cache, list(job.ids)
             seq.pending = self._launch(seq, first)
@@ -389,9 +402,17 @@ class BatchScheduler:
             stop_sequences=[StopSequences([[t] for t in sorted(job.stop_ids)])],
         )
         self.sequences.move(seq, Phase.BATCH, uid=uid)
+        if self.drafter is not None:
+            self._policy(seq)
         seq.mask = grammar  # masked with the batch's others in _batch_forward, not row by row
         seq.fresh = fresh
         self._new_uids.append(uid)
+
+    def _policy(self, seq: Sequence) -> DraftPolicy:
+        """The sequence's drafting depth policy (one for its life: solo, then in the batch)."""
+        if seq.policy is None:
+            seq.policy = DraftPolicy(self.drafter.block_size - 1)
+        return seq.policy
 
     def _decoding_cache(self, cache: list) -> list:
         """A prefilled cache as it decodes: with ``--kv-bits``, its quantizable layers quantized
@@ -442,10 +463,19 @@ class BatchScheduler:
         """One drafting round of the solo sequence: its 1..k+1 verified tokens, delivered in order
         (a stop or the token budget ends it part-way; its KV then holds what the round fed)."""
         st, job = seq.spec, seq.job
-        drafted_before, accepted_before = st.policy.drafted, st.policy.accepted
+        before = (st.policy.drafted, st.policy.accepted)
         emitted = spec_round(self.runner.lm, self.runner.suppress, self.drafter, st, seq.sampler,
                              seq.processors, job.sampling.max_tokens - seq.generated)
-        drafted, accepted = st.policy.drafted - drafted_before, st.policy.accepted - accepted_before
+        self._count_drafts(seq, before)
+        for token, logprobs in emitted:
+            seq.generated += 1
+            if self._deliver(seq, token, None, logprobs):
+                self._store(seq, st.plain_cache(), st.fed)
+                return
+
+    def _count_drafts(self, seq: Sequence, before: tuple[int, int]) -> None:
+        """What the last round drafted and accepted for ``seq`` (its usage, the counters)."""
+        drafted, accepted = seq.policy.drafted - before[0], seq.policy.accepted - before[1]
         seq.drafted += drafted
         seq.accepted += accepted
         if self.metrics is not None and drafted:
@@ -457,11 +487,6 @@ class BatchScheduler:
                 m.draft_position.labels(str(p)).inc()
                 if p <= accepted:
                     m.draft_position_accepted.labels(str(p)).inc()
-        for token, logprobs in emitted:
-            seq.generated += 1
-            if self._deliver(seq, token, None, logprobs):
-                self._store(seq, st.plain_cache(), st.fed)
-                return
 
     def _solo_to_batch(self, bg) -> None:
         """Company arrived while one sequence ran solo: read its pending token, move it over."""
@@ -499,7 +524,10 @@ class BatchScheduler:
         self.prefix.store(kids[: len(tokens)], cache)
 
     def _step(self, bg) -> None:
-        """One batched decode step: every BATCH sequence's next token, delivered."""
+        """One batched decode step: every BATCH sequence's next token, delivered — or, with a
+        drafter, a drafting round over the batch when it can take one (``_draft_round``)."""
+        if self.drafter is not None and self._draft_round(bg):
+            return
         # inserted since the last step and still there (one cancelled meanwhile left the batch too)
         inserted = [u for u in self._new_uids if self.sequences.batched(u) is not None]
         self._new_uids = []
@@ -509,6 +537,34 @@ class BatchScheduler:
         for uid in inserted:  # every row inserted before this step has now taken its first step
             if (seq := self.sequences.batched(uid)) is not None:
                 seq.fresh = False
+        self._respond(bg, responses)
+
+    def _draft_round(self, bg) -> bool:
+        """A drafting round over the running batch (``batch_drafting``), when every row can take
+        part: no rows waiting to join (they join at the next plain step), none with a grammar mask
+        (the batch masks those in its own step), at most ``draft_max_batch`` rows, and some row
+        drafting.  False: step plainly."""
+        gb = mlx_lm_batch.generation_batch(bg)
+        if gb is None or not gb.uids or self._new_uids or mlx_lm_batch.admitting(bg):
+            return False
+        if len(gb.uids) > self.draft_max_batch:
+            return False
+        seqs = [self.sequences.batched(u) for u in gb.uids]
+        if any(s is None or s.mask is not None or s.policy is None for s in seqs):
+            return False
+        before = [(s.policy.drafted, s.policy.accepted) for s in seqs]
+        out = batch_round(gb, self.runner.lm, self.runner.suppress, self.drafter, [s.policy for s in seqs],
+                          [self._hidden.get(u) for u in gb.uids], self._read_layers)
+        if out is None:
+            return False
+        responses, self._hidden = out
+        for s, b in zip(seqs, before):
+            self._count_drafts(s, b)
+        self._respond(bg, responses)
+        return True
+
+    def _respond(self, bg, responses) -> None:
+        """Deliver a step's (or a round's) responses, in order; finished rows' KV is stored."""
         for r in responses:
             seq = self.sequences.batched(r.uid)
             if seq is None:

@@ -92,6 +92,7 @@ class Sequence:
     fed: list[int] | None = None  # SOLO: every token whose KV is in ``cache``: prompt + generated
     pending: tuple | None = None  # SOLO: (next token [1], its logprobs [1, V]) — launched, not yet read
     spec: object = None  # SOLO with a drafter: its ``SpecStream`` (cache, fed, next input, drafter state)
+    policy: object = None  # with a drafter: its ``DraftPolicy`` (how deep it drafts; solo, then batched)
     drafted: int = 0  # draft tokens proposed for it, and how many were accepted (usage)
     accepted: int = 0
 

@@ -25,7 +25,7 @@ from dataclasses import dataclass
 import mlx.core as mx
 
 from decoder_service import mtp_adapter
-from decoder_service.drafter import Drafter, DraftPolicy
+from decoder_service.drafter import Drafter, DraftPolicy  # noqa: F401 - Drafter: the type spec_round takes
 from decoder_service.sampler import greedy
 
 
@@ -43,8 +43,8 @@ class SpecStream:
     shared_kv: dict | None = None
 
     @classmethod
-    def start(cls, cache: list, fed: list[int], bonus: int, drafter: Drafter) -> SpecStream:
-        return cls(mtp_adapter.rollback_ready(cache), fed, bonus, DraftPolicy(drafter.block_size - 1))
+    def start(cls, cache: list, fed: list[int], bonus: int, policy: DraftPolicy) -> SpecStream:
+        return cls(mtp_adapter.rollback_ready(cache), fed, bonus, policy)
 
     def plain_cache(self) -> list:
         """The cache as the batch and the prefix cache take it."""

@@ -350,3 +350,106 @@ def test_the_depth_policy_follows_acceptance_and_backs_off_when_drafts_keep_fail
         p.record(3, 1)
     assert p.next_k(100) == 2  # mean 1 accepted: draft 2
     assert p.by_position[:3] == [9, 0, 0] and p.drafted == 39 and p.accepted == 9
+
+
+# -- drafting in the running batch --------------------------------------------------------------
+class Oracles:
+    """``Oracle`` for several prompts at once (a batch's rows), told apart by their prompt."""
+
+    def __init__(self, refs: dict[tuple, list[int]], *, wrong_at: tuple[int, ...] = ()):
+        self.by_prompt = {p: Oracle(list(p), ref, wrong_at=wrong_at) for p, ref in refs.items()}
+        self.block_size = 4
+
+    def draft(self, st, k: int) -> list[int]:
+        for p, oracle in self.by_prompt.items():
+            if tuple(st.fed[: len(p)]) == p:
+                return oracle.draft(st, k)
+        raise AssertionError("a row of no known prompt")
+
+
+async def _batched(engine, prompts, drafter, stagger: float = 0.0, **sampling):
+    """Every prompt at once (``stagger`` s apart) with ``drafter`` in place; outputs in order."""
+    sched = engine.scheduler
+    before = sched.drafter
+    sched.drafter = drafter
+    rounds = engine.metrics.draft_rounds._value.get()
+
+    async def one(k, ids, spans):
+        await asyncio.sleep(stagger * k)
+        return await _run(engine, ids, spans, **sampling)
+
+    try:
+        got = await asyncio.gather(*(one(k, ids, spans) for k, (ids, spans) in enumerate(prompts)))
+    finally:
+        sched.drafter = before
+    return got, engine.metrics.draft_rounds._value.get() - rounds
+
+
+async def _alone(engine, prompts, **sampling):
+    sched = engine.scheduler
+    before, sched.drafter = sched.drafter, None
+    try:
+        return [await _run(engine, ids, spans, **sampling) for ids, spans in prompts]
+    finally:
+        sched.drafter = before
+
+
+@pytest.mark.parametrize("variant", ["e2b", "dense", "unified"])
+async def test_batched_rows_draft_and_accept_each_their_own(engines, variant):
+    """Five requests decoding together (text, image, audio; prompts past the 64-token window),
+    each row drafted and accepted on its own: the oracle drafts accepted whole, the half-wrong one
+    accepted up to its mistake, random ones mostly rejected — every row's output identical to the
+    row alone without a drafter."""
+    engine = engines[variant]
+    rng = np.random.default_rng(41)
+    media = ["", "image", "", "audio" if variant != "dense" else "", "image"]
+    prompts = [_prompt(rng, m) for m in media]
+    prompts[2] = ([2, 105] + [int(x) for x in rng.integers(10, 240, 150)] + [106, 105, 11], [])
+    no_eos = {t: -100.0 for t in engine.eos_ids}
+    ref = await _alone(engine, prompts, max_tokens=60, logit_bias=no_eos)
+    refs = {tuple(ids): r[0] for (ids, _), r in zip(prompts, ref)}
+    for drafter in (Oracles(refs), Oracles(refs, wrong_at=(2,)), engine.scheduler.drafter):
+        got, rounds = await _batched(engine, prompts, drafter, max_tokens=60, logit_bias=no_eos)
+        for (a, _, _, _), (b, done, _, _) in zip(ref, got):
+            assert b == a and done.completion_tokens == 60
+        if isinstance(drafter, Oracles):
+            assert rounds > 0
+            acc = sum(d.draft_accepted_tokens for _, d, _, _ in got)
+            drafted = sum(d.draft_tokens for _, d, _, _ in got)
+            assert acc > 100 and (acc == drafted) == (not drafter.by_prompt[next(iter(refs))].wrong_at)
+
+
+async def test_batched_rounds_keep_sampling_processors_stops_and_budgets(engines):
+    """Seeded sampling, logit bias and penalties, logprobs, stop tokens and token budgets of rows
+    drafted together: each row as alone without a drafter; rows arrive staggered and join the
+    drafting batch at step boundaries."""
+    engine = engines["dense"]
+    rng = np.random.default_rng(12)
+    prompts = [_prompt(rng, "image" if k % 2 else "") for k in range(4)]
+    bias = {t: -100.0 for t in engine.eos_ids} | {int(x): 2.0 for x in rng.integers(256, 500, 12)}
+    kw = dict(max_tokens=37, temperature=0.8, top_p=0.9, seed=5, logit_bias=bias, presence_penalty=0.7,
+              logprobs=True, top_logprobs=2)
+    ref = await _alone(engine, prompts, **kw)
+    refs = {tuple(ids): r[0] for (ids, _), r in zip(prompts, ref)}
+    got, rounds = await _batched(engine, prompts, Oracles(refs), stagger=0.01, **kw)
+    assert rounds > 0
+    for a, b in zip(ref, got):
+        assert b[0] == a[0] and b[1].completion_tokens == 37
+        np.testing.assert_allclose([lp.logprob for lp in b[3]], [lp.logprob for lp in a[3]], atol=1e-4)
+    stop_at = [r[0][11] for r in ref]  # each row stops at its own token
+    for (ids, spans), s, a in zip(prompts, stop_at, ref):
+        del ids, spans
+        k = a[0].index(s)
+        assert k <= 11
+    got = await asyncio.gather(*(
+        _batched_one(engine, Oracles(refs), ids, spans, stop_token_ids=[s], **kw)
+        for (ids, spans), s in zip(prompts, stop_at)))
+    for (toks, done, _, _), a, s in zip(got, ref, stop_at):
+        k = a[0].index(s)
+        assert toks == a[0][:k] and done.finish_reason == "stop" and done.completion_tokens == k + 1
+
+
+async def _batched_one(engine, drafter, ids, spans, **sampling):
+    sched = engine.scheduler
+    sched.drafter = drafter
+    return await _run(engine, ids, spans, **sampling)
