@@ -156,6 +156,7 @@ class BatchScheduler:
         from mlx_vlm.generate.ar import generation_stream
 
         self._new_uids.clear()
+        self._hidden.clear()
         return BatchGenerator(self._batch_forward, stream=generation_stream,
                               completion_batch_size=self.max_active, prefill_batch_size=self.max_active)
 
