@@ -25,7 +25,8 @@ leaving at step boundaries as they always do:
    extracted and filtered out exactly as ``next()`` does.
 
 Costs: each drafting row's two read layers are copied out per round (``extract``: ~2 of the LM's
-layers' KV), and the drafts are made row by row (rows sit at different positions).  Not drafted in
+layers' KV) and padded into one batch for the drafter, which drafts every row at once (each row
+at its own position).  Not drafted in
 a round: rows with a grammar mask (the batch masks them in its own step) — such a batch steps
 plainly.  The facts about mlx-lm 0.32's ``GenerationBatch`` this relies on are listed in
 ``mlx_lm_batch`` and checked by ``tests/rpc/test_mlx_lm_batch.py``.
@@ -40,7 +41,7 @@ from dataclasses import dataclass
 import mlx.core as mx
 
 from decoder_service import mlx_lm_batch, mtp_adapter
-from decoder_service.drafter import DraftPolicy
+from decoder_service.drafter import Drafter, DraftPolicy
 
 
 @dataclass
@@ -76,6 +77,31 @@ def _row_kv(caches: list, layers: dict[str, int], row: int) -> dict:
     return out
 
 
+def _draft_rows(drafter, gb, layers: dict[str, int], rows: list[int], pending: list[int], hidden: list,
+                K: int) -> dict[int, mx.array]:
+    """``K`` drafts [1, K] for each of ``rows``.  One ``draft_block`` for them all when the drafter is
+    mlx-vlm's (each row's K/V right-padded to a common length, its valid length and position its
+    own — the same drafts as row by row, checked by a test); row by row for any other drafter."""
+    per_row = {i: _row_kv(gb.prompt_cache, layers, i) for i in rows}
+    if not isinstance(drafter, Drafter) or len(rows) == 1:
+        return {i: mx.array(drafter.draft(_RowDraft(pending[i], hidden[i], per_row[i], gb.tokens[i]), K),
+                            dtype=mx.int32).reshape(1, K) for i in rows}
+    shared = {}
+    for kind in per_row[rows[0]]:
+        width = max(per_row[i][kind][0].shape[2] for i in rows)
+        ks, vs = [], []
+        for i in rows:
+            k, v = per_row[i][kind]
+            pad = [(0, 0), (0, 0), (0, width - k.shape[2]), (0, 0)]
+            ks.append(mx.pad(k, pad))
+            vs.append(mx.pad(v, pad))
+        shared[kind] = (mx.concatenate(ks), mx.concatenate(vs))
+    valid = [len(gb.tokens[i]) for i in rows]
+    out = mtp_adapter.draft_rows(drafter.model, [pending[i] for i in rows],
+                                 mx.concatenate([hidden[i] for i in rows]), shared, valid, K)
+    return {i: out[j: j + 1] for j, i in enumerate(rows)}
+
+
 def batch_round(gb, lm, suppress: mx.array, drafter, policies: list[DraftPolicy], hidden: list,
                 layers: dict[str, int]) -> tuple[list, dict[int, mx.array]] | None:
     """One drafting round over the ``GenerationBatch`` ``gb`` (row order = ``gb.uids``).
@@ -96,14 +122,14 @@ def batch_round(gb, lm, suppress: mx.array, drafter, policies: list[DraftPolicy]
         return None
     K = max(ks)
     with mx.stream(generation_stream):
+        drafting = [i for i in range(B) if ks[i]]
+        drafts = _draft_rows(drafter, gb, layers, drafting, pending, hidden, K)
         rows = []
         for i in range(B):
-            pad = mx.full((1, K - ks[i]), pending[i], dtype=mx.int32)  # never accepted: past k_i
-            parts = [mx.array([[pending[i]]], dtype=mx.int32)]
-            if ks[i]:
-                st = _RowDraft(pending[i], hidden[i], _row_kv(gb.prompt_cache, layers, i), gb.tokens[i])
-                parts.append(mx.array(drafter.draft(st, ks[i]), dtype=mx.int32).reshape(1, ks[i]))
-            rows.append(mx.concatenate([*parts, pad], axis=1))
+            if ks[i]:  # positions past k_i are never accepted (the walk stops at k_i)
+                rows.append(mx.concatenate([mx.array([[pending[i]]], dtype=mx.int32), drafts[i]], axis=1))
+            else:
+                rows.append(mx.full((1, K + 1), pending[i], dtype=mx.int32))
         block = mx.concatenate(rows, axis=0)  # [B, 1 + K]
         mtp_adapter.unrotate(gb.prompt_cache)
         tx = start_speculative_cache(gb.prompt_cache, K + 1)

@@ -77,6 +77,14 @@ def draft(drafter, bonus: int, hidden: mx.array, shared_kv: dict, kv_len: int, k
     return drafter.draft_block(bonus, hidden, None, k + 1, _argmax, greedy=True)
 
 
+def draft_rows(drafter, bonus: list[int], hidden: mx.array, shared_kv: dict, kv_lens: list[int], k: int) -> mx.array:
+    """``draft`` for several rows at once: ``shared_kv`` rows right-padded to one length, row ``i``
+    valid over its first ``kv_lens[i]`` positions (and drafting at position ``kv_lens[i] - 1``)."""
+    valid = mx.array(kv_lens, dtype=mx.int32)
+    drafter.set_shared_kv(shared_kv, max(kv_lens), position=mx.maximum(valid - 1, 0), kv_valid_len=valid)
+    return drafter.draft_block(mx.array(bonus, dtype=mx.int32), hidden, None, k + 1, _argmax, greedy=True)
+
+
 def _argmax(logits: mx.array) -> mx.array:
     return mx.argmax(logits, axis=-1)
 

@@ -15,9 +15,13 @@ from tests.tooling.tiny_checkpoint import write_tiny_checkpoint
 
 
 @pytest.fixture(scope="module", params=["dense", "e2b"])
-def runner(request, tmp_path_factory):
-    return LanguageModelRunner(write_tiny_checkpoint(tmp_path_factory.mktemp("bd") / request.param,
-                                                     variant=request.param, dtype="float32"))
+def ckpt(request, tmp_path_factory):
+    return write_tiny_checkpoint(tmp_path_factory.mktemp("bd") / request.param, variant=request.param, dtype="float32")
+
+
+@pytest.fixture(scope="module")
+def runner(ckpt):
+    return LanguageModelRunner(ckpt)
 
 
 def _rows(runner, lengths=(30, 33, 150), seed=0):
@@ -80,3 +84,28 @@ def test_a_wrapped_window_needs_unrotating_before_a_block_forward(runner):
 
     assert rounds(fix=False) > 1e-3
     assert rounds(fix=True) < 1e-4
+
+
+def test_one_batched_draft_equals_each_rows_own(runner, ckpt, tmp_path):
+    """``batch_drafting._draft_rows``: rows at different positions (one past its window) drafted in
+    one ``draft_block`` get the drafts each gets alone."""
+    from decoder_service.batch_drafting import _draft_rows, _row_kv, read_layers
+    from decoder_service.drafter import Drafter
+    from tests.tooling.tiny_checkpoint import write_tiny_drafter
+
+    drafter = Drafter(write_tiny_drafter(tmp_path / "d", ckpt, seed=2), runner.lm)
+    prompts, rows = _rows(runner, lengths=(30, 150, 70), seed=5)
+    batch = _merge_caches(rows)
+    logits, hidden, _ = mtp_adapter.forward(runner.lm, mx.array([[p[-1]] for p in prompts]), batch)
+    hid = [mtp_adapter.draft_hidden(runner.lm, hidden[i: i + 1]) for i in range(3)]
+    pending = [int(t) for t in mx.argmax(logits[:, -1], axis=-1).tolist()]
+
+    class Rows:  # what _draft_rows reads of a GenerationBatch
+        prompt_cache = batch
+        tokens = [list(p) for p in prompts]
+
+    layers = read_layers(runner.lm)
+    together = _draft_rows(drafter, Rows, layers, [0, 1, 2], pending, hid, 3)
+    for i in range(3):
+        alone = mtp_adapter.draft(drafter.model, pending[i], hid[i], _row_kv(batch, layers, i), len(prompts[i]), 3)
+        assert np.array(together[i]).tolist() == np.array(alone).tolist()
