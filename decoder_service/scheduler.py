@@ -175,8 +175,9 @@ class BatchScheduler:
             logits, hidden, _ = mtp_adapter.forward(self.runner.lm, inputs, cache)
             logits = logits + self.runner.suppress.astype(logits.dtype)
             if uids is not None and len(uids) == inputs.shape[0]:
+                normed = mtp_adapter.draft_hidden(self.runner.lm, hidden[:, -1:])  # lazy: read only if drafted
                 for i, u in enumerate(uids):
-                    self._hidden[u] = mtp_adapter.draft_hidden(self.runner.lm, hidden[i: i + 1, -1:])
+                    self._hidden[u] = normed[i: i + 1]
         else:
             logits = self._forward(inputs, cache=cache, **kwargs)
         if not any(s.mask is not None for s in self.sequences.in_batch()):
