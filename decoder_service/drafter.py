@@ -150,3 +150,51 @@ class DraftPolicy:
         self.paused, self.probing = self._pause, True
         self._pause = min(2 * self._pause, self.max_pause)
         self.recent.clear()
+
+
+@dataclass
+class DraftGate:
+    """Whether the running batch takes a drafting round or a plain step (pure: the scheduler feeds it
+    the times it measures).
+
+    A round is worth it when its tokens per row arrive faster than plain steps would bring them:
+    ``round time < tokens per row a round × plain step time`` at that batch size.  Both sides are
+    measured, per batch size (exponential averages), so the gate is right for the machine and the
+    model at hand: on a large model decode is bound by reading the weights and a verify block costs
+    about one step; on a tiny one every step is Python and kernel launches, and a round's drafting
+    and bookkeeping cost several.  A batch size whose rounds lose is re-tried after ``explore``
+    steps, the wait doubling while it keeps losing (up to ``max_explore``)."""
+
+    alpha: float = 0.2
+    explore: int = 32
+    max_explore: int = 1024
+    plain: dict = field(default_factory=dict)  # batch size -> seconds a plain step
+    round_s: dict = field(default_factory=dict)  # batch size -> seconds a round
+    gain: dict = field(default_factory=dict)  # batch size -> tokens a row per round
+    _wait: dict = field(default_factory=dict)  # batch size -> plain steps until the next try
+    _every: dict = field(default_factory=dict)
+
+    def want(self, rows: int) -> bool:
+        if rows not in self.plain:
+            return False  # time a plain step first
+        if rows not in self.round_s or self.round_s[rows] < self.gain[rows] * self.plain[rows]:
+            return True
+        left = self._wait.get(rows, self._every.get(rows, self.explore))
+        if left <= 0:
+            self._wait[rows] = self._every[rows] = min(2 * self._every.get(rows, self.explore), self.max_explore)
+            return True
+        self._wait[rows] = left - 1
+        return False
+
+    def stepped(self, rows: int, seconds: float) -> None:
+        self.plain[rows] = self._ema(self.plain.get(rows), seconds)
+
+    def drafted(self, rows: int, seconds: float, tokens_per_row: float) -> None:
+        self.round_s[rows] = self._ema(self.round_s.get(rows), seconds)
+        self.gain[rows] = self._ema(self.gain.get(rows), tokens_per_row)
+        if self.round_s[rows] < self.gain[rows] * self.plain.get(rows, float("inf")):
+            self._every.pop(rows, None)  # winning: no back-off
+            self._wait.pop(rows, None)
+
+    def _ema(self, old: float | None, new: float) -> float:
+        return new if old is None else (1 - self.alpha) * old + self.alpha * new

@@ -70,7 +70,7 @@ import mlx.core as mx
 from decoder_service import mlx_lm_batch
 from decoder_service.batch_drafting import batch_round, read_layers
 from decoder_service.constraints import BatchMasks
-from decoder_service.drafter import Drafter, DraftPolicy
+from decoder_service.drafter import Drafter, DraftGate, DraftPolicy
 from decoder_service.media_prefill import MediaPrefill
 from decoder_service.model import LanguageModelRunner
 from decoder_service.prefix_cache import PrefixCache, keyed_tokens
@@ -98,6 +98,7 @@ class BatchScheduler:
         self.draft_max_batch = draft_max_batch  # a batch step drafts only with at most this many rows
         self._read_layers = read_layers(runner.lm)  # the layers whose K/V the drafter reads
         self._hidden: dict[int, mx.array] = {}  # batch uid -> its last hidden state (drafting)
+        self.gate = DraftGate()  # rounds or plain steps, from their measured times per batch size
         # --kv-bits: the decoding sequences' full-attention KV quantized (``quantized_kv``)
         self.kv_bits = kv_bits
         self._quant_layers = (quantizable_layers(runner.lm, drafter=drafter is not None) if kv_bits
@@ -534,7 +535,11 @@ class BatchScheduler:
         inserted = [u for u in self._new_uids if self.sequences.batched(u) is not None]
         self._new_uids = []
         self._calls = mlx_lm_batch.step_calls(bg, inserted)
+        rows = len(self._calls[0]) if self._calls and not inserted else 0
+        t0 = time.perf_counter()
         _, responses = bg.next()
+        if rows and self.drafter is not None:  # a steady step (no rows joining): the gate's plain time
+            self.gate.stepped(rows, time.perf_counter() - t0)
         self._calls = []
         for uid in inserted:  # every row inserted before this step has now taken its first step
             if (seq := self.sequences.batched(uid)) is not None:
@@ -544,8 +549,9 @@ class BatchScheduler:
     def _draft_round(self, bg) -> bool:
         """A drafting round over the running batch (``batch_drafting``), when every row can take
         part: no rows waiting to join (they join at the next plain step), none with a grammar mask
-        (the batch masks those in its own step), at most ``draft_max_batch`` rows, and some row
-        drafting.  False: step plainly."""
+        (the batch masks those in its own step), at most ``draft_max_batch`` rows, the gate expects
+        the round to beat plain steps at this batch size (``DraftGate``: measured times), and some
+        row drafting.  False: step plainly."""
         gb = mlx_lm_batch.generation_batch(bg)
         if gb is None or not gb.uids or self._new_uids or mlx_lm_batch.admitting(bg):
             return False
@@ -554,12 +560,17 @@ class BatchScheduler:
         seqs = [self.sequences.batched(u) for u in gb.uids]
         if any(s is None or s.mask is not None or s.policy is None for s in seqs):
             return False
+        rows = len(seqs)
+        if not self.gate.want(rows):
+            return False
         before = [(s.policy.drafted, s.policy.accepted) for s in seqs]
+        t0 = time.perf_counter()
         out = batch_round(gb, self.runner.lm, self.runner.suppress, self.drafter, [s.policy for s in seqs],
                           [self._hidden.get(u) for u in gb.uids], self._read_layers)
         if out is None:
             return False
         responses, self._hidden = out
+        self.gate.drafted(rows, time.perf_counter() - t0, len(responses) / rows)
         for s, b in zip(seqs, before):
             self._count_drafts(s, b)
         self._respond(bg, responses)

@@ -20,7 +20,7 @@ import pytest
 import pytest_asyncio
 
 from decoder_service.config import DecoderConfig
-from decoder_service.drafter import DraftPolicy, check_compatible
+from decoder_service.drafter import DraftGate, DraftPolicy, check_compatible
 from decoder_service.engine import DecoderEngine
 from gateway.tools.grammar import tool_call_grammar
 from gateway.tools.schema_grammar import Markers
@@ -370,8 +370,9 @@ class Oracles:
 async def _batched(engine, prompts, drafter, stagger: float = 0.0, **sampling):
     """Every prompt at once (``stagger`` s apart) with ``drafter`` in place; outputs in order."""
     sched = engine.scheduler
-    before = sched.drafter
+    before, gate = sched.drafter, sched.gate
     sched.drafter = drafter
+    sched.gate = Always()  # exactness under test, not the gate's judgement of speed on this machine
     rounds = engine.metrics.draft_rounds._value.get()
 
     async def one(k, ids, spans):
@@ -381,8 +382,13 @@ async def _batched(engine, prompts, drafter, stagger: float = 0.0, **sampling):
     try:
         got = await asyncio.gather(*(one(k, ids, spans) for k, (ids, spans) in enumerate(prompts)))
     finally:
-        sched.drafter = before
+        sched.drafter, sched.gate = before, gate
     return got, engine.metrics.draft_rounds._value.get() - rounds
+
+
+class Always(DraftGate):
+    def want(self, rows: int) -> bool:
+        return True
 
 
 async def _alone(engine, prompts, **sampling):
@@ -451,5 +457,19 @@ async def test_batched_rounds_keep_sampling_processors_stops_and_budgets(engines
 
 async def _batched_one(engine, drafter, ids, spans, **sampling):
     sched = engine.scheduler
-    sched.drafter = drafter
+    sched.drafter, sched.gate = drafter, Always()
     return await _run(engine, ids, spans, **sampling)
+
+
+def test_the_gate_drafts_only_where_rounds_beat_plain_steps():
+    g = DraftGate(explore=4)
+    assert not g.want(4)  # no plain step timed yet
+    g.stepped(4, 0.010)
+    assert g.want(4)  # a round not yet timed: try one
+    g.drafted(4, 0.050, 2.0)  # 2 tokens a row for 5 steps' time: losing
+    assert [g.want(4) for _ in range(5)] == [False] * 4 + [True]  # re-tried after 4 steps
+    g.drafted(4, 0.050, 2.0)
+    assert [g.want(4) for _ in range(9)] == [False] * 8 + [True]  # then after twice as many
+    g.stepped(2, 0.010)
+    g.drafted(2, 0.015, 3.0)  # 3 tokens a row for 1.5 steps' time: winning
+    assert all(g.want(2) for _ in range(10))
