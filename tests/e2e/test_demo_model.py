@@ -56,7 +56,7 @@ def test_held_out_images_through_the_gateway(demo):
 def test_held_out_videos_with_a_spoken_track_through_the_gateway(demo):
     res = evaluate_url(demo.base_url, n=100, which=("video",))
     print(res)
-    assert res["video"]["accuracy"] >= 0.90, res["video"]  # 0.93 at the last training; the target is 0.95
+    assert res["video"]["accuracy"] >= 0.95, res["video"]  # 0.98 in its card (n = 100, these seeds)
 
 
 @espeak
@@ -160,3 +160,10 @@ def test_the_readme_main_job_answers_right(tmp_path):
     print(r.stdout[-3000:])
     assert r.returncode == 0, r.stdout[-3000:] + r.stderr[-3000:]
     assert "9/9 answers right" in r.stdout  # seven questions over HTTP (a video among them), one constrained over gRPC, a transcription
+    import re
+
+    from deploy.demo.checkpoint_path import DRAFTER_DIR
+
+    if (DRAFTER_DIR / "model.safetensors").exists():  # it decoded with the demo drafter, which was right often
+        m = re.search(r"MTP drafter \(\S+\): (\d+) of (\d+) drafted tokens accepted", r.stdout)
+        assert m and int(m.group(2)) > 0 and int(m.group(1)) > int(m.group(2)) // 3, r.stdout[-800:]
