@@ -26,9 +26,9 @@ leaving at step boundaries as they always do:
 
 Costs: each drafting row's two read layers are copied out per round (``extract``: ~2 of the LM's
 layers' KV) and padded into one batch for the drafter, which drafts every row at once (each row
-at its own position).  Not drafted in
-a round: rows with a grammar mask (the batch masks them in its own step) — such a batch steps
-plainly.  The facts about mlx-lm 0.32's ``GenerationBatch`` this relies on are listed in
+at its own position).  A row with a
+grammar mask (structured output, a forced tool call) has it applied at every verify position and
+consuming what the row emits, as the batch's own step would.  The facts about mlx-lm 0.32's ``GenerationBatch`` this relies on are listed in
 ``mlx_lm_batch`` and checked by ``tests/rpc/test_mlx_lm_batch.py``.
 
 MLX thread only.
@@ -103,10 +103,12 @@ def _draft_rows(drafter, gb, layers: dict[str, int], rows: list[int], pending: l
 
 
 def batch_round(gb, lm, suppress: mx.array, drafter, policies: list[DraftPolicy], hidden: list,
-                layers: dict[str, int]) -> tuple[list, dict[int, mx.array]] | None:
+                layers: dict[str, int], masks: list | None = None) -> tuple[list, dict[int, mx.array]] | None:
     """One drafting round over the ``GenerationBatch`` ``gb`` (row order = ``gb.uids``).
 
-    ``policies`` / ``hidden`` per row (``hidden[i]``: normalised [1, 1, H] or None).  Returns
+    ``policies`` / ``hidden`` / ``masks`` per row (``hidden[i]``: normalised [1, 1, H] or None;
+    ``masks[i]``: the row's ``GrammarMask``, which the batch otherwise applies in its own step —
+    here it masks every verify position and consumes what the row emits).  Returns
     ``(responses, {uid: hidden after})`` — ``GenerationBatch.Response`` objects in row order,
     several per row — or None when no row drafts this round (the caller steps plainly)."""
     from mlx_vlm.generate.ar import generation_stream
@@ -138,7 +140,8 @@ def batch_round(gb, lm, suppress: mx.array, drafter, policies: list[DraftPolicy]
             logits = logits + suppress.astype(logits.dtype)
             mx.async_eval(logits, block)
             blocks = block.tolist()
-            walks = [_walk_row(gb, i, logits[i], blocks[i][1: 1 + ks[i]], pending[i]) for i in range(B)]
+            masks = masks or [None] * B
+            walks = [_walk_row(gb, i, logits[i], blocks[i][1: 1 + ks[i]], pending[i], masks[i]) for i in range(B)]
             tx.commit([len(w) for w in walks])  # y and the accepted drafts stay in the KV
         except BaseException:
             tx.abort()
@@ -156,7 +159,7 @@ def batch_round(gb, lm, suppress: mx.array, drafter, policies: list[DraftPolicy]
     return mlx_lm_batch.advance(gb, tokens, lps, nxt, nxt_lps), after
 
 
-def _walk_row(gb, i: int, logits: mx.array, drafts: list[int], y: int) -> list[tuple[int, mx.array]]:
+def _walk_row(gb, i: int, logits: mx.array, drafts: list[int], y: int, mask=None) -> list[tuple[int, mx.array]]:
     """Row ``i``'s walk over its verify positions (``logits`` [1 + K, V]): ``[(token, logprobs [V])]``,
     the target's own token at each position up to and including the first that differs from the
     draft there — position ``j`` predicts what follows ``y, d_1 .. d_j``."""
@@ -165,7 +168,7 @@ def _walk_row(gb, i: int, logits: mx.array, drafts: list[int], y: int) -> list[t
     sampler = mlx_lm_batch.sampler(gb, i)
     processors = mlx_lm_batch.processors(gb, i)
     out = []
-    if sampler is greedy and not processors:  # one read for the whole block
+    if sampler is greedy and not processors and mask is None:  # one read for the whole block
         lp = logits - mx.logsumexp(logits, axis=-1, keepdims=True)
         targets = mx.argmax(lp, axis=-1).tolist()
         for j in range(len(drafts) + 1):
@@ -174,16 +177,22 @@ def _walk_row(gb, i: int, logits: mx.array, drafts: list[int], y: int) -> list[t
                 break
         return out
     context = [*gb.tokens[i], y]
+    if mask is not None:
+        mask.consume(y)  # fed now; the batch's own step would have consumed it as its input
     for j in range(len(drafts) + 1):
         row = logits[j: j + 1]
         if processors:
             ctx = mx.array(context)
             for p in processors:
                 row = p(ctx, row)
+        if mask is not None:
+            row = mask.masked(row)
         lp = row - mx.logsumexp(row, axis=-1, keepdims=True)
         token = int(sampler(lp).item())
         out.append((token, lp[0]))
         if j == len(drafts) or token != drafts[j]:
             break
         context.append(token)
+        if mask is not None:
+            mask.consume(token)
     return out

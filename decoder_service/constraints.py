@@ -256,6 +256,19 @@ class GrammarMask:
         if self._seen is not None:
             self._seen += 1
 
+    def masked(self, logits):
+        """``logits`` with every token the grammar does not allow next at -inf, consuming nothing
+        (a drafting round's walk: it consumes what it accepts with ``consume``)."""
+        import mlx.core as mx
+
+        width = logits.shape[-1]
+        if self.matcher.is_error():
+            allowed = mx.array(self.eos_only(width))
+        else:
+            allowed = _bits(mx.array(np.frombuffer(self.matcher.compute_bitmask(), dtype=np.uint32)), width,
+                            self.vocab_size)
+        return mx.where(allowed, logits, mx.array(-mx.inf, dtype=logits.dtype))
+
     def eos_only(self, width: int) -> np.ndarray:
         allowed = np.zeros(width, dtype=bool)
         allowed[self.eos[self.eos < width]] = True

@@ -548,8 +548,8 @@ class BatchScheduler:
 
     def _draft_round(self, bg) -> bool:
         """A drafting round over the running batch (``batch_drafting``), when every row can take
-        part: no rows waiting to join (they join at the next plain step), none with a grammar mask
-        (the batch masks those in its own step), at most ``draft_max_batch`` rows, the gate expects
+        part: no rows waiting to join (they join at the next plain step), at most ``draft_max_batch``
+        rows, the gate expects
         the round to beat plain steps at this batch size (``DraftGate``: measured times), and some
         row drafting.  False: step plainly."""
         gb = mlx_lm_batch.generation_batch(bg)
@@ -558,7 +558,7 @@ class BatchScheduler:
         if len(gb.uids) > self.draft_max_batch:
             return False
         seqs = [self.sequences.batched(u) for u in gb.uids]
-        if any(s is None or s.mask is not None or s.policy is None for s in seqs):
+        if any(s is None or s.policy is None for s in seqs):
             return False
         rows = len(seqs)
         if not self.gate.want(rows):
@@ -566,7 +566,7 @@ class BatchScheduler:
         before = [(s.policy.drafted, s.policy.accepted) for s in seqs]
         t0 = time.perf_counter()
         out = batch_round(gb, self.runner.lm, self.runner.suppress, self.drafter, [s.policy for s in seqs],
-                          [self._hidden.get(u) for u in gb.uids], self._read_layers)
+                          [self._hidden.get(u) for u in gb.uids], self._read_layers, [s.mask for s in seqs])
         if out is None:
             return False
         responses, self._hidden = out

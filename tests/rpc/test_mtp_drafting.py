@@ -473,3 +473,39 @@ def test_the_gate_drafts_only_where_rounds_beat_plain_steps():
     g.stepped(2, 0.010)
     g.drafted(2, 0.015, 3.0)  # 3 tokens a row for 1.5 steps' time: winning
     assert all(g.want(2) for _ in range(10))
+
+
+async def test_batched_rounds_mask_constrained_rows_at_every_verified_position(engines):
+    """A JSON-schema row, a forced-tool-call row and a free row drafting together: each row's
+    grammar masks every verify position and consumes what the row emits; outputs as alone."""
+    engine = engines["e2b"]
+    schema = {"type": "object", "properties": {"city": {"type": "string", "maxLength": 12},
+                                               "n": {"type": "integer"}}, "required": ["city", "n"],
+              "additionalProperties": False}
+    mk = Markers(IDS["<|tool_call>"], IDS["<tool_call|>"], IDS['<|"|>'], IDS["<|channel>"], IDS["<channel|>"])
+    constraints = [T.Constraint("json_schema", json.dumps(schema)),
+                   T.Constraint("lark", tool_call_grammar([T.Tool("get_weather", "", schema)], mk,
+                                                          choice="required", parallel=False)), None]
+    rng = np.random.default_rng(19)
+    prompts = [_prompt(rng) for _ in constraints]
+    sched = engine.scheduler
+    before, sched.drafter = sched.drafter, None
+    try:
+        ref = [await _run(engine, ids, spans, max_tokens=60, constraint=c) for (ids, spans), c in zip(prompts, constraints)]
+    finally:
+        sched.drafter = before
+    refs = {tuple(ids): r[0] for (ids, _), r in zip(prompts, ref)}
+    gate, sched.gate = sched.gate, Always()
+    drafter, sched.drafter = sched.drafter, Oracles(refs)
+    rounds = engine.metrics.draft_rounds._value.get()
+    try:
+        got = await asyncio.gather(*(_run(engine, ids, spans, max_tokens=60, constraint=c)
+                                     for (ids, spans), c in zip(prompts, constraints)))
+    finally:
+        sched.drafter, sched.gate = drafter, gate
+    assert engine.metrics.draft_rounds._value.get() > rounds
+    for a, b in zip(ref, got):
+        assert b[0] == a[0] and b[2] == a[2]
+    assert set(json.loads(got[0][2])) == {"city", "n"}
+    assert got[1][0][0] == IDS["<|tool_call>"] and got[1][0][-1] == IDS["<tool_call|>"]
+    assert got[0][1].draft_accepted_tokens > 5 and got[1][1].draft_accepted_tokens > 5  # drafted, masked
