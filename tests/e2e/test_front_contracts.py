@@ -149,7 +149,7 @@ def test_a_client_that_goes_away_cancels_decoding_on_every_front(gateway, stream
     cases = {front: (lambda c, r=r: c.post(r["url"], json=r["json"])) for front, r in _requests(500, stream).items()}
     cases["transcription"] = lambda c: _transcription(c, stream)
     for front, send in cases.items():
-        client = httpx.Client(base_url=base, timeout=httpx.Timeout(60, read=0.5))
+        client = httpx.Client(base_url=base, timeout=httpx.Timeout(60, read=5))
         worker = threading.Thread(target=_swallow, args=(send, client), daemon=True)
         worker.start()
         _opened(stand_in)

@@ -38,7 +38,9 @@ def test_non_streamed_image_audio_usage(services_e2b, media_dir):
     assert soft > 50  # 2 s of audio = 50 tokens, plus the image
     for placeholder in ("<|image|>", "<|audio|>", "<|image>", "<image|>", "<|audio>", "<audio|>"):
         assert placeholder not in r.choices[0].message.content
-    assert set(r.model_extra["timings"]) == {"encode_ms", "queued_ms", "prefill_ms", "decode_ms"}
+    assert set(r.model_extra["timings"]) == {"encode_ms", "queued_ms", "prefill_ms", "decode_ms", "draft_tokens",
+                                              "draft_accepted_tokens"}
+    assert r.model_extra["timings"]["draft_tokens"] == 0  # no --draft-model here
 
 
 def test_streamed_matches_non_streamed(services_e2b, media_dir):
