@@ -42,6 +42,7 @@ import mlx.core as mx
 
 from decoder_service import mlx_lm_batch, mtp_adapter
 from decoder_service.drafter import Drafter, DraftPolicy
+from decoder_service.speculative import walk
 
 
 @dataclass
@@ -176,23 +177,6 @@ def _walk_row(gb, i: int, logits: mx.array, drafts: list[int], y: int, mask=None
             if j == len(drafts) or targets[j] != drafts[j]:
                 break
         return out
-    context = [*gb.tokens[i], y]
     if mask is not None:
         mask.consume(y)  # fed now; the batch's own step would have consumed it as its input
-    for j in range(len(drafts) + 1):
-        row = logits[j: j + 1]
-        if processors:
-            ctx = mx.array(context)
-            for p in processors:
-                row = p(ctx, row)
-        if mask is not None:
-            row = mask.masked(row)
-        lp = row - mx.logsumexp(row, axis=-1, keepdims=True)
-        token = int(sampler(lp).item())
-        out.append((token, lp[0]))
-        if j == len(drafts) or token != drafts[j]:
-            break
-        context.append(token)
-        if mask is not None:
-            mask.consume(token)
-    return out
+    return [(t, lp[0]) for t, lp in walk(logits, drafts, [*gb.tokens[i], y], sampler, processors, mask)]

@@ -75,7 +75,7 @@ def spec_round(lm, suppress: mx.array, drafter: Drafter, st: SpecStream, sampler
             a += 1
         emitted = [(int(targets[j]), logprobs[j: j + 1]) for j in range(a + 1)]
     else:
-        emitted = _walk(logits, drafts, st.fed + [st.bonus], sampler, processors)
+        emitted = walk(logits, drafts, st.fed + [st.bonus], sampler, processors)
         a = len(emitted) - 1
     mtp_adapter.trim(st.cache, k - a)
     st.fed.extend([st.bonus, *drafts[:a]])
@@ -86,9 +86,11 @@ def spec_round(lm, suppress: mx.array, drafter: Drafter, st: SpecStream, sampler
     return emitted
 
 
-def _walk(logits: mx.array, drafts: list[int], context: list[int], sampler, processors: list):
-    """Position by position: processors over the context that position has, then the sampler;
-    stop at the first sample that differs from the draft (it is emitted: the target's own token)."""
+def walk(logits: mx.array, drafts: list[int], context: list[int], sampler, processors: list, mask=None):
+    """Position by position: processors over the context that position has, the grammar ``mask``
+    if the caller applies it outside the processors (the batch's rows: it consumes each accepted
+    token here), then the sampler; stop at the first sample that differs from the draft (it is
+    emitted: the target's own token).  ``[(token, logprobs [1, V])]``; ``context`` is extended."""
     out = []
     for j in range(len(drafts) + 1):
         row = logits[j: j + 1]
@@ -96,10 +98,14 @@ def _walk(logits: mx.array, drafts: list[int], context: list[int], sampler, proc
             ctx = mx.array(context)
             for p in processors:
                 row = p(ctx, row)
+        if mask is not None:
+            row = mask.masked(row)
         logprobs = row - mx.logsumexp(row, axis=-1, keepdims=True)
         token = int(sampler(logprobs).item())
         out.append((token, logprobs))
         if j == len(drafts) or token != drafts[j]:
             break
         context.append(token)
+        if mask is not None:
+            mask.consume(token)
     return out

@@ -26,6 +26,7 @@ from gateway.tools.grammar import tool_call_grammar
 from gateway.tools.schema_grammar import Markers
 from mmserve_core.wire import types as T
 from mmserve_core.wire.tensors import RawTensor
+from tests.rpc.test_decoder_batching import _run_full
 from tests.tooling.tiny_checkpoint import (
     IDS,
     drafter_config,
@@ -101,17 +102,8 @@ def _prompt(rng, media: str = ""):
 
 
 async def _run(engine, ids, spans, **sampling):
-    s = T.SamplingParams(**{"temperature": 0.0, "max_tokens": 40, **sampling})
-    resolved = await engine.validate_async(ids, [(sp.span, sp.tensor.dtype, sp.tensor.shape) for sp in spans], s)
-    tokens, done, text, lps = [], None, "", []
-    async for ev in engine.generate(ids, spans, resolved, s.stop_token_ids):
-        if isinstance(ev, T.TokenEvent):
-            tokens += ev.token_ids
-            text += ev.text
-            lps += ev.logprobs or []
-        else:
-            done = ev
-    return tokens, done, text, lps
+    """(token ids, completion, text, logprobs) of one generation (greedy, 40 tokens unless told)."""
+    return await _run_full(engine, ids, spans, **{"max_tokens": 40, **sampling})
 
 
 async def _compare(engine, ids, spans, **sampling):
