@@ -501,3 +501,30 @@ async def test_batched_rounds_mask_constrained_rows_at_every_verified_position(e
     assert set(json.loads(got[0][2])) == {"city", "n"}
     assert got[1][0][0] == IDS["<|tool_call>"] and got[1][0][-1] == IDS["<tool_call|>"]
     assert got[0][1].draft_accepted_tokens > 5 and got[1][1].draft_accepted_tokens > 5  # drafted, masked
+
+
+async def test_drafted_media_ids_are_never_emitted(engines):
+    """A drafter proposing placeholder / boundary ids (with a caller's bias pushing for them): the
+    verify logits carry the suppression every step has, so none is ever accepted or emitted."""
+    engine = engines["e2b"]
+    media = list(engine.info.media_token_ids)
+
+    class MediaDrafter:
+        block_size = 4
+
+        def draft(self, st, k):
+            return [media[(len(st.fed) + j) % len(media)] for j in range(k)]
+
+    rng = np.random.default_rng(23)
+    ids, spans = _prompt(rng, "image")
+    bias = {t: 100.0 for t in media} | {t: -100.0 for t in engine.eos_ids}
+    sched = engine.scheduler
+    before, sched.drafter = sched.drafter, None
+    try:
+        ref = await _run(engine, ids, spans, max_tokens=30, logit_bias=bias)
+        sched.drafter = MediaDrafter()
+        got = await _run(engine, ids, spans, max_tokens=30, logit_bias=bias)
+    finally:
+        sched.drafter = before
+    assert got[0] == ref[0] and not set(got[0]) & set(media)
+    assert got[1].draft_tokens > 0 and got[1].draft_accepted_tokens == 0
