@@ -50,6 +50,9 @@ prompt in turn and one of the text prompts under one token budget
 (``_prefill_step``), run one batched decode step (or the solo one), and push
 each sequence's token to its ``TokenChannel``.
 
+With a drafter (``--draft-model``) the solo step and the batch step may draft instead: how is
+``drafting_steps`` (mixed in), ``speculative`` and ``batch_drafting``.
+
 Admission: a request is refused (``RESOURCE_EXHAUSTED``) only when
 ``--max-active`` sequences are in the decoder and ``--max-queue`` more wait
 behind them (``RequestQueue``).
@@ -68,9 +71,10 @@ import traceback
 import mlx.core as mx
 
 from decoder_service import mlx_lm_batch
-from decoder_service.batch_drafting import batch_round, read_layers
+from decoder_service.batch_drafting import read_layers
 from decoder_service.constraints import BatchMasks
-from decoder_service.drafter import Drafter, DraftGate, DraftPolicy
+from decoder_service.drafter import Drafter, DraftGate
+from decoder_service.drafting_steps import DraftingSteps
 from decoder_service.media_prefill import MediaPrefill
 from decoder_service.model import LanguageModelRunner
 from decoder_service.prefix_cache import PrefixCache, keyed_tokens
@@ -79,7 +83,7 @@ from decoder_service.request_queue import RequestQueue
 from decoder_service.sampler import build_processors, build_sampler, token_logprob
 from decoder_service.sampling import ResolvedSampling
 from decoder_service.sequences import GenerationJob, Phase, Sequence, SequenceTable
-from decoder_service.speculative import SpecStream, spec_round
+from decoder_service.speculative import SpecStream
 from decoder_service.text_prefill import TextPrefill
 from mmserve_core.runtime.logs import get_logger
 from mmserve_core.wire import types as T
@@ -89,7 +93,7 @@ __all__ = ["BatchScheduler", "GenerationJob"]
 log = get_logger(__name__)
 
 
-class BatchScheduler:
+class BatchScheduler(DraftingSteps):
     def __init__(self, runner: LanguageModelRunner, *, max_active: int, max_queue: int,
                  metrics=None, prefix_cache: PrefixCache | None = None, prefill_budget_tokens: int = 512,
                  drafter: Drafter | None = None, kv_bits: int | None = None, draft_max_batch: int = 8) -> None:
@@ -411,12 +415,6 @@ class BatchScheduler:
         seq.fresh = fresh
         self._new_uids.append(uid)
 
-    def _policy(self, seq: Sequence) -> DraftPolicy:
-        """The sequence's drafting depth policy (one for its life: solo, then in the batch)."""
-        if seq.policy is None:
-            seq.policy = DraftPolicy(self.drafter.block_size - 1)
-        return seq.policy
-
     def _decoding_cache(self, cache: list) -> list:
         """A prefilled cache as it decodes: with ``--kv-bits``, its quantizable layers quantized
         (already quantized ones — a solo sequence joining the batch — as they are)."""
@@ -461,35 +459,6 @@ class BatchScheduler:
         seq.pending = self._launch(seq, token)
         if self._deliver(seq, token, None, logprobs):
             self._store(seq, cache, fed)
-
-    def _spec_step(self, seq: Sequence) -> None:
-        """One drafting round of the solo sequence: its 1..k+1 verified tokens, delivered in order
-        (a stop or the token budget ends it part-way; its KV then holds what the round fed)."""
-        st, job = seq.spec, seq.job
-        before = (st.policy.drafted, st.policy.accepted)
-        emitted = spec_round(self.runner.lm, self.runner.suppress, self.drafter, st, seq.sampler,
-                             seq.processors, job.sampling.max_tokens - seq.generated)
-        self._count_drafts(seq, before)
-        for token, logprobs in emitted:
-            seq.generated += 1
-            if self._deliver(seq, token, None, logprobs):
-                self._store(seq, st.plain_cache(), st.fed)
-                return
-
-    def _count_drafts(self, seq: Sequence, before: tuple[int, int]) -> None:
-        """What the last round drafted and accepted for ``seq`` (its usage, the counters)."""
-        drafted, accepted = seq.policy.drafted - before[0], seq.policy.accepted - before[1]
-        seq.drafted += drafted
-        seq.accepted += accepted
-        if self.metrics is not None and drafted:
-            m = self.metrics
-            m.draft_tokens.inc(drafted)
-            m.draft_accepted_tokens.inc(accepted)
-            m.draft_rounds.inc()
-            for p in range(1, drafted + 1):
-                m.draft_position.labels(str(p)).inc()
-                if p <= accepted:
-                    m.draft_position_accepted.labels(str(p)).inc()
 
     def _solo_to_batch(self, bg) -> None:
         """Company arrived while one sequence ran solo: read its pending token, move it over."""
@@ -545,36 +514,6 @@ class BatchScheduler:
             if (seq := self.sequences.batched(uid)) is not None:
                 seq.fresh = False
         self._respond(bg, responses)
-
-    def _draft_round(self, bg) -> bool:
-        """A drafting round over the running batch (``batch_drafting``), when every row can take
-        part: no rows waiting to join (they join at the next plain step), at most ``draft_max_batch``
-        rows, the gate expects
-        the round to beat plain steps at this batch size (``DraftGate``: measured times), and some
-        row drafting.  False: step plainly."""
-        gb = mlx_lm_batch.generation_batch(bg)
-        if gb is None or not gb.uids or self._new_uids or mlx_lm_batch.admitting(bg):
-            return False
-        if len(gb.uids) > self.draft_max_batch:
-            return False
-        seqs = [self.sequences.batched(u) for u in gb.uids]
-        if any(s is None or s.policy is None for s in seqs):
-            return False
-        rows = len(seqs)
-        if not self.gate.want(rows):
-            return False
-        before = [(s.policy.drafted, s.policy.accepted) for s in seqs]
-        t0 = time.perf_counter()
-        out = batch_round(gb, self.runner.lm, self.runner.suppress, self.drafter, [s.policy for s in seqs],
-                          [self._hidden.get(u) for u in gb.uids], self._read_layers, [s.mask for s in seqs])
-        if out is None:
-            return False
-        responses, self._hidden = out
-        self.gate.drafted(rows, time.perf_counter() - t0, len(responses) / rows)
-        for s, b in zip(seqs, before):
-            self._count_drafts(s, b)
-        self._respond(bg, responses)
-        return True
 
     def _respond(self, bg, responses) -> None:
         """Deliver a step's (or a round's) responses, in order; finished rows' KV is stored."""
