@@ -179,9 +179,11 @@ class DecoderEngine:
         resolved: ResolvedSampling,
         extra_stop_ids: list[int],
         priority: str = "default",
+        cache_point: int = 0,
     ) -> AsyncIterator[T.TokenEvent | T.Completion]:
         """Queue a generation and yield its events; closing the iterator cancels it.  ``priority``
-        (``T.PRIORITIES``) orders it among the waiting requests while the decoder is full."""
+        (``T.PRIORITIES``) orders it among the waiting requests while the decoder is full; ``cache_point``:
+        where the conversation's next turn departs (``cache_points``)."""
         if self.scheduler is None or self._loop_job is None or self._loop_job.done():
             raise Unavailable("decoder is not serving")
         channel = TokenChannel(asyncio.get_running_loop(), self.cfg.stream_interval_ms / 1000.0)
@@ -197,6 +199,7 @@ class DecoderEngine:
             emit=channel.put,
             media=[(s.span.offset, s.span.length, k) for s, k in zip(spans, keys)],
             priority=T.PRIORITIES.index(priority),
+            cache_point=cache_point,
         )
         out = OutputText(self.tokenizer, resolved.stop_strings, resolved.logprobs)
         self.scheduler.submit(job)

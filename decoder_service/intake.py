@@ -128,6 +128,7 @@ class GenerateInput:
     resolved: ResolvedSampling
     stop_token_ids: list[int]
     priority: str = "default"  # admission order while the decoder is full (T.PRIORITIES)
+    cache_point: int = 0  # where the conversation's next turn departs (``cache_points``)
 
 
 class StreamReader:
@@ -178,6 +179,7 @@ async def read_generate(reader: StreamReader, engine, admission: StreamAdmission
     setup = first
     ids, declared, sampling = setup.ids, setup.spans, setup.sampling
     resolved = await engine.validate_async(ids, declared, sampling)
+    check_cache_point(setup.cache_point, len(ids), [span for span, _, _ in declared])
     total = sum(expected_nbytes(dtype, shape) for _, dtype, shape in declared)
     admission.reserve(ticket, total)
     await context.send_initial_metadata(())  # "setup accepted": the client may send its chunks now
@@ -195,7 +197,17 @@ async def read_generate(reader: StreamReader, engine, admission: StreamAdmission
             else "a second setup message"
         raise InvalidArgument(f"received {what}; send the setup, every span's chunks, then close the stream")
     spans = [T.SpanEmbedding(span, a.finish()) for (span, _, _), a in zip(declared, assemblers)]
-    return GenerateInput(ids, spans, resolved, sampling.stop_token_ids, setup.priority)
+    return GenerateInput(ids, spans, resolved, sampling.stop_token_ids, setup.priority, setup.cache_point)
+
+
+def check_cache_point(point: int, n: int, spans: list[T.Span]) -> None:
+    """``setup.cache_point``: within the prompt, never inside a media block."""
+    if point > n:
+        raise InvalidArgument(f"setup.cache_point = {point} is past the prompt's end ({n} tokens)")
+    for i, s in enumerate(spans):
+        if s.offset < point < s.offset + s.length:
+            raise InvalidArgument(f"setup.cache_point = {point} is inside spans[{i}] (positions {s.offset} to "
+                                  f"{s.offset + s.length - 1}); a cache entry cannot end inside a media block")
 
 
 async def _receive_chunks(reader: StreamReader, assemblers: list[Assembler]) -> None:

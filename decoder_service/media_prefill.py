@@ -32,7 +32,7 @@ from typing import Any
 
 from decoder_service.mlx_vlm_masks import block_spans
 from decoder_service.model import LanguageModelRunner, PromptFeatures, SpanRows
-from decoder_service.text_prefill import IDLE_CHUNK
+from decoder_service.text_prefill import IDLE_CHUNK, chunk_width
 
 
 @dataclass
@@ -47,6 +47,7 @@ class _Row:
     feats: PromptFeatures | None = None      # built at its first chunk
     blocks: list[tuple[int, int]] = field(default_factory=list)  # image blocks no chunk may split
     chunks: int = 0           # model calls it took so far
+    point: int = 0            # a chunk ends here; the one after runs to the end (``prefix_cache``)
 
 
 @dataclass
@@ -62,8 +63,9 @@ class StepResult:
 class MediaPrefill:
     """Media prompts waiting to join the batch; ``step`` runs one chunk of the first one."""
 
-    def __init__(self, runner: LanguageModelRunner) -> None:
+    def __init__(self, runner: LanguageModelRunner, on_filled=None) -> None:
         self._runner = runner
+        self._on_filled = on_filled  # (item, cache, tokens it holds): the scheduler's cache point
         self._rows: deque[_Row] = deque()
         self.last_chunks = 0  # model calls the last finished prompt took (read by tests from other threads)
         self.chunks_run = 0  # chunks computed, all prompts together (read by tests from other threads)
@@ -71,9 +73,11 @@ class MediaPrefill:
     def __len__(self) -> int:
         return len(self._rows)
 
-    def add(self, item: Any, ids: list[int], spans: list[SpanRows], cache: list, start: int) -> None:
-        """Queue a prompt whose ``cache`` already holds ``ids[:start]`` (``start < len(ids)``)."""
-        self._rows.append(_Row(item, list(ids), list(spans), cache, start))
+    def add(self, item: Any, ids: list[int], spans: list[SpanRows], cache: list, start: int,
+            point: int = 0) -> None:
+        """Queue a prompt whose ``cache`` already holds ``ids[:start]`` (``start < len(ids)``); its last
+        chunk starts at or before ``point`` (``text_prefill.chunk_width``)."""
+        self._rows.append(_Row(item, list(ids), list(spans), cache, start, point=point))
 
     def step(self, *, busy: bool, tokens: int) -> StepResult:
         """Run one chunk of the first prompt: about ``tokens`` of it while ``busy`` (others are
@@ -85,7 +89,8 @@ class MediaPrefill:
         try:
             if not busy and r.feats is None:  # nothing waits on us: mlx-vlm's own prefill, whole
                 spent = len(r.ids) - r.pos
-                r.cache, logits = self._runner.prefill(r.ids, r.spans, cache=r.cache, start=r.pos)
+                r.cache, logits = self._runner.prefill(r.ids, r.spans, cache=r.cache, start=r.pos, point=r.point,
+                                                       on_filled=self._filled(r))
                 r.chunks, r.pos = r.chunks + 1, len(r.ids)
             else:
                 spent, logits = self._chunk(r, tokens if busy else IDLE_CHUNK)
@@ -104,14 +109,21 @@ class MediaPrefill:
             r.feats = self._runner.prompt_features(r.ids, r.spans)
             if self._runner.bidirectional_vision:
                 r.blocks = block_spans(r.feats.types)
-        hi = chunk_end(r.pos, len(r.ids), width, r.blocks)
+        hi = chunk_end(r.pos, len(r.ids), chunk_width(r.pos, len(r.ids), width, r.point), r.blocks)
         last = hi == len(r.ids)
         logits = self._runner.prefill_chunk(r.feats, r.cache, r.pos, hi, last=last)
         spent, r.pos, r.chunks = hi - r.pos, hi, r.chunks + 1
         self.chunks_run += 1
         if last:
             r.feats = None  # the prompt's inputs are not needed past its last chunk
+            if self._on_filled is not None:
+                self._on_filled(r.item, r.cache, hi)
         return spent, logits
+
+    def _filled(self, r: _Row):
+        if self._on_filled is None:
+            return None
+        return lambda cache, n: self._on_filled(r.item, cache, n)
 
     def drop(self, gone) -> list[Any]:
         """Remove the prompts whose item ``gone(item)`` says should go (their KV goes with them);

@@ -33,6 +33,10 @@ class DecoderMetrics(ServiceMetrics):
                                            "KV array bytes in the prefix cache (quantized with --kv-bits)", registry=r)
         self.prefix_cache_tokens = Gauge("mmserve_decoder_prefix_cache_tokens", "Tokens the prefix cache holds",
                                          registry=r)
+        self.cache_points = Counter("mmserve_decoder_cache_points",
+                                    "Prefix-cache entries asked for where a conversation's next turn departs "
+                                    "(GenerateSetup.cache_point), by outcome: stored, or unavailable (the "
+                                    "prefill's last chunk began after the point)", ["outcome"], registry=r)
         self.draft_tokens = Counter("mmserve_decoder_draft_tokens",
                                     "Tokens the MTP drafter proposed (--draft-model)", registry=r)
         self.draft_accepted_tokens = Counter("mmserve_decoder_draft_accepted_tokens",

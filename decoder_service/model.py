@@ -170,7 +170,7 @@ class LanguageModelRunner:
 
     # -- batched serving --------------------------------------------------------------
     def prefill(self, ids: list[int], spans: list[SpanRows], *, cache: list | None = None, start: int = 0,
-                prefill_step: int = 2048):
+                prefill_step: int = 2048, point: int = 0, on_filled=None):
         """Run the prompt through the LM; return ``(cache, last_logits)``.
 
         The same steps ``mlx_vlm.generate_step`` takes before its first sample
@@ -180,8 +180,14 @@ class LanguageModelRunner:
         ``ids[:start]`` (a prefix-cache hit) only the rest is computed.  Media
         rows, per-layer inputs and ``mm_token_type_ids`` are only ever needed
         here: every later token is text, which the batch decode feeds by id.
+
+        ``on_filled(cache, n)`` is called while the cache still holds the last multi-token pass as it
+        left it (before the last token is fed alone: ``n = len(ids) - 1``; one pass: ``len(ids)``), and
+        the chunks are laid so that pass starts at or before ``point`` (``cache_points``).
         """
         from mlx_vlm.generate.ar import generation_stream
+
+        from decoder_service.text_prefill import chunk_width
 
         input_ids, feats, token_types = self._prompt_features(ids, spans)
         emb, input_ids = feats.inputs_embeds[:, start:], input_ids[:, start:]
@@ -193,16 +199,21 @@ class LanguageModelRunner:
             chunked = self.lm.chunked_prefill_policy(
                 input_ids=input_ids, inputs_embeds=emb, prompt_cache=cache, prefill_kwargs=kw)
             if chunked:
+                pos = start
                 while emb.shape[1] > 1:
-                    n = min(prefill_step, emb.shape[1] - 1)
+                    n = min(chunk_width(pos, len(ids) - 1, prefill_step, point), emb.shape[1] - 1)
                     self.lm(inputs=input_ids[:, :n], inputs_embeds=emb[:, :n], cache=cache,
                             n_to_process=n, logits_to_keep=1, **kw)
                     mx.eval([c.state for c in cache])
-                    emb, input_ids = emb[:, n:], input_ids[:, n:]
+                    emb, input_ids, pos = emb[:, n:], input_ids[:, n:], pos + n
+                if on_filled is not None and pos > start:
+                    on_filled(cache, pos)
             out = self.lm(input_ids, inputs_embeds=emb, cache=cache, logits_to_keep=1, **kw)
             logits = out.logits[:, -1, :]
             logits = logits + self.suppress.astype(logits.dtype)  # in the model dtype, as mlx-vlm's bias
             mx.eval(logits)
+            if on_filled is not None and not chunked:
+                on_filled(cache, len(ids))
         return cache, logits
 
     def logits_model(self):

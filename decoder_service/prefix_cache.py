@@ -26,11 +26,29 @@ sequence decoding alone hold their full-attention KV quantized too), and entries
 from them stay as they are.  Sliding-window layers are kept as they are (mlx-lm cannot
 quantize a ``RotatingKVCache``; they are bounded by the window anyway).
 
+**Where the next turn departs** (``store_point``): a chat template renders a generation prompt
+that the same turn, once answered, does not repeat in the history (Gemma 4's E-series and 31B
+templates end it with an empty thought block, ``<|channel>thought\n<channel|>``), so turn 2
+departs from turn 1's stored entry a few tokens before the end of turn 1's prompt.  A full-attention
+layer trims back over that; a sliding-window layer whose ring has wrapped cannot (mlx-lm:
+``RotatingKVCache.is_trimmable`` is ``offset < max_size``), and on real checkpoints (windows of
+512-1,024 tokens) every conversation with a system prompt and tools wraps — turn 2 reused nothing.
+So the caller says where the next turn departs (``GenerateSetup.cache_point``: the gateway renders
+the conversation with the answer in it and finds where it parts from the prompt), and when the
+prompt is prefilled an entry ending there is stored too.  It costs no extra compute: a
+multi-token prefill chunk leaves a sliding window holding ``window - 1 + chunk`` positions
+(mlx-lm's ``_update_concat`` keeps a full window for every token of the chunk), so when the
+prefill's last chunk starts at or before the point, the window as it was at the point is still
+there and ``rewound`` cuts it out (the prefills end a chunk at the point for this).  Two entries
+per conversation then (the point, and prompt + reply as before); the full-attention prefix is held
+by both — the price of turn 2 hitting on every layer type, bounded by the same byte bound.
+
 Thread ownership: MLX thread only (the scheduler's).
 """
 
 from __future__ import annotations
 
+import copy
 import hashlib
 from collections.abc import Sequence
 from typing import Any
@@ -109,6 +127,39 @@ def _dequantized(c):
     return plain
 
 
+def rewound(cache: list[Any], n: int) -> list[Any] | None:
+    """A copy of ``cache`` holding its first ``offset - n`` positions, or None where a layer no longer
+    holds what it needs for that: a full-attention layer is cut; a sliding window must still hold
+    the ``window - 1`` positions before the new end (or all of them, short of a window) — true right
+    after a prefill whose last chunk began at or before the new end.  ``cache`` is not changed."""
+    out = []
+    for c in cache:
+        keys, values = getattr(c, "keys", None), getattr(c, "values", None)
+        if not (isinstance(keys, mx.array) and isinstance(values, mx.array)) or keys.ndim != 4:
+            return None
+        name = type(c).__name__
+        new = copy.copy(c)
+        end = c.offset - n
+        if end <= 0:
+            return None
+        if name == "KVCache":
+            new.keys, new.values = keys[..., :end, :], values[..., :end, :]
+        elif name == "RotatingKVCache":
+            held = keys.shape[2]
+            if c._idx != held or held > c.offset:  # not in temporal order (a decode step rotated it)
+                return None
+            kept = held - n
+            if kept < min(end, c.max_size - 1) or kept <= 0:
+                return None
+            new.keys, new.values = keys[..., :kept, :], values[..., :kept, :]
+            new._idx = kept
+        else:
+            return None
+        new.offset = end
+        out.append(new)
+    return out
+
+
 class PrefixCache:
     def __init__(self, max_bytes: int, kv_bits: int | None = None) -> None:
         from mlx_lm.models.cache import LRUPromptCache
@@ -185,6 +236,17 @@ class PrefixCache:
             return None, 0
         trim_prompt_cache(cache, have - want)
         return cache, want
+
+    def store_point(self, kids: list[Any], cache: list[Any], filled: int, point: int) -> bool:
+        """Store an entry for ``kids[:point]`` cut out of ``cache`` (which holds ``kids[:filled]``),
+        where the conversation's next turn departs; False where the cache cannot give it."""
+        if self._lru is None or not 0 < point <= filled:
+            return False
+        cut = rewound(cache, filled - point) if point < filled else [copy.copy(c) for c in cache]
+        if cut is None:
+            return False
+        self.store(kids[:point], cut)
+        return True
 
     def store(self, kids: list[Any], cache: list[Any]) -> None:
         """Keep ``cache`` (which holds exactly ``kids``) for later prefixes.

@@ -70,7 +70,7 @@ import traceback
 
 import mlx.core as mx
 
-from decoder_service import mlx_lm_batch
+from decoder_service import cache_points, mlx_lm_batch
 from decoder_service.batch_drafting import read_layers
 from decoder_service.constraints import BatchMasks
 from decoder_service.drafter import Drafter, DraftGate
@@ -109,12 +109,13 @@ class BatchScheduler(DraftingSteps):
                               else frozenset())
         self._forward = runner.logits_model()
         self._fill = TextPrefill(self._forward, budget_tokens=prefill_budget_tokens)
-        self._media = MediaPrefill(runner)
+        self._media = MediaPrefill(runner, on_filled=self._keep_point)
         self.sequences = SequenceTable()  # every sequence the MLX thread holds (``sequences.py``)
         self._masks = BatchMasks()
         self._new_uids: list[int] = []  # inserted since the last step, in insertion order
         self._calls: list[list[int]] = []  # the row uids of each model call the coming step makes
         self.prefix = prefix_cache if prefix_cache is not None else PrefixCache(0)
+        self._window = getattr(runner.config.text_config, "sliding_window", None)  # cache points need it
         self.max_active = max(1, max_active)
         self.metrics = metrics
         self.requests = RequestQueue(self.max_active, max_queue)
@@ -281,7 +282,7 @@ class BatchScheduler(DraftingSteps):
         if seq.cached >= len(ids) - 1:  # all but the last token cached: straight to the batch
             self._insert(bg, seq, cache, list(ids[:-1]), ids[-1], fresh=True)
         else:
-            self._fill.add(seq, ids, cache, seq.cached)
+            self._fill.add(seq, ids, cache, seq.cached, cache_points.point(seq, self.prefix, self._window))
             self.sequences.move(seq, Phase.PREFILL_TEXT)
 
     def _start_media(self, seq: Sequence) -> None:
@@ -293,7 +294,8 @@ class BatchScheduler(DraftingSteps):
             return
         self._count_prompt(seq)
         self._media.add(seq, seq.job.ids, seq.job.spans,
-                        cache if cache is not None else self.runner.lm.make_cache(), seq.cached)
+                        cache if cache is not None else self.runner.lm.make_cache(), seq.cached,
+                        cache_points.point(seq, self.prefix, self._window))
         self.sequences.move(seq, Phase.PREFILL_MEDIA)
 
     def _prefill_step(self, bg) -> None:
@@ -312,6 +314,7 @@ class BatchScheduler(DraftingSteps):
                 self._first_token(bg, seq, cache, logits)
         if len(self._fill):
             for seq, cache, fed in self._fill.step(busy=busy, budget=budget):
+                self._keep_point(seq, cache, len(fed))
                 self._insert(bg, seq, cache, fed, seq.job.ids[-1], fresh=True)
 
     def _drop_cancelled(self, bg) -> None:
@@ -358,7 +361,10 @@ class BatchScheduler(DraftingSteps):
         """Prefill alone (from the longest cached prefix), sample the first token, join the batch."""
         try:
             cache = self._open(seq)
-            cache, logits = self.runner.prefill(seq.job.ids, seq.job.spans, cache=cache, start=seq.cached)
+            cache, logits = self.runner.prefill(
+                seq.job.ids, seq.job.spans, cache=cache, start=seq.cached,
+                point=cache_points.point(seq, self.prefix, self._window),
+                on_filled=lambda c, n: self._keep_point(seq, c, n))
         except Exception as e:  # noqa: BLE001 - this request's problem only
             self._fail(seq, e)
             return
@@ -487,6 +493,11 @@ class BatchScheduler(DraftingSteps):
             # prefix, so a prompt with an image or a video frame after the hit is computed whole.
             return None, 0
         return cache, hit
+
+    def _keep_point(self, seq: Sequence, cache: list, filled: int) -> None:
+        """A prefill's cache as its last multi-token pass left it: store the entry where the
+        conversation's next turn departs (``cache_points``)."""
+        cache_points.keep(seq, self.prefix, self._window, cache, filled, self.metrics)
 
     def _store(self, seq: Sequence, cache, tokens: list[int] | None) -> None:
         """Keep a finished (or cancelled) sequence's KV for later prefixes."""

@@ -48,6 +48,7 @@ class GenerationJob:
     counted: bool = False  # holds a place in the scheduler's admission count (released once)
     finish_on_cancel: bool = False  # the consumer matched a stop string: answer the cancel with a Completion
     priority: int = 1  # index into T.PRIORITIES: waiting jobs of a higher one are placed first
+    cache_point: int = 0  # where the conversation's next turn departs (0 = not said): ``prefix_cache``
 
 
 class Phase(enum.Enum):

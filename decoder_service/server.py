@@ -23,7 +23,7 @@ from mmserve_core.wire.stubs import decoder_pb2, decoder_pb2_grpc
 
 log = get_logger(__name__)
 # GetModelInfoResponse.capabilities: what this decoder honours beyond every version's fields
-CAPABILITIES = frozenset({"priority"})
+CAPABILITIES = frozenset({"priority", "cache_point"})
 SERVICE_NAME = decoder_pb2.DESCRIPTOR.services_by_name["DecoderService"].full_name
 
 
@@ -41,7 +41,7 @@ class DecoderServicer(decoder_pb2_grpc.DecoderServiceServicer):
                 inp = await read_generate(reader, self.engine, self.admission, ticket, context)
                 self.admission.release(ticket)  # the rows now belong to the engine's job (bounded by its queue)
                 events = self.engine.generate(inp.ids, inp.spans, inp.resolved, inp.stop_token_ids,
-                                              priority=inp.priority)
+                                              priority=inp.priority, cache_point=inp.cache_point)
                 try:
                     async for ev in events:
                         if isinstance(ev, T.TokenEvent):

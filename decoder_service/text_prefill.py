@@ -33,6 +33,7 @@ class _Row:
     item: Any          # the scheduler's record of this sequence (a ``sequences.Sequence``)
     rest: list[int]    # prompt tokens still to compute (the last prompt token excluded)
     fed: list[int]     # tokens whose KV is in the row's cache
+    point: int = 0     # a chunk ends here and the one after runs to the end (``prefix_cache.store_point``)
 
 
 class TextPrefill:
@@ -50,14 +51,15 @@ class TextPrefill:
     def __len__(self) -> int:
         return len(self._rows)
 
-    def add(self, item: Any, ids: list[int], cache: list, hit: int) -> None:
-        """Queue ``ids`` (``cache`` already holds ``ids[:hit]``, ``hit < len(ids) - 1``)."""
+    def add(self, item: Any, ids: list[int], cache: list, hit: int, point: int = 0) -> None:
+        """Queue ``ids`` (``cache`` already holds ``ids[:hit]``, ``hit < len(ids) - 1``); ``point``: the
+        last chunk starts there (or before), so the cache at the end can be cut back to it."""
         from mlx_lm.generate import PromptProcessingBatch
 
         self._batch.extend(PromptProcessingBatch(
             self._forward, [len(self._rows)], [cache], tokens=[list(ids[:hit])], prefill_step_size=1 << 30,
             samplers=[None], logits_processors=[[]], stop_sequences=[None], max_tokens=[1]))
-        self._rows.append(_Row(item, list(ids[hit:-1]), list(ids[:hit])))
+        self._rows.append(_Row(item, list(ids[hit:-1]), list(ids[:hit]), point))
 
     def step(self, *, busy: bool, budget: int | None = None) -> list[tuple[Any, list, list[int]]]:
         """Run one chunk of every row: ``busy`` (others are decoding) bounds the chunk so the whole
@@ -68,7 +70,7 @@ class TextPrefill:
             return []
         budget = self.budget_tokens if budget is None else budget
         width = max(16, budget // len(self._rows)) if busy else IDLE_CHUNK
-        chunks = [r.rest[:width] for r in self._rows]
+        chunks = [r.rest[:chunk_width(len(r.fed), len(r.fed) + len(r.rest), width, r.point)] for r in self._rows]
         self._batch.prompt(chunks)
         if len(self._rows) > 1:
             self.batched_steps += 1
@@ -102,3 +104,16 @@ class TextPrefill:
     def _keep(self, keep: list[int]) -> None:
         self._batch.filter(keep)
         self._rows = [self._rows[i] for i in keep]
+
+
+def chunk_width(pos: int, end: int, width: int, point: int) -> int:
+    """Tokens of the next chunk from ``pos`` (of ``end``): ``width`` — except that the last chunk must
+    start at or before ``point`` (``prefix_cache.rewound`` cuts the cache back there afterwards), so
+    a chunk that would end past the point without reaching ``end`` ends at the point, and the chunk
+    from the point takes the rest (a generation prompt's few tokens)."""
+    if 0 < point < end:
+        if pos >= point:
+            return end - pos
+        if pos + width < end and pos + width > point:
+            return point - pos
+    return width

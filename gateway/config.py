@@ -17,7 +17,9 @@ class GatewayConfig:
     host: str = "127.0.0.1"
     port: int = 8000
     model_id: str | None = None
-    rpc_timeout_s: float = 600.0
+    rpc_timeout_s: float = 600.0  # unary calls and a whole Encode
+    stream_idle_timeout_s: float = 60.0  # a Generate that sends nothing this long between messages
+    first_token_timeout_s: float = 600.0  # a Generate's first message (queueing + prefill)
     reasoning: str = "separate"  # Gemma 4 thought channel: "separate" (reasoning_content) or "drop"
     api_key: str | None = None
     max_body_bytes: int = 64 << 20
@@ -70,7 +72,13 @@ def _serving_args(p: argparse.ArgumentParser) -> None:
     p.add_argument("--model-alias", default=_env("MODEL_ALIASES", ""),
                    help="comma-separated other names requests may give as 'model'; any other name is "
                         "404 model_not_found (NOT_FOUND on the chat gRPC API)")
-    p.add_argument("--rpc-timeout-s", type=float, default=float(_env("RPC_TIMEOUT_S", 600.0)))
+    p.add_argument("--rpc-timeout-s", type=float, default=float(_env("RPC_TIMEOUT_S", 600.0)),
+                   help="deadline of a whole Encode and of the unary calls to encoders and decoders")
+    p.add_argument("--stream-idle-timeout-s", type=float, default=float(_env("STREAM_IDLE_TIMEOUT_S", 60.0)),
+                   help="a generation whose decoder sends nothing for this long between tokens is ended "
+                        "(504 timeout); a generation is never cut for being long (max_tokens bounds it)")
+    p.add_argument("--first-token-timeout-s", type=float, default=float(_env("FIRST_TOKEN_TIMEOUT_S", 600.0)),
+                   help="a generation's first token (queueing and prefill) must come within this long")
     p.add_argument("--reasoning", choices=["separate", "drop"], default=_env("REASONING", "separate"),
                    help="the model's thought channel: returned as reasoning_content, or dropped "
                         "(a request's include_reasoning overrides)")
@@ -133,7 +141,8 @@ def _config(a: argparse.Namespace) -> GatewayConfig:
         if a.transcription_instruction else {}
     return GatewayConfig(
         checkpoint=a.checkpoint, encoder=a.encoder, decoder=a.decoder, host=a.host, port=a.port,
-        model_id=a.model_id, rpc_timeout_s=a.rpc_timeout_s, reasoning=a.reasoning, api_key=a.api_key,
+        model_id=a.model_id, rpc_timeout_s=a.rpc_timeout_s, stream_idle_timeout_s=a.stream_idle_timeout_s,
+        first_token_timeout_s=a.first_token_timeout_s, reasoning=a.reasoning, api_key=a.api_key,
         max_body_bytes=a.max_body_bytes, max_media_items=a.max_media_items, max_audio_seconds=a.max_audio_seconds,
         url_fetch=a.url_fetch, url_allowlist=split(a.url_allowlist), url_max_bytes=a.url_max_bytes,
         url_timeout_s=a.url_timeout_s, url_fetch_allow_private=a.url_fetch_allow_private,

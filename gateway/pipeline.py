@@ -10,13 +10,13 @@ from __future__ import annotations
 
 import asyncio
 import dataclasses
-import hashlib
 import io
 import time
 
 import grpc
 import soundfile as sf
 
+from gateway.affinity import conversation_key, prompt_cache_key
 from gateway.config import GatewayConfig
 from gateway.errors import HTTPError, to_http
 from gateway.events import Delta, Done
@@ -25,7 +25,7 @@ from gateway.reasoning import ReasoningParser
 from gateway.request import ChatRequest, bad, check_towers
 from gateway.tools.choice import ToolPlan, finish_reason, markers, plan_tools
 from gateway.tools.parser import ToolCallParser
-from gateway.upstream.clients import DecoderClient, DecoderStream, EncoderClient, conversation_key
+from gateway.upstream.clients import DecoderClient, DecoderStream, EncoderClient
 from gateway.upstream.fetch import MediaFetcher
 from mmserve_core.prompt import PromptBuilder, prompt_media
 from mmserve_core.runtime.logs import get_logger
@@ -106,7 +106,9 @@ class Pipeline:
     async def open(self, on_call=None) -> None:
         creds = self.cfg.upstream_tls.credentials()
         self.encoder = EncoderClient(self.cfg.encoder, self.cfg.rpc_timeout_s, creds)
-        self.decoder = DecoderClient(self.cfg.decoder, self.cfg.rpc_timeout_s, creds)
+        self.decoder = DecoderClient(self.cfg.decoder, self.cfg.rpc_timeout_s, creds,
+                                     idle_timeout_s=self.cfg.stream_idle_timeout_s,
+                                     first_token_timeout_s=self.cfg.first_token_timeout_s)
         for c in (self.encoder, self.decoder):
             c.pool.on_call = on_call
             c.start()
@@ -186,23 +188,27 @@ class Pipeline:
                             f"{self.cfg.max_audio_seconds:g} s", type_="invalid_request_error", param="messages",
                             code="audio_too_long")
 
-    async def start_generate(self, ids: list[int], spans: list[T.SpanEmbedding], req: ChatRequest, rid: str):
+    async def start_generate(self, ids: list[int], spans: list[T.SpanEmbedding], req: ChatRequest, rid: str,
+                             next_turn_at: int = 0):
         """Start the decoder's Generate (every front): its ``DecoderStream``, first message read.
 
-        With several decoders, a conversation's turns go to one of them
+        With several decoders, a conversation's turns prefer one of them
         (``--decoder-affinity conversation``), so turn 2 finds turn 1 in that
         decoder's prefix cache instead of recomputing it on another; a request's
         ``prompt_cache_key`` is that key when given (requests sharing it share a decoder).
         The service tier becomes the decoder's admission priority."""
         key = None
         if req.cache_key is not None:
-            key = hashlib.blake2b(req.cache_key.encode(), digest_size=16, person=b"prompt_cache_key").digest()
-        elif self.cfg.decoder_affinity == "conversation" and self._info is not None:
-            key = conversation_key(ids, spans, set(self._info.eos_token_ids))
+            key = prompt_cache_key(req.cache_key)
+        elif self.cfg.decoder_affinity == "conversation":
+            key = conversation_key(req.messages, req.tools)
         if req.priority != "default" and self._info is not None and "priority" not in self._info.capabilities:
             raise bad(f"service_tier {req.service_tier!r}: the decoder serving this model is a version without "
                       "admission priorities, so the tier cannot be honoured", "service_tier")
-        return await self.decoder.start_generate(ids, spans, req.sampling, rid, affinity=key, priority=req.priority)
+        if self._info is None or "cache_point" not in self._info.capabilities:
+            next_turn_at = 0  # a decoder that predates cache points would refuse the field
+        return await self.decoder.start_generate(ids, spans, req.sampling, rid, affinity=key, priority=req.priority,
+                                                 cache_point=next_turn_at)
 
     async def start(self, req: ChatRequest, rid: str) -> Generation:
         """Everything between a parsed request and its first event: model check, media,
@@ -212,9 +218,9 @@ class Pipeline:
         # event loop's, which every other stream's next token waits behind (pure Python, no shared state)
         tools = await asyncio.to_thread(plan_tools, req, self.tool_markers) if req.tools else \
             plan_tools(req, self.tool_markers)
-        ids, spans, encode_ms = await self.prepare(req, rid)
+        ids, spans, encode_ms, next_turn_at = await self.prepare(req, rid)
         try:
-            stream = await self.start_generate(ids, spans, req, rid)
+            stream = await self.start_generate(ids, spans, req, rid, next_turn_at)
         except grpc.aio.AioRpcError as e:
             err = to_http(e, upstream="decoder")
             if err.status == 400 and err.message.startswith(CONSTRAINT_REFUSAL):
@@ -226,7 +232,8 @@ class Pipeline:
         return Generation(stream, ids, encode_ms, tools)
 
     async def prepare(self, req: ChatRequest, rid: str):
-        """Encode media and build ``(ids, span embeddings)`` for the decoder."""
+        """Encode media and build ``(ids, span embeddings, encode ms, where the next turn departs)`` for
+        the decoder."""
         self.check_model(req.model)
         await self.fetch_urls(req)
         self.check_limits(req)
@@ -267,7 +274,7 @@ class Pipeline:
             req.messages = messages
         block_tensors = [t for e in kept for t in split_rows(e.tensor, e.block_rows)]
         spans = [T.SpanEmbedding(s, t) for s, t in zip(built.spans, block_tensors, strict=True)]
-        return built.ids, spans, encode_ms
+        return built.ids, spans, encode_ms, built.next_turn_at
 
 
 def _fits(prompt_tokens: int, max_tokens: int | None, context_length: int) -> bool:

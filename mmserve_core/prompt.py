@@ -46,6 +46,9 @@ class TemplateMismatch(ServeError):
 class BuiltPrompt:
     ids: list[int]
     spans: list[T.Span]
+    # where the conversation's next turn departs from ``ids`` (0: not found): the prompt without the
+    # generation prompt's part that the answered turn does not repeat (``PromptBuilder.render``)
+    next_turn_at: int = 0
 
 
 @dataclass(frozen=True)
@@ -87,10 +90,12 @@ def frame_stamp(seconds: float) -> str:
 
 @dataclass(frozen=True)
 class Rendered:
-    """The template's output with text parts as markers, and those texts."""
+    """The template's output with text parts as markers, and those texts; ``next_turn_at``: the
+    character where the same conversation, answered, parts from ``text`` (None: not known)."""
 
     text: str
     parts: list[str]
+    next_turn_at: int | None = None
 
 
 _MARK_OPEN, _MARK_CLOSE = "\ue000", "\ue001"
@@ -185,7 +190,24 @@ class PromptBuilder:
             template_kwargs["tools"] = self.template_tools(tools, texts)
         rendered = self.tokenizer.apply_chat_template(msgs, tokenize=False, add_generation_prompt=True,
                                                       **template_kwargs)
-        return Rendered(rendered, texts)
+        return Rendered(rendered, texts, self._next_turn_at(rendered, msgs, texts, template_kwargs))
+
+    def _next_turn_at(self, rendered: str, msgs: list[dict], texts: list[str], template_kwargs: dict) -> int | None:
+        """Where the next turn's prompt departs from this one: this conversation rendered with an
+        answer in it (a marker as the assistant's text) parts from ``rendered`` where the generation
+        prompt holds what an answered turn does not repeat — Gemma 4's templates end it with an empty
+        thought block the history never shows.  The decoder keeps a prefix-cache entry there
+        (``GenerateSetup.cache_point``), so turn 2 reuses turn 1 on every layer type.  One more
+        template render (no tokenizing); None when the template will not render the probe."""
+        probe = f"{_MARK_OPEN}{len(texts)}{_MARK_CLOSE}"
+        try:
+            answered = self.tokenizer.apply_chat_template(
+                [*msgs, {"role": "assistant", "content": probe}], tokenize=False, add_generation_prompt=False,
+                **template_kwargs)
+        except Exception:  # noqa: BLE001 - a template that refuses the probe: no point, nothing else changes
+            return None
+        n = min(len(rendered), len(answered))
+        return next((i for i in range(n) if rendered[i] != answered[i]), n)
 
     def build(self, rendered: Rendered, media: list[PromptMedia]) -> BuiltPrompt:
         """``media``: the contents of every placeholder the template rendered, in order (``prompt_media``).
@@ -198,14 +220,19 @@ class PromptBuilder:
         joins the text around it as it does when the processor tokenizes the
         expanded prompt whole."""
         out = _Ids(self.tokenizer)
-        k = 0
+        k = at = 0
+        point = rendered.next_turn_at
         for piece in self._piece_re.split(rendered.text):
+            at += len(piece)
             if piece.startswith(_MARK_OPEN) and piece.endswith(_MARK_CLOSE):
                 out.client_text(rendered.parts[int(piece[1:-1])])
                 continue
             modality = self._modality_of.get(piece)
             if modality is None:
-                out.text(piece)
+                if point is not None and at - len(piece) <= point <= at and k == len(media) and not out.split_at:
+                    out.text_split(piece, point - (at - len(piece)))  # the last media is behind the point
+                else:
+                    out.text(piece)
                 continue
             if k >= len(media):
                 raise TemplateMismatch("the chat template rendered more media placeholders than media parts")
@@ -218,7 +245,7 @@ class PromptBuilder:
         if k != len(media):
             raise TemplateMismatch(f"the chat template rendered {k} media placeholders for {len(media)} media "
                                    "parts; media would be dropped")
-        return BuiltPrompt(out.finish(), out.spans)
+        return BuiltPrompt(out.finish(), out.spans, out.split_at)
 
     def _expand(self, out: _Ids, item: PromptMedia) -> None:
         tok = self.media_tokens[item.modality]
@@ -238,9 +265,26 @@ class _Ids:
         self.ids: list[int] = []
         self.spans: list[T.Span] = []
         self._text = ""
+        self.split_at = 0  # ``text_split``'s id index (0: none)
 
     def text(self, s: str) -> None:
         self._text += s
+
+    def text_split(self, s: str, j: int) -> None:
+        """Template text whose first ``j`` characters end where the next turn departs: record the id
+        index there — the tokens that end at or before it (the point may fall inside a special token's
+        text, where the two renderings part mid-token).  The run is tokenized whole, as ``text`` would:
+        the prompt's ids are exactly the template's."""
+        run, self._text = self._text + s, ""
+        cut = len(run) - len(s) + j
+        try:
+            enc = self.tokenizer(run, add_special_tokens=False, return_offsets_mapping=True)
+            whole, offsets = list(enc["input_ids"]), enc["offset_mapping"]
+        except (NotImplementedError, KeyError, TypeError, ValueError):  # a slow tokenizer: no offsets
+            whole, offsets = self.tokenizer.encode(run, add_special_tokens=False), None
+        if offsets is not None and len(offsets) == len(whole):
+            self.split_at = len(self.ids) + sum(1 for _, end in offsets if end <= cut)
+        self.ids.extend(whole)
 
     def _flush(self) -> None:
         if self._text:

@@ -9,14 +9,14 @@ gRPC's default message size.  Event-loop thread.
 
 from __future__ import annotations
 
-import hashlib
+import asyncio
+import random
 from collections.abc import AsyncIterator, Awaitable, Callable
 from typing import Any
 
 import grpc
-import numpy as np
 
-from gateway.upstream.pool import UpstreamPool
+from gateway.upstream.pool import Lease, UpstreamPool
 from mmserve_core.runtime.logs import REQUEST_ID_HEADER
 from mmserve_core.wire import codec
 from mmserve_core.wire import types as T
@@ -30,23 +30,48 @@ def _md(request_id: str) -> tuple[tuple[str, str], ...]:
     return ((REQUEST_ID_HEADER, request_id),)
 
 
-async def _with_failover(pool: UpstreamPool, attempt: Callable[[Any], Awaitable[Any]],
-                         key: bytes | None = None) -> Any:
-    """Run ``attempt(stub)`` on one address; on UNAVAILABLE try the others (each at most once).
+FULL_RETRY_ROUNDS = 3  # rounds over every replica when all answered RESOURCE_EXHAUSTED, then 429
+FULL_BACKOFF_S = 0.05  # first round's back-off cap (doubling), full jitter
+
+
+async def _with_failover(pool: UpstreamPool, attempt: Callable[[Any, Lease], Awaitable[Any]],
+                         key: bytes | None = None, *, hold: bool = False) -> Any:
+    """Run ``attempt(stub, lease)`` on one replica; on UNAVAILABLE (down) or RESOURCE_EXHAUSTED
+    (full) try the others, each at most once a round.  When every replica was full, wait a
+    jittered, doubling back-off and go round again (``FULL_RETRY_ROUNDS``): the client sees 429
+    only when all stayed full.  The ``lease`` counts the call in its replica's load; it is
+    released when ``attempt`` returns or raises — or, with ``hold``, when the RPC the attempt
+    started ends (the attempt hands it to its call: a Generate stream outlives this function).
 
     Only for calls that are safe to repeat: a whole Encode, GetModelInfo, or a
-    Generate that has not produced anything yet."""
+    Generate that has not produced anything yet (both answers come before any work is kept)."""
     tried: set[str] = set()
+    rounds = 0
     while True:
         u = pool.pick(exclude=tried, key=key)
         tried.add(u.address)
+        lease = Lease(u)
         try:
-            result = await attempt(u.stub)
+            result = await attempt(u.stub, lease)
         except grpc.aio.AioRpcError as e:
-            pool.record(u, e.code().name)
-            if e.code() != grpc.StatusCode.UNAVAILABLE or len(tried) >= len(pool):
+            lease.release()
+            code = e.code()
+            pool.record(u, code.name)
+            if code not in (grpc.StatusCode.UNAVAILABLE, grpc.StatusCode.RESOURCE_EXHAUSTED):
                 raise
+            if len(tried) < len(pool):
+                continue
+            if code != grpc.StatusCode.RESOURCE_EXHAUSTED or rounds >= FULL_RETRY_ROUNDS:
+                raise
+            rounds += 1
+            tried.clear()
+            await asyncio.sleep(random.uniform(0, FULL_BACKOFF_S * 2 ** (rounds - 1)))
             continue
+        except BaseException:
+            lease.release()
+            raise
+        if not hold:
+            lease.release()
         pool.record(u, "OK")
         return result
 
@@ -63,7 +88,7 @@ class EncoderClient:
 
     async def modalities(self, request_id: str) -> set[str]:
         """The modalities the encoders have towers (or embedders) for."""
-        r = await _with_failover(self.pool, lambda stub: stub.GetEncoderInfo(
+        r = await _with_failover(self.pool, lambda stub, _: stub.GetEncoderInfo(
             encoder_pb2.GetEncoderInfoRequest(), metadata=_md(request_id), timeout=self.timeout_s))
         return {codec.MODALITY_FROM_PB[m] for m in r.modalities}
 
@@ -71,7 +96,7 @@ class EncoderClient:
         req = encoder_pb2.EncodeRequest(items=codec.media_to_pb(items), output_dtype=codec.DTYPE_TO_PB[dtype],
                                         max_chunk_bytes=MAX_CHUNK_BYTES)  # each item in one message
 
-        async def attempt(stub) -> list[T.EncodedItem]:
+        async def attempt(stub, _) -> list[T.EncodedItem]:
             stream = codec.EncodedStream(len(items))
             async for msg in stub.Encode(req, metadata=_md(request_id), timeout=self.timeout_s):
                 stream.add(msg)
@@ -83,19 +108,38 @@ class EncoderClient:
         await self.pool.close()
 
 
+class StreamStalled(grpc.aio.AioRpcError):
+    """A Generate that sent nothing for longer than its idle timeout: DEADLINE_EXCEEDED, raised where
+    the call's own errors are, so every front maps it like any deadline (504 ``timeout``)."""
+
+    def __init__(self, what: str, seconds: float) -> None:
+        super().__init__(grpc.StatusCode.DEADLINE_EXCEEDED, grpc.aio.Metadata(), grpc.aio.Metadata(),
+                         details=f"the decoder sent nothing for {seconds:g} s {what}")
+
+
 class DecoderClient:
     """Decoders behind one pool.  A Generate fails over only before its first message:
-    after that, tokens have reached the client and a retry would repeat them."""
+    after that, tokens have reached the client and a retry would repeat them.
 
-    def __init__(self, targets: str, timeout_s: float, credentials=None) -> None:
+    Deadlines follow progress, not the clock: a Generate has no call deadline (a long generation is
+    never cut because it is long — ``max_tokens`` bounds it); it is timed out when its decoder sends
+    nothing for ``idle_timeout_s`` between messages, or no first message within
+    ``first_token_timeout_s`` (queueing and the prompt's prefill: bounded work, but a long prompt's
+    prefill can take minutes on a laptop, so its own, longer, bound).  Unary calls keep
+    ``timeout_s``."""
+
+    def __init__(self, targets: str, timeout_s: float, credentials=None, *,
+                 idle_timeout_s: float = 60.0, first_token_timeout_s: float | None = None) -> None:
         self.pool = UpstreamPool("decoder", targets, DecoderStub, credentials=credentials)
         self.timeout_s = timeout_s
+        self.idle_timeout_s = idle_timeout_s
+        self.first_token_timeout_s = first_token_timeout_s if first_token_timeout_s is not None else timeout_s
 
     def start(self) -> None:
         self.pool.start()
 
     async def model_info(self, request_id: str) -> T.ModelInfo:
-        r = await _with_failover(self.pool, lambda stub: stub.GetModelInfo(
+        r = await _with_failover(self.pool, lambda stub, _: stub.GetModelInfo(
             decoder_pb2.GetModelInfoRequest(), metadata=_md(request_id), timeout=self.timeout_s))
         return codec.model_info_from_pb(r)
 
@@ -107,12 +151,14 @@ class DecoderClient:
         request_id: str,
         affinity: bytes | None = None,
         priority: str = "default",
+        cache_point: int = 0,
     ):
         """Start a Generate and wait for its first message: ``(call, first)``.
 
-        ``affinity``: the conversation's key (``conversation_key``) — its turns go to
+        ``affinity``: the conversation's key (``gateway.affinity``) — its turns go to
         one decoder, whose prefix cache holds the earlier turns.  ``priority``
         (``T.PRIORITIES``): its place among waiting requests when the decoder is full.
+        ``cache_point``: where the conversation's next turn departs (the decoder keeps an entry there).
         Iterate ``call.read()`` for the rest; ``call.cancel()`` stops the sequence."""
 
         setup = decoder_pb2.GenerateRequest(setup=decoder_pb2.GenerateSetup(
@@ -120,6 +166,7 @@ class DecoderClient:
             spans=[codec.span_to_pb(s.span, s.tensor) for s in spans],
             sampling=codec.sampling_to_pb(sampling),
             priority=codec.PRIORITY_TO_PB[priority] if priority != "default" else 0,
+            cache_point=cache_point,
         ))
 
         def chunks():  # serialized straight from the encoder's assembled rows: one copy per byte
@@ -127,16 +174,24 @@ class DecoderClient:
                 for off, data in iter_views(s.tensor.data, MAX_CHUNK_BYTES):
                     yield write_chunk(i, off, data)
 
-        async def attempt(stub):
-            call = stub.Generate(metadata=_md(request_id), timeout=self.timeout_s)
+        async def first_message(call):
+            await write_generate(call, setup, chunks())
+            return await call.read()
+
+        async def attempt(stub, lease: Lease):
+            call = stub.Generate(metadata=_md(request_id))  # no call deadline: see the class docstring
+            call.add_done_callback(lease.release)  # the stream counts against its replica until it ends
             try:
-                await write_generate(call, setup, chunks())
-                return DecoderStream(call, await call.read())
+                try:
+                    first = await asyncio.wait_for(first_message(call), self.first_token_timeout_s)
+                except asyncio.TimeoutError:  # noqa: UP041 - Python 3.10 has its own
+                    raise StreamStalled("before its first token", self.first_token_timeout_s) from None
+                return DecoderStream(call, first, self.idle_timeout_s)
             except BaseException:
                 call.cancel()
                 raise
 
-        return await _with_failover(self.pool, attempt, affinity)
+        return await _with_failover(self.pool, attempt, affinity, hold=True)
 
     async def close(self) -> None:
         await self.pool.close()
@@ -147,8 +202,9 @@ class DecoderStream:
     transport, so the pipeline never sees one.  ``events()`` raises the call's
     ``grpc.aio.AioRpcError`` if it fails; ``cancel()`` ends the sequence."""
 
-    def __init__(self, call: grpc.aio.StreamStreamCall, first) -> None:
+    def __init__(self, call: grpc.aio.StreamStreamCall, first, idle_timeout_s: float | None = None) -> None:
         self._call, self._first = call, first
+        self._idle = idle_timeout_s
 
     @property
     def empty(self) -> bool:
@@ -159,7 +215,11 @@ class DecoderStream:
         msg = self._first
         while msg is not grpc.aio.EOF:
             yield codec.generate_response_from_pb(msg)
-            msg = await self._call.read()
+            try:
+                msg = await asyncio.wait_for(self._call.read(), self._idle)
+            except asyncio.TimeoutError:  # noqa: UP041 - Python 3.10 has its own
+                self._call.cancel()  # the decoder stops the sequence (and frees its slot) on cancel
+                raise StreamStalled("between tokens", self._idle) from None
 
     def cancel(self) -> None:
         self._call.cancel()
@@ -167,18 +227,3 @@ class DecoderStream:
     def done(self) -> bool:
         return self._call.done()
 
-
-def conversation_key(ids: list[int], spans: list[T.SpanEmbedding], end_of_turn: set[int]) -> bytes:
-    """What every turn of one conversation shares: the prompt up to the end of its first turn
-    (the system prompt and the first user message), with the media in it by content hash.
-
-    Turn 2's prompt starts with turn 1's, so both hash alike; two conversations that
-    share a system prompt but not a first question do not.  Without an end-of-turn
-    token in the prompt the whole prompt is the key."""
-    cut = next((i + 1 for i, t in enumerate(ids) if t in end_of_turn), len(ids))
-    h = hashlib.blake2b(digest_size=16)
-    h.update(np.asarray(ids[:cut], np.int64).tobytes())
-    for s in spans:
-        if s.span.offset < cut:
-            h.update(s.span.content_hash.encode())
-    return h.digest()

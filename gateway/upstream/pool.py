@@ -1,14 +1,36 @@
-"""A pool of upstream addresses: round-robin over the healthy ones, with failover.
+"""A pool of upstream replicas: the least busy healthy one, affinity within a load bound, failover.
 
 Why: operators scale encoders and decoders on separate Macs; the gateway
-takes a comma-separated list for each and must spread work across them and
-keep serving when one dies.  One grpc.aio channel per address; a background
-task asks each ``grpc.health.v1`` every ``interval`` seconds and a call that
-fails with UNAVAILABLE marks its address down at once, so the next pick (and
-the caller's retry) goes elsewhere.  Picks skip down addresses; with none up
-they still try (a probe may be stale).  We round-robin ourselves rather than
-through gRPC's ``round_robin`` policy because that needs literal IPs in one
-target, while operators write host names.
+takes a comma-separated list for each and must spread work across them, keep
+a conversation where its KV is cached, and keep serving when one dies or is
+full.  One grpc.aio channel per address; a background task asks each
+``grpc.health.v1`` every ``interval`` seconds and a call that fails with
+UNAVAILABLE marks its address down at once, so the next pick (and the
+caller's retry) goes elsewhere.
+
+How a replica is picked (``pick``):
+
+* **Load**: every call this gateway has open on a replica counts against it
+  (``Upstream.outstanding``, released when the RPC ends, however it ends).
+  Without a key the least busy healthy replica wins (ties broken at random,
+  so several gateways do not herd) — "least outstanding requests", better
+  than power-of-two-choices for one gateway and the same for two replicas.
+* **Affinity** (a conversation's key, or the client's ``prompt_cache_key``):
+  rendezvous hashing orders the replicas per key, so every gateway sends a
+  key to the same replica and losing one moves only its keys.  The first in
+  that order within the **load bound** wins: consistent hashing with bounded
+  loads (Mirrokni, Thorup, Zadimoghaddam 2018, as HAProxy and Envoy apply it)
+  — a replica is passed over while its load exceeds ``load_factor`` × the
+  mean load, so a hot key or a busy replica sends the next conversation to
+  the next one in the key's order instead of queueing behind it: when the
+  preferred replica is saturated, load wins over affinity.
+* **Full**: a replica that answered RESOURCE_EXHAUSTED is passed over for
+  ``FULL_HOLD_S`` (it has no room; the caller retries elsewhere).
+
+Picks skip down and full replicas; with none left they still try one (a probe
+may be stale).  We pick ourselves rather than through gRPC's ``round_robin``
+policy because we need each replica's load and a key's order, which a
+channel's policy does not expose.
 
 Thread ownership: event-loop thread (channels bind to the running loop).
 """
@@ -17,7 +39,9 @@ from __future__ import annotations
 
 import asyncio
 import hashlib
-import itertools
+import math
+import random
+import time
 from collections.abc import Callable
 from dataclasses import dataclass, field
 from typing import Any
@@ -30,6 +54,9 @@ from mmserve_core.runtime.logs import get_logger
 
 log = get_logger(__name__)
 
+FULL_HOLD_S = 0.5  # a replica that said RESOURCE_EXHAUSTED is not picked again for this long (unless all are)
+LOAD_FACTOR = 1.25  # the bounded-loads constant c: affinity holds while a replica's load <= c x the mean
+
 
 @dataclass
 class Upstream:
@@ -39,16 +66,38 @@ class Upstream:
     up: bool = True
     calls: int = 0
     failures: int = field(default=0)
+    outstanding: int = 0  # calls this gateway has open on it (released when each RPC ends)
+    full_until: float = 0.0  # monotonic time before which it is passed over (RESOURCE_EXHAUSTED)
+
+    def full(self, now: float) -> bool:
+        return now < self.full_until
+
+
+class Lease:
+    """One call's claim on a replica's load: ``release`` (idempotent) when the RPC has ended."""
+
+    __slots__ = ("upstream", "_released")
+
+    def __init__(self, upstream: Upstream) -> None:
+        self.upstream, self._released = upstream, False
+        upstream.outstanding += 1
+
+    def release(self, *_: Any) -> None:
+        if not self._released:
+            self._released = True
+            self.upstream.outstanding -= 1
 
 
 class UpstreamPool:
     def __init__(self, name: str, addresses: str, make_stub: Callable[[grpc.aio.Channel], Any],
-                 *, health_interval_s: float = 2.0, credentials: grpc.ChannelCredentials | None = None) -> None:
+                 *, health_interval_s: float = 2.0, credentials: grpc.ChannelCredentials | None = None,
+                 load_factor: float = LOAD_FACTOR) -> None:
         self.name = name
         addrs = [a.strip() for a in addresses.split(",") if a.strip()]
         if not addrs:
             raise ValueError(f"no {name} address given")
         self.upstreams = []
+        self.load_factor = load_factor
         # round_robin inside each channel too: a name with several records (a Kubernetes headless
         # Service) spreads over all of them, not just the first.
         # A replica that comes back must rejoin within a health interval or two, not after gRPC's
@@ -59,9 +108,9 @@ class UpstreamPool:
             ch = (grpc.aio.secure_channel(a, credentials, options=options) if credentials is not None
                   else grpc.aio.insecure_channel(a, options=options))
             self.upstreams.append(Upstream(a, ch, make_stub(ch)))
-        self._rr = itertools.cycle(range(len(self.upstreams)))
         self._interval = health_interval_s
         self._task: asyncio.Task | None = None
+        self._rng = random.Random()
         self.on_call: Callable[[str, str, str], None] | None = None  # (service, address, outcome)
 
     def __len__(self) -> int:
@@ -78,34 +127,45 @@ class UpstreamPool:
             await u.channel.close()
 
     def pick(self, exclude: set[str] = frozenset(), key: bytes | None = None) -> Upstream:
-        """The next address in round-robin order that is up and not excluded.
+        """The replica for the next call (see the module's docstring): healthy, not full, not in
+        ``exclude``; the least busy, or with ``key`` the first in the key's order within the load
+        bound.  With every replica down or full, one not yet tried (a probe may be stale)."""
+        now = time.monotonic()
+        fresh = [u for u in self.upstreams if u.address not in exclude]
+        if not fresh:
+            return self._order(self.upstreams, key)[0]
+        ready = [u for u in fresh if u.up and not u.full(now)] or [u for u in fresh if u.up] or fresh
+        if key is None or len(ready) == 1:
+            least = min(u.outstanding for u in ready)
+            return self._rng.choice([u for u in ready if u.outstanding == least])
+        ordered = self._order(ready, key)
+        # the paper's capacity: ceil(c x (load + the call being placed) / replicas) — an idle pool
+        # always keeps affinity, and so does one whose preferred replica is within the bound
+        bound = math.ceil(self.load_factor * (sum(u.outstanding for u in ready) + 1) / len(ready))
+        for u in ordered:
+            if u.outstanding + 1 <= bound:
+                return u
+        return min(ordered, key=lambda u: u.outstanding)
 
-        With ``key`` (a conversation's affinity key), the order is rendezvous
-        hashing instead: every gateway sends the same key to the same replica
-        while it is up, and when it is not, the keys it held spread over the
-        rest (each key's next-highest score) without moving any other key."""
-        if key is not None and len(self.upstreams) > 1:
-            candidates = sorted(self.upstreams, reverse=True, key=lambda u: hashlib.blake2b(
-                key + u.address.encode(), digest_size=8).digest())
-        else:
-            start = next(self._rr)
-            candidates = self.upstreams[start:] + self.upstreams[:start]
-        for u in candidates:
-            if u.up and u.address not in exclude:
-                return u
-        for u in candidates:  # nothing known up: try one we have not tried
-            if u.address not in exclude:
-                return u
-        return candidates[0]
+    @staticmethod
+    def _order(upstreams: list[Upstream], key: bytes | None) -> list[Upstream]:
+        """Rendezvous order for ``key`` (highest score first); as listed without one."""
+        if key is None:
+            return list(upstreams)
+        return sorted(upstreams, reverse=True,
+                      key=lambda u: hashlib.blake2b(key + u.address.encode(), digest_size=8).digest())
 
     def record(self, u: Upstream, outcome: str) -> None:
-        """Count a call; UNAVAILABLE marks the address down until its next good health check."""
+        """Count a call; UNAVAILABLE marks the address down until its next good health check,
+        RESOURCE_EXHAUSTED passes it over for ``FULL_HOLD_S``."""
         u.calls += 1
         if outcome == "UNAVAILABLE":
             u.failures += 1
             if u.up:
                 log.warning("upstream down", service=self.name, address=u.address)
             u.up = False
+        elif outcome == "RESOURCE_EXHAUSTED":
+            u.full_until = time.monotonic() + FULL_HOLD_S
         if self.on_call is not None:
             self.on_call(self.name, u.address, outcome)
 

@@ -266,6 +266,7 @@ def generate_setup_from_pb(setup: decoder_pb2.GenerateSetup) -> T.GenerateSetup:
         spans=[span_from_pb(i, s) for i, s in enumerate(setup.spans)],
         sampling=sampling_from_pb(setup.sampling),
         priority=priority,
+        cache_point=int(setup.cache_point),
     )
 
 

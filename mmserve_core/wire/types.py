@@ -232,6 +232,7 @@ class GenerateSetup:
     spans: list[tuple[Span, str, tuple[int, ...]]]
     sampling: SamplingParams
     priority: str = "default"  # PRIORITIES
+    cache_point: int = 0  # where the conversation's next turn departs (0 = not said)
 
 
 @dataclass(frozen=True)

@@ -3,6 +3,7 @@ prompt layout renders exactly what the template renders, media blocks inside the
 
 from __future__ import annotations
 
+import dataclasses
 import json
 from pathlib import Path
 
@@ -157,3 +158,31 @@ def test_the_generated_template_renders_tools_as_the_e_series_one(tmp_path):
             with_prompt = ours.apply_chat_template(msgs, add_generation_prompt=True, chat_template=e_series, **kw)
             suffix = "" if thinking else "<|channel>thought\n<channel|>"
             assert with_prompt == ours.apply_chat_template(msgs, add_generation_prompt=True, **kw) + suffix
+
+
+@pytest.mark.parametrize("n", [2, 4, 6])
+def test_the_next_turn_departs_where_the_prompt_says(real, n, media_dir):
+    """``next_turn_at`` (sent as the decoder's ``cache_point``): the next turn's ids — this conversation
+    answered, then a new question — equal this prompt's up to there and part right after, before
+    the empty thought block that both templates put in the generation prompt and never in history."""
+    _, tok = real
+    builder = PromptBuilder(tok, {"image": IMG})
+    head = [dict(OPENAI_ROUND_TRIP[0]), dict(OPENAI_ROUND_TRIP[1],
+                                             content=[text_part("Look:"), image_part(media_dir / "red_circle.png")])]
+    msgs = [*head, *OPENAI_ROUND_TRIP[2:n]]
+    nxt = [*msgs, {"role": "assistant", "content": "It is sunny."}, {"role": "user", "content": "And tomorrow?"}]
+
+    def built(m, split=True):
+        req = parse_chat_request({"messages": m, "tools": TOOLS})
+        rendered = builder.render(req.messages, tools=req.tools)
+        return builder.build(rendered if split else dataclasses.replace(rendered, next_turn_at=None),
+                             [PromptMedia("image", p.param, (5,), "h") for p in req.media])
+
+    now, later = built(msgs), built(nxt)
+    p = now.next_turn_at
+    assert 0 < p <= len(now.ids)  # after tool results the next turn may continue right after the prompt
+    assert later.ids[:p] == now.ids[:p] and (p == len(now.ids) or later.ids[p] != now.ids[p])
+    if n == 2:  # after a user turn: the empty thought block is what the next turn drops
+        assert tok.decode(now.ids[p:]) == "<|channel>thought\n<channel|>"
+    assert now.ids == built(msgs, split=False).ids  # tokenized in two there, the ids are as they were
+

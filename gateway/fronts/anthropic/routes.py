@@ -166,7 +166,7 @@ def add_messages_routes(app: FastAPI, pipeline: Pipeline, metrics: GatewayMetric
         rid = request_id_var.get() or new_request_id()
         try:
             req = parse_messages_request(await read_json(request), allow_urls=cfg.url_fetch, counting=True)
-            ids, _, _ = await pipeline.prepare(req, rid)
+            ids, *_ = await pipeline.prepare(req, rid)
         except Exception as e:  # noqa: BLE001 - every failure becomes Anthropic error JSON
             return failure_response(e, request.url.path, "count_tokens")
         return JSONResponse({"input_tokens": len(ids)})
