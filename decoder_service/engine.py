@@ -33,6 +33,7 @@ from decoder_service.sampling import ResolvedSampling, resolve_sampling
 from decoder_service.scheduler import BatchScheduler
 from decoder_service.sequences import GenerationJob
 from decoder_service.thought_budget import ThoughtBudget
+from mmserve_core.digests import template_digest, tokenizer_digest
 from mmserve_core.runtime.checkpoint import CheckpointInfo, read_checkpoint
 from mmserve_core.runtime.logs import get_logger
 from mmserve_core.runtime.mlx_thread import MLXWorker
@@ -54,6 +55,8 @@ class DecoderEngine:
         self.eos_ids: list[int] = self.info.eos_token_ids(tok_eos)
         template = getattr(self.tokenizer, "chat_template", None)
         self.chat_template: str = template if isinstance(template, str) else ""
+        # declared in GetModelInfo: a gateway routes only to decoders that read prompts as it does
+        self.tokenizer_digest, self.template_digest = tokenizer_digest(self.tokenizer), template_digest(template)
         self.context_length = min(
             self.info.context_length, cfg.context_length or self.info.context_length
         )
@@ -72,6 +75,25 @@ class DecoderEngine:
         self.dtype: str | None = None
         self.constraints = ConstraintCompiler(self.tokenizer, self.info.vocab_size, self.eos_ids)
         self.stream_limits = StreamLimits(cfg.max_open_streams, cfg.max_buffered_bytes, cfg.stream_idle_timeout_s)
+
+    @property
+    def capabilities(self) -> frozenset[str]:
+        """What this decoder honours beyond the fields every version has (``GetModelInfo``): a gateway
+        sends a request needing one only to decoders that declare it."""
+        caps = {"priority", "cache_point", "constraints", "logprobs"}
+        if self._thought_ids() is not None:
+            caps.add("thought_budget")
+        if self.cfg.draft_model:
+            caps.add("drafting")
+        if T.VIDEO in self.placeholder_ids:
+            caps.add("video")
+        return frozenset(caps)
+
+    def _thought_ids(self) -> tuple[int, int] | None:
+        ids = [self.tokenizer.convert_tokens_to_ids(t) for t in ("<|channel>", "<channel|>")]
+        if any(i is None or i == self.tokenizer.unk_token_id for i in ids):
+            return None
+        return ids[0], ids[1]
 
     # -- lifecycle ------------------------------------------------------------
     def start(self) -> None:
@@ -165,8 +187,8 @@ class DecoderEngine:
         return dataclasses.replace(resolved, grammar=GrammarMask(matcher, self.info.vocab_size, self.eos_ids))
 
     def _thought_budget(self, budget: int) -> ThoughtBudget:
-        ids = [self.tokenizer.convert_tokens_to_ids(t) for t in ("<|channel>", "<channel|>")]
-        if any(i is None or i == self.tokenizer.unk_token_id for i in ids):
+        ids = self._thought_ids()
+        if ids is None:
             raise InvalidArgument("sampling.reasoning_budget: this model has no thought channel")
         if budget < 1:
             raise InvalidArgument("sampling.reasoning_budget must be at least 1")

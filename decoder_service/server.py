@@ -14,6 +14,7 @@ import grpc
 
 from decoder_service.engine import DecoderEngine
 from decoder_service.intake import StreamAdmission, StreamReader, read_generate
+from mmserve_core.digests import CONTRACT_VERSION
 from mmserve_core.runtime.grpc_runtime import add_servicer, create_server, rpc_scope
 from mmserve_core.runtime.logs import get_logger
 from mmserve_core.runtime.tls import ServerTLS
@@ -22,8 +23,6 @@ from mmserve_core.wire import types as T
 from mmserve_core.wire.stubs import decoder_pb2, decoder_pb2_grpc
 
 log = get_logger(__name__)
-# GetModelInfoResponse.capabilities: what this decoder honours beyond every version's fields
-CAPABILITIES = frozenset({"priority", "cache_point"})
 SERVICE_NAME = decoder_pb2.DESCRIPTOR.services_by_name["DecoderService"].full_name
 
 
@@ -79,7 +78,10 @@ class DecoderServicer(decoder_pb2_grpc.DecoderServiceServicer):
                 bidirectional_vision=info.bidirectional_vision,
                 per_layer_inputs=info.per_layer_inputs,
                 chat_template=self.engine.chat_template,
-                capabilities=sorted(CAPABILITIES),
+                capabilities=sorted(self.engine.capabilities),
+                contract_version=CONTRACT_VERSION,
+                tokenizer_digest=self.engine.tokenizer_digest,
+                chat_template_digest=self.engine.template_digest,
             )
 
 

@@ -95,7 +95,7 @@ def _add_service_routes(app: FastAPI, pipeline: Pipeline, metrics: GatewayMetric
     async def health():
         """200 when both upstreams answer SERVING, else 503 naming which does not."""
         status = await pipeline.upstream_health()
-        ok = all(v == "SERVING" for v in status.values())
+        ok = status["encoder"] == "SERVING" and status["decoder"] == "SERVING"
         return JSONResponse({"status": "ok" if ok else "unavailable", **status}, status_code=200 if ok else 503)
 
     @app.get("/metrics", include_in_schema=False)

@@ -22,12 +22,13 @@ from gateway.errors import HTTPError, to_http
 from gateway.events import Delta, Done
 from gateway.logprobs import LogprobFormatter
 from gateway.reasoning import ReasoningParser
-from gateway.request import ChatRequest, bad, check_towers
+from gateway.request import ChatRequest, check_towers
 from gateway.tools.choice import ToolPlan, finish_reason, markers, plan_tools
 from gateway.tools.parser import ToolCallParser
 from gateway.upstream.clients import DecoderClient, DecoderStream, EncoderClient
 from gateway.upstream.fetch import MediaFetcher
-from mmserve_core.prompt import PromptBuilder, prompt_media
+from mmserve_core.digests import template_digest, tokenizer_digest
+from mmserve_core.prompt import PromptBuilder, PromptMedia, prompt_media, wants_track
 from mmserve_core.runtime.logs import get_logger
 from mmserve_core.wire import types as T
 from mmserve_core.wire.errors import CONSTRAINT_REFUSAL
@@ -92,6 +93,8 @@ class Pipeline:
 
         self.cfg = cfg
         self.tokenizer = AutoTokenizer.from_pretrained(cfg.checkpoint)
+        # a decoder is routed to only if it reads prompts as this gateway writes them (``replicas``)
+        self.digests = (tokenizer_digest(self.tokenizer), template_digest(getattr(self.tokenizer, "chat_template", None)))
         # grpc.aio channels bind to the running loop: created in ``open()``.
         self.encoder: EncoderClient = None  # type: ignore[assignment]
         self.decoder: DecoderClient = None  # type: ignore[assignment]
@@ -109,6 +112,7 @@ class Pipeline:
         self.decoder = DecoderClient(self.cfg.decoder, self.cfg.rpc_timeout_s, creds,
                                      idle_timeout_s=self.cfg.stream_idle_timeout_s,
                                      first_token_timeout_s=self.cfg.first_token_timeout_s)
+        self.decoder.replicas.expect = self.digests
         for c in (self.encoder, self.decoder):
             c.pool.on_call = on_call
             c.start()
@@ -129,9 +133,9 @@ class Pipeline:
 
     @property
     def model_id(self) -> str:
-        if self.cfg.model_id:
-            return self.cfg.model_id
-        return self._info.model_id if self._info else self.cfg.checkpoint.rstrip("/").rsplit("/", 1)[-1]
+        """``--model-id``, else this gateway's checkpoint directory's name: the same from the first
+        request on (the decoders' own id is accepted as an alias once known)."""
+        return self.cfg.model_id or self.cfg.checkpoint.rstrip("/").rsplit("/", 1)[-1]
 
     def keep_reasoning(self, req: ChatRequest) -> bool:
         """Whether the thought channel goes back to the client: the request's say, else ``--reasoning``."""
@@ -139,8 +143,11 @@ class Pipeline:
 
     @property
     def served_models(self) -> tuple[str, ...]:
-        """The model id, then the configured aliases (``--model-alias``)."""
-        return (self.model_id, *(a for a in self.cfg.model_aliases if a != self.model_id))
+        """The model id, then the configured aliases (``--model-alias``), then the decoders' own id."""
+        names = [self.model_id, *self.cfg.model_aliases]
+        if self._info is not None:
+            names.append(self._info.model_id)
+        return tuple(dict.fromkeys(n for n in names if n))
 
     def check_model(self, name: str | None) -> None:
         """A request naming a model this gateway does not serve is 404 ``model_not_found``
@@ -158,9 +165,20 @@ class Pipeline:
                 raise to_http(e, upstream="encoder") from None
         return self._encoder_modalities
 
-    async def upstream_health(self) -> dict[str, str]:
-        """``grpc.health.v1`` status of each upstream ("UNREACHABLE" when it does not answer)."""
-        return {"encoder": await self.encoder.pool.health(), "decoder": await self.decoder.pool.health()}
+    async def upstream_health(self) -> dict:
+        """``grpc.health.v1`` status of each upstream ("UNREACHABLE" when it does not answer); the
+        decoders SERVING only if one that serves may be routed to ("REFUSED" when every one that
+        serves reads prompts differently), with each replica's state when there are several or one
+        is refused."""
+        pool = self.decoder.pool
+        states = await asyncio.gather(*(pool.check(u) for u in pool.upstreams))
+        await self.decoder.replicas.refresh()
+        serving = [u for u, s in zip(pool.upstreams, states) if s == "SERVING"]
+        decoder = "SERVING" if any(u.refused is None for u in serving) else "REFUSED" if serving else states[0]
+        out: dict = {"encoder": await self.encoder.pool.health(), "decoder": decoder}
+        if len(pool) > 1 or any(u.refused for u in pool.upstreams):
+            out["decoders"] = self.decoder.replicas.status()
+        return out
 
     async def fetch_urls(self, req: ChatRequest) -> None:
         """Fill in the bytes of http(s) image and video parts (only present when fetching is enabled)."""
@@ -202,13 +220,8 @@ class Pipeline:
             key = prompt_cache_key(req.cache_key)
         elif self.cfg.decoder_affinity == "conversation":
             key = conversation_key(req.messages, req.tools)
-        if req.priority != "default" and self._info is not None and "priority" not in self._info.capabilities:
-            raise bad(f"service_tier {req.service_tier!r}: the decoder serving this model is a version without "
-                      "admission priorities, so the tier cannot be honoured", "service_tier")
-        if self._info is None or "cache_point" not in self._info.capabilities:
-            next_turn_at = 0  # a decoder that predates cache points would refuse the field
         return await self.decoder.start_generate(ids, spans, req.sampling, rid, affinity=key, priority=req.priority,
-                                                 cache_point=next_turn_at)
+                                                 cache_point=next_turn_at, needs=needs(req))
 
     async def start(self, req: ChatRequest, rid: str) -> Generation:
         """Everything between a parsed request and its first event: model check, media,
@@ -241,6 +254,8 @@ class Pipeline:
         check_towers(req.messages, set(builder.media_tokens))
         rendered = builder.render(req.messages, tools=req.tools, **req.chat_template_kwargs)
         media_parts = req.media
+        if media_parts and req.truncation != "auto":
+            check_text_fits(builder, rendered, req, info.context_length)  # before the encoder's work
         encoded: list[T.EncodedItem] = []
         t0 = time.perf_counter()
         if media_parts:
@@ -275,6 +290,41 @@ class Pipeline:
         block_tensors = [t for e in kept for t in split_rows(e.tensor, e.block_rows)]
         spans = [T.SpanEmbedding(s, t) for s, t in zip(built.spans, block_tensors, strict=True)]
         return built.ids, spans, encode_ms, built.next_turn_at
+
+
+def check_text_fits(builder: PromptBuilder, rendered, req: ChatRequest, context_length: int) -> None:
+    """The prompt's tokens without its media rows, plus ``max_tokens``, within the context: a prompt
+    that cannot fit is refused before its media are sent to the encoder (400
+    ``context_length_exceeded``, as the decoder would refuse it after)."""
+    media = []
+    for p in (p for m in req.messages for p in m.parts if p.media is not None):
+        media.append(PromptMedia(p.media.modality, p.param, (), ""))
+        if wants_track(p):
+            media.append(PromptMedia(T.AUDIO, p.param, (), ""))
+    n = len(builder.build(rendered, media).ids)
+    if not _fits(n, req.sampling.max_tokens, context_length):
+        raise HTTPError(400, f"the prompt's text alone is {n} tokens (before its media), which with max_tokens "
+                        f"({req.sampling.max_tokens or 1}) exceeds the context length of {context_length}",
+                        type_="invalid_request_error", param="messages", code="context_length_exceeded")
+
+
+def needs(req: ChatRequest) -> dict[str, str]:
+    """The decoder capabilities this request needs, each with the field (as the client's API names
+    it) that needs it: only replicas declaring them get it (``upstream.replicas``)."""
+    out: dict[str, str] = {}
+    s = req.sampling
+    if s.constraint is not None:
+        out["constraints"] = req.constraint_param
+    if s.reasoning_budget is not None:
+        out["thought_budget"] = "the reasoning budget"
+    if s.logprobs:
+        out["logprobs"] = "logprobs"
+    if req.priority != "default":
+        out["priority"] = f"service_tier {req.service_tier!r}"
+    video = next((p for p in req.media if p.media.modality == T.VIDEO), None)
+    if video is not None:
+        out["video"] = video.param
+    return out
 
 
 def _fits(prompt_tokens: int, max_tokens: int | None, context_length: int) -> bool:

@@ -16,7 +16,8 @@ from typing import Any
 
 import grpc
 
-from gateway.upstream.pool import Lease, UpstreamPool
+from gateway.upstream.pool import Lease, Upstream, UpstreamPool
+from gateway.upstream.replicas import NoReplica, Replicas
 from mmserve_core.runtime.logs import REQUEST_ID_HEADER
 from mmserve_core.wire import codec
 from mmserve_core.wire import types as T
@@ -35,7 +36,8 @@ FULL_BACKOFF_S = 0.05  # first round's back-off cap (doubling), full jitter
 
 
 async def _with_failover(pool: UpstreamPool, attempt: Callable[[Any, Lease], Awaitable[Any]],
-                         key: bytes | None = None, *, hold: bool = False) -> Any:
+                         key: bytes | None = None, *, hold: bool = False,
+                         eligible: Callable[[Upstream], bool] | None = None) -> Any:
     """Run ``attempt(stub, lease)`` on one replica; on UNAVAILABLE (down) or RESOURCE_EXHAUSTED
     (full) try the others, each at most once a round.  When every replica was full, wait a
     jittered, doubling back-off and go round again (``FULL_RETRY_ROUNDS``): the client sees 429
@@ -47,8 +49,13 @@ async def _with_failover(pool: UpstreamPool, attempt: Callable[[Any, Lease], Awa
     Generate that has not produced anything yet (both answers come before any work is kept)."""
     tried: set[str] = set()
     rounds = 0
+    last: grpc.aio.AioRpcError | None = None
     while True:
-        u = pool.pick(exclude=tried, key=key)
+        u = pool.pick(exclude=tried, key=key, eligible=eligible)
+        if u is None:  # every eligible replica tried this round (or none is eligible)
+            if last is not None:
+                raise last
+            raise NoReplica("no decoder can take this request")
         tried.add(u.address)
         lease = Lease(u)
         try:
@@ -59,7 +66,8 @@ async def _with_failover(pool: UpstreamPool, attempt: Callable[[Any, Lease], Awa
             pool.record(u, code.name)
             if code not in (grpc.StatusCode.UNAVAILABLE, grpc.StatusCode.RESOURCE_EXHAUSTED):
                 raise
-            if len(tried) < len(pool):
+            last = e
+            if pool.pick(exclude=tried, eligible=eligible) is not None:
                 continue
             if code != grpc.StatusCode.RESOURCE_EXHAUSTED or rounds >= FULL_RETRY_ROUNDS:
                 raise
@@ -132,16 +140,21 @@ class DecoderClient:
                  idle_timeout_s: float = 60.0, first_token_timeout_s: float | None = None) -> None:
         self.pool = UpstreamPool("decoder", targets, DecoderStub, credentials=credentials)
         self.timeout_s = timeout_s
+        self.replicas = Replicas(self.pool, self._describe)
         self.idle_timeout_s = idle_timeout_s
         self.first_token_timeout_s = first_token_timeout_s if first_token_timeout_s is not None else timeout_s
 
     def start(self) -> None:
         self.pool.start()
 
-    async def model_info(self, request_id: str) -> T.ModelInfo:
-        r = await _with_failover(self.pool, lambda stub, _: stub.GetModelInfo(
-            decoder_pb2.GetModelInfoRequest(), metadata=_md(request_id), timeout=self.timeout_s))
+    async def _describe(self, u: Upstream) -> T.ModelInfo:
+        r = await u.stub.GetModelInfo(decoder_pb2.GetModelInfoRequest(), timeout=self.timeout_s)
         return codec.model_info_from_pb(r)
+
+    async def model_info(self, request_id: str) -> T.ModelInfo:
+        """A routable replica's model facts (each replica is described on its own: ``replicas``)."""
+        await self.replicas.refresh()
+        return self.replicas.first_info()
 
     async def start_generate(
         self,
@@ -152,6 +165,7 @@ class DecoderClient:
         affinity: bytes | None = None,
         priority: str = "default",
         cache_point: int = 0,
+        needs: dict[str, str] | None = None,
     ):
         """Start a Generate and wait for its first message: ``(call, first)``.
 
@@ -159,6 +173,7 @@ class DecoderClient:
         one decoder, whose prefix cache holds the earlier turns.  ``priority``
         (``T.PRIORITIES``): its place among waiting requests when the decoder is full.
         ``cache_point``: where the conversation's next turn departs (the decoder keeps an entry there).
+        ``needs``: capability → the field that needs it; only replicas declaring them all are tried.
         Iterate ``call.read()`` for the rest; ``call.cancel()`` stops the sequence."""
 
         setup = decoder_pb2.GenerateRequest(setup=decoder_pb2.GenerateSetup(
@@ -168,22 +183,29 @@ class DecoderClient:
             priority=codec.PRIORITY_TO_PB[priority] if priority != "default" else 0,
             cache_point=cache_point,
         ))
+        plain = None  # the setup without its cache point, for a replica that predates them
+        if cache_point:
+            plain = decoder_pb2.GenerateRequest()
+            plain.CopyFrom(setup)
+            plain.setup.cache_point = 0
 
         def chunks():  # serialized straight from the encoder's assembled rows: one copy per byte
             for i, s in enumerate(spans):
                 for off, data in iter_views(s.tensor.data, MAX_CHUNK_BYTES):
                     yield write_chunk(i, off, data)
 
-        async def first_message(call):
-            await write_generate(call, setup, chunks())
+        async def first_message(call, message):
+            await write_generate(call, message, chunks())
             return await call.read()
 
         async def attempt(stub, lease: Lease):
+            info = lease.upstream.info
+            message = setup if plain is None or (info is not None and "cache_point" in info.capabilities) else plain
             call = stub.Generate(metadata=_md(request_id))  # no call deadline: see the class docstring
             call.add_done_callback(lease.release)  # the stream counts against its replica until it ends
             try:
                 try:
-                    first = await asyncio.wait_for(first_message(call), self.first_token_timeout_s)
+                    first = await asyncio.wait_for(first_message(call, message), self.first_token_timeout_s)
                 except asyncio.TimeoutError:  # noqa: UP041 - Python 3.10 has its own
                     raise StreamStalled("before its first token", self.first_token_timeout_s) from None
                 return DecoderStream(call, first, self.idle_timeout_s)
@@ -191,7 +213,10 @@ class DecoderClient:
                 call.cancel()
                 raise
 
-        return await _with_failover(self.pool, attempt, affinity, hold=True)
+        await self.replicas.refresh()
+        self.replicas.check(needs or {})
+        eligible = self.replicas.eligible(frozenset(needs or ()))
+        return await _with_failover(self.pool, attempt, affinity, hold=True, eligible=eligible)
 
     async def close(self) -> None:
         await self.pool.close()

@@ -68,6 +68,8 @@ class Upstream:
     failures: int = field(default=0)
     outstanding: int = 0  # calls this gateway has open on it (released when each RPC ends)
     full_until: float = 0.0  # monotonic time before which it is passed over (RESOURCE_EXHAUSTED)
+    info: Any = None  # what it said of itself (decoders: GetModelInfo); forgotten when it goes down
+    refused: str | None = None  # why this gateway never routes to it (``replicas``), None = it may
 
     def full(self, now: float) -> bool:
         return now < self.full_until
@@ -126,14 +128,16 @@ class UpstreamPool:
         for u in self.upstreams:
             await u.channel.close()
 
-    def pick(self, exclude: set[str] = frozenset(), key: bytes | None = None) -> Upstream:
-        """The replica for the next call (see the module's docstring): healthy, not full, not in
-        ``exclude``; the least busy, or with ``key`` the first in the key's order within the load
-        bound.  With every replica down or full, one not yet tried (a probe may be stale)."""
+    def pick(self, exclude: set[str] = frozenset(), key: bytes | None = None,
+             eligible: Callable[[Upstream], bool] | None = None) -> Upstream | None:
+        """The replica for the next call (see the module's docstring): ``eligible``, healthy, not
+        full, not in ``exclude``; the least busy, or with ``key`` the first in the key's order within
+        the load bound.  With every replica down or full, one not yet tried (a probe may be stale);
+        None when no eligible one is left."""
         now = time.monotonic()
-        fresh = [u for u in self.upstreams if u.address not in exclude]
+        fresh = [u for u in self.upstreams if u.address not in exclude and (eligible is None or eligible(u))]
         if not fresh:
-            return self._order(self.upstreams, key)[0]
+            return None
         ready = [u for u in fresh if u.up and not u.full(now)] or [u for u in fresh if u.up] or fresh
         if key is None or len(ready) == 1:
             least = min(u.outstanding for u in ready)
@@ -163,7 +167,7 @@ class UpstreamPool:
             u.failures += 1
             if u.up:
                 log.warning("upstream down", service=self.name, address=u.address)
-            u.up = False
+            u.up, u.info = False, None  # it may come back as another version: described again
         elif outcome == "RESOURCE_EXHAUSTED":
             u.full_until = time.monotonic() + FULL_HOLD_S
         if self.on_call is not None:
@@ -189,5 +193,7 @@ class UpstreamPool:
                 up = s == "SERVING"
                 if up != u.up:
                     log.info("upstream " + ("up" if up else "down"), service=self.name, address=u.address, status=s)
+                    if not up:
+                        u.info = None
                 u.up = up
             await asyncio.sleep(self._interval)

@@ -149,6 +149,9 @@ def model_info_from_pb(r: decoder_pb2.GetModelInfoResponse) -> T.ModelInfo:
         vocab_size=r.vocab_size,
         chat_template=r.chat_template,
         capabilities=frozenset(r.capabilities),
+        contract_version=r.contract_version,
+        tokenizer_digest=r.tokenizer_digest,
+        chat_template_digest=r.chat_template_digest,
     )
 
 

@@ -182,6 +182,9 @@ class ModelInfo:
     vocab_size: int = 0
     chat_template: str = ""
     capabilities: frozenset[str] = frozenset()  # what this decoder honours beyond every version's fields
+    contract_version: str = ""  # "" = older than 1.5 (no digests, capabilities partly implicit)
+    tokenizer_digest: str = ""
+    chat_template_digest: str = ""
 
 
 # Admission order in a full decoder (OpenAI's service tiers map onto these): high, then default, then low.
