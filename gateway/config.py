@@ -20,6 +20,7 @@ class GatewayConfig:
     rpc_timeout_s: float = 600.0  # unary calls and a whole Encode
     stream_idle_timeout_s: float = 60.0  # a Generate that sends nothing this long between messages
     first_token_timeout_s: float = 600.0  # a Generate's first message (queueing + prefill)
+    accept_timeout_s: float = 10.0  # a decoder must accept a Generate's setup within this (else: another)
     reasoning: str = "separate"  # Gemma 4 thought channel: "separate" (reasoning_content) or "drop"
     api_key: str | None = None
     max_body_bytes: int = 64 << 20
@@ -79,6 +80,9 @@ def _serving_args(p: argparse.ArgumentParser) -> None:
                         "(504 timeout); a generation is never cut for being long (max_tokens bounds it)")
     p.add_argument("--first-token-timeout-s", type=float, default=float(_env("FIRST_TOKEN_TIMEOUT_S", 600.0)),
                    help="a generation's first token (queueing and prefill) must come within this long")
+    p.add_argument("--accept-timeout-s", type=float, default=float(_env("ACCEPT_TIMEOUT_S", 10.0)),
+                   help="a decoder must accept a generation's setup within this long, else it counts as down "
+                        "and the request goes to another replica (a partitioned host answers nothing)")
     p.add_argument("--reasoning", choices=["separate", "drop"], default=_env("REASONING", "separate"),
                    help="the model's thought channel: returned as reasoning_content, or dropped "
                         "(a request's include_reasoning overrides)")
@@ -142,7 +146,7 @@ def _config(a: argparse.Namespace) -> GatewayConfig:
     return GatewayConfig(
         checkpoint=a.checkpoint, encoder=a.encoder, decoder=a.decoder, host=a.host, port=a.port,
         model_id=a.model_id, rpc_timeout_s=a.rpc_timeout_s, stream_idle_timeout_s=a.stream_idle_timeout_s,
-        first_token_timeout_s=a.first_token_timeout_s, reasoning=a.reasoning, api_key=a.api_key,
+        first_token_timeout_s=a.first_token_timeout_s, accept_timeout_s=a.accept_timeout_s, reasoning=a.reasoning, api_key=a.api_key,
         max_body_bytes=a.max_body_bytes, max_media_items=a.max_media_items, max_audio_seconds=a.max_audio_seconds,
         url_fetch=a.url_fetch, url_allowlist=split(a.url_allowlist), url_max_bytes=a.url_max_bytes,
         url_timeout_s=a.url_timeout_s, url_fetch_allow_private=a.url_fetch_allow_private,

@@ -111,7 +111,8 @@ class Pipeline:
         self.encoder = EncoderClient(self.cfg.encoder, self.cfg.rpc_timeout_s, creds)
         self.decoder = DecoderClient(self.cfg.decoder, self.cfg.rpc_timeout_s, creds,
                                      idle_timeout_s=self.cfg.stream_idle_timeout_s,
-                                     first_token_timeout_s=self.cfg.first_token_timeout_s)
+                                     first_token_timeout_s=self.cfg.first_token_timeout_s,
+                                     accept_timeout_s=self.cfg.accept_timeout_s)
         self.decoder.replicas.expect = self.digests
         for c in (self.encoder, self.decoder):
             c.pool.on_call = on_call

@@ -11,6 +11,7 @@ from __future__ import annotations
 
 import asyncio
 import random
+import time
 from collections.abc import AsyncIterator, Awaitable, Callable
 from typing import Any
 
@@ -125,6 +126,15 @@ class StreamStalled(grpc.aio.AioRpcError):
                          details=f"the decoder sent nothing for {seconds:g} s {what}")
 
 
+class NotAccepted(grpc.aio.AioRpcError):
+    """A decoder that did not answer a Generate's setup in time (a partition, a hung host): UNAVAILABLE,
+    so the replica is marked down and the request — nothing computed yet — goes to another."""
+
+    def __init__(self, seconds: float) -> None:
+        super().__init__(grpc.StatusCode.UNAVAILABLE, grpc.aio.Metadata(), grpc.aio.Metadata(),
+                         details=f"the decoder did not accept the request within {seconds:g} s")
+
+
 class DecoderClient:
     """Decoders behind one pool.  A Generate fails over only before its first message:
     after that, tokens have reached the client and a retry would repeat them.
@@ -133,15 +143,19 @@ class DecoderClient:
     never cut because it is long — ``max_tokens`` bounds it); it is timed out when its decoder sends
     nothing for ``idle_timeout_s`` between messages, or no first message within
     ``first_token_timeout_s`` (queueing and the prompt's prefill: bounded work, but a long prompt's
-    prefill can take minutes on a laptop, so its own, longer, bound).  Unary calls keep
-    ``timeout_s``."""
+    prefill can take minutes on a laptop, so its own, longer, bound).  Before that, the decoder must
+    accept the setup (its response headers) within ``accept_timeout_s``, else the replica counts as
+    down and the request goes to another: a partitioned host answers nothing, not even a reset.
+    Unary calls keep ``timeout_s``."""
 
     def __init__(self, targets: str, timeout_s: float, credentials=None, *,
-                 idle_timeout_s: float = 60.0, first_token_timeout_s: float | None = None) -> None:
+                 idle_timeout_s: float = 60.0, first_token_timeout_s: float | None = None,
+                 accept_timeout_s: float = 10.0) -> None:
         self.pool = UpstreamPool("decoder", targets, DecoderStub, credentials=credentials)
         self.timeout_s = timeout_s
         self.replicas = Replicas(self.pool, self._describe)
         self.idle_timeout_s = idle_timeout_s
+        self.accept_timeout_s = accept_timeout_s
         self.first_token_timeout_s = first_token_timeout_s if first_token_timeout_s is not None else timeout_s
 
     def start(self) -> None:
@@ -203,14 +217,24 @@ class DecoderClient:
             message = setup if plain is None or (info is not None and "cache_point" in info.capabilities) else plain
             call = stub.Generate(metadata=_md(request_id))  # no call deadline: see the class docstring
             call.add_done_callback(lease.release)  # the stream counts against its replica until it ends
+            work = asyncio.ensure_future(first_message(call, message))
             try:
-                try:
-                    first = await asyncio.wait_for(first_message(call, message), self.first_token_timeout_s)
+                t0 = time.monotonic()
+                try:  # the decoder answers the setup with its headers before anything is computed
+                    await asyncio.wait_for(asyncio.shield(call.initial_metadata()), self.accept_timeout_s)
                 except asyncio.TimeoutError:  # noqa: UP041 - Python 3.10 has its own
+                    raise NotAccepted(self.accept_timeout_s) from None
+                left = max(0.0, self.first_token_timeout_s - (time.monotonic() - t0))
+                try:
+                    first = await asyncio.wait_for(asyncio.shield(work), left)
+                except asyncio.TimeoutError:  # noqa: UP041
                     raise StreamStalled("before its first token", self.first_token_timeout_s) from None
                 return DecoderStream(call, first, self.idle_timeout_s)
             except BaseException:
                 call.cancel()
+                work.cancel()
+                if work.done() and not work.cancelled():
+                    work.exception()  # retrieved: its error is the one raised here, or moot
                 raise
 
         await self.replicas.refresh()

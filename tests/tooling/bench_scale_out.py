@@ -122,11 +122,11 @@ def full_replica(url: str, only_a_url: str, burst: int) -> dict:
             codes.count(200)}
 
 
-def long_generation(url: str, max_tokens: int) -> dict:
+def long_generation(url: str, max_tokens: int, key: str | None = None) -> dict:
     t0 = time.monotonic()
     r = httpx.post(url + "/v1/chat/completions", timeout=300, json={
         "messages": [{"role": "user", "content": "Go on."}], "max_tokens": max_tokens, "stream": True,
-        "logit_bias": NO_EOS})
+        "logit_bias": NO_EOS, **({"prompt_cache_key": key} if key else {})})
     took = time.monotonic() - t0
     text = r.text
     return {"seconds": round(took, 2), "finished": '"finish_reason":"length"' in text,
