@@ -129,9 +129,13 @@ def _start_one(checkpoint: str | Path, name: str, args: list[str] | None,
                credentials: grpc.ChannelCredentials | None) -> Services:
     svc = Services(str(checkpoint))
     try:
-        port = spawn(svc, name, f"{name}_service", ["--checkpoint", svc.checkpoint, "--port", "0", *(args or [])])
+        args = list(args or [])
+        if "--port" not in args:
+            args += ["--port", "0"]
+        port = spawn(svc, name, f"{name}_service", ["--checkpoint", svc.checkpoint, *args])
         setattr(svc, f"{name}_port", port)
-        wait_serving(f"127.0.0.1:{port}", name, svc, credentials=credentials)
+        host = args[args.index("--host") + 1] if "--host" in args else "127.0.0.1"
+        wait_serving(f"{host}:{port}", name, svc, credentials=credentials)
     except BaseException:
         svc.stop()
         raise

@@ -39,6 +39,7 @@ from __future__ import annotations
 
 import asyncio
 import hashlib
+import json
 import math
 import random
 import time
@@ -49,6 +50,7 @@ from typing import Any
 import grpc
 from grpc_health.v1 import health_pb2, health_pb2_grpc
 
+from gateway.upstream.resolve import RESOLVE_EVERY_S, parse_target, resolve
 from mmserve_core.runtime.grpc_runtime import CHANNEL_OPTIONS
 from mmserve_core.runtime.logs import get_logger
 
@@ -95,37 +97,77 @@ class UpstreamPool:
                  *, health_interval_s: float = 2.0, credentials: grpc.ChannelCredentials | None = None,
                  load_factor: float = LOAD_FACTOR) -> None:
         self.name = name
-        addrs = [a.strip() for a in addresses.split(",") if a.strip()]
-        if not addrs:
+        self.targets = [parse_target(a) for a in addresses.split(",") if a.strip()]
+        if not self.targets:
             raise ValueError(f"no {name} address given")
-        self.upstreams = []
+        self.upstreams: list[Upstream] = []
         self.load_factor = load_factor
-        # round_robin inside each channel too: a name with several records (a Kubernetes headless
-        # Service) spreads over all of them, not just the first.
-        # A replica that comes back must rejoin within a health interval or two, not after gRPC's
-        # default reconnect backoff (which grows to 120 s while a host is down).
-        options = [*CHANNEL_OPTIONS, ("grpc.lb_policy_name", "round_robin"),
-                   ("grpc.initial_reconnect_backoff_ms", 250), ("grpc.max_reconnect_backoff_ms", 2000)]
-        for a in addrs:
-            ch = (grpc.aio.secure_channel(a, credentials, options=options) if credentials is not None
-                  else grpc.aio.insecure_channel(a, options=options))
-            self.upstreams.append(Upstream(a, ch, make_stub(ch)))
+        self._make_stub, self._credentials = make_stub, credentials
+        self._from: dict[str, str] = {}  # replica address -> the configured name it was resolved from
+        self._retired: list[Upstream] = []  # resolved away, closed once their calls have ended
+        for t in self.targets:  # as configured until names are resolved (``start``)
+            self.upstreams.append(self._upstream(t.spec))
         self._interval = health_interval_s
         self._task: asyncio.Task | None = None
         self._rng = random.Random()
         self.on_call: Callable[[str, str, str], None] | None = None  # (service, address, outcome)
 
+    def _upstream(self, addr: str, authority: str | None = None) -> Upstream:
+        """A replica's channel.  round_robin inside it too: a name gRPC resolves itself (one not yet
+        resolved here) spreads over its records.  gRPC's own client-side health checking
+        (``healthCheckConfig``: the channel watches ``grpc.health.v1`` and sends only to a serving
+        backend) reacts within the channel at once — a draining decoder's NOT_SERVING stops new
+        calls before the next poll.  A replica that comes back must rejoin within a health interval
+        or two, not after gRPC's default reconnect backoff (which grows to 120 s while a host is
+        down).  ``authority``: the name a resolved address was found under, which TLS verifies."""
+        options = [*CHANNEL_OPTIONS, ("grpc.initial_reconnect_backoff_ms", 250), ("grpc.max_reconnect_backoff_ms", 2000),
+                   ("grpc.service_config", json.dumps({"loadBalancingConfig": [{"round_robin": {}}],
+                                                       "healthCheckConfig": {"serviceName": ""}}))]
+        if authority is not None:
+            options += [("grpc.default_authority", authority), ("grpc.ssl_target_name_override",
+                                                                authority.rpartition(":")[0])]
+        ch = (grpc.aio.secure_channel(addr, self._credentials, options=options) if self._credentials is not None
+              else grpc.aio.insecure_channel(addr, options=options))
+        return Upstream(addr, ch, self._make_stub(ch))
+
     def __len__(self) -> int:
         return len(self.upstreams)
 
     def start(self) -> None:
-        if len(self.upstreams) > 1:
+        if len(self.upstreams) > 1 or any(t.resolvable for t in self.targets):
             self._task = asyncio.ensure_future(self._watch())
 
     async def close(self) -> None:
         if self._task is not None:
             self._task.cancel()
-        for u in self.upstreams:
+        for u in [*self.upstreams, *self._retired]:
+            await u.channel.close()
+
+    async def resolve(self) -> None:
+        """Each DNS name's addresses as replicas (``resolve``): new addresses join, vanished ones are
+        retired (no new calls; closed when their open calls end).  A name that does not resolve, or
+        to one address, keeps its configured replica."""
+        for t in (t for t in self.targets if t.resolvable):
+            addrs = await resolve(t)
+            mine = [u for u in self.upstreams if self._from.get(u.address) == t.spec or u.address == t.spec]
+            if len(addrs) < 2 and not any(u.address != t.spec for u in mine):
+                continue  # one address or none: the name as configured (its channel resolves it)
+            if not addrs:
+                continue  # resolution failed: keep what we had
+            have = {u.address for u in mine}
+            for a in addrs:
+                if a not in have:
+                    u = self._upstream(a, authority=f"{t.host}:{t.port}")
+                    self._from[a] = t.spec
+                    self.upstreams.append(u)
+                    log.info("upstream replica found", service=self.name, name=t.spec, address=a)
+            for u in mine:
+                if u.address not in addrs:
+                    self.upstreams.remove(u)
+                    self._retired.append(u)
+                    log.info("upstream replica gone", service=self.name, name=t.spec, address=u.address)
+        for u in [u for u in self._retired if u.outstanding == 0]:
+            self._retired.remove(u)
             await u.channel.close()
 
     def pick(self, exclude: set[str] = frozenset(), key: bytes | None = None,
@@ -187,9 +229,14 @@ class UpstreamPool:
         return "SERVING" if "SERVING" in states else states[0]
 
     async def _watch(self) -> None:
+        resolved_at = -math.inf
         while True:
-            states = await asyncio.gather(*(self.check(u) for u in self.upstreams))
-            for u, s in zip(self.upstreams, states):
+            if time.monotonic() - resolved_at >= RESOLVE_EVERY_S and any(t.resolvable for t in self.targets):
+                await self.resolve()
+                resolved_at = time.monotonic()
+            ups = list(self.upstreams)
+            states = await asyncio.gather(*(self.check(u) for u in ups))
+            for u, s in zip(ups, states):
                 up = s == "SERVING"
                 if up != u.up:
                     log.info("upstream " + ("up" if up else "down"), service=self.name, address=u.address, status=s)

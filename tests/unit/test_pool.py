@@ -216,3 +216,34 @@ def test_turns_of_one_conversation_share_a_key_and_a_shared_system_prompt_does_n
     # framing: moving text between parts changes the key
     assert conversation_key([_msg("user", "ab")]) != conversation_key([T.Message("user", [
         T.Part("text", "p", text="a"), T.Part("text", "p", text="b")], "m")])
+
+
+@pytest.mark.asyncio
+async def test_a_name_becomes_one_replica_per_address_and_follows_its_records(monkeypatch):
+    from gateway.upstream import pool as pool_mod
+
+    records = {"decoders.ns.svc": ["10.0.0.1:50052", "10.0.0.2:50052"]}
+
+    async def fake_resolve(t):
+        return list(records.get(t.host, []))
+
+    monkeypatch.setattr(pool_mod, "resolve", fake_resolve)
+    pool = UpstreamPool("decoder", "decoders.ns.svc:50052,127.0.0.1:9", lambda ch: None)
+    try:
+        assert [u.address for u in pool.upstreams] == ["decoders.ns.svc:50052", "127.0.0.1:9"]  # until resolved
+        await pool.resolve()
+        assert sorted(u.address for u in pool.upstreams) == ["10.0.0.1:50052", "10.0.0.2:50052", "127.0.0.1:9"]
+        first = next(u for u in pool.upstreams if u.address == "10.0.0.1:50052")
+        held = Lease(first)
+        records["decoders.ns.svc"] = ["10.0.0.2:50052", "10.0.0.3:50052"]  # a pod replaced
+        await pool.resolve()
+        assert sorted(u.address for u in pool.upstreams) == ["10.0.0.2:50052", "10.0.0.3:50052", "127.0.0.1:9"]
+        assert first in pool._retired  # its open call still runs; closed once it ends
+        held.release()
+        await pool.resolve()
+        assert not pool._retired
+        records["decoders.ns.svc"] = []  # DNS down: keep what we had
+        await pool.resolve()
+        assert len(pool) == 3
+    finally:
+        await pool.close()
