@@ -36,7 +36,7 @@ class GatewayConfig:
     tls: ServerTLS = field(default_factory=ServerTLS)  # HTTP and the chat gRPC API
     upstream_tls: ClientTLS = field(default_factory=ClientTLS)  # to encoders and decoders
     drain_grace_s: float = 30.0
-    decoder_affinity: str = "conversation"  # or "none": plain round-robin
+    decoder_affinity: str = "conversation"  # or "none": the least busy decoder, whatever the conversation
     model_aliases: tuple[str, ...] = ()  # names besides model_id that requests may use
     # /v1/audio/transcriptions: the instruction sent with the clip ({language} when one is given)
     transcription_instruction: str = "Transcribe the following speech segment into text."
@@ -63,9 +63,12 @@ def _serving_args(p: argparse.ArgumentParser) -> None:
     p.add_argument("--checkpoint", default=_env("CHECKPOINT", None), required=_env("CHECKPOINT", None) is None,
                    help="checkpoint directory (tokenizer and chat template are read from it)")
     p.add_argument("--encoder", default=_env("ENCODER", "127.0.0.1:50051"),
-                   help="encoder host:port, or several comma-separated (round-robin, failover)")
+                   help="encoder host:port, or several comma-separated (least busy, failover); a DNS name with "
+                        "several addresses is that many replicas")
     p.add_argument("--decoder", default=_env("DECODER", "127.0.0.1:50052"),
-                   help="decoder host:port, or several comma-separated (round-robin, failover)")
+                   help="decoder host:port, or several comma-separated (least busy within conversation affinity, "
+                        "failover, full ones retried elsewhere); a DNS name with several addresses is that many "
+                        "replicas")
     p.add_argument("--host", default=_env("HOST", "127.0.0.1"))
     p.add_argument("--port", type=int, default=int(_env("PORT", 8000)), help="0 = pick a free port")
     p.add_argument("--model-id", default=_env("MODEL_ID", None),
@@ -135,7 +138,8 @@ def _upstream_args(p: argparse.ArgumentParser) -> None:
     p.add_argument("--decoder-affinity", choices=["conversation", "none"],
                    default=_env("DECODER_AFFINITY", "conversation"),
                    help="with several decoders: send a conversation's turns to one of them (rendezvous hash "
-                        "of its first turn), so their prefix cache is reused; 'none' = round-robin")
+                        "of its first user turn with what precedes it, within a load bound), so their prefix cache is "
+                        "reused; 'none' = the least busy decoder")
 
 
 def _config(a: argparse.Namespace) -> GatewayConfig:

@@ -30,7 +30,8 @@ How a replica is picked (``pick``):
 Picks skip down and full replicas; with none left they still try one (a probe
 may be stale).  We pick ourselves rather than through gRPC's ``round_robin``
 policy because we need each replica's load and a key's order, which a
-channel's policy does not expose.
+channel's policy does not expose — hence also DNS names resolved here, one
+replica per address (``resolve``).
 
 Thread ownership: event-loop thread (channels bind to the running loop).
 """
