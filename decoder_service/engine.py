@@ -77,6 +77,13 @@ class DecoderEngine:
         self.stream_limits = StreamLimits(cfg.max_open_streams, cfg.max_buffered_bytes, cfg.stream_idle_timeout_s)
 
     @property
+    def load(self) -> tuple[int, int]:
+        """``(requests in the decoder, its capacity)`` (any thread): ``request_queue.RequestQueue.load``."""
+        if self.scheduler is None:
+            return 0, self.cfg.max_active + self.cfg.max_queue
+        return self.scheduler.requests.load
+
+    @property
     def capabilities(self) -> frozenset[str]:
         """What this decoder honours beyond the fields every version has (``GetModelInfo``): a gateway
         sends a request needing one only to decoders that declare it."""

@@ -32,6 +32,7 @@ from dataclasses import dataclass
 
 from decoder_service.sampling import ResolvedSampling
 from mmserve_core.runtime.heap import release_free_heap
+from mmserve_core.runtime.logs import LOAD_HEADER
 from mmserve_core.wire import types as T
 from mmserve_core.wire.errors import DeadlineExceeded, InvalidArgument, ResourceExhausted, ServeError
 from mmserve_core.wire.tensors import Assembler, expected_nbytes
@@ -182,7 +183,9 @@ async def read_generate(reader: StreamReader, engine, admission: StreamAdmission
     check_cache_point(setup.cache_point, len(ids), [span for span, _, _ in declared])
     total = sum(expected_nbytes(dtype, shape) for _, dtype, shape in declared)
     admission.reserve(ticket, total)
-    await context.send_initial_metadata(())  # "setup accepted": the client may send its chunks now
+    # "setup accepted": the client may send its chunks now; with the decoder's admission state
+    in_system, capacity = engine.load
+    await context.send_initial_metadata(((LOAD_HEADER, f"{in_system}/{capacity}"),))
     assemblers = [Assembler(f"spans[{i}]", dtype, shape) for i, (_, dtype, shape) in enumerate(declared)]
     try:
         await _receive_chunks(reader, assemblers)

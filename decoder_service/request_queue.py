@@ -73,6 +73,12 @@ class RequestQueue:
     def depth(self) -> int:
         return len(self._heap)
 
+    @property
+    def load(self) -> tuple[int, int]:
+        """``(requests in the decoder, how many it holds at most)``: what a Generate's response
+        headers tell the gateways (``LOAD_HEADER``), so their picks see each other's traffic."""
+        return self._in_system, self.max_active + self.max_queue
+
     def wake(self) -> None:
         """Make a blocked ``next`` return now (the scheduler is stopping)."""
         self._push(-(1 << 30), _WAKE)

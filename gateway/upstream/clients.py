@@ -19,7 +19,7 @@ import grpc
 
 from gateway.upstream.pool import Lease, Upstream, UpstreamPool
 from gateway.upstream.replicas import NoReplica, Replicas
-from mmserve_core.runtime.logs import REQUEST_ID_HEADER
+from mmserve_core.runtime.logs import LOAD_HEADER, REQUEST_ID_HEADER
 from mmserve_core.wire import codec
 from mmserve_core.wire import types as T
 from mmserve_core.wire.chunk_frames import write_chunk
@@ -221,9 +221,10 @@ class DecoderClient:
             try:
                 t0 = time.monotonic()
                 try:  # the decoder answers the setup with its headers before anything is computed
-                    await asyncio.wait_for(asyncio.shield(call.initial_metadata()), self.accept_timeout_s)
+                    headers = await asyncio.wait_for(asyncio.shield(call.initial_metadata()), self.accept_timeout_s)
                 except asyncio.TimeoutError:  # noqa: UP041 - Python 3.10 has its own
                     raise NotAccepted(self.accept_timeout_s) from None
+                lease.upstream.report(dict(headers or ()).get(LOAD_HEADER))
                 left = max(0.0, self.first_token_timeout_s - (time.monotonic() - t0))
                 try:
                     first = await asyncio.wait_for(asyncio.shield(work), left)

@@ -24,8 +24,12 @@ How a replica is picked (``pick``):
   mean load, so a hot key or a busy replica sends the next conversation to
   the next one in the key's order instead of queueing behind it: when the
   preferred replica is saturated, load wins over affinity.
+* **Others' load**: a decoder's answer to each Generate carries its admission state
+  (``LOAD_HEADER``: requests in it / its capacity), so the calls other gateways
+  have open there count too for ``REPORT_FRESH_S`` after it was said.
 * **Full**: a replica that answered RESOURCE_EXHAUSTED is passed over for
-  ``FULL_HOLD_S`` (it has no room; the caller retries elsewhere).
+  ``FULL_HOLD_S`` (it has no room; the caller retries elsewhere), and so is one
+  whose reported load has reached its capacity.
 
 Picks skip down and full replicas; with none left they still try one (a probe
 may be stale).  We pick ourselves rather than through gRPC's ``round_robin``
@@ -59,6 +63,7 @@ log = get_logger(__name__)
 
 FULL_HOLD_S = 0.5  # a replica that said RESOURCE_EXHAUSTED is not picked again for this long (unless all are)
 LOAD_FACTOR = 1.25  # the bounded-loads constant c: affinity holds while a replica's load <= c x the mean
+REPORT_FRESH_S = 2.0  # a replica's reported load counts this long after it was said
 
 
 @dataclass
@@ -72,10 +77,32 @@ class Upstream:
     outstanding: int = 0  # calls this gateway has open on it (released when each RPC ends)
     full_until: float = 0.0  # monotonic time before which it is passed over (RESOURCE_EXHAUSTED)
     info: Any = None  # what it said of itself (decoders: GetModelInfo); forgotten when it goes down
+    others: int = 0  # calls in it that are not this gateway's (other gateways), as it last reported
+    capacity: int = 0  # how many calls it holds at most, as it last reported (0: never said)
+    reported_at: float = -math.inf  # when it last reported its load (``LOAD_HEADER``)
     refused: str | None = None  # why this gateway never routes to it (``replicas``), None = it may
 
+    def fresh(self, now: float) -> bool:
+        return now - self.reported_at < REPORT_FRESH_S
+
+    def load(self, now: float) -> int:
+        """Its calls from this gateway, plus the others it reported lately."""
+        return self.outstanding + (self.others if self.fresh(now) else 0)
+
     def full(self, now: float) -> bool:
-        return now < self.full_until
+        if now < self.full_until:
+            return True
+        return self.capacity > 0 and self.fresh(now) and self.load(now) >= self.capacity
+
+    def report(self, header: str | None) -> None:
+        """Its admission state from a Generate's response headers (``in_system/capacity``, counted
+        before this call joined it); ignored when absent or malformed (older decoders)."""
+        try:
+            in_system, capacity = (int(x) for x in (header or "").split("/"))
+        except ValueError:
+            return
+        self.others = max(0, in_system - (self.outstanding - 1))
+        self.capacity, self.reported_at = capacity, time.monotonic()
 
 
 class Lease:
@@ -183,16 +210,16 @@ class UpstreamPool:
             return None
         ready = [u for u in fresh if u.up and not u.full(now)] or [u for u in fresh if u.up] or fresh
         if key is None or len(ready) == 1:
-            least = min(u.outstanding for u in ready)
-            return self._rng.choice([u for u in ready if u.outstanding == least])
+            least = min(u.load(now) for u in ready)
+            return self._rng.choice([u for u in ready if u.load(now) == least])
         ordered = self._order(ready, key)
         # the paper's capacity: ceil(c x (load + the call being placed) / replicas) — an idle pool
         # always keeps affinity, and so does one whose preferred replica is within the bound
-        bound = math.ceil(self.load_factor * (sum(u.outstanding for u in ready) + 1) / len(ready))
+        bound = math.ceil(self.load_factor * (sum(u.load(now) for u in ready) + 1) / len(ready))
         for u in ordered:
-            if u.outstanding + 1 <= bound:
+            if u.load(now) + 1 <= bound:
                 return u
-        return min(ordered, key=lambda u: u.outstanding)
+        return min(ordered, key=lambda u: u.load(now))
 
     @staticmethod
     def _order(upstreams: list[Upstream], key: bytes | None) -> list[Upstream]:

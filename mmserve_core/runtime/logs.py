@@ -18,6 +18,9 @@ from contextvars import ContextVar
 import structlog
 
 REQUEST_ID_HEADER = "x-request-id"
+# A decoder's answer to a Generate setup carries its admission state, "in_system/capacity": a gateway's
+# picks count what other gateways sent there too (``gateway.upstream.pool``).
+LOAD_HEADER = "x-mmserve-load"
 request_id_var: ContextVar[str | None] = ContextVar("request_id", default=None)
 
 

@@ -245,6 +245,49 @@ def test_a_decoder_dying_mid_stream_gives_a_clear_503_and_it_rejoins(cluster):
     _assert_rejoins(client, cluster["url"], dead.decoder_addr)
 
 
+def test_sigkill_of_one_decoder_under_load_fails_only_what_ran_on_it(cluster):
+    """12 clients sending short requests back to back; one decoder is SIGKILLed: every request started
+    after the kill is answered (the dead replica's calls fail over before their first token); only
+    requests already running on it may fail.  Then it restarts and rejoins."""
+    client = openai.OpenAI(base_url=cluster["url"] + "/v1", api_key="x", max_retries=0)
+    dead = cluster["dec"][1]
+    port = dead.decoder_port
+    killed_at: list[float] = []
+    results: list[tuple[float, bool]] = []
+    stop_at = time.monotonic() + 8.0
+
+    def worker(w: int) -> None:
+        for i in itertools.count():
+            t0 = time.monotonic()
+            if t0 > stop_at:
+                return
+            try:
+                client.chat.completions.create(model="m", max_tokens=4, messages=[
+                    {"role": "user", "content": f"client {w} request {i}"}])
+                results.append((t0, True))
+            except openai.APIError:
+                results.append((t0, False))
+
+    with cf.ThreadPoolExecutor(12) as pool:
+        futures = [pool.submit(worker, w) for w in range(12)]
+        time.sleep(2.5)
+        killed_at.append(time.monotonic())
+        dead.procs["decoder"].send_signal(signal.SIGKILL)
+        for f in futures:
+            f.result()
+    after = [ok for t0, ok in results if t0 > killed_at[0]]
+    before_failed = [ok for t0, ok in results if t0 <= killed_at[0] and not ok]
+    print(f"{len(results)} requests, {len(after)} started after the kill: {after.count(False)} failed; "
+          f"{len(before_failed)} failed among those in flight at the kill")
+    assert len(after) > 20 and after.count(False) == 0
+    assert len(before_failed) <= 12  # at most one in flight per client
+    dead.procs["decoder"].wait()
+    spawn(dead, "decoder", "decoder_service", ["--checkpoint", cluster["ckpt"], "--port", str(port),
+                                               "--metrics-port", "0"])
+    wait_serving(dead.decoder_addr, "decoder", dead)
+    _assert_rejoins(client, cluster["url"], dead.decoder_addr)
+
+
 def _calls(url: str, addr: str) -> float:
     m = re.search(rf'upstream_calls_total\{{address="{addr}",outcome="OK",service="decoder"\}} ([0-9.e+]+)',
                   httpx.get(url + "/metrics").text)

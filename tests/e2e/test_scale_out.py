@@ -77,3 +77,20 @@ def test_a_stalled_decoder_is_timed_out_at_the_idle_timeout(scale):
     assert IDLE_S * 0.8 < ended < IDLE_S + 5, ended
     # it serves again once it runs
     assert bench.chat(scale["only_full"], [{"role": "user", "content": "back?"}], 2).status_code == 200
+
+
+def test_a_decoder_reports_its_load_when_it_accepts_a_generate(scale):
+    """``x-mmserve-load: in_system/capacity`` in the response headers: what lets a gateway count the
+    calls other gateways have open there."""
+    import re
+
+    import grpc
+
+    from mmserve_core.wire.stubs import DecoderStub, decoder_pb2
+
+    with grpc.insecure_channel(scale["other"].decoder_addr) as ch:
+        call = DecoderStub(ch).Generate(iter([decoder_pb2.GenerateRequest(setup=decoder_pb2.GenerateSetup(
+            prompt_token_ids=[2, 105, 110, 111], sampling=decoder_pb2.SamplingParams(max_tokens=2)))]))
+        load = dict(call.initial_metadata())["x-mmserve-load"]
+        assert re.fullmatch(r"\d+/\d+", load) and load.endswith("/80"), load  # --max-active 16 + --max-queue 64
+        assert len(list(call)) >= 1

@@ -5,6 +5,7 @@ from __future__ import annotations
 
 import collections
 import math
+import time
 
 import grpc
 import pytest
@@ -245,5 +246,28 @@ async def test_a_name_becomes_one_replica_per_address_and_follows_its_records(mo
         records["decoders.ns.svc"] = []  # DNS down: keep what we had
         await pool.resolve()
         assert len(pool) == 3
+    finally:
+        await pool.close()
+
+
+@pytest.mark.asyncio
+async def test_the_load_a_replica_reports_counts_other_gateways_calls():
+    pool = UpstreamPool("decoder", "127.0.0.1:1,127.0.0.1:2", lambda ch: None)
+    try:
+        a, b = pool.upstreams
+        mine = Lease(a)
+        a.report("4/16")  # 4 in it before this call joined: 4 from other gateways
+        assert a.others == 4 and a.load(time.monotonic()) == 5
+        mine_b = [Lease(b), Lease(b)]
+        assert pool.pick() is b  # 2 < 5: this gateway alone would have picked a (1 < 2)
+        a.report("garbage")  # an older decoder says nothing: nothing changes
+        assert a.others == 4
+        b.report("15/16")
+        assert b.full(time.monotonic()) and pool.pick() is a  # full by its own account
+        a.reported_at = b.reported_at = time.monotonic() - 10  # stale: only this gateway's calls count
+        assert a.load(time.monotonic()) == 1 and not b.full(time.monotonic())
+        mine.release()
+        for lease in mine_b:
+            lease.release()
     finally:
         await pool.close()
