@@ -254,6 +254,7 @@ def test_sigkill_of_one_decoder_under_load_fails_only_what_ran_on_it(cluster):
     port = dead.decoder_port
     killed_at: list[float] = []
     results: list[tuple[float, bool]] = []
+    errors: list[str] = []
     stop_at = time.monotonic() + 8.0
 
     def worker(w: int) -> None:
@@ -265,23 +266,24 @@ def test_sigkill_of_one_decoder_under_load_fails_only_what_ran_on_it(cluster):
                 client.chat.completions.create(model="m", max_tokens=4, messages=[
                     {"role": "user", "content": f"client {w} request {i}"}])
                 results.append((t0, True))
-            except openai.APIError:
+            except openai.APIError as e:
                 results.append((t0, False))
+                errors.append(f"{t0 - (killed_at[0] if killed_at else t0):+.3f} s: {e}")
 
     with cf.ThreadPoolExecutor(12) as pool:
         futures = [pool.submit(worker, w) for w in range(12)]
         time.sleep(2.5)
-        killed_at.append(time.monotonic())
         dead.procs["decoder"].send_signal(signal.SIGKILL)
+        dead.procs["decoder"].wait()  # gone: nothing started from here on can be in flight on it
+        killed_at.append(time.monotonic())
         for f in futures:
             f.result()
     after = [ok for t0, ok in results if t0 > killed_at[0]]
     before_failed = [ok for t0, ok in results if t0 <= killed_at[0] and not ok]
     print(f"{len(results)} requests, {len(after)} started after the kill: {after.count(False)} failed; "
           f"{len(before_failed)} failed among those in flight at the kill")
-    assert len(after) > 20 and after.count(False) == 0
+    assert len(after) > 20 and after.count(False) == 0, errors
     assert len(before_failed) <= 12  # at most one in flight per client
-    dead.procs["decoder"].wait()
     spawn(dead, "decoder", "decoder_service", ["--checkpoint", cluster["ckpt"], "--port", str(port),
                                                "--metrics-port", "0"])
     wait_serving(dead.decoder_addr, "decoder", dead)
