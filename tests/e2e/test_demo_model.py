@@ -56,7 +56,7 @@ def test_held_out_images_through_the_gateway(demo):
 def test_held_out_videos_with_a_spoken_track_through_the_gateway(demo):
     res = evaluate_url(demo.base_url, n=100, which=("video",))
     print(res)
-    assert res["video"]["accuracy"] >= 0.95, res["video"]  # 0.98 in its card (n = 100, these seeds)
+    assert res["video"]["accuracy"] >= 0.95, res["video"]  # 0.985 in its card (n = 200, these seeds)
 
 
 @espeak
@@ -75,6 +75,7 @@ def test_training_sequences_are_the_prompts_the_gateway_sends(demo):
 
     ckpt = demo_checkpoint()
     config = json.loads((ckpt / "config.json").read_text())
+    import mlx_vlm.models.gemma4  # noqa: F401 - registers the Gemma 4 processor classes (else run alone, it fails)
     from mlx_vlm.utils import load_processor
 
     from tests.tooling.demo_training.train import Batcher
