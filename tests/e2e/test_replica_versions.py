@@ -5,6 +5,8 @@ stable from the start; a prompt that cannot fit is refused before its media are 
 from __future__ import annotations
 
 import base64
+import json
+import shutil
 import subprocess
 import sys
 import time
@@ -81,6 +83,28 @@ def test_a_decoder_with_another_template_is_never_routed_to(services_e2b, other_
         r = httpx.post(url + "/v1/chat/completions", timeout=60, json={
             "messages": [{"role": "user", "content": "hello"}], "max_tokens": 2})
         assert r.status_code == 503 and "reads prompts" in r.json()["error"]["message"], r.text
+
+
+def test_a_decoder_with_another_tokenizer_is_never_routed_to(services_e2b, tmp_path):
+    """The same checkpoint with two ordinary tokens' ids swapped in ``tokenizer.json``: it loads and
+    serves, but the gateway's ids would be other text to it — refused, every request to the other."""
+    other = tmp_path / "swapped"
+    shutil.copytree(services_e2b.checkpoint, other)
+    tok = json.loads((other / "tokenizer.json").read_text())
+    vocab = tok["model"]["vocab"]
+    a, b = sorted((t for t in vocab if not t.startswith("<")), key=vocab.get)[-2:]  # two ordinary tokens
+    vocab[a], vocab[b] = vocab[b], vocab[a]
+    (other / "tokenizer.json").write_text(json.dumps(tok))
+    with start_decoder(other) as swapped, start_gateway(
+            services_e2b.checkpoint, services_e2b.encoder_addr, f"{swapped.decoder_addr},{services_e2b.decoder_addr}") as gw:
+        url = f"http://127.0.0.1:{gw.gateway_port}"
+        for i in range(6):
+            r = httpx.post(url + "/v1/chat/completions", timeout=60, json={
+                "messages": [{"role": "user", "content": f"hello world {i}"}], "max_tokens": 2})
+            assert r.status_code == 200, r.text
+        assert bench.decoder_calls(url).get(swapped.decoder_addr, 0) == 0
+        assert httpx.get(url + "/health").json()["decoders"][swapped.decoder_addr].startswith(
+            "refused: its tokenizer differs")
 
 
 def test_the_model_id_is_the_same_before_and_after_the_first_request(services_e2b):
