@@ -18,12 +18,14 @@ How a replica is picked (``pick``):
 * **Affinity** (a conversation's key, or the client's ``prompt_cache_key``):
   rendezvous hashing orders the replicas per key, so every gateway sends a
   key to the same replica and losing one moves only its keys.  The first in
-  that order within the **load bound** wins: consistent hashing with bounded
+  that order within the **load bounds** wins: consistent hashing with bounded
   loads (Mirrokni, Thorup, Zadimoghaddam 2018, as HAProxy and Envoy apply it)
-  — a replica is passed over while its load exceeds ``load_factor`` × the
-  mean load, so a hot key or a busy replica sends the next conversation to
-  the next one in the key's order instead of queueing behind it: when the
-  preferred replica is saturated, load wins over affinity.
+  — a replica is passed over while its calls in flight exceed ``load_factor``
+  × the mean, so a busy replica sends the call to the next one in the key's
+  order instead of queueing it (load wins over affinity); and a *new*
+  conversation is placed only on a replica holding no more than
+  ``load_factor`` × the mean number of conversations (``homes``), so chance
+  cannot stack conversations on one replica.  A placed conversation stays.
 * **Others' load**: a decoder's answer to each Generate carries its admission state
   (``LOAD_HEADER``: requests in it / its capacity), so the calls other gateways
   have open there count too for ``REPORT_FRESH_S`` after it was said.
@@ -55,6 +57,7 @@ from typing import Any
 import grpc
 from grpc_health.v1 import health_pb2, health_pb2_grpc
 
+from gateway.upstream.homes import Homes
 from gateway.upstream.resolve import RESOLVE_EVERY_S, parse_target, resolve
 from mmserve_core.runtime.grpc_runtime import CHANNEL_OPTIONS
 from mmserve_core.runtime.logs import get_logger
@@ -138,6 +141,7 @@ class UpstreamPool:
         self._interval = health_interval_s
         self._task: asyncio.Task | None = None
         self._rng = random.Random()
+        self.homes = Homes()  # where each recent conversation lives (bounded loads over conversations)
         self.on_call: Callable[[str, str, str], None] | None = None  # (service, address, outcome)
 
     def _upstream(self, addr: str, authority: str | None = None) -> Upstream:
@@ -212,14 +216,23 @@ class UpstreamPool:
         if key is None or len(ready) == 1:
             least = min(u.load(now) for u in ready)
             return self._rng.choice([u for u in ready if u.load(now) == least])
-        ordered = self._order(ready, key)
-        # the paper's capacity: ceil(c x (load + the call being placed) / replicas) — an idle pool
-        # always keeps affinity, and so does one whose preferred replica is within the bound
+        # the paper's capacity: ceil(c x (load + the call being placed) / replicas), for calls in flight
+        # and for conversations placed (``homes``) — an idle, balanced pool always keeps affinity
         bound = math.ceil(self.load_factor * (sum(u.load(now) for u in ready) + 1) / len(ready))
-        for u in ordered:
-            if u.load(now) + 1 <= bound:
-                return u
-        return min(ordered, key=lambda u: u.load(now))
+        home = self.homes.get(key)
+        placed = next((u for u in ready if u.address == home), None)
+        if placed is not None and placed.load(now) + 1 <= bound:
+            return placed
+        held = math.ceil(self.load_factor * (sum(self.homes.count(u.address) for u in ready) + 1) / len(ready))
+        for u in self._order(ready, key):
+            if u.load(now) + 1 <= bound and (placed is not None or self.homes.count(u.address) + 1 <= held):
+                if placed is None:  # new, or its decoder is gone: it lives here now
+                    self.homes.place(key, u.address)
+                return u  # else: its decoder is busy; this call only is diverted
+        u = min(ready, key=lambda u: u.load(now))
+        if placed is None:
+            self.homes.place(key, u.address)
+        return u
 
     @staticmethod
     def _order(upstreams: list[Upstream], key: bytes | None) -> list[Upstream]:

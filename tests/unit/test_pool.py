@@ -271,3 +271,38 @@ async def test_the_load_a_replica_reports_counts_other_gateways_calls():
             lease.release()
     finally:
         await pool.close()
+
+
+@pytest.mark.asyncio
+async def test_conversations_are_placed_within_the_bound_whatever_the_hash_says():
+    """40 new conversations one after another over two replicas, for 30 address pairs (the hash
+    differs with every pair): never more than ceil(1.25 x 41 / 2) = 26 on one — rendezvous alone put
+    28 on one in a measured run."""
+    worst = 0
+    for trial in range(30):
+        pool = UpstreamPool("decoder", f"127.0.0.1:{2000 + trial},127.0.0.1:{3000 + trial}", lambda ch: None)
+        try:
+            homes = collections.Counter(pool.pick(key=f"conversation {trial}-{i}".encode()).address
+                                        for i in range(40))
+            worst = max(worst, max(homes.values()))
+            again = collections.Counter(pool.pick(key=f"conversation {trial}-{i}".encode()).address
+                                        for i in range(40))
+            assert again == homes  # placed conversations stay
+        finally:
+            await pool.close()
+    assert worst <= 26, worst
+
+
+def test_homes_forget_the_least_recent_and_the_idle(monkeypatch):
+    from gateway.upstream import homes as homes_mod
+
+    h = homes_mod.Homes(max_keys=2, idle_s=100)
+    h.place(b"a", "x")
+    h.place(b"b", "x")
+    h.place(b"c", "y")  # over the bound: "a" (least recently used) goes
+    assert h.get(b"a") is None and h.count("x") == 1 and h.count("y") == 1
+    h.place(b"c", "x")  # moved
+    assert h.count("y") == 0 and h.count("x") == 2
+    now = time.monotonic()
+    monkeypatch.setattr(homes_mod.time, "monotonic", lambda: now + 1000)
+    assert h.get(b"b") is None and len(h) == 0 and h.count("x") == 0
