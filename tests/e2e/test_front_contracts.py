@@ -128,15 +128,20 @@ def test_a_stream_without_done_is_the_same_error_on_every_front(gateway):
         assert e.value.code() == grpc.StatusCode.UNAVAILABLE, e.value
 
 
+# Generous: on 2 busy vCPUs a request took over 10 s to reach the stand-in (seen on this commit and the
+# one before it, under load); what is tested is that the stream is cancelled, not how fast.
+SETTLE_S = 30
+
+
 def _drops(stand_in: StandIn, what: str) -> None:
-    deadline = time.time() + 10
+    deadline = time.time() + SETTLE_S
     while stand_in.open and time.time() < deadline:
         time.sleep(0.05)
     assert stand_in.open == 0, f"{what}: the decoder stream was not cancelled"
 
 
 def _opened(stand_in: StandIn) -> None:
-    deadline = time.time() + 10
+    deadline = time.time() + SETTLE_S
     while not stand_in.open and time.time() < deadline:
         time.sleep(0.02)
     assert stand_in.open == 1
