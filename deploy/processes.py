@@ -97,14 +97,21 @@ def spawn(svc: Services, name: str, module: str, args: list[str], extra_env: dic
     env = dict(os.environ, MMSERVE_PORT_FILE=str(port_file), **(extra_env or {}))
     out = open(svc.log_dir / f"{name}.log", "w")
     svc.procs[name] = Child(name, module, args).start(env=env, stdout=out, stderr=subprocess.STDOUT)
-    deadline = time.time() + 120
+    return wait_port_file(port_file, svc.procs[name], name, lambda: svc.logs(name))
+
+
+def wait_port_file(port_file: Path, proc: subprocess.Popen, name: str, logs=lambda: "",
+                   timeout: float = 120.0) -> int:
+    """The port a process writes to ``port_file`` once bound (``MMSERVE_PORT_FILE``, or a test
+    server's own flag); its log tail in the error when it exits first or never binds."""
+    deadline = time.time() + timeout
     while time.time() < deadline:
         if port_file.exists() and port_file.read_text().strip():
             return int(port_file.read_text())
-        if svc.procs[name].poll() is not None:
-            raise RuntimeError(f"{name} exited early:\n{svc.logs(name)[-4000:]}")
+        if proc.poll() is not None:
+            raise RuntimeError(f"{name} exited early:\n{logs()[-4000:]}")
         time.sleep(0.05)
-    raise TimeoutError(f"{name} did not bind a port:\n{svc.logs(name)[-4000:]}")
+    raise TimeoutError(f"{name} did not bind a port:\n{logs()[-4000:]}")
 
 
 def wait_serving(addr: str, name: str, svc: Services, timeout: float = 180.0,

@@ -19,7 +19,7 @@ import time
 import httpx
 import pytest
 
-from deploy.processes import start_decoder
+from deploy.processes import start_decoder, wait_port_file
 from gateway.upstream.resolve import parse_target
 from tests.tooling import bench_scale_out as bench
 
@@ -61,11 +61,8 @@ def named(services_e2b, tmp_path_factory):
              "--decoder", f"{NAME}:{d1.decoder_port}", "--port", "0", "--grpc-port", "-1"],
             env=dict(os.environ, MMSERVE_PORT_FILE=str(port_file)), stdout=log, stderr=subprocess.STDOUT)
         try:
-            deadline = time.time() + 60
-            while not (port_file.exists() and port_file.read_text().strip()):
-                assert gw.poll() is None and time.time() < deadline, (tmp / "gateway.log").read_text()[-3000:]
-                time.sleep(0.05)
-            url = f"http://127.0.0.1:{port_file.read_text().strip()}"
+            port = wait_port_file(port_file, gw, "gateway", (tmp / "gateway.log").read_text, timeout=60)
+            url = f"http://127.0.0.1:{port}"
             yield {"url": url, "port": d1.decoder_port, "d1": d1, "d2": d2, "log": tmp / "gateway.log"}
         finally:
             gw.send_signal(signal.SIGTERM)

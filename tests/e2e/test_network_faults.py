@@ -23,7 +23,7 @@ import time
 import httpx
 import pytest
 
-from deploy.processes import start_gateway, wait_serving
+from deploy.processes import start_gateway, wait_port_file, wait_serving
 from gateway.affinity import prompt_cache_key
 from tests.tooling import bench_scale_out as bench
 
@@ -83,11 +83,7 @@ def faulty(netns, services_e2b, tmp_path_factory):
                             env=dict(os.environ, MMSERVE_PORT_FILE=str(port_file)), stdout=out,
                             stderr=subprocess.STDOUT)
     try:
-        deadline = time.time() + 120
-        while not (port_file.exists() and port_file.read_text().strip()):
-            assert proc.poll() is None and time.time() < deadline, (logs / "b.log").read_text()[-3000:]
-            time.sleep(0.05)
-        b = f"{NS_IP}:{port_file.read_text().strip()}"
+        b = f"{NS_IP}:{wait_port_file(port_file, proc, 'decoder B', (logs / 'b.log').read_text)}"
         wait_serving(b, "decoder", services_e2b)
         a = services_e2b.decoder_addr
         with start_gateway(services_e2b.checkpoint, services_e2b.encoder_addr, f"{a},{b}",

@@ -9,13 +9,12 @@ import json
 import shutil
 import subprocess
 import sys
-import time
 
 import httpx
 import pytest
 
 from deploy.demo.media import shape_png
-from deploy.processes import start_decoder, start_gateway
+from deploy.processes import start_decoder, start_gateway, wait_port_file
 from tests.tooling import bench_scale_out as bench
 
 
@@ -27,12 +26,8 @@ def withholding(services_e2b, tmp_path_factory):
     proc = subprocess.Popen([sys.executable, "-m", "tests.tooling.withholding_decoder", "--target",
                              services_e2b.decoder_addr, "--drop", "constraints", "--port-file", str(port_file)])
     try:
-        deadline = time.time() + 30
-        while not (port_file.exists() and port_file.read_text().strip()):
-            assert proc.poll() is None and time.time() < deadline, "the withholding decoder did not start"
-            time.sleep(0.05)
-        with start_gateway(services_e2b.checkpoint, services_e2b.encoder_addr,
-                           f"127.0.0.1:{port_file.read_text().strip()}") as gw:
+        port = wait_port_file(port_file, proc, "the withholding decoder", timeout=30)
+        with start_gateway(services_e2b.checkpoint, services_e2b.encoder_addr, f"127.0.0.1:{port}") as gw:
             yield f"http://127.0.0.1:{gw.gateway_port}"
     finally:
         proc.kill()

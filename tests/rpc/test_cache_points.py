@@ -16,26 +16,17 @@ import numpy as np
 import pytest
 import pytest_asyncio
 
-from decoder_service.config import DecoderConfig
-from decoder_service.engine import DecoderEngine
 from decoder_service.intake import check_cache_point
 from mmserve_core.wire import types as T
 from mmserve_core.wire.errors import InvalidArgument
 from mmserve_core.wire.tensors import RawTensor
+from tests.rpc.test_prefix_cache import _engine, _run  # one engine setup and one greedy run for both
 from tests.tooling.tiny_checkpoint import IDS, write_tiny_checkpoint
 
 pytestmark = pytest.mark.asyncio(loop_scope="session")
 IMG, BOI, EOI = IDS["<|image|>"], IDS["<|image>"], IDS["<image|>"]
 TURN_END, TURN_OPEN = IDS["<turn|>"], IDS["<|turn>"]
 MODEL, THOUGHT = [TURN_OPEN, 60], [70, 71, 72]  # "<|turn>model\n", then "<|channel>thought\n<channel|>"
-
-
-async def _engine(ckpt, prefix_bytes):
-    e = DecoderEngine(DecoderConfig(checkpoint=str(ckpt), port=0, stream_interval_ms=0,
-                                    prefix_cache_bytes=prefix_bytes, metrics_port=None))
-    e.start()
-    await e.wait_ready()
-    return e
 
 
 @pytest_asyncio.fixture(scope="module", loop_scope="session", params=["e2b", "dense"])
@@ -59,19 +50,6 @@ def _turn2(turn1: list[int], point: int, reply: list[int], seed: int) -> list[in
     """What the template renders next: turn 1 without its thought block, the reply, a new question."""
     more = [int(t) for t in np.random.default_rng(seed).integers(110, 240, 8)]
     return turn1[:point] + reply + [TURN_END, TURN_OPEN, *more, TURN_END, *MODEL, *THOUGHT]
-
-
-async def _run(engine, ids, spans=(), max_tokens=12, point=0):
-    s = T.SamplingParams(temperature=0.0, max_tokens=max_tokens, logit_bias={t: -100.0 for t in engine.eos_ids})
-    spans = list(spans)
-    resolved = engine.validate(ids, [(sp.span, sp.tensor.dtype, sp.tensor.shape) for sp in spans], s)
-    toks, done = [], None
-    async for ev in engine.generate(ids, spans, resolved, [], cache_point=point):
-        if isinstance(ev, T.TokenEvent):
-            toks += ev.token_ids
-        else:
-            done = ev
-    return toks, done
 
 
 def _points(engine) -> dict[str, float]:

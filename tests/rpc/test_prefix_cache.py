@@ -52,12 +52,14 @@ def _with_image(prefix: list[int], tensor: RawTensor, suffix: list[int]):
     return ids, [T.SpanEmbedding(T.Span(len(prefix) + 1, rows, T.IMAGE), tensor)]
 
 
-async def _run(engine, ids, spans, max_tokens=12):
+async def _run(engine, ids, spans=(), max_tokens=12, point=0):
+    """Greedy, EOS biased off: ``(tokens, Completion)``; ``point``: the setup's ``cache_point``."""
     s = T.SamplingParams(temperature=0.0, max_tokens=max_tokens,
                          logit_bias={t: -100.0 for t in engine.eos_ids})
+    spans = list(spans)
     resolved = engine.validate(ids, [(sp.span, sp.tensor.dtype, sp.tensor.shape) for sp in spans], s)
     toks, done = [], None
-    async for ev in engine.generate(ids, spans, resolved, []):
+    async for ev in engine.generate(ids, spans, resolved, [], cache_point=point):
         if isinstance(ev, T.TokenEvent):
             toks += ev.token_ids
         else:

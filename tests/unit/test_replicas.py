@@ -79,16 +79,22 @@ async def test_replicas_are_judged_and_requests_checked_against_what_they_declar
         await pool.close()
 
 
-@pytest.mark.asyncio
-async def test_when_every_replica_is_refused_the_reason_is_given():
+async def _one_replica(info: T.ModelInfo):
+    """A one-replica pool described as ``info``, judged against (TOK, TMPL): ``(pool, replicas)``."""
     pool = UpstreamPool("decoder", "127.0.0.1:1", lambda ch: None)
 
     async def describe(u):
-        return _info(tmpl="sha256:" + "d" * 64)
+        return info
 
+    r = Replicas(pool, describe, expect=(TOK, TMPL))
+    await r.refresh()
+    return pool, r
+
+
+@pytest.mark.asyncio
+async def test_when_every_replica_is_refused_the_reason_is_given():
+    pool, r = await _one_replica(_info(tmpl="sha256:" + "d" * 64))
     try:
-        r = Replicas(pool, describe, expect=(TOK, TMPL))
-        await r.refresh()
         with pytest.raises(NoReplica) as e:
             r.first_info()
         assert "no decoder reads prompts as this gateway does" in e.value.details()
@@ -99,14 +105,8 @@ async def test_when_every_replica_is_refused_the_reason_is_given():
 
 @pytest.mark.asyncio
 async def test_an_older_decoder_is_accepted_unchecked():
-    pool = UpstreamPool("decoder", "127.0.0.1:1", lambda ch: None)
-
-    async def describe(u):
-        return _info(caps=("priority",), version="")
-
+    pool, r = await _one_replica(_info(caps=("priority",), version=""))
     try:
-        r = Replicas(pool, describe, expect=(TOK, TMPL))
-        await r.refresh()
         assert pool.upstreams[0].refused is None and r.first_info().contract_version == ""
         r.check({"constraints": "response_format", "priority": "service_tier"})
     finally:
