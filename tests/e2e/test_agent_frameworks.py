@@ -124,7 +124,7 @@ def test_pydantic_ai(services_e2b, api, bias):
     async def go():
         r = await Agent(model, instructions="Be brief.", retries=4).run("Say hi.", model_settings=settings)
         assert isinstance(r.output, str)
-        async with Agent(model).run_stream("Count.", model_settings=short) as s:
+        async with Agent(model, retries=4).run_stream("Count.", model_settings=short) as s:  # retries: see below
             text = "".join([d async for d in s.stream_text(delta=True)])
         assert isinstance(text, str)
         img = BinaryContent(data=shape_png("blue", "square", (48, 48)), media_type="image/png")
